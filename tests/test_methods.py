@@ -1,0 +1,152 @@
+"""The method registry: schemas reject bad values, every method applies to every architecture,
+adapters start as the identity and train only what they should."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from lora_methods import METHODS, HParamError, get_method
+from lora_methods.targets import DEFAULT_TARGETS
+from training.models import load_model, load_tokenizer, weight_memory_bytes
+
+ARCH_TASK = {"bert": "sentiment", "distilbert": "sentiment", "gpt2": "generation", "llama": "generation"}
+
+
+def test_registry_has_every_method_of_the_core():
+    assert {"full", "lora", "qlora", "hira", "hira-4bit"} <= set(METHODS)
+    for method in METHODS.values():
+        assert method.summary and method.title
+        method.resolve_hparams({})  # defaults are valid
+
+
+@pytest.mark.parametrize("method, hparams, message", [
+    ("lora", {"learning_rate": -1e-3}, "learning_rate must satisfy 0 < learning_rate"),
+    ("lora", {"learning_rate": 0}, "learning_rate must satisfy"),
+    ("lora", {"learning_rate": "fast"}, "learning_rate must be a number"),
+    ("lora", {"learning_rate": float("nan")}, "finite"),
+    ("lora", {"rank": 0}, "rank must satisfy 1 <= rank"),
+    ("lora", {"rank": 2.5}, "rank must be a whole number"),
+    ("lora", {"rank": True}, "rank must be a number"),
+    ("lora", {"dropout": 1.0}, "dropout must satisfy"),
+    ("lora", {"alpha": 0}, "alpha must satisfy"),
+    ("lora", {"target_modules": "  "}, "target_modules must not be empty"),
+    ("hira", {"alpha": 16}, "does not take alpha"),
+    ("full", {"rank": 8}, "does not take rank"),
+])
+def test_bad_hyperparameters_get_a_readable_error(method, hparams, message):
+    with pytest.raises(HParamError, match=message):
+        get_method(method).resolve_hparams(hparams)
+
+
+def test_unknown_method_lists_the_choices():
+    with pytest.raises(HParamError, match="unknown method 'dora'.*lora"):
+        get_method("dora")
+
+
+def test_values_from_forms_are_converted():
+    assert get_method("lora").resolve_hparams({"rank": "16", "learning_rate": "2e-4"})["rank"] == 16
+
+
+def _load(path: str, task: str, quantize: bool = False):
+    tokenizer = load_tokenizer(path)
+    return load_model(path, task, tokenizer, quantize_4bit=quantize), tokenizer
+
+
+def _inputs(tokenizer, task: str) -> dict:
+    batch = tokenizer(["a fine, moving film", "dull and far too long"], return_tensors="pt", padding=True)
+    return dict(batch)
+
+
+@pytest.mark.parametrize("arch", list(ARCH_TASK))
+@pytest.mark.parametrize("method_name", ["lora", "hira"])
+def test_adapter_starts_as_identity_and_trains_only_itself(tiny_models, arch, method_name):
+    task = ARCH_TASK[arch]
+    torch.manual_seed(0)
+    model, tokenizer = _load(tiny_models[arch], task)
+    model.eval()
+    inputs = _inputs(tokenizer, task)
+    before = model(**inputs).logits.detach()
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    method = get_method(method_name)
+    wrapped = method.apply(model, task, method.resolve_hparams({"rank": 4}))
+    wrapped.eval()
+    assert torch.allclose(wrapped(**inputs).logits, before, atol=1e-5)
+
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and all(f"{method_name}_" in n or "modules_to_save" in n for n in trainable)
+    adapted = {re.search(rf"\.(\w+)\.{method_name}_", n).group(1) for n in trainable if f"{method_name}_" in n}
+    assert adapted == set(DEFAULT_TARGETS[arch])
+
+    # One optimiser step changes adapter weights and never the frozen base.
+    wrapped.train()
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    labels = torch.tensor([1, 0]) if task == "sentiment" else inputs["input_ids"]
+    wrapped(**inputs, labels=labels).loss.backward()
+    optimizer.step()
+    for name, param in wrapped.named_parameters():
+        if not param.requires_grad and "modules_to_save" not in name:
+            base_name = name.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", "")
+            assert torch.equal(param, frozen_before[base_name]), name
+
+
+def test_full_fine_tuning_trains_everything(tiny_models):
+    model, _ = _load(tiny_models["bert"], "sentiment")
+    model.requires_grad_(False)
+    trained = get_method("full").apply(model, "sentiment", {"learning_rate": 1e-4})
+    assert all(p.requires_grad for p in trained.parameters())
+
+
+def test_user_target_modules_are_checked_against_the_model(tiny_models):
+    model, _ = _load(tiny_models["llama"], "generation")
+    lora = get_method("lora")
+    wrapped = lora.apply(model, "generation", lora.resolve_hparams({"target_modules": "q_proj, down_proj", "rank": 2}))
+    names = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert any("down_proj.lora_A" in n for n in names) and not any("v_proj.lora_A" in n for n in names)
+
+    model, _ = _load(tiny_models["llama"], "generation")
+    with pytest.raises(HParamError, match="query_proj not found.*available: .*q_proj"):
+        lora.apply(model, "generation", lora.resolve_hparams({"target_modules": "query_proj"}))
+
+
+def test_rank_larger_than_a_layer_is_refused(tiny_models):
+    model, _ = _load(tiny_models["bert"], "sentiment")
+    with pytest.raises(HParamError, match="rank 64 is larger than layer .*query \\(32x32\\); choose a rank of at most 32"):
+        get_method("lora").apply(model, "sentiment", get_method("lora").resolve_hparams({"rank": 64}))
+
+
+def test_distilbert_pre_classifier_trains_with_the_adapter(tiny_models):
+    model, _ = _load(tiny_models["distilbert"], "sentiment")
+    wrapped = get_method("lora").apply(model, "sentiment", get_method("lora").resolve_hparams({}))
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert any("pre_classifier" in n for n in trainable) and any("classifier.modules_to_save" in n for n in trainable)
+
+
+@pytest.mark.parametrize("method_name, arch", [("qlora", "llama"), ("hira-4bit", "llama"), ("qlora", "bert")])
+def test_4bit_methods_quantize_the_base_and_train(tiny_models, method_name, arch):
+    task = ARCH_TASK[arch]
+    method = get_method(method_name)
+    full_precision, tokenizer = _load(tiny_models[arch], task)
+    quantized, _ = _load(tiny_models[arch], task, quantize=method.quantize_base)
+    assert type(quantized.get_submodule(_first_target(quantized, arch))).__name__ == "Linear4bit"
+    assert weight_memory_bytes(quantized) < weight_memory_bytes(full_precision)
+    head = "classifier" if task == "sentiment" else "lm_head"
+    assert type(quantized.get_submodule(head)).__name__ == "Linear"  # heads stay out of quantization
+
+    wrapped = method.apply(quantized, task, method.resolve_hparams({"rank": 4}))
+    wrapped.train()
+    inputs = _inputs(tokenizer, task)
+    labels = torch.tensor([1, 0]) if task == "sentiment" else inputs["input_ids"]
+    loss = wrapped(**inputs, labels=labels).loss
+    loss.backward()
+    grads = [p.grad for n, p in wrapped.named_parameters() if p.requires_grad and "_A" in n]
+    assert grads and all(g is not None for g in grads)
+
+
+def _first_target(model, arch: str) -> str:
+    suffix = DEFAULT_TARGETS[arch][0]
+    return next(name for name, _ in model.named_modules() if name.endswith(suffix))

