@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lora_methods import METHODS, HParamError, get_method
 from lora_methods.targets import DEFAULT_TARGETS
-from training.models import load_model, load_tokenizer, weight_memory_bytes
+from training.models import keep_4bit_layers_trainable, load_model, load_tokenizer, weight_memory_bytes
 
 ARCH_TASK = {"bert": "sentiment", "distilbert": "sentiment", "gpt2": "generation", "llama": "generation"}
 
@@ -137,14 +137,17 @@ def test_4bit_methods_quantize_the_base_and_train(tiny_models, method_name, arch
     head = "classifier" if task == "sentiment" else "lm_head"
     assert type(quantized.get_submodule(head)).__name__ == "Linear"  # heads stay out of quantization
 
+    keep_4bit_layers_trainable(quantized)
     wrapped = method.apply(quantized, task, method.resolve_hparams({"rank": 4}))
-    wrapped.train()
     inputs = _inputs(tokenizer, task)
+    with torch.no_grad():  # an evaluation before training must not break the backward pass
+        wrapped.eval()(**inputs)
+    wrapped.train()
     labels = torch.tensor([1, 0]) if task == "sentiment" else inputs["input_ids"]
     loss = wrapped(**inputs, labels=labels).loss
     loss.backward()
-    grads = [p.grad for n, p in wrapped.named_parameters() if p.requires_grad and "_A" in n]
-    assert grads and all(g is not None for g in grads)
+    grads = [p.grad for n, p in wrapped.named_parameters() if p.requires_grad and "_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)  # every layer gets a gradient
 
 
 def _first_target(model, arch: str) -> str:

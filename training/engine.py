@@ -215,6 +215,7 @@ def train(config: TrainConfig, store: RunStore | None = None, should_stop: Calla
     set_seed(config.seed)  # before loading: a new classification head is initialised randomly
     tokenizer = models.load_tokenizer(model_path)
     model = models.load_model(model_path, config.task, tokenizer, quantize_4bit=method.quantize_base)
+    models.keep_4bit_layers_trainable(model)
     base_weight_memory = models.weight_memory_bytes(model)
     # Every method starts as the identity on the base (LoRA/HiRA zero-initialise one factor), so the
     # wrapped model evaluated before the first step *is* the base model; wrapping first lets a rank

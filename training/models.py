@@ -151,6 +151,18 @@ def load_model(path: str, task: Task, tokenizer: PreTrainedTokenizerBase, quanti
     return model
 
 
+def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a Linear4bit forward in eval mode repacks its weight, once and for
+    good, into a layout whose kernel has no backward: after an evaluation, training would fail
+    (layers with a bias) or lose gradients. Training runs evaluate between steps, so they opt out.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def weight_memory_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's weights and buffers occupy as stored (4-bit weights count as packed)."""
     return int(model.get_memory_footprint())

@@ -1,0 +1,68 @@
+"""The command line: help documents every option, bad options fail fast with one line, runs are usable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_methods import METHODS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, runs_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "training", "--runs-dir", str(runs_dir), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_train_help_documents_every_hyperparameter(tmp_path):
+    result = cli("train", "--help", runs_dir=tmp_path)
+    assert result.returncode == 0
+    flags = {spec.flag for method in METHODS.values() for spec in method.hparams}
+    for flag in flags | {"--lr", "--max-steps", "--epochs", "--batch-size", "--seq-len", "--seed", "--offline"}:
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "lora", "--lr", "-0.1"], "learning_rate must satisfy 0 < learning_rate"),
+    (["--method", "lora", "--rank", "0"], "rank must satisfy 1 <= rank"),
+    (["--method", "full", "--rank", "8"], "method 'full' does not take rank"),
+    (["--method", "lora", "--dataset", "nope.csv"], "does not exist"),
+])
+def test_bad_options_exit_non_zero_with_one_line_and_no_run(tmp_path, args, message):
+    result = cli("train", "--task", "sentiment", "--offline", *args, runs_dir=tmp_path / "runs")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
+    runs = tmp_path / "runs"
+    result = cli("train", "--task", "sentiment", "--method", "lora", "--model", tiny_models["bert"], "--dataset",
+                 str(review_csv), "--max-steps", "3", "--batch-size", "4", "--eval-samples", "8", "--rank", "4",
+                 "--offline", runs_dir=runs)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed"
+    (run_dir,) = runs.iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["hparams"]["rank"] == 4
+
+    listing = cli("list", runs_dir=runs)
+    assert run_dir.name in listing.stdout and "completed" in listing.stdout
+
+    predicted = cli("predict", "--run", run_dir.name, "--text", "a triumph", "--text", "a mess", runs_dir=runs)
+    rows = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert len(rows) == 2 and all(sum(r["probabilities"].values()) == pytest.approx(1) for r in rows)
+
+    wrong_task = cli("generate", "--run", run_dir.name, "--prompt", "Once", runs_dir=runs)
+    assert wrong_task.returncode == 2 and "classification" not in wrong_task.stderr and "sentiment run" in wrong_task.stderr
+    missing = cli("predict", "--run", "../etc", "--text", "x", runs_dir=runs)
+    assert missing.returncode == 2 and "not a valid run id" in missing.stderr
+    empty = cli("predict", "--run", run_dir.name, "--text", "  ", runs_dir=runs)
+    assert empty.returncode == 2 and "empty" in empty.stderr

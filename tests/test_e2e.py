@@ -1,0 +1,62 @@
+"""End to end on the bundled real models: a few dozen LoRA steps learn, and the adapter reloads exactly."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from training import data, evaluation, inference
+from training.engine import TrainConfig, train
+from training.models import BUNDLED_SMOLLM2, load_model, load_tokenizer, resolve_model_path, weight_memory_bytes
+from training.runs import RunStore
+
+pytestmark = pytest.mark.e2e
+
+
+def _losses(run) -> list[float]:
+    return [r["loss"] for r in run.metrics() if r["kind"] == "train"]
+
+
+def _reevaluate(run, split: str, eval_samples: int) -> dict:
+    config = run.config
+    loaded = inference.load_run(run)
+    splits = data.load_splits(config["dataset"], config["task"], offline=True)
+    records = data.tokenize(getattr(splits, split), loaded.tokenizer, config["task"], config["seq_len"])
+    records = records.select(range(min(eval_samples, len(records))))
+    return evaluation.evaluate(loaded.model, records, data.collator(loaded.tokenizer, config["task"]), config["task"])
+
+
+def test_lora_learns_sentiment_on_the_bundled_encoder(tmp_path):
+    store = RunStore(tmp_path)
+    summary = train(TrainConfig(task="sentiment", method="lora", max_steps=60, eval_samples=300, offline=True), store)
+    (run,) = store.runs()
+    losses = _losses(run)
+    assert statistics.mean(losses[-15:]) < statistics.mean(losses[:15]) - 0.05
+    assert summary["metrics"]["validation"]["accuracy"] > summary["base_metrics"]["validation"]["accuracy"] + 0.1
+    assert summary["trainable_percent"] < 1.0
+
+    again = _reevaluate(run, "test", 300)
+    assert again["accuracy"] == summary["metrics"]["test"]["accuracy"]
+    assert again["loss"] == pytest.approx(summary["metrics"]["test"]["loss"], abs=1e-5)
+
+
+def test_lora_lowers_perplexity_on_the_bundled_causal_lm(tmp_path):
+    store = RunStore(tmp_path)
+    summary = train(TrainConfig(task="generation", method="lora", max_steps=24, batch_size=8, seq_len=64,
+                                eval_samples=48, control_samples=0, offline=True), store)
+    (run,) = store.runs()
+    losses = _losses(run)
+    assert statistics.mean(losses[-6:]) < statistics.mean(losses[:6])
+    assert summary["metrics"]["validation"]["perplexity"] < summary["base_metrics"]["validation"]["perplexity"]
+
+    again = _reevaluate(run, "validation", 48)
+    assert again["loss"] == pytest.approx(summary["metrics"]["validation"]["loss"], abs=1e-5)
+
+
+def test_nf4_stores_the_causal_lm_in_about_a_third_of_the_memory():
+    path = resolve_model_path(BUNDLED_SMOLLM2, offline=True)
+    tokenizer = load_tokenizer(path)
+    full = weight_memory_bytes(load_model(path, "generation", tokenizer))
+    nf4 = weight_memory_bytes(load_model(path, "generation", tokenizer, quantize_4bit=True))
+    assert nf4 <= 0.35 * full

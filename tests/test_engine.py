@@ -1,0 +1,164 @@
+"""The engine on tiny models: what a run writes, how it stops, fails, reloads and refuses bad requests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from peft import PeftModel
+
+from lora_methods import HParamError
+from training import data, evaluation, inference
+from training.engine import ConfigError, TrainConfig, train
+from training.models import ModelError, load_model, load_tokenizer
+from training.runs import RunStore
+
+TRAIN_KEYS = {"kind", "step", "epoch", "loss", "learning_rate", "grad_norm", "step_time_s", "samples_per_s",
+              "tokens_per_s", "elapsed_s", "rss_bytes"}
+
+
+def sentiment_config(tiny_models, review_csv, **overrides) -> TrainConfig:
+    settings = dict(task="sentiment", method="lora", model=tiny_models["bert"], dataset=str(review_csv),
+                    max_steps=12, batch_size=8, seq_len=64, eval_samples=40, eval_steps=4, offline=True)
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> RunStore:
+    return RunStore(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def sentiment_run(store, tiny_models, review_csv):
+    summary = train(sentiment_config(tiny_models, review_csv), store)
+    return next(run for run in store.runs() if run.summary == summary)
+
+
+def test_a_run_records_config_metrics_summary_and_adapter(sentiment_run):
+    run = sentiment_run
+    config, summary, records = run.config, run.summary, run.metrics()
+    assert config["method"] == "lora" and config["hparams"]["rank"] == 8 and config["seed"] == 0
+    assert {"torch", "transformers", "peft"} <= set(config["versions"]) and config["device"]["type"] == "cpu"
+    assert config["dataset_sizes"] == {"train": 320, "validation": 40, "test": 40}
+
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, 13))
+    assert all(TRAIN_KEYS <= set(r) for r in train_records)
+    assert all(r["tokens_per_s"] > 0 and r["rss_bytes"] > 0 for r in train_records)
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+
+    assert summary["status"] == "completed" and summary["steps"] == 12
+    for key in ("accuracy", "macro_f1", "loss"):
+        assert 0 <= summary["metrics"]["validation"][key] and key in summary["base_metrics"]["validation"]
+    assert summary["gain"] == pytest.approx(summary["metrics"]["validation"]["accuracy"]
+                                            - summary["base_metrics"]["validation"]["accuracy"])
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert summary["base_weight_memory_bytes"] > 0 and summary["peak_memory_bytes"] > 0
+    assert summary["median_step_time_s"] > 0 and summary["adapter_size_bytes"] > 0
+    assert (run.adapter_dir / "adapter_config.json").exists()
+
+
+def test_the_adapter_reloads_to_the_same_predictions(sentiment_run, tiny_models):
+    run = sentiment_run
+    # Standard PEFT format: loadable without this project's code paths.
+    tokenizer = load_tokenizer(str(run.adapter_dir))
+    base = load_model(tiny_models["bert"], "sentiment", tokenizer)
+    assert isinstance(PeftModel.from_pretrained(base, str(run.adapter_dir)), PeftModel)
+
+    loaded = inference.load_run(run)
+    splits = data.load_splits(run.config["dataset"], "sentiment", offline=True)
+    test = data.tokenize(splits.test, loaded.tokenizer, "sentiment", 64)
+    again = evaluation.evaluate(loaded.model, test, data.collator(loaded.tokenizer, "sentiment"), "sentiment")
+    recorded = run.summary["metrics"]["test"]
+    assert again["accuracy"] == recorded["accuracy"]
+    assert again["loss"] == pytest.approx(recorded["loss"], abs=1e-5)
+
+
+def test_training_is_deterministic(store, sentiment_run, tiny_models, review_csv):
+    summary = train(sentiment_config(tiny_models, review_csv), store)
+    again = next(run for run in store.runs() if run.summary == summary)
+    losses = lambda run: [r["loss"] for r in run.metrics() if r["kind"] == "train"]  # noqa: E731
+    assert losses(again) == losses(sentiment_run)
+
+
+def test_a_stop_request_ends_within_one_step_and_keeps_a_usable_adapter(store, tiny_models, review_csv):
+    steps_seen = []
+
+    def stop_after_three() -> bool:
+        steps_seen.append(1)
+        return len(steps_seen) >= 3
+
+    summary = train(sentiment_config(tiny_models, review_csv, max_steps=50), store, should_stop=stop_after_three)
+    assert summary["status"] == "stopped" and summary["steps"] == 3
+    run = next(run for run in store.runs() if run.summary == summary)
+    assert inference.classify(inference.load_run(run), ["a wonderful film"])[0]["label"] in ("negative", "positive")
+
+
+def test_a_stop_file_in_the_run_folder_stops_the_run(store, tiny_models, review_csv):
+    def stop_via_store() -> bool:
+        newest = max(store.runs(), key=lambda r: r.summary.get("created_at", 0))
+        newest.request_stop()  # what the UI or another process does
+        return newest.stop_requested()
+
+    summary = train(sentiment_config(tiny_models, review_csv, max_steps=50), store, should_stop=stop_via_store)
+    assert summary["status"] == "stopped" and summary["steps"] == 1
+
+
+def test_a_failing_run_is_marked_failed_with_its_error(store, tiny_models, review_csv):
+    def explode() -> bool:
+        raise RuntimeError("disk on fire")
+
+    before = {run.id for run in store.runs()}
+    with pytest.raises(RuntimeError):
+        train(sentiment_config(tiny_models, review_csv), store, should_stop=explode)
+    (failed,) = [run for run in store.runs() if run.id not in before]
+    assert failed.summary["status"] == "failed" and "disk on fire" in failed.summary["error"]
+    assert not failed.adapter_dir.exists()
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"hparams": {"learning_rate": -1}}, HParamError, "learning_rate must satisfy"),
+    ({"hparams": {"rank": 0}}, HParamError, "rank must satisfy"),
+    ({"hparams": {"rank": 33}}, HParamError, "rank 33 is larger than layer"),
+    ({"method": "sparse-magic"}, HParamError, "unknown method"),
+    ({"task": "translation"}, ConfigError, "unknown task"),
+    ({"max_steps": 0}, ConfigError, "max_steps must be a whole number from 1"),
+    ({"max_steps": 10, "epochs": 1.0}, ConfigError, "either max_steps or epochs"),
+    ({"max_steps": None, "epochs": -1.0}, ConfigError, "epochs must be in"),
+    ({"batch_size": 0}, ConfigError, "batch_size must be"),
+    ({"seq_len": 2}, ConfigError, "seq_len must be"),
+    ({"model": "/nowhere/model"}, ModelError, "does not exist"),
+    ({"model": "someone/some-model"}, ModelError, "needs the Hugging Face Hub"),
+    ({"dataset": "imdb"}, data.DataError, "unknown dataset"),
+])
+def test_bad_requests_are_refused_before_any_run_exists(tmp_path, tiny_models, review_csv, overrides, error, message):
+    store = RunStore(tmp_path / "runs")
+    with pytest.raises(error, match=message):
+        train(sentiment_config(tiny_models, review_csv, **overrides), store)
+    assert list(store.runs()) == []
+
+
+def test_full_fine_tuning_saves_a_model_folder(store, tiny_models, review_csv):
+    summary = train(sentiment_config(tiny_models, review_csv, method="full", max_steps=3), store)
+    run = next(run for run in store.runs() if run.summary == summary)
+    assert (run.adapter_dir / "config.json").exists() and summary["trainable_params"] == summary["total_params"]
+    assert inference.classify(inference.load_run(run), ["fine"])[0]["label"] in ("negative", "positive")
+
+
+def test_generation_run_is_scored_for_sentiment_control_by_a_judge(store, sentiment_run, tiny_models):
+    config = TrainConfig(task="generation", method="qlora", model=tiny_models["llama"],
+                         dataset=data.BUNDLED_REVIEW_WRITING, max_steps=4, batch_size=4, seq_len=48, eval_samples=16,
+                         control_samples=4, judge_run=sentiment_run.id, offline=True)
+    summary = train(config, store)
+    assert summary["judge_run"] == sentiment_run.id
+    assert 0 <= summary["metrics"]["control_share"] <= 1 and 0 <= summary["base_metrics"]["control_share"] <= 1
+    assert summary["metrics"]["validation"]["perplexity"] > 1
+    run = next(run for run in store.runs() if run.summary == summary)
+    (result,) = inference.generate(inference.load_run(run), ["Write a positive movie review.\nReview:"],
+                                   max_new_tokens=5)
+    assert isinstance(result["text"], str) and result["latency_s"] > 0
+
+
+def test_metrics_lines_are_whole_json(sentiment_run):
+    lines = (sentiment_run.dir / "metrics.jsonl").read_text().splitlines()
+    assert all(isinstance(json.loads(line), dict) for line in lines)

@@ -1,0 +1,67 @@
+"""The run store's guarantees and the offline switch."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from training import offline
+from training.models import BUNDLED_MINILM, BUNDLED_SMOLLM2, ModelError, default_model, resolve_model_path
+from training.runs import RunNotFound, RunStore
+
+
+def test_run_ids_cannot_reach_outside_the_store(tmp_path):
+    store = RunStore(tmp_path)
+    for bad in ("../x", "a/b", "", ".hidden", "x" * 200, "..", "a\\b"):
+        with pytest.raises(RunNotFound):
+            store.get(bad)
+    with pytest.raises(RunNotFound, match="no run 'missing'"):
+        store.get("missing")
+
+
+def test_summary_updates_are_whole_and_metrics_skip_a_partial_line(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create({"task": "sentiment", "method": "lora"})
+    assert store.get(run.id).summary["status"] == "running"
+    run.update_summary(status="completed", steps=3)
+    assert run.summary["status"] == "completed" and "created_at" in run.summary
+    run.append_metrics({"step": 1, "loss": 0.5})
+    with open(run.dir / "metrics.jsonl", "a") as file:
+        file.write('{"step": 2, "lo')  # a writer caught mid-line
+    assert run.metrics() == [{"step": 1, "loss": 0.5}]
+    assert not [p for p in run.dir.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_offline_defaults_to_bundled_models(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert offline.is_offline()
+    assert default_model("sentiment", offline=True) == BUNDLED_MINILM
+    assert default_model("generation", offline=True) == BUNDLED_SMOLLM2
+    assert default_model("sentiment", offline=False) == "distilbert/distilbert-base-uncased"
+    with pytest.raises(ModelError, match="needs the Hugging Face Hub.*bundled/all-MiniLM-L6-v2"):
+        resolve_model_path("distilbert/distilbert-base-uncased", offline=True)
+
+
+def test_the_hub_probe_gives_up_quickly(monkeypatch):
+    def hang(*args, **kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(offline.socket, "create_connection", hang)
+    monkeypatch.setattr(offline, "PROBE_TIMEOUT_S", 0.5)
+    started = time.perf_counter()
+    assert offline._tcp_connects("example.invalid", 443, 0.5) is False
+    assert time.perf_counter() - started < 2
+
+
+def test_the_hub_probe_sees_a_refused_connection(unused_port):
+    assert offline._tcp_connects("127.0.0.1", unused_port, 2.0) is False
+
+
+@pytest.fixture
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
