@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test test-fast clean
+.PHONY: install run test test-fast lint clean
 
 install: $(INSTALLED)
 
@@ -24,6 +24,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest tests -m "not e2e"
+
+lint: install
+	$(PY) -m ruff check lora_methods training tests
+	$(PY) -m ruff format --check lora_methods training tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

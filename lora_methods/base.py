@@ -114,8 +114,16 @@ LEARNING_RATE_HELP = "peak learning rate (linear decay after a 5 percent warm-up
 
 
 def learning_rate(default: float) -> HParam:
-    return HParam("learning_rate", float, default, LEARNING_RATE_HELP,
-                  minimum=0.0, maximum=1.0, minimum_exclusive=True, log_scale=True)
+    return HParam(
+        "learning_rate",
+        float,
+        default,
+        LEARNING_RATE_HELP,
+        minimum=0.0,
+        maximum=1.0,
+        minimum_exclusive=True,
+        log_scale=True,
+    )
 
 
 def rank(default: int, help: str) -> HParam:
@@ -123,11 +131,14 @@ def rank(default: int, help: str) -> HParam:
 
 
 def dropout(default: float) -> HParam:
-    return HParam("dropout", float, default, "dropout on the adapter's input", minimum=0.0, maximum=1.0,
-                  maximum_exclusive=True)
+    return HParam(
+        "dropout", float, default, "dropout on the adapter's input", minimum=0.0, maximum=1.0, maximum_exclusive=True
+    )
 
 
 TARGET_MODULES = HParam(
-    "target_modules", str, "auto",
+    "target_modules",
+    str,
+    "auto",
     "layers to adapt: 'auto' (per architecture), 'all-linear', or comma-separated module names",
 )

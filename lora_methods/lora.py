@@ -26,8 +26,15 @@ METHOD = FineTuningMethod(
     hparams=(
         learning_rate(1e-3),
         rank(8, "rank r of the update B·A"),
-        HParam("alpha", float, 16.0, "scaling: the update is multiplied by alpha / r", minimum=0.0,
-               maximum=1024.0, minimum_exclusive=True),
+        HParam(
+            "alpha",
+            float,
+            16.0,
+            "scaling: the update is multiplied by alpha / r",
+            minimum=0.0,
+            maximum=1024.0,
+            minimum_exclusive=True,
+        ),
         dropout(0.05),
         TARGET_MODULES,
     ),

@@ -35,8 +35,9 @@ def _byte_level_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
@@ -54,17 +55,43 @@ def tiny_models(tmp_path_factory, reviews) -> dict[str, str]:
     byte_level = _byte_level_tokenizer(reviews["text"].tolist()[:3000])
     vocab = len(byte_level)
     built = {
-        "bert": (BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=64)), None),
-        "distilbert": (DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2,
-                                                        hidden_dim=64)), None),
-        "gpt2": (GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=256,
-                                            bos_token_id=0, eos_token_id=0)),
-                 byte_level),
-        "llama": (LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                               max_position_embeddings=256, bos_token_id=0,
-                                               eos_token_id=0, pad_token_id=0)), byte_level),
+        "bert": (
+            BertModel(
+                BertConfig(
+                    vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+                )
+            ),
+            None,
+        ),
+        "distilbert": (
+            DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64)),
+            None,
+        ),
+        "gpt2": (
+            GPT2LMHeadModel(
+                GPT2Config(
+                    vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=256, bos_token_id=0, eos_token_id=0
+                )
+            ),
+            byte_level,
+        ),
+        "llama": (
+            LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=vocab,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=256,
+                    bos_token_id=0,
+                    eos_token_id=0,
+                    pad_token_id=0,
+                )
+            ),
+            byte_level,
+        ),
     }
     paths = {}
     for name, (model, tokenizer) in built.items():

@@ -17,8 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cli(*args: str, runs_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "training", "--runs-dir", str(runs_dir), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "training", "--runs-dir", str(runs_dir), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_train_help_documents_every_hyperparameter(tmp_path):
@@ -29,12 +35,15 @@ def test_train_help_documents_every_hyperparameter(tmp_path):
         assert flag in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "lora", "--lr", "-0.1"], "learning_rate must satisfy 0 < learning_rate"),
-    (["--method", "lora", "--rank", "0"], "rank must satisfy 1 <= rank"),
-    (["--method", "full", "--rank", "8"], "method 'full' does not take rank"),
-    (["--method", "lora", "--dataset", "nope.csv"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "lora", "--lr", "-0.1"], "learning_rate must satisfy 0 < learning_rate"),
+        (["--method", "lora", "--rank", "0"], "rank must satisfy 1 <= rank"),
+        (["--method", "full", "--rank", "8"], "method 'full' does not take rank"),
+        (["--method", "lora", "--dataset", "nope.csv"], "does not exist"),
+    ],
+)
 def test_bad_options_exit_non_zero_with_one_line_and_no_run(tmp_path, args, message):
     result = cli("train", "--task", "sentiment", "--offline", *args, runs_dir=tmp_path / "runs")
     assert result.returncode == 2
@@ -44,9 +53,27 @@ def test_bad_options_exit_non_zero_with_one_line_and_no_run(tmp_path, args, mess
 
 def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
     runs = tmp_path / "runs"
-    result = cli("train", "--task", "sentiment", "--method", "lora", "--model", tiny_models["bert"], "--dataset",
-                 str(review_csv), "--max-steps", "3", "--batch-size", "4", "--eval-samples", "8", "--rank", "4",
-                 "--offline", runs_dir=runs)
+    result = cli(
+        "train",
+        "--task",
+        "sentiment",
+        "--method",
+        "lora",
+        "--model",
+        tiny_models["bert"],
+        "--dataset",
+        str(review_csv),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--eval-samples",
+        "8",
+        "--rank",
+        "4",
+        "--offline",
+        runs_dir=runs,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "completed"
@@ -61,7 +88,11 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
     assert len(rows) == 2 and all(sum(r["probabilities"].values()) == pytest.approx(1) for r in rows)
 
     wrong_task = cli("generate", "--run", run_dir.name, "--prompt", "Once", runs_dir=runs)
-    assert wrong_task.returncode == 2 and "classification" not in wrong_task.stderr and "sentiment run" in wrong_task.stderr
+    assert (
+        wrong_task.returncode == 2
+        and "classification" not in wrong_task.stderr
+        and "sentiment run" in wrong_task.stderr
+    )
     missing = cli("predict", "--run", "../etc", "--text", "x", runs_dir=runs)
     assert missing.returncode == 2 and "not a valid run id" in missing.stderr
     empty = cli("predict", "--run", run_dir.name, "--text", "  ", runs_dir=runs)

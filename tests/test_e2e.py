@@ -30,8 +30,15 @@ def _reevaluate(run, split: str, eval_samples: int) -> dict:
 def test_lora_learns_sentiment_on_the_bundled_encoder(tmp_path):
     store = RunStore(tmp_path)
     # 100 steps is a short schedule: a higher learning rate than the 300-step default lets it learn.
-    config = TrainConfig(task="sentiment", method="lora", hparams={"learning_rate": 3e-3}, max_steps=100,
-                         eval_samples=200, eval_steps=50, offline=True)
+    config = TrainConfig(
+        task="sentiment",
+        method="lora",
+        hparams={"learning_rate": 3e-3},
+        max_steps=100,
+        eval_samples=200,
+        eval_steps=50,
+        offline=True,
+    )
     summary = train(config, store)
     (run,) = store.runs()
     losses = _losses(run)
@@ -46,8 +53,20 @@ def test_lora_learns_sentiment_on_the_bundled_encoder(tmp_path):
 
 def test_lora_lowers_perplexity_on_the_bundled_causal_lm(tmp_path):
     store = RunStore(tmp_path)
-    summary = train(TrainConfig(task="generation", method="lora", max_steps=24, batch_size=8, seq_len=64,
-                                eval_samples=48, eval_steps=12, control_samples=0, offline=True), store)
+    summary = train(
+        TrainConfig(
+            task="generation",
+            method="lora",
+            max_steps=24,
+            batch_size=8,
+            seq_len=64,
+            eval_samples=48,
+            eval_steps=12,
+            control_samples=0,
+            offline=True,
+        ),
+        store,
+    )
     (run,) = store.runs()
     losses = _losses(run)
     assert statistics.mean(losses[-6:]) < statistics.mean(losses[:6])

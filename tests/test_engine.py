@@ -13,13 +13,34 @@ from training.engine import ConfigError, TrainConfig, train
 from training.models import ModelError, load_model, load_tokenizer
 from training.runs import RunStore
 
-TRAIN_KEYS = {"kind", "step", "epoch", "loss", "learning_rate", "grad_norm", "step_time_s", "samples_per_s",
-              "tokens_per_s", "elapsed_s", "rss_bytes"}
+TRAIN_KEYS = {
+    "kind",
+    "step",
+    "epoch",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "step_time_s",
+    "samples_per_s",
+    "tokens_per_s",
+    "elapsed_s",
+    "rss_bytes",
+}
 
 
 def sentiment_config(tiny_models, review_csv, **overrides) -> TrainConfig:
-    settings = dict(task="sentiment", method="lora", model=tiny_models["bert"], dataset=str(review_csv),
-                    max_steps=12, batch_size=8, seq_len=64, eval_samples=40, eval_steps=4, offline=True)
+    settings = dict(
+        task="sentiment",
+        method="lora",
+        model=tiny_models["bert"],
+        dataset=str(review_csv),
+        max_steps=12,
+        batch_size=8,
+        seq_len=64,
+        eval_samples=40,
+        eval_steps=4,
+        offline=True,
+    )
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -50,8 +71,9 @@ def test_a_run_records_config_metrics_summary_and_adapter(sentiment_run):
     assert summary["status"] == "completed" and summary["steps"] == 12
     for key in ("accuracy", "macro_f1", "loss"):
         assert 0 <= summary["metrics"]["validation"][key] and key in summary["base_metrics"]["validation"]
-    assert summary["gain"] == pytest.approx(summary["metrics"]["validation"]["accuracy"]
-                                            - summary["base_metrics"]["validation"]["accuracy"])
+    assert summary["gain"] == pytest.approx(
+        summary["metrics"]["validation"]["accuracy"] - summary["base_metrics"]["validation"]["accuracy"]
+    )
     assert 0 < summary["trainable_params"] < summary["total_params"]
     assert summary["base_weight_memory_bytes"] > 0 and summary["peak_memory_bytes"] > 0
     assert summary["median_step_time_s"] > 0 and summary["adapter_size_bytes"] > 0
@@ -116,21 +138,24 @@ def test_a_failing_run_is_marked_failed_with_its_error(store, tiny_models, revie
     assert not failed.adapter_dir.exists()
 
 
-@pytest.mark.parametrize("overrides, error, message", [
-    ({"hparams": {"learning_rate": -1}}, HParamError, "learning_rate must satisfy"),
-    ({"hparams": {"rank": 0}}, HParamError, "rank must satisfy"),
-    ({"hparams": {"rank": 33}}, HParamError, "rank 33 is larger than layer"),
-    ({"method": "sparse-magic"}, HParamError, "unknown method"),
-    ({"task": "translation"}, ConfigError, "unknown task"),
-    ({"max_steps": 0}, ConfigError, "max_steps must be a whole number from 1"),
-    ({"max_steps": 10, "epochs": 1.0}, ConfigError, "either max_steps or epochs"),
-    ({"max_steps": None, "epochs": -1.0}, ConfigError, "epochs must be in"),
-    ({"batch_size": 0}, ConfigError, "batch_size must be"),
-    ({"seq_len": 2}, ConfigError, "seq_len must be"),
-    ({"model": "/nowhere/model"}, ModelError, "does not exist"),
-    ({"model": "someone/some-model"}, ModelError, "needs the Hugging Face Hub"),
-    ({"dataset": "imdb"}, data.DataError, "unknown dataset"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"hparams": {"learning_rate": -1}}, HParamError, "learning_rate must satisfy"),
+        ({"hparams": {"rank": 0}}, HParamError, "rank must satisfy"),
+        ({"hparams": {"rank": 33}}, HParamError, "rank 33 is larger than layer"),
+        ({"method": "sparse-magic"}, HParamError, "unknown method"),
+        ({"task": "translation"}, ConfigError, "unknown task"),
+        ({"max_steps": 0}, ConfigError, "max_steps must be a whole number from 1"),
+        ({"max_steps": 10, "epochs": 1.0}, ConfigError, "either max_steps or epochs"),
+        ({"max_steps": None, "epochs": -1.0}, ConfigError, "epochs must be in"),
+        ({"batch_size": 0}, ConfigError, "batch_size must be"),
+        ({"seq_len": 2}, ConfigError, "seq_len must be"),
+        ({"model": "/nowhere/model"}, ModelError, "does not exist"),
+        ({"model": "someone/some-model"}, ModelError, "needs the Hugging Face Hub"),
+        ({"dataset": "imdb"}, data.DataError, "unknown dataset"),
+    ],
+)
 def test_bad_requests_are_refused_before_any_run_exists(tmp_path, tiny_models, review_csv, overrides, error, message):
     store = RunStore(tmp_path / "runs")
     with pytest.raises(error, match=message):
@@ -146,16 +171,27 @@ def test_full_fine_tuning_saves_a_model_folder(store, tiny_models, review_csv):
 
 
 def test_generation_run_is_scored_for_sentiment_control_by_a_judge(store, sentiment_run, tiny_models):
-    config = TrainConfig(task="generation", method="qlora", model=tiny_models["llama"],
-                         dataset=data.BUNDLED_REVIEW_WRITING, max_steps=4, batch_size=4, seq_len=48, eval_samples=16,
-                         control_samples=4, judge_run=sentiment_run.id, offline=True)
+    config = TrainConfig(
+        task="generation",
+        method="qlora",
+        model=tiny_models["llama"],
+        dataset=data.BUNDLED_REVIEW_WRITING,
+        max_steps=4,
+        batch_size=4,
+        seq_len=48,
+        eval_samples=16,
+        control_samples=4,
+        judge_run=sentiment_run.id,
+        offline=True,
+    )
     summary = train(config, store)
     assert summary["judge_run"] == sentiment_run.id
     assert 0 <= summary["metrics"]["control_share"] <= 1 and 0 <= summary["base_metrics"]["control_share"] <= 1
     assert summary["metrics"]["validation"]["perplexity"] > 1
     run = next(run for run in store.runs() if run.summary == summary)
-    (result,) = inference.generate(inference.load_run(run), ["Write a positive movie review.\nReview:"],
-                                   max_new_tokens=5)
+    (result,) = inference.generate(
+        inference.load_run(run), ["Write a positive movie review.\nReview:"], max_new_tokens=5
+    )
     assert isinstance(result["text"], str) and result["latency_s"] > 0
 
 

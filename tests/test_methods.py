@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lora_methods import METHODS, HParamError, get_method
 from lora_methods.targets import DEFAULT_TARGETS
@@ -23,20 +22,23 @@ def test_registry_has_every_method_of_the_core():
         method.resolve_hparams({})  # defaults are valid
 
 
-@pytest.mark.parametrize("method, hparams, message", [
-    ("lora", {"learning_rate": -1e-3}, "learning_rate must satisfy 0 < learning_rate"),
-    ("lora", {"learning_rate": 0}, "learning_rate must satisfy"),
-    ("lora", {"learning_rate": "fast"}, "learning_rate must be a number"),
-    ("lora", {"learning_rate": float("nan")}, "finite"),
-    ("lora", {"rank": 0}, "rank must satisfy 1 <= rank"),
-    ("lora", {"rank": 2.5}, "rank must be a whole number"),
-    ("lora", {"rank": True}, "rank must be a number"),
-    ("lora", {"dropout": 1.0}, "dropout must satisfy"),
-    ("lora", {"alpha": 0}, "alpha must satisfy"),
-    ("lora", {"target_modules": "  "}, "target_modules must not be empty"),
-    ("hira", {"alpha": 16}, "does not take alpha"),
-    ("full", {"rank": 8}, "does not take rank"),
-])
+@pytest.mark.parametrize(
+    "method, hparams, message",
+    [
+        ("lora", {"learning_rate": -1e-3}, "learning_rate must satisfy 0 < learning_rate"),
+        ("lora", {"learning_rate": 0}, "learning_rate must satisfy"),
+        ("lora", {"learning_rate": "fast"}, "learning_rate must be a number"),
+        ("lora", {"learning_rate": float("nan")}, "finite"),
+        ("lora", {"rank": 0}, "rank must satisfy 1 <= rank"),
+        ("lora", {"rank": 2.5}, "rank must be a whole number"),
+        ("lora", {"rank": True}, "rank must be a number"),
+        ("lora", {"dropout": 1.0}, "dropout must satisfy"),
+        ("lora", {"alpha": 0}, "alpha must satisfy"),
+        ("lora", {"target_modules": "  "}, "target_modules must not be empty"),
+        ("hira", {"alpha": 16}, "does not take alpha"),
+        ("full", {"rank": 8}, "does not take rank"),
+    ],
+)
 def test_bad_hyperparameters_get_a_readable_error(method, hparams, message):
     with pytest.raises(HParamError, match=message):
         get_method(method).resolve_hparams(hparams)
@@ -115,7 +117,9 @@ def test_user_target_modules_are_checked_against_the_model(tiny_models):
 
 def test_rank_larger_than_a_layer_is_refused(tiny_models):
     model, _ = _load(tiny_models["bert"], "sentiment")
-    with pytest.raises(HParamError, match="rank 64 is larger than layer .*query \\(32x32\\); choose a rank of at most 32"):
+    with pytest.raises(
+        HParamError, match="rank 64 is larger than layer .*query \\(32x32\\); choose a rank of at most 32"
+    ):
         get_method("lora").apply(model, "sentiment", get_method("lora").resolve_hparams({"rank": 64}))
 
 

@@ -32,8 +32,14 @@ def _method_flags(parser: argparse.ArgumentParser) -> list[str]:
     for name, users in specs.items():
         spec = users[0][1]
         defaults = ", ".join(f"{method}: {s.default}" for method, s in users)
-        group.add_argument(spec.flag, *FLAG_ALIASES.get(name, []), dest=name, type=spec.kind, default=None,
-                           help=f"{spec.help}. {spec.range_text()}. Defaults: {defaults}")
+        group.add_argument(
+            spec.flag,
+            *FLAG_ALIASES.get(name, []),
+            dest=name,
+            type=spec.kind,
+            default=None,
+            help=f"{spec.help}. {spec.range_text()}. Defaults: {defaults}",
+        )
     return list(specs)
 
 
@@ -44,8 +50,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 
     trainer = commands.add_parser("train", help="train one run; prints its summary JSON as the last line")
     trainer.add_argument("--task", required=True, choices=TASKS)
-    trainer.add_argument("--method", required=True, choices=list(METHODS),
-                         help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    trainer.add_argument(
+        "--method",
+        required=True,
+        choices=list(METHODS),
+        help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
+    )
     trainer.add_argument("--model", help="catalog id, local folder or Hub id (default: per task, bundled when offline)")
     trainer.add_argument("--dataset", help="catalog id or a .csv/.jsonl file (default: per task)")
     budget = trainer.add_mutually_exclusive_group()
@@ -55,10 +65,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     trainer.add_argument("--seq-len", type=int, help="maximum tokens per example (default: 128)")
     trainer.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and sampling")
     trainer.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: five times per run)")
-    trainer.add_argument("--eval-samples", type=int,
-                         help="validation/test examples per evaluation (default: all for sentiment, 200 for generation)")
-    trainer.add_argument("--control-samples", type=int, default=32,
-                         help="generations judged for sentiment control in review writing (0: skip)")
+    trainer.add_argument(
+        "--eval-samples",
+        type=int,
+        help="validation/test examples per evaluation (default: all for sentiment, 200 for generation)",
+    )
+    trainer.add_argument(
+        "--control-samples",
+        type=int,
+        default=32,
+        help="generations judged for sentiment control in review writing (0: skip)",
+    )
     trainer.add_argument("--judge-run", help="sentiment run that judges generated reviews (default: most accurate one)")
     trainer.add_argument("--offline", action="store_true", help="never use the Hub: bundled models and data only")
     hparam_names = _method_flags(trainer)
@@ -82,10 +99,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 def _train(args: argparse.Namespace, store: RunStore, hparam_names: list[str]) -> dict:
     hparams = {name: getattr(args, name) for name in hparam_names if getattr(args, name) is not None}
     config = TrainConfig(
-        task=args.task, method=args.method, model=args.model, dataset=args.dataset, hparams=hparams,
-        max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len,
-        seed=args.seed, eval_steps=args.eval_steps, eval_samples=args.eval_samples,
-        control_samples=args.control_samples, judge_run=args.judge_run, offline=args.offline)
+        task=args.task,
+        method=args.method,
+        model=args.model,
+        dataset=args.dataset,
+        hparams=hparams,
+        max_steps=args.max_steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        eval_steps=args.eval_steps,
+        eval_samples=args.eval_samples,
+        control_samples=args.control_samples,
+        judge_run=args.judge_run,
+        offline=args.offline,
+    )
     stop_flag: list[bool] = []
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -129,8 +158,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "predict":
                 results = inference.classify(loaded, args.text)
             else:
-                results = inference.generate(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
-                                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                results = inference.generate(
+                    loaded,
+                    args.prompt,
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    seed=args.seed,
+                )
             for result in results:
                 print(json.dumps(result))
     except USER_ERRORS as error:

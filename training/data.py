@@ -49,8 +49,12 @@ BUNDLED_HAMLET = "bundled/hamlet"
 CATALOG: tuple[CatalogDataset, ...] = (
     CatalogDataset("stanfordnlp/sst2", "sentiment", "SST-2 movie-review sentences (Hub)", False),
     CatalogDataset(BUNDLED_REVIEWS, "sentiment", "Rotten Tomatoes review snippets, fresh vs rotten (bundled)", True),
-    CatalogDataset(BUNDLED_REVIEW_WRITING, "generation",
-                   "Sentiment-controlled review writing: the prompt names the sentiment (bundled)", True),
+    CatalogDataset(
+        BUNDLED_REVIEW_WRITING,
+        "generation",
+        "Sentiment-controlled review writing: the prompt names the sentiment (bundled)",
+        True,
+    ),
     CatalogDataset("karpathy/tiny_shakespeare", "generation", "Tiny Shakespeare, plain continuation (Hub)", False),
     CatalogDataset(BUNDLED_HAMLET, "generation", "Hamlet, plain continuation (bundled)", True),
 )
@@ -148,8 +152,10 @@ def load_splits(dataset_id: str, task: Task, offline: bool) -> Splits:
     if entry.task != task:
         raise DataError(f"dataset {dataset_id!r} is for the {entry.task} task, not {task}")
     if offline and not entry.bundled:
-        raise DataError(f"dataset {dataset_id!r} needs the Hugging Face Hub, which is not reachable; "
-                        f"use {default_dataset(task, offline=True)}")
+        raise DataError(
+            f"dataset {dataset_id!r} needs the Hugging Face Hub, which is not reachable; "
+            f"use {default_dataset(task, offline=True)}"
+        )
     if dataset_id == BUNDLED_REVIEWS:
         return _split(datasets.Dataset.from_pandas(_rotten_tomatoes_snippets(), preserve_index=False))
     if dataset_id == BUNDLED_REVIEW_WRITING:
@@ -195,8 +201,10 @@ def load_user_file(path: Path, task: Task) -> Splits:
     required = ["text", "label"] if task == "sentiment" else ["text"]
     missing = [column for column in required if column not in frame.columns]
     if missing:
-        raise DataError(f"missing column(s) {', '.join(missing)}; found {', '.join(frame.columns) or 'none'}. "
-                        f"A {task} file needs: {', '.join(required)}" + ("" if task == "sentiment" else " (optional: prompt)"))
+        raise DataError(
+            f"missing column(s) {', '.join(missing)}; found {', '.join(frame.columns) or 'none'}. "
+            f"A {task} file needs: {', '.join(required)}" + ("" if task == "sentiment" else " (optional: prompt)")
+        )
     if len(frame) > MAX_UPLOAD_ROWS:
         raise DataError(f"the file has {len(frame):,} rows; the limit is {MAX_UPLOAD_ROWS:,}")
     frame["text"] = frame["text"].map(lambda value: "" if value is None else str(value))
@@ -204,14 +212,15 @@ def load_user_file(path: Path, task: Task) -> Splits:
     if len(empty):
         raise DataError(f"{len(empty)} row(s) have empty text (first at data row {empty[0] + 1})")
     if len(frame) < MIN_UPLOAD_ROWS:
-        raise DataError(f"the file has {len(frame)} rows; at least {MIN_UPLOAD_ROWS} are needed for "
-                        "train, validation and test splits")
+        raise DataError(
+            f"the file has {len(frame)} rows; at least {MIN_UPLOAD_ROWS} are needed for "
+            "train, validation and test splits"
+        )
     if task == "sentiment":
         labels = frame["label"].map(lambda value: LABEL_ALIASES.get(str(value).strip().lower()))
         unknown = sorted({str(value) for value in frame.loc[labels.isna(), "label"]})
         if unknown:
-            raise DataError(f"unknown label(s) {', '.join(repr(u) for u in unknown[:5])}; "
-                            "use 0/1 or negative/positive")
+            raise DataError(f"unknown label(s) {', '.join(repr(u) for u in unknown[:5])}; use 0/1 or negative/positive")
         if labels.nunique() < 2:
             raise DataError("every row has the same label; a sentiment dataset needs both negative and positive")
         records = pd.DataFrame({"text": frame["text"], "label": labels.astype(int)})
@@ -221,19 +230,26 @@ def load_user_file(path: Path, task: Task) -> Splits:
     return _split(datasets.Dataset.from_pandas(records, preserve_index=False))
 
 
-def tokenize(records: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, task: Task, seq_len: int) -> datasets.Dataset:
+def tokenize(
+    records: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, task: Task, seq_len: int
+) -> datasets.Dataset:
     if task == "sentiment":
+
         def encode(batch: dict) -> dict:
             encoded = tokenizer(batch["text"], truncation=True, max_length=seq_len)
             encoded["labels"] = batch["label"]
             return encoded
     else:
+
         def encode(batch: dict) -> dict:
             return encode_prompt_target(tokenizer, batch["prompt"], batch["text"], seq_len)
+
     return records.map(encode, batched=True, remove_columns=records.column_names)
 
 
-def encode_prompt_target(tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str], seq_len: int) -> dict:
+def encode_prompt_target(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str], seq_len: int
+) -> dict:
     """Prompt then target then EOS, truncated to seq_len; labels ignore the prompt (loss on target only)."""
     input_ids, labels = [], []
     for prompt, target in zip(prompts, targets):

@@ -7,6 +7,7 @@ The engine holds no global state and never imports a UI: a job manager, the CLI 
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import platform
@@ -19,9 +20,16 @@ from typing import Any
 
 import psutil
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
-from lora_methods import TASKS, FineTuningMethod, HParamError, Task, get_method
+from lora_methods import TASKS, FineTuningMethod, Task, get_method
 
 from . import data, evaluation, inference, models
 from .offline import is_offline
@@ -32,8 +40,13 @@ TASK_DEFAULTS: dict[Task, dict[str, Any]] = {
     "generation": {"batch_size": 8, "seq_len": 128, "max_steps": 60, "eval_samples": 200},
 }
 LIMITS = {  # name -> (minimum, maximum), inclusive
-    "batch_size": (1, 512), "seq_len": (8, 4096), "max_steps": (1, 1_000_000), "seed": (0, 2**31 - 1),
-    "eval_steps": (1, 1_000_000), "eval_samples": (1, 1_000_000), "control_samples": (0, 1024),
+    "batch_size": (1, 512),
+    "seq_len": (8, 4096),
+    "max_steps": (1, 1_000_000),
+    "seed": (0, 2**31 - 1),
+    "eval_steps": (1, 1_000_000),
+    "eval_samples": (1, 1_000_000),
+    "control_samples": (0, 1024),
 }
 WARMUP_FRACTION = 0.05
 
@@ -89,11 +102,8 @@ class TrainConfig:
 
 
 def _library_versions() -> dict[str, str]:
-    import accelerate, bitsandbytes, datasets as hf_datasets, peft, transformers  # noqa: E401
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__, "bitsandbytes": bitsandbytes.__version__,
-            "datasets": hf_datasets.__version__}
+    packages = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
+    return {"python": platform.python_version(), **{name: importlib.metadata.version(name) for name in packages}}
 
 
 def _device() -> dict[str, Any]:
@@ -105,8 +115,10 @@ def _device() -> dict[str, Any]:
 def _memory_now() -> dict[str, int]:
     """CUDA: allocated and peak since the previous call; CPU: the process's resident set."""
     if torch.cuda.is_available():
-        figures = {"cuda_allocated_bytes": torch.cuda.memory_allocated(),
-                   "cuda_peak_bytes": torch.cuda.max_memory_allocated()}
+        figures = {
+            "cuda_allocated_bytes": torch.cuda.memory_allocated(),
+            "cuda_peak_bytes": torch.cuda.max_memory_allocated(),
+        }
         torch.cuda.reset_peak_memory_stats()
         return figures
     return {"rss_bytes": psutil.Process().memory_info().rss}
@@ -119,13 +131,21 @@ def _peak(records: list[dict]) -> int:
 class RunRecorder(TrainerCallback):
     """Streams each logged step to metrics.jsonl, evaluates every `eval_steps`, honours stop requests."""
 
-    def __init__(self, run: Run | None, total_steps: int, batch_size: int, eval_steps: int,
-                 evaluate: Callable[[torch.nn.Module], dict], should_stop: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        run: Run | None,
+        total_steps: int,
+        batch_size: int,
+        eval_steps: int,
+        evaluate: Callable[[torch.nn.Module], dict],
+        should_stop: Callable[[], bool],
+    ) -> None:
         self.run, self.total_steps, self.batch_size = run, total_steps, batch_size
         self.eval_steps, self.evaluate, self.should_stop = eval_steps, evaluate, should_stop
         self.step_times: list[float] = []
         self.records: list[dict] = []
         self.stopped = False
+        self.started = self._step_started = time.perf_counter()
         self._time_since_log = 0.0
         self._tokens_at_last_log = 0
 
@@ -145,8 +165,14 @@ class RunRecorder(TrainerCallback):
         self.step_times.append(elapsed)
         self._time_since_log += elapsed
         if state.global_step % self.eval_steps == 0 and state.global_step < self.total_steps:
-            self._write({"kind": "eval", "step": state.global_step, **self.evaluate(model),
-                         "elapsed_s": time.perf_counter() - self.started})
+            self._write(
+                {
+                    "kind": "eval",
+                    "step": state.global_step,
+                    **self.evaluate(model),
+                    "elapsed_s": time.perf_counter() - self.started,
+                }
+            )
         if self.should_stop():
             self.stopped = True
             control.should_training_stop = True
@@ -157,20 +183,29 @@ class RunRecorder(TrainerCallback):
         step_time = self._time_since_log / max(args.logging_steps, 1)
         tokens = state.num_input_tokens_seen - self._tokens_at_last_log
         record = {
-            "kind": "train", "step": state.global_step, "epoch": logs.get("epoch"), "loss": logs["loss"],
-            "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+            "kind": "train",
+            "step": state.global_step,
+            "epoch": logs.get("epoch"),
+            "loss": logs["loss"],
+            "learning_rate": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
             "step_time_s": step_time,
             "samples_per_s": self.batch_size * args.world_size / step_time if step_time else None,
             "tokens_per_s": tokens / self._time_since_log if self._time_since_log else None,
-            "elapsed_s": time.perf_counter() - self.started, **_memory_now(),
+            "elapsed_s": time.perf_counter() - self.started,
+            **_memory_now(),
         }
         self._time_since_log, self._tokens_at_last_log = 0.0, state.num_input_tokens_seen
         self._write(record)
         report_every = max(1, self.total_steps // 20)
         if state.is_world_process_zero and (state.global_step % report_every == 0 or state.global_step == 1):
             eta = (self.total_steps - state.global_step) * statistics.median(self.step_times)
-            print(f"step {state.global_step}/{self.total_steps}  loss {record['loss']:.4f}  "
-                  f"{step_time:.2f} s/step  eta {eta:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"step {state.global_step}/{self.total_steps}  loss {record['loss']:.4f}  "
+                f"{step_time:.2f} s/step  eta {eta:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def find_judge(store: RunStore, judge_run: str | None) -> Run | None:
@@ -180,8 +215,13 @@ def find_judge(store: RunStore, judge_run: str | None) -> Run | None:
         if run.config.get("task") != "sentiment":
             raise ConfigError(f"judge run {judge_run} is not a sentiment run")
         return run
-    candidates = [run for run in store.runs() if run.config.get("task") == "sentiment"
-                  and run.summary.get("status") == "completed" and run.adapter_dir.exists()]
+    candidates = [
+        run
+        for run in store.runs()
+        if run.config.get("task") == "sentiment"
+        and run.summary.get("status") == "completed"
+        and run.adapter_dir.exists()
+    ]
     return max(candidates, key=lambda r: r.summary["metrics"]["validation"]["accuracy"], default=None)
 
 
@@ -223,26 +263,46 @@ def train(config: TrainConfig, store: RunStore | None = None, should_stop: Calla
     model = method.apply(model, config.task, config.hparams)
 
     is_main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, one process records
-    record = {**asdict(config), "model": model_id, "dataset": dataset_id, "model_path": model_path,
-              "dataset_sizes": splits.sizes(), "offline": offline, "versions": _library_versions(),
-              "device": _device(), "judge_run": judge.id if judge else None}
+    record = {
+        **asdict(config),
+        "model": model_id,
+        "dataset": dataset_id,
+        "model_path": model_path,
+        "dataset_sizes": splits.sizes(),
+        "offline": offline,
+        "versions": _library_versions(),
+        "device": _device(),
+        "judge_run": judge.id if judge else None,
+    }
     run = store.create(record) if is_main else None
     if run is not None and should_stop is None:
         should_stop = run.stop_requested
     try:
-        return _train(config, method, run, model, tokenizer, base_weight_memory, splits, judge,
-                      should_stop or (lambda: False))
+        return _train(
+            config, method, run, model, tokenizer, base_weight_memory, splits, judge, should_stop or (lambda: False)
+        )
     except BaseException as error:
         if run is not None:
             run.update_summary(status="failed", error=f"{type(error).__name__}: {error}", finished_at=time.time())
         raise
 
 
-def _train(config: TrainConfig, method: FineTuningMethod, run: Run | None, model: torch.nn.Module, tokenizer,
-           base_weight_memory: int, splits: data.Splits, judge: Run | None, should_stop: Callable[[], bool]) -> dict:
+def _train(
+    config: TrainConfig,
+    method: FineTuningMethod,
+    run: Run | None,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    base_weight_memory: int,
+    splits: data.Splits,
+    judge: Run | None,
+    should_stop: Callable[[], bool],
+) -> dict:
     task = config.task
-    tokenized = {name: data.tokenize(getattr(splits, name), tokenizer, task, config.seq_len)
-                 for name in ("train", "validation", "test")}
+    tokenized = {
+        name: data.tokenize(getattr(splits, name), tokenizer, task, config.seq_len)
+        for name in ("train", "validation", "test")
+    }
     if config.eval_samples:
         for name in ("validation", "test"):
             tokenized[name] = tokenized[name].select(range(min(config.eval_samples, len(tokenized[name]))))
@@ -257,8 +317,10 @@ def _train(config: TrainConfig, method: FineTuningMethod, run: Run | None, model
         def classify(texts: list[str]) -> list[int]:
             texts = [t if t.strip() else "." for t in texts]
             return inference.class_probabilities(judge_model.model, judge_model.tokenizer, texts).argmax(-1).tolist()
-        return evaluation.control_share(lambda p: inference.sample(m, tokenizer, p, seed=config.seed),
-                                        classify, config.control_samples)
+
+        return evaluation.control_share(
+            lambda p: inference.sample(m, tokenizer, p, seed=config.seed), classify, config.control_samples
+        )
 
     base_metrics = {"validation": validate(model)}
     if judge_model is not None:
@@ -271,16 +333,29 @@ def _train(config: TrainConfig, method: FineTuningMethod, run: Run | None, model
     optimizer = "paged_adamw_8bit" if method.paged_optimizer and torch.cuda.is_available() else "adamw_torch"
     output_dir = str(run.dir / "checkpoints") if run is not None else "/tmp/lora-arena-replica"
     args = TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=config.batch_size, max_steps=total_steps,
-        learning_rate=config.hparams["learning_rate"], lr_scheduler_type="linear",
-        warmup_steps=math.ceil(WARMUP_FRACTION * total_steps), optim=optimizer, weight_decay=0.0,
-        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-        seed=config.seed, data_seed=config.seed, include_num_input_tokens_seen="non_padding",
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        output_dir=output_dir,
+        per_device_train_batch_size=config.batch_size,
+        max_steps=total_steps,
+        learning_rate=config.hparams["learning_rate"],
+        lr_scheduler_type="linear",
+        warmup_steps=math.ceil(WARMUP_FRACTION * total_steps),
+        optim=optimizer,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
     )
     recorder = RunRecorder(run, total_steps, config.batch_size, eval_steps, validate, should_stop)
-    trainer = Trainer(model=model, args=args, train_dataset=tokenized["train"], data_collator=collate,
-                      callbacks=[recorder])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=tokenized["train"], data_collator=collate, callbacks=[recorder]
+    )
     trainer.remove_callback(PrinterCallback)  # the recorder reports progress; keep stdout for the summary
     started = time.perf_counter()
     trainer.train()

@@ -31,8 +31,9 @@ def macro_f1(predictions: list[int], labels: list[int], num_classes: int = len(L
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, records: datasets.Dataset, collate: Callable, task: Task,
-             batch_size: int = 32) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, records: datasets.Dataset, collate: Callable, task: Task, batch_size: int = 32
+) -> dict[str, float]:
     """Metrics of `model` on tokenized `records`; the model's train/eval mode is restored after."""
     was_training = model.training
     model.eval()
@@ -65,8 +66,9 @@ def control_prompts(samples: int) -> tuple[list[str], list[int]]:
     return [REVIEW_PROMPT.format(sentiment=LABELS[label]) for label in wanted], wanted
 
 
-def control_share(generate: Callable[[list[str]], list[str]], classify: Callable[[list[str]], list[int]],
-                  samples: int) -> float:
+def control_share(
+    generate: Callable[[list[str]], list[str]], classify: Callable[[list[str]], list[int]], samples: int
+) -> float:
     """Share of sampled reviews whose judged sentiment is the one the prompt asked for."""
     prompts, wanted = control_prompts(samples)
     judged = classify(generate(prompts))

@@ -55,8 +55,9 @@ def _require_text(texts: list[str], what: str) -> None:
 
 
 @torch.no_grad()
-def class_probabilities(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str],
-                        max_length: int = 256) -> torch.Tensor:
+def class_probabilities(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int = 256
+) -> torch.Tensor:
     _require_text(texts, "text")
     device = next(model.parameters()).device
     batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
@@ -70,13 +71,23 @@ def classify(loaded: LoadedRun, texts: list[str]) -> list[dict]:
     start = time.perf_counter()
     probabilities = class_probabilities(loaded.model, loaded.tokenizer, texts)
     latency = time.perf_counter() - start
-    return [{"label": LABELS[int(row.argmax())], "probabilities": dict(zip(LABELS, row.tolist())),
-             "latency_s": latency} for row in probabilities]
+    return [
+        {"label": LABELS[int(row.argmax())], "probabilities": dict(zip(LABELS, row.tolist())), "latency_s": latency}
+        for row in probabilities
+    ]
 
 
 @torch.no_grad()
-def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
-           max_new_tokens: int = 48, temperature: float = 0.8, top_p: float = 0.95, seed: int = 0) -> list[str]:
+def sample(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> list[str]:
     """Continuations of `prompts` (the prompt itself is not repeated). temperature 0 means greedy."""
     _require_text(prompts, "prompt")
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
@@ -91,10 +102,12 @@ def sample(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: 
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
     model.train(was_training)
-    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def generate(loaded: LoadedRun, prompts: list[str], **sampling) -> list[dict]:

@@ -112,8 +112,10 @@ def resolve_model_path(model_id: str, offline: bool) -> str:
         raise ModelError(f"model folder {model_id!r} does not exist")
     if offline:
         bundled = ", ".join(entry.id for entry in CATALOG if entry.bundled)
-        raise ModelError(f"model {model_id!r} needs the Hugging Face Hub, which is not reachable; "
-                         f"use a bundled model ({bundled}) or a local folder")
+        raise ModelError(
+            f"model {model_id!r} needs the Hugging Face Hub, which is not reachable; "
+            f"use a bundled model ({bundled}) or a local folder"
+        )
     return model_id
 
 
@@ -132,19 +134,27 @@ def quantization_config(task: Task) -> BitsAndBytesConfig:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=["classifier", "pre_classifier", "score", "lm_head"] if task == "sentiment" else ["lm_head"],
+        llm_int8_skip_modules=["classifier", "pre_classifier", "score", "lm_head"]
+        if task == "sentiment"
+        else ["lm_head"],
     )
 
 
-def load_model(path: str, task: Task, tokenizer: PreTrainedTokenizerBase, quantize_4bit: bool = False) -> PreTrainedModel:
+def load_model(
+    path: str, task: Task, tokenizer: PreTrainedTokenizerBase, quantize_4bit: bool = False
+) -> PreTrainedModel:
     kwargs: dict = {"trust_remote_code": False, "use_safetensors": True, "dtype": torch.float32}
     if quantize_4bit:
         kwargs["quantization_config"] = quantization_config(task)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
     if task == "sentiment":
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
-            label2id={label: i for i, label in enumerate(LABELS)}, **kwargs)
+            path,
+            num_labels=len(LABELS),
+            id2label=dict(enumerate(LABELS)),
+            label2id={label: i for i, label in enumerate(LABELS)},
+            **kwargs,
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
