@@ -25,7 +25,7 @@ METHOD = FineTuningMethod(
     title="HiRA",
     summary="Trains B·A as an element-wise mask on the frozen weight (W0 ⊙ B·A): high-rank updates at LoRA's size.",
     hparams=(
-        learning_rate(3e-3),
+        learning_rate(1e-2),
         rank(8, "rank r of B·A (the update W0 ⊙ B·A itself can be full rank)"),
         dropout(0.0),
         TARGET_MODULES,

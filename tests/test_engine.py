@@ -198,3 +198,11 @@ def test_generation_run_is_scored_for_sentiment_control_by_a_judge(store, sentim
 def test_metrics_lines_are_whole_json(sentiment_run):
     lines = (sentiment_run.dir / "metrics.jsonl").read_text().splitlines()
     assert all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_sampling_leaves_the_tokenizer_padding_for_training(tiny_models):
+    tokenizer = load_tokenizer(tiny_models["llama"])
+    model = load_model(tiny_models["llama"], "generation", tokenizer)
+    side = tokenizer.padding_side
+    inference.sample(model, tokenizer, ["a", "a longer prompt"], max_new_tokens=2)
+    assert tokenizer.padding_side == side

@@ -100,8 +100,11 @@ def sample(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"  # generation continues from the last position of every row
+    # Generation continues from the last position of every row, so pad on the left; the tokenizer
+    # may be the one a training collator pads with, so its own setting is put back.
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    tokenizer.padding_side = padding_side
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
