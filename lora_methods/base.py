@@ -8,8 +8,10 @@ The UI and the CLI are generated from `hparams`, so a schema entry is all a new 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,6 +37,7 @@ class HParam:
     minimum_exclusive: bool = False
     maximum_exclusive: bool = False
     log_scale: bool = False  # the UI shows a log slider (learning rates)
+    choices: tuple[str, ...] | None = None  # for str hyperparameters with a fixed set of values
 
     @property
     def flag(self) -> str:
@@ -53,6 +56,8 @@ class HParam:
             text = str(value).strip()
             if not text:
                 raise HParamError(f"{self.name} must not be empty")
+            if self.choices and text not in self.choices:
+                raise HParamError(f"{self.name} must be one of {', '.join(self.choices)} (got {value!r})")
             return text
         if isinstance(value, bool):
             raise HParamError(f"{self.name} must be a number, not {value!r}")
@@ -89,6 +94,9 @@ class FineTuningMethod:
     apply: Callable[[torch.nn.Module, Task, Mapping[str, Any]], torch.nn.Module]
     quantize_base: bool = False  # load the frozen base in 4-bit NF4 (bitsandbytes)
     paged_optimizer: bool = False  # use paged 8-bit AdamW where CUDA is present
+    # callbacks(model, hparams) -> Trainer callbacks for the model `apply` returned (schedules,
+    # telemetry). One with a `summary()` method adds its figures to the run's summary.
+    callbacks: Callable[[torch.nn.Module, Mapping[str, Any]], list] | None = None
     saves_full_model: bool = False  # the result is a whole model folder, not a PEFT adapter
 
     def hparam(self, name: str) -> HParam:
@@ -134,6 +142,11 @@ def dropout(default: float) -> HParam:
     return HParam(
         "dropout", float, default, "dropout on the adapter's input", minimum=0.0, maximum=1.0, maximum_exclusive=True
     )
+
+
+def cache_dir() -> Path:
+    """Where converted models and estimator factors are kept between runs."""
+    return Path(os.environ.get("LORA_ARENA_CACHE", Path.home() / ".cache" / "lora-arena"))
 
 
 TARGET_MODULES = HParam(

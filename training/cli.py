@@ -80,6 +80,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     trainer.add_argument("--offline", action="store_true", help="never use the Hub: bundled models and data only")
     hparam_names = _method_flags(trainer)
 
+    bench = commands.add_parser("bench", help="compare methods' training speed side by side in one process")
+    bench.add_argument("--task", required=True, choices=TASKS)
+    bench.add_argument("--methods", required=True, help="comma-separated; the first is the baseline of the ratios")
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per method, interleaved")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
+    bench.add_argument("--batch-size", type=int)
+    bench.add_argument("--seq-len", type=int)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--model")
+    bench.add_argument("--dataset")
+    bench.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.NAME=VALUE",
+        help="a method hyperparameter, e.g. sparselora.ffn_sparsity=0.9 (repeatable)",
+    )
+    bench.add_argument("--train-steps", type=int, help="also train each method this many steps and report quality")
+    bench.add_argument("--offline", action="store_true")
+
     commands.add_parser("list", help="list the runs in the store")
 
     predict = commands.add_parser("predict", help="classify text with a sentiment run")
@@ -149,6 +169,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             print(json.dumps(_train(args, store, hparam_names)))
+        elif args.command == "bench":
+            from .bench import run_bench
+
+            overrides: dict[str, dict] = {}
+            for item in args.set:
+                key, _, value = item.partition("=")
+                method, _, name = key.partition(".")
+                if not (method and name and value):
+                    raise ConfigError(f"--set takes METHOD.NAME=VALUE (got {item!r})")
+                overrides.setdefault(method, {})[name] = value
+            for result in run_bench(
+                args.task,
+                args.methods.split(","),
+                args.steps,
+                args.warmup,
+                args.batch_size,
+                args.seq_len,
+                args.seed,
+                args.offline,
+                args.model,
+                args.dataset,
+                overrides,
+                args.train_steps,
+                args.runs_dir,
+            ):
+                print(json.dumps(result, default=str), flush=True)
         elif args.command == "list":
             _list(store)
         else:

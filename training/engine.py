@@ -194,6 +194,8 @@ class RunRecorder(TrainerCallback):
             "tokens_per_s": tokens / self._time_since_log if self._time_since_log else None,
             "elapsed_s": time.perf_counter() - self.started,
             **_memory_now(),
+            # whatever else was logged (tokens seen; a method's own telemetry), under its own name
+            **{k: v for k, v in logs.items() if k not in ("loss", "epoch", "learning_rate", "grad_norm")},
         }
         self._time_since_log, self._tokens_at_last_log = 0.0, state.num_input_tokens_seen
         self._write(record)
@@ -353,8 +355,13 @@ def _train(
         dataloader_num_workers=0,
     )
     recorder = RunRecorder(run, total_steps, config.batch_size, eval_steps, validate, should_stop)
+    method_callbacks = method.callbacks(model, config.hparams) if method.callbacks else []
     trainer = Trainer(
-        model=model, args=args, train_dataset=tokenized["train"], data_collator=collate, callbacks=[recorder]
+        model=model,
+        args=args,
+        train_dataset=tokenized["train"],
+        data_collator=collate,
+        callbacks=[*method_callbacks, recorder],  # method callbacks first: they may add to the logs
     )
     trainer.remove_callback(PrinterCallback)  # the recorder reports progress; keep stdout for the summary
     started = time.perf_counter()
@@ -390,4 +397,5 @@ def _train(
         train_time_s=train_time,
         median_step_time_s=statistics.median(recorder.step_times) if recorder.step_times else None,
         adapter_size_bytes=_dir_size(run.adapter_dir),
+        **{key: value for cb in method_callbacks if hasattr(cb, "summary") for key, value in cb.summary().items()},
     )

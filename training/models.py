@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from lora_methods import Task
+from lora_methods.base import cache_dir
 
 LABELS = ("negative", "positive")  # sentiment label ids 0 and 1
 
@@ -68,10 +69,6 @@ def package_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"package {package!r} is not installed; run `make install`")
     return Path(spec.submodule_search_locations[0])
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORA_ARENA_CACHE", Path.home() / ".cache" / "lora-arena"))
 
 
 def _bundled_smollm2() -> Path:

@@ -1,0 +1,141 @@
+"""SparseLoRA: sliced FFNs compute exactly the dense FFN on the kept channels, gradients match
+LoRA's when nothing is skipped, telemetry is reported, and the adapter is a plain LoRA adapter."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from lora_methods import HParamError, get_method, sparsity
+from lora_methods.sparselora import layer_schedule
+from training import inference
+from training.engine import TrainConfig, train
+from training.models import load_model, load_tokenizer
+from training.runs import RunStore
+
+ARCH_TASK = {"bert": "sentiment", "distilbert": "sentiment", "gpt2": "generation", "llama": "generation"}
+
+
+def _pair(path: str, task: str, layer_sparsity: str, **extra):
+    """A LoRA model and a SparseLoRA model with identical (non-zero) adapter weights."""
+    tokenizer = load_tokenizer(path)
+    base = load_model(path, task, tokenizer)
+    settings = {"dropout": 0.0, "target_modules": "all-linear"}  # LoRA inside the FFN too
+    lora = get_method("lora")
+    dense = lora.apply(copy.deepcopy(base), task, lora.resolve_hparams(settings))
+    torch.manual_seed(1)
+    for param in dense.parameters():
+        if param.requires_grad:
+            param.data.normal_(0, 0.02)
+    sparse_method = get_method("sparselora")
+    hparams = sparse_method.resolve_hparams({**settings, "layer_sparsity": layer_sparsity, **extra})
+    sparse = sparse_method.apply(copy.deepcopy(base), task, hparams)
+    sparse.load_state_dict(dense.state_dict())
+    inputs = dict(tokenizer(["a fine, moving film indeed", "dull"], return_tensors="pt", padding=True))
+    labels = torch.tensor([1, 0]) if task == "sentiment" else inputs["input_ids"].clone()
+    return dense.train(), sparse.train(), {**inputs, "labels": labels}
+
+
+def _run(model, inputs):
+    torch.manual_seed(5)  # the same dropout draws for both models
+    output = model(**inputs)
+    output.loss.backward()
+    return output.logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", list(ARCH_TASK))
+def test_nothing_skipped_means_exactly_lora(tiny_models, arch):
+    dense, sparse, inputs = _pair(tiny_models[arch], ARCH_TASK[arch], "1e-9,1e-9", output_tokens="sparse")
+    dense_logits, dense_grads = _run(dense, inputs)
+    sparse_logits, sparse_grads = _run(sparse, inputs)
+    assert sparse.sparsity_controller.recall == 1.0  # the sliced path ran (it measures recall), keeping all
+    assert torch.allclose(dense_logits, sparse_logits, atol=1e-6)
+    for name, grad in dense_grads.items():
+        assert torch.allclose(grad, sparse_grads[name], atol=1e-7), name
+
+
+@pytest.mark.parametrize("arch", list(ARCH_TASK))
+def test_sliced_ffn_equals_the_dense_ffn_on_the_kept_channels(tiny_models, arch, monkeypatch):
+    dense, sparse, inputs = _pair(tiny_models[arch], ARCH_TASK[arch], "0.5,0.5", output_tokens="sparse")
+    layout = sparsity.FFN_LAYOUTS[dense.get_base_model().config.model_type]
+    width = sparse.sparsity_controller.layers[0].width
+    keep = torch.arange(0, width, 2)  # every other channel
+    monkeypatch.setattr(sparsity.SparseLayer, "choose", lambda self, context, sample_tokens: keep)
+    mask = torch.zeros(width)
+    mask[keep] = 1.0
+    for block in sparsity._resolve(dense.get_base_model(), layout.layers):  # reference: dense, then masked
+        sparsity._resolve(block, layout.output).register_forward_pre_hook(lambda module, args: (args[0] * mask,))
+    dense_logits, dense_grads = _run(dense, inputs)
+    sparse_logits, sparse_grads = _run(sparse, inputs)
+    assert torch.allclose(dense_logits, sparse_logits, atol=1e-5)
+    for name, grad in dense_grads.items():
+        assert torch.allclose(grad, sparse_grads[name], atol=1e-6), name
+    assert sparse.sparsity_controller.flops_ratio < 1.0
+
+
+def test_evaluation_is_dense(tiny_models):
+    dense, sparse, inputs = _pair(tiny_models["llama"], "generation", "0.9,0.9")
+    dense.eval(), sparse.eval()
+    with torch.no_grad():
+        assert torch.allclose(dense(**inputs).logits, sparse(**inputs).logits, atol=1e-6)
+
+
+def test_prompt_tokens_run_sparse_and_output_tokens_dense():
+    labels = torch.tensor([[-100, -100, -100, 5, 6, -100], [-100, -100, -100, -100, 7, 8]])
+    assert sparsity._first_output_position(labels) == 2  # position 2 predicts the first target token
+    assert sparsity._first_output_position(torch.full((2, 4), -100)) == 3
+
+
+def test_layer_schedule_and_its_errors():
+    hparams = {"layer_sparsity": "auto", "dense_first_layers": 1, "ffn_sparsity": 0.9}
+    assert layer_schedule(6, hparams) == [0.0, 0.9, 0.9, 0.9, 0.9, 0.0]
+    assert layer_schedule(3, {**hparams, "layer_sparsity": "0,0.5,0"}) == [0.0, 0.5, 0.0]
+    with pytest.raises(HParamError, match="needs 3 numbers"):
+        layer_schedule(3, {**hparams, "layer_sparsity": "0.5,0.5"})
+    with pytest.raises(HParamError, match="nothing would be sparse"):
+        layer_schedule(2, hparams)
+    with pytest.raises(HParamError, match="ffn_sparsity must satisfy"):
+        get_method("sparselora").resolve_hparams({"ffn_sparsity": 1.0})
+    with pytest.raises(HParamError, match="output_tokens must be one of dense, sparse"):
+        get_method("sparselora").resolve_hparams({"output_tokens": "some"})
+
+
+def test_estimator_factors_are_cached(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_ARENA_CACHE", str(tmp_path))
+    _pair(tiny_models["gpt2"], "generation", "0.5,0.5")
+    (cached,) = (tmp_path / "svd").iterdir()
+    calls = []
+    monkeypatch.setattr(sparsity, "svd_factors", lambda *a: calls.append(a))
+    _pair(tiny_models["gpt2"], "generation", "0.5,0.5")
+    assert calls == [] and list((tmp_path / "svd").iterdir()) == [cached]
+
+
+@pytest.mark.parametrize("method", ["sparselora", "sparselora-4bit"])
+def test_a_sparselora_run_reports_flops_and_recall_and_saves_a_lora_adapter(tmp_path, tiny_models, method):
+    store = RunStore(tmp_path)
+    config = TrainConfig(
+        task="generation",
+        method=method,
+        model=tiny_models["llama"],
+        dataset="bundled/review-writing",
+        max_steps=6,
+        batch_size=4,
+        seq_len=48,
+        eval_samples=8,
+        control_samples=0,
+        offline=True,
+        hparams={"layer_sparsity": "0.5,0.5", "dense_warmup": 0.2},
+    )
+    summary = train(config, store)
+    telemetry = summary["sparsity"]
+    assert telemetry["dense_warmup_steps"] == 2 and telemetry["sparse_layers"] == [0, 1]
+    assert 0.5 < telemetry["flops_ratio_vs_lora"] < 1.0 and 0.0 <= telemetry["estimator_recall"] <= 1.0
+    (run,) = store.runs()
+    logged = [r for r in run.metrics() if r["kind"] == "train"]
+    assert logged[0]["flops_ratio_vs_lora"] == pytest.approx(1.0)  # dense warm-up step
+    assert logged[-1]["flops_ratio_vs_lora"] < 1.0
+    assert json.loads((run.adapter_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert inference.generate(inference.load_run(run), ["To be"], max_new_tokens=3)[0]["text"] is not None
