@@ -138,7 +138,7 @@ METHOD = FineTuningMethod(
             "output_tokens",
             str,
             "dense",
-            "generation: compute output (labelled) tokens dense or sparse",
+            "output tokens (generation: labelled tokens; classification: [CLS]) dense or sparse",
             choices=("dense", "sparse"),
         ),
     ),

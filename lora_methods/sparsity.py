@@ -164,7 +164,8 @@ class SparsityController:
     layers: list[SparseLayer]
     linear_flops_per_token: int  # every Linear/Conv1D of the model, dense (multiply-adds)
     active: bool = True
-    sparse_tokens: int | None = None  # leading positions computed sparse; None: all of them
+    sparse_tokens: int | None = None  # positions from here on are computed dense; None: none are
+    dense_leading: int = 0  # leading positions computed dense (a classifier's [CLS] token)
     sample_tokens: int = 128  # context tokens the estimator scores per step
     recall_batches: int = 4
     recalls: list[float] = field(default_factory=list)
@@ -199,10 +200,12 @@ def _sparse_container_forward(controller: SparsityController, layer: SparseLayer
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # one input: BERT's chunking checks the arity
         if not (controller.active and torch.is_grad_enabled() and self.training):
             return original(x)
-        split = x.shape[1] if controller.sparse_tokens is None else min(controller.sparse_tokens, x.shape[1])
-        if split == 0:
+        length = x.shape[1]
+        start = min(controller.dense_leading, length)
+        stop = length if controller.sparse_tokens is None else min(controller.sparse_tokens, length)
+        if stop <= start:
             return original(x)
-        context = x[:, :split]
+        context = x[:, start:stop]  # contiguous: dense products, no boolean gathers
         layer.keep = layer.choose(context.detach(), controller.sample_tokens)
         if len(controller.recalls) < controller.recall_batches * len(controller.layers):
             oracle = layer.oracle(context.detach())
@@ -211,10 +214,12 @@ def _sparse_container_forward(controller: SparsityController, layer: SparseLayer
             sparse = original(context)
         finally:
             layer.keep = None
-        controller.account_saving(layer, x.shape[0] * split)
-        if split == x.shape[1]:
-            return sparse
-        return torch.cat([sparse, original(x[:, split:])], dim=1)
+        controller.account_saving(layer, x.shape[0] * (stop - start))
+        parts = [original(x[:, :start])] if start else []
+        parts.append(sparse)
+        if stop < length:
+            parts.append(original(x[:, stop:]))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else sparse
 
     return forward
 
@@ -313,6 +318,8 @@ def install(
         labels = kwargs.get("labels")
         sequence_labels = labels is not None and labels.dim() == 2
         controller.sparse_tokens = _first_output_position(labels) if dense_outputs and sequence_labels else None
+        # A sequence classifier reads its output from the first ([CLS]) position.
+        controller.dense_leading = 1 if dense_outputs and labels is not None and labels.dim() == 1 else 0
         controller.account_forward(input_ids.numel())
 
     transformers_model.register_forward_pre_hook(before_forward, with_kwargs=True)
