@@ -40,10 +40,6 @@ class FFNLayout:
     output: str  # output projection, relative to the layer
     activation: str  # the activation applied to the input projection's output
 
-    @property
-    def gated(self) -> bool:
-        return len(self.inputs) == 2
-
 
 FFN_LAYOUTS: dict[str, FFNLayout] = {
     "llama": FFNLayout("model.layers", "mlp", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "mlp.act_fn"),
