@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lora_methods import METHODS
+from lora_methods import METHODS, get_method
+from training.cli import build_parser, command_line
+from training.engine import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,3 +100,38 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
     assert missing.returncode == 2 and "not a valid run id" in missing.stderr
     empty = cli("predict", "--run", run_dir.name, "--text", "  ", runs_dir=runs)
     assert empty.returncode == 2 and "empty" in empty.stderr
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(task="sentiment", method="lora"),
+        TrainConfig(
+            task="generation",
+            method="sparselora",
+            model="bundled/SmolLM2-135M-Instruct",
+            dataset="my data.csv",  # spaces survive the shell quoting
+            hparams={"learning_rate": 3e-4, "rank": 16, "ffn_sparsity": 0.5, "layer_sparsity": "auto"},
+            max_steps=40,
+            batch_size=4,
+            seq_len=96,
+            seed=7,
+            eval_steps=10,
+            eval_samples=50,
+            control_samples=0,
+            offline=True,
+        ),
+        TrainConfig(task="sentiment", method="hira", epochs=1.5, hparams={"dropout": 0.1}, judge_run="x"),
+    ],
+)
+def test_the_command_line_shown_for_a_form_reproduces_its_config(config):
+    """The Train tab shows `command_line(config)`; parsed back it must be the same request."""
+    parser, hparam_names = build_parser()
+    args = parser.parse_args(shlex.split(command_line(config))[3:])
+    parsed = {name: getattr(args, name) for name in hparam_names if getattr(args, name) is not None}
+    method = get_method(config.method)
+    assert method.resolve_hparams(parsed) == method.resolve_hparams(config.hparams)
+    for name in ("task", "method", "model", "dataset", "max_steps", "epochs", "batch_size", "seq_len", "seed"):
+        assert getattr(args, name) == getattr(config, name), name
+    for name in ("eval_steps", "eval_samples", "control_samples", "judge_run", "offline"):
+        assert getattr(args, name) == getattr(config, name), name

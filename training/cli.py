@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 from typing import Any
 
-from lora_methods import METHODS, TASKS, HParamError
+from lora_methods import METHODS, TASKS, HParamError, get_method
 
 from .data import DataError
 from .engine import ConfigError, TrainConfig, train
@@ -78,6 +79,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     )
     trainer.add_argument("--judge-run", help="sentiment run that judges generated reviews (default: most accurate one)")
     trainer.add_argument("--offline", action="store_true", help="never use the Hub: bundled models and data only")
+    trainer.add_argument("--run-id", help="name the run (default: time, task, method and a random suffix)")
     hparam_names = _method_flags(trainer)
 
     bench = commands.add_parser("bench", help="compare methods' training speed side by side in one process")
@@ -116,6 +118,39 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     return parser, hparam_names
 
 
+def train_arguments(config: TrainConfig) -> list[str]:
+    """The `train` arguments that reproduce `config`: what the UI shows and what its worker runs.
+
+    Values equal to the CLI's own defaults are left out so the line stays readable."""
+    arguments = ["train", "--task", config.task, "--method", config.method]
+    options = {
+        "--model": config.model,
+        "--dataset": config.dataset,
+        "--max-steps": config.max_steps,
+        "--epochs": config.epochs,
+        "--batch-size": config.batch_size,
+        "--seq-len": config.seq_len,
+        "--seed": config.seed or None,
+        "--eval-steps": config.eval_steps,
+        "--eval-samples": config.eval_samples,
+        "--control-samples": None if config.control_samples == 32 else config.control_samples,
+        "--judge-run": config.judge_run,
+    }
+    method = get_method(config.method)
+    for name, value in config.hparams.items():
+        if value is not None and value != method.hparam(name).default:
+            options[method.hparam(name).flag] = value
+    for flag, value in options.items():
+        if value is not None:
+            arguments += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return arguments + (["--offline"] if config.offline else [])
+
+
+def command_line(config: TrainConfig) -> str:
+    """The shell command a person can paste to run the same training from a terminal."""
+    return shlex.join(["python", "-m", "training", *train_arguments(config)])
+
+
 def _train(args: argparse.Namespace, store: RunStore, hparam_names: list[str]) -> dict:
     hparams = {name: getattr(args, name) for name in hparam_names if getattr(args, name) is not None}
     config = TrainConfig(
@@ -144,19 +179,15 @@ def _train(args: argparse.Namespace, store: RunStore, hparam_names: list[str]) -
         print("stopping at the end of this step (Ctrl-C again to abort)...", file=sys.stderr)
 
     signal.signal(signal.SIGINT, request_stop)
-    return train(config, store, should_stop=lambda: bool(stop_flag))
+    return train(config, store, should_stop=lambda: bool(stop_flag), run_id=args.run_id)
 
 
 def _list(store: RunStore) -> None:
-    print(f"{'run id':48} {'status':10} {'metric':>18} {'trainable':>10} {'step s':>7}")
-    for run in store.runs():
-        summary = run.summary
-        primary = summary.get("primary_metric")
-        value = summary.get("metrics", {}).get("validation", {}).get(primary) if primary else None
-        metric = f"{primary} {value:.4f}" if value is not None else "-"
-        trainable = f"{summary['trainable_percent']:.2f}%" if "trainable_percent" in summary else "-"
-        step = f"{summary['median_step_time_s']:.2f}" if summary.get("median_step_time_s") else "-"
-        print(f"{run.id:48} {summary.get('status', '?'):10} {metric:>18} {trainable:>10} {step:>7}")
+    from .leaderboard import leaderboard
+
+    columns = ["run", "status", "metric", "validation", "test", "trainable %", "median step s"]
+    frame = leaderboard(store)
+    print(frame[columns].to_string(index=False, na_rep="-") if not frame.empty else f"no runs in {store.root}")
 
 
 def main(argv: list[str] | None = None) -> int:

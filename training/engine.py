@@ -237,7 +237,12 @@ def _dir_size(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def train(config: TrainConfig, store: RunStore | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+def train(
+    config: TrainConfig,
+    store: RunStore | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    run_id: str | None = None,
+) -> dict:
     """Run one training job to the end (or a stop request); return its summary.
 
     Invalid requests (options, model, dataset, a rank too large for the model) raise ConfigError,
@@ -276,13 +281,13 @@ def train(config: TrainConfig, store: RunStore | None = None, should_stop: Calla
         "device": _device(),
         "judge_run": judge.id if judge else None,
     }
-    run = store.create(record) if is_main else None
-    if run is not None and should_stop is None:
-        should_stop = run.stop_requested
+    run = store.create(record, run_id) if is_main else None
+
+    def stop_requested() -> bool:  # by the caller (Ctrl-C) or through the run store (another process)
+        return bool(should_stop and should_stop()) or (run is not None and run.stop_requested())
+
     try:
-        return _train(
-            config, method, run, model, tokenizer, base_weight_memory, splits, judge, should_stop or (lambda: False)
-        )
+        return _train(config, method, run, model, tokenizer, base_weight_memory, splits, judge, stop_requested)
     except BaseException as error:
         if run is not None:
             run.update_summary(status="failed", error=f"{type(error).__name__}: {error}", finished_at=time.time())
@@ -332,6 +337,16 @@ def _train(
     steps_per_epoch = math.ceil(len(tokenized["train"]) / config.batch_size)
     total_steps = config.max_steps or math.ceil(steps_per_epoch * config.epochs)
     eval_steps = config.eval_steps or max(1, total_steps // 5)
+    if run is not None:  # what a live view shows before the first step
+        run.update_summary(
+            planned_steps=total_steps,
+            base_metrics=base_metrics,
+            primary_metric="accuracy" if task == "sentiment" else "perplexity",
+            trainable_params=trainable,
+            total_params=total,
+            trainable_percent=100.0 * trainable / total,
+            base_weight_memory_bytes=base_weight_memory,
+        )
     optimizer = "paged_adamw_8bit" if method.paged_optimizer and torch.cuda.is_available() else "adamw_torch"
     output_dir = str(run.dir / "checkpoints") if run is not None else "/tmp/lora-arena-replica"
     args = TrainingArguments(
@@ -376,23 +391,16 @@ def _train(
     model.save_pretrained(run.adapter_dir)
     tokenizer.save_pretrained(run.adapter_dir)
 
-    primary = "accuracy" if task == "sentiment" else "perplexity"
+    primary = run.summary["primary_metric"]
     return run.update_summary(
         status="stopped" if recorder.stopped else "completed",
         finished_at=time.time(),
         steps=trainer.state.global_step,
-        planned_steps=total_steps,
         optimizer=optimizer,
         metrics=metrics,
-        base_metrics=base_metrics,
-        primary_metric=primary,
         gain=metrics["validation"][primary] - base_metrics["validation"][primary],
         judge_run=judge.id if judge else None,
         judge_accuracy=judge.summary["metrics"]["validation"]["accuracy"] if judge else None,
-        trainable_params=trainable,
-        total_params=total,
-        trainable_percent=100.0 * trainable / total,
-        base_weight_memory_bytes=base_weight_memory,
         peak_memory_bytes=_peak(recorder.records),
         train_time_s=train_time,
         median_step_time_s=statistics.median(recorder.step_times) if recorder.step_times else None,

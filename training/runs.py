@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-STATUSES = ("running", "completed", "stopped", "failed")
+STATUSES = ("running", "completed", "stopped", "failed", "interrupted")
+FINISHED = ("completed", "stopped", "failed", "interrupted")
 
 
 class RunNotFound(LookupError):
@@ -30,6 +31,18 @@ class RunNotFound(LookupError):
 
 def default_runs_dir() -> Path:
     return Path(os.environ.get("LORA_ARENA_RUNS", "runs"))
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -70,16 +83,29 @@ class Run:
             file.write(line)
 
     def metrics(self) -> list[dict]:
+        return self.metrics_since(0)[0]
+
+    def metrics_since(self, offset: int) -> tuple[list[dict], int]:
+        """Records appended after byte `offset`, and the offset to continue from: a live view reads
+        only what is new. A line still being written is left for the next call."""
         path = self.dir / "metrics.jsonl"
         if not path.exists():
-            return []
+            return [], offset
+        with open(path, "rb") as file:
+            file.seek(offset)
+            chunk = file.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
         records = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in complete.decode("utf-8").splitlines():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                continue  # a line being written right now
-        return records
+                continue  # a damaged line (a crash mid-write in an old run): skip it, keep the rest
+        return records, offset + len(complete)
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "unknown")
 
     def request_stop(self) -> None:
         (self.dir / "stop").touch()
@@ -92,15 +118,36 @@ class RunStore:
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root is not None else default_runs_dir()
 
-    def create(self, config: dict) -> Run:
+    @staticmethod
+    def new_id(task: str, method: str) -> str:
+        return f"{time.strftime('%Y%m%d-%H%M%S')}-{task}-{method}-{secrets.token_hex(2)}"
+
+    def create(self, config: dict, run_id: str | None = None) -> Run:
+        """A new run folder; `run_id` lets a job manager name the run before its worker creates it."""
+        run_id = run_id or self.new_id(config["task"], config["method"])
+        if not RUN_ID_PATTERN.match(run_id) or ".." in run_id:
+            raise RunNotFound(f"{run_id!r} is not a valid run id (letters, digits, '.', '_' and '-' only)")
         self.root.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_id = f"{stamp}-{config['task']}-{config['method']}-{secrets.token_hex(2)}"
         run = Run(self.root / run_id)
-        run.dir.mkdir()
+        run.dir.mkdir()  # an existing id is an error, never an overwrite
         write_json_atomic(run.dir / "config.json", {"run_id": run_id, **config})
-        run.update_summary(status="running", created_at=time.time())
+        # The pid tells a restarted app which "running" runs lost their process (see mark_interrupted).
+        run.update_summary(status="running", created_at=time.time(), pid=os.getpid())
         return run
+
+    def mark_interrupted(self) -> list[str]:
+        """Runs left `running` by a process that no longer exists become `interrupted`; their ids."""
+        marked = []
+        for run in self.runs():
+            summary = run.summary
+            if summary.get("status") == "running" and not _process_alive(summary.get("pid")):
+                run.update_summary(
+                    status="interrupted",
+                    error="the training process ended without finishing (killed or crashed)",
+                    finished_at=time.time(),
+                )
+                marked.append(run.id)
+        return marked
 
     def get(self, run_id: str) -> Run:
         if not RUN_ID_PATTERN.match(run_id) or ".." in run_id:

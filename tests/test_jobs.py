@@ -1,0 +1,130 @@
+"""The job manager: a queue of training jobs, one worker process at a time, stop, failure, restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from lora_methods import HParamError
+from training.data import DataError
+from training.engine import ConfigError, TrainConfig
+from training.jobs import JobManager
+from training.runs import RunStore
+
+DONE = ("finished", "failed", "cancelled")
+
+
+def config(tiny_models, review_csv, **overrides) -> TrainConfig:
+    settings = dict(
+        task="sentiment",
+        method="lora",
+        model=tiny_models["bert"],
+        dataset=str(review_csv),
+        max_steps=4,
+        batch_size=8,
+        seq_len=48,
+        eval_samples=16,
+        offline=True,
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def manager(tmp_path) -> JobManager:
+    return JobManager(RunStore(tmp_path / "runs"))
+
+
+def test_jobs_queue_and_run_one_at_a_time_and_a_failure_does_not_block_the_next(manager, tiny_models, review_csv):
+    failing = manager.submit(config(tiny_models, review_csv, hparams={"rank": 128}))  # fails in its worker
+    first = manager.submit(config(tiny_models, review_csv))
+    second = manager.submit(config(tiny_models, review_csv, seed=1))
+    assert manager.position(second.id) in (1, 2)  # waiting behind the others
+    wait_for(lambda: all(job.state in DONE for job in (failing, first, second)), what="three jobs")
+
+    assert failing.state == "failed" and "rank 128 is larger than layer" in failing.error
+    assert not (manager.store.root / failing.id).exists()  # refused before a run was created
+    runs = [manager.store.get(job.id) for job in (first, second)]
+    assert [run.status for run in runs] == ["completed", "completed"]
+    assert runs[1].summary["created_at"] >= runs[0].summary["finished_at"]  # never two at once
+    assert manager.describe(first.id)["summary"]["steps"] == 4
+
+
+def test_stop_ends_a_running_job_within_a_step_and_keeps_its_adapter(manager, tiny_models, review_csv):
+    job = manager.submit(config(tiny_models, review_csv, max_steps=2000, eval_steps=1000))
+    wait_for(lambda: job.state == "running" and len(manager.store.get(job.id).metrics()) >= 3, what="first steps")
+    assert "stopping" in manager.stop(job.id)
+    wait_for(lambda: job.state in DONE, what="the stop")
+    run = manager.store.get(job.id)
+    assert job.state == "finished" and run.status == "stopped"
+    assert run.summary["steps"] < 2000 and (run.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def test_a_killed_worker_marks_its_run_failed_and_the_manager_goes_on(manager, tiny_models, review_csv):
+    job = manager.submit(config(tiny_models, review_csv, max_steps=2000, eval_steps=1000))
+    wait_for(lambda: job.state == "running" and manager.store.get(job.id).metrics(), what="the first step")
+    os.kill(job.process.pid, signal.SIGKILL)  # what the kernel does when a run runs out of memory
+    wait_for(lambda: job.state in DONE, what="the failure")
+    run = manager.store.get(job.id)
+    assert job.state == "failed" and run.status == "failed"
+    assert f"code {-signal.SIGKILL}" in run.summary["error"]
+    assert run.metrics()  # its history is kept
+    assert not manager.busy()
+
+
+def test_cancelling_a_queued_job_and_stopping_unknown_ids(manager, tiny_models, review_csv):
+    manager.parallel = 0  # hold the queue still
+    job = manager.submit(config(tiny_models, review_csv))
+    assert manager.position(job.id) == 1
+    assert "cancelled" in manager.stop(job.id) and job.state == "cancelled" and manager.position(job.id) is None
+    with pytest.raises(LookupError, match="not a valid run id"):
+        manager.stop("../../etc")
+    with pytest.raises(LookupError, match="no run"):
+        manager.describe("20990101-000000-sentiment-lora-0000")
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ({"hparams": {"rank": 0}}, HParamError, "rank must satisfy"),
+        ({"hparams": {"learning_rate": -1e-3}}, HParamError, "learning_rate must satisfy"),
+        ({"method": "magic"}, HParamError, "unknown method"),
+        ({"max_steps": 0}, ConfigError, "max_steps must be"),
+        ({"dataset": "missing.csv"}, DataError, "does not exist"),
+    ],
+)
+def test_bad_requests_are_refused_at_submit_and_queue_nothing(
+    manager, tiny_models, review_csv, overrides, error, message
+):
+    manager.parallel = 0
+    with pytest.raises(error, match=message):
+        manager.submit(config(tiny_models, review_csv, **overrides))
+    assert manager.latest() is None and not list(manager.store.runs())
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_interrupted_on_start(tmp_path):
+    store = RunStore(tmp_path)
+    orphan, alive = (
+        store.create({"task": "sentiment", "method": "lora"}),
+        store.create({"task": "sentiment", "method": "lora"}),
+    )
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan.update_summary(pid=dead.pid)  # its process is gone; `alive` carries this test's pid
+    orphan.append_metrics({"kind": "train", "step": 1, "loss": 0.7})
+    manager = JobManager(store)
+    assert manager.interrupted == [orphan.id]
+    assert orphan.status == "interrupted" and orphan.metrics() == [{"kind": "train", "step": 1, "loss": 0.7}]
+    assert alive.status == "running"
