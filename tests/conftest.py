@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -58,7 +65,7 @@ def tiny_models(tmp_path_factory, reviews) -> dict[str, str]:
         "bert": (
             BertModel(
                 BertConfig(
-                    vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+                    vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
                 )
             ),
             None,
@@ -113,3 +120,48 @@ def review_csv(tmp_path_factory, reviews) -> Path:
     path = tmp_path_factory.mktemp("uploads") / "reviews.csv"
     balanced.sample(frac=1, random_state=0).to_csv(path, index=False)
     return path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve_app(runs_dir: Path, log_path: Path, **env: str) -> Iterator[str]:
+    """Run `python app.py` as a user would, on a free port; yield its URL; stop it afterwards."""
+    port = _free_port()
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "LORA_ARENA_RUNS": str(runs_dir),
+        "GRADIO_SERVER_PORT": str(port),
+        **env,
+    }
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=environment, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the app did not start:\n{log_path.read_text()}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def app_launcher():
+    """`with app_launcher(runs_dir, log_path, **env) as url:` a served app (see serve_app)."""
+    return serve_app

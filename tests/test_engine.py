@@ -143,7 +143,7 @@ def test_a_failing_run_is_marked_failed_with_its_error(store, tiny_models, revie
     [
         ({"hparams": {"learning_rate": -1}}, HParamError, "learning_rate must satisfy"),
         ({"hparams": {"rank": 0}}, HParamError, "rank must satisfy"),
-        ({"hparams": {"rank": 33}}, HParamError, "rank 33 is larger than layer"),
+        ({"hparams": {"rank": 65}}, HParamError, "rank 65 is larger than layer"),
         ({"method": "sparse-magic"}, HParamError, "unknown method"),
         ({"task": "translation"}, ConfigError, "unknown task"),
         ({"max_steps": 0}, ConfigError, "max_steps must be a whole number from 1"),

@@ -118,9 +118,9 @@ def test_user_target_modules_are_checked_against_the_model(tiny_models):
 def test_rank_larger_than_a_layer_is_refused(tiny_models):
     model, _ = _load(tiny_models["bert"], "sentiment")
     with pytest.raises(
-        HParamError, match="rank 64 is larger than layer .*query \\(32x32\\); choose a rank of at most 32"
+        HParamError, match="rank 128 is larger than layer .*query \\(64x64\\); choose a rank of at most 64"
     ):
-        get_method("lora").apply(model, "sentiment", get_method("lora").resolve_hparams({"rank": 64}))
+        get_method("lora").apply(model, "sentiment", get_method("lora").resolve_hparams({"rank": 128}))
 
 
 def test_distilbert_pre_classifier_trains_with_the_adapter(tiny_models):

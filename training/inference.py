@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -120,3 +123,100 @@ def generate(loaded: LoadedRun, prompts: list[str], **sampling) -> list[dict]:
     texts = sample(loaded.model, loaded.tokenizer, prompts, **sampling)
     latency = time.perf_counter() - start
     return [{"text": text, "latency_s": latency} for text in texts]
+
+
+@dataclass
+class _SharedBase:
+    """One base model in memory with every adapter loaded onto it so far (PEFT multi-adapter)."""
+
+    model: torch.nn.Module  # a PeftModel once the first adapter is loaded; the plain base before
+    tokenizer: PreTrainedTokenizerBase
+    adapters: set[str]
+
+
+class AdapterPool:
+    """Serves any number of runs side by side without a model copy per run.
+
+    Runs that share a base model, its quantization and their adapter type (LoRA and HiRA are
+    different PEFT tuners) share one base with their adapters swapped in by name; the base model's
+    own answer comes from the same object with adapters disabled. Full fine-tuning runs are whole
+    models and are kept, two at most, by themselves.
+    """
+
+    FULL_MODELS_KEPT = 2
+
+    def __init__(self) -> None:
+        self._bases: dict[tuple, _SharedBase] = {}
+        self._full: dict[str, LoadedRun] = {}
+        self._lock = threading.RLock()  # PEFT's active adapter is per model: one request at a time
+
+    def _base(self, task: Task, model_path: str, quantized: bool, adapter_type: str | None) -> _SharedBase:
+        key = (task, model_path, quantized, adapter_type)
+        if key not in self._bases:
+            plain = (task, model_path, quantized, None)
+            if adapter_type is not None and plain in self._bases and not self._bases[plain].adapters:
+                self._bases[key] = self._bases.pop(plain)  # adapters go onto the base already loaded
+            else:
+                tokenizer = load_tokenizer(model_path)
+                torch.manual_seed(0)  # the untrained head of a classifier base is the same every time
+                model = load_model(model_path, task, tokenizer, quantize_4bit=quantized).eval()
+                self._bases[key] = _SharedBase(model, tokenizer, set())
+        return self._bases[key]
+
+    def base_for_task(self, task: Task, model_path: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+        """The unadapted base (adapters disabled where the shared base carries some)."""
+        with self._lock:
+            for (base_task, path, quantized, _), shared in self._bases.items():
+                if base_task == task and path == model_path and not quantized:
+                    return shared.model, shared.tokenizer
+            shared = self._base(task, model_path, False, None)
+            return shared.model, shared.tokenizer
+
+    def _adapter(self, run: Run) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str | None]:
+        """(model, tokenizer, adapter name) ready to serve `run`; full fine-tuning has no adapter name."""
+        config = run.config
+        method = get_method(config["method"])
+        if not run.adapter_dir.exists():
+            raise InferenceError(f"run {run.id} has no saved adapter yet (status: {run.status})")
+        if method.saves_full_model:
+            if run.id not in self._full:
+                while len(self._full) >= self.FULL_MODELS_KEPT:
+                    self._full.pop(next(iter(self._full)))
+                self._full[run.id] = load_run(run)
+            loaded = self._full[run.id]
+            return loaded.model, loaded.tokenizer, None
+        adapter_type = json.loads((run.adapter_dir / "adapter_config.json").read_text())["peft_type"]
+        model_path = resolve_model_path(config["model"], offline=is_offline(config.get("offline", False)))
+        shared = self._base(config["task"], model_path, method.quantize_base, adapter_type)
+        if run.id not in shared.adapters:
+            if shared.adapters:
+                shared.model.load_adapter(str(run.adapter_dir), adapter_name=run.id)
+            else:
+                shared.model = PeftModel.from_pretrained(shared.model, str(run.adapter_dir), adapter_name=run.id)
+            shared.model.eval()
+            shared.adapters.add(run.id)
+        shared.model.set_adapter(run.id)
+        return shared.model, shared.tokenizer, run.id
+
+    @contextmanager
+    def serving(self, run: Run | None, task: Task, model_path: str | None = None, merged: bool = False):
+        """The model and tokenizer for `run` (None: the base at `model_path`), exclusively.
+
+        `merged` folds the adapter into the base weights for the duration (LoRA and HiRA on a
+        full-precision base merge exactly; merging into 4-bit weights would re-quantize them)."""
+        with self._lock:
+            if run is None:
+                model, tokenizer = self.base_for_task(task, model_path)
+                context = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
+                with context:
+                    yield model, tokenizer
+                return
+            model, tokenizer, adapter = self._adapter(run)
+            if merged and adapter is not None and not get_method(run.config["method"]).quantize_base:
+                model.merge_adapter([adapter])
+                try:
+                    yield model, tokenizer
+                finally:
+                    model.unmerge_adapter()
+            else:
+                yield model, tokenizer

@@ -1,0 +1,127 @@
+"""Serving many runs side by side from shared base models: same answers as loading each run alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training import inference
+from training.engine import TrainConfig, train
+from training.inference import AdapterPool, InferenceError
+from training.playground import MAX_RUNS, classify_side_by_side, generate_side_by_side
+from training.runs import RunNotFound, RunStore
+
+REVIEW = "A gripping, beautifully acted film."
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_models, review_csv) -> RunStore:
+    store = RunStore(tmp_path_factory.mktemp("runs"))
+    common = dict(
+        task="sentiment",
+        model=tiny_models["bert"],
+        dataset=str(review_csv),
+        max_steps=6,
+        batch_size=8,
+        seq_len=48,
+        eval_samples=16,
+        offline=True,
+    )
+    for method, seed in (("lora", 0), ("lora", 1), ("hira", 0), ("full", 0), ("qlora", 0)):
+        train(TrainConfig(method=method, seed=seed, hparams={"learning_rate": 5e-3}, **common), store)
+    train(
+        TrainConfig(
+            task="generation",
+            method="lora",
+            model=tiny_models["llama"],
+            dataset="bundled/hamlet",
+            max_steps=4,
+            batch_size=4,
+            seq_len=48,
+            eval_samples=8,
+            offline=True,
+        ),
+        store,
+    )
+    return store
+
+
+def _ids(store: RunStore, task: str) -> list[str]:
+    return [run.id for run in store.runs() if run.config["task"] == task]
+
+
+def test_each_run_answers_as_if_loaded_alone(store):
+    pool = AdapterPool()
+    run_ids = _ids(store, "sentiment")
+    results = classify_side_by_side(pool, store, run_ids, REVIEW, include_base=True)
+    assert [entry["run"] for entry in results] == [None, *run_ids]
+    for entry in results[1:]:
+        alone = inference.load_run(store.get(entry["run"]))
+        expected = inference.class_probabilities(alone.model, alone.tokenizer, [REVIEW])[0]
+        assert torch.allclose(torch.tensor(list(entry["probabilities"].values())), expected, atol=1e-5), entry["name"]
+        assert entry["latency_s"] > 0
+    # the two LoRA runs differ (different seeds), so adapters really are swapped, not shared
+    lora = [entry["probabilities"]["positive"] for entry in results if entry["method"] == "LoRA"]
+    assert len(lora) == 2 and lora[0] != lora[1]
+
+
+def test_adapters_of_one_kind_share_one_base_model(store):
+    pool = AdapterPool()
+    classify_side_by_side(pool, store, _ids(store, "sentiment"), REVIEW, include_base=True)
+    bases = {key[2:]: shared for key, shared in pool._bases.items()}
+    # LoRA (both runs) and the base's answer share one model; HiRA and the 4-bit base have their own
+    assert sorted(len(shared.adapters) for shared in bases.values()) == [1, 1, 2]
+    assert set(bases) == {(False, "LORA"), (False, "HIRA"), (True, "LORA")}
+
+
+def test_merged_adapters_answer_the_same_and_report_their_latency(store):
+    pool = AdapterPool()
+    lora_ids = [
+        run.id
+        for run in store.runs()
+        if run.config["task"] == "sentiment" and run.config["method"] in ("lora", "qlora")
+    ]
+    merged = classify_side_by_side(pool, store, lora_ids, REVIEW, include_base=False, compare_merged=True)
+    by_method = {entry["method"]: entry for entry in merged}
+    assert by_method["LoRA"]["merged_latency_s"] > 0
+    assert by_method["QLoRA"]["merged_latency_s"] is None  # merging into 4-bit weights would re-quantize
+    again = classify_side_by_side(pool, store, lora_ids, REVIEW, include_base=False)
+    for before, after in zip(merged, again):  # unmerged afterwards: the weights are back
+        assert before["probabilities"] == pytest.approx(after["probabilities"], abs=1e-5)
+
+
+def test_generation_side_by_side_matches_a_run_loaded_alone_and_is_judged(store):
+    pool = AdapterPool()
+    (run_id,) = _ids(store, "generation")
+    settings = dict(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=0)
+    results = generate_side_by_side(pool, store, [run_id], "To be, or not", include_base=True, **settings)
+    assert [entry["run"] for entry in results] == [None, run_id]
+    alone = inference.load_run(store.get(run_id))
+    assert results[1]["text"] == inference.sample(alone.model, alone.tokenizer, ["To be, or not"], **settings)[0]
+    assert all(entry["judged"]["label"] in ("negative", "positive") for entry in results)  # a sentiment run judges
+
+
+@pytest.mark.parametrize(
+    "text, run_ids, error, message",
+    [
+        ("", None, InferenceError, "empty"),
+        ("   ", None, InferenceError, "empty"),
+        ("x" * 2001, None, InferenceError, "at most 2000"),
+        (REVIEW, ["../outside"], RunNotFound, "not a valid run id"),
+        (REVIEW, ["20990101-000000-sentiment-lora-0000"], RunNotFound, "no run"),
+        (REVIEW, "generation", InferenceError, "not a sentiment run"),
+        (REVIEW, "too many", InferenceError, f"at most {MAX_RUNS}"),
+        (REVIEW, "a string", InferenceError, "list of run ids"),
+        (REVIEW, [], InferenceError, "select at least one run"),
+    ],
+)
+def test_bad_playground_requests_get_a_readable_error(store, text, run_ids, error, message):
+    if run_ids == "generation":
+        run_ids = _ids(store, "generation")
+    elif run_ids == "too many":
+        run_ids = [f"run-{index}" for index in range(MAX_RUNS + 1)]
+    elif run_ids == "a string":
+        run_ids = _ids(store, "sentiment")[0]
+    include_base = run_ids is None
+    with pytest.raises(error, match=message):
+        classify_side_by_side(AdapterPool(), store, run_ids or [], text, include_base=include_base)

@@ -1,0 +1,158 @@
+"""One input, many trained runs (and the base model) side by side: what the Playground shows.
+
+Every run is served from the shared `AdapterPool`; latencies are measured per model on the same
+input, and generations are scored by the store's best sentiment run when one exists.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lora_methods import Task, get_method
+
+from .data import REVIEW_PROMPT
+from .engine import find_judge
+from .inference import MAX_NEW_TOKENS, AdapterPool, InferenceError, class_probabilities, sample
+from .models import LABELS, default_model, resolve_model_path
+from .offline import is_offline
+from .runs import Run, RunStore
+
+MAX_TEXT_CHARS = 2000
+MAX_RUNS = 8
+TIMING_REPEATS = 3  # classification is fast: a median of a few calls after a warm-up call
+
+
+def _check_text(text: str, what: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise InferenceError(f"the {what} is empty; type some text")
+    if len(text) > MAX_TEXT_CHARS:
+        raise InferenceError(f"the {what} has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted")
+    return text
+
+
+def _targets(
+    store: RunStore, run_ids: list[str], task: Task, include_base: bool
+) -> list[tuple[dict, Run | None, str | None]]:
+    """(result entry, run, base model path) for the base model of the selected runs (each base
+    once; the task's default model when no run is selected) and then each selected run."""
+    if not isinstance(run_ids, list) or not all(isinstance(run_id, str) for run_id in run_ids):
+        raise InferenceError("run_ids must be a list of run ids")
+    if len(run_ids) > MAX_RUNS:
+        raise InferenceError(f"{len(run_ids)} runs selected; compare at most {MAX_RUNS} at once")
+    runs = [store.get(run_id) for run_id in dict.fromkeys(run_ids)]  # raises RunNotFound
+    for run in runs:
+        if run.config.get("task") != task:
+            raise InferenceError(f"run {run.id} is a {run.config.get('task')} run, not a {task} run")
+        if not run.adapter_dir.exists():
+            raise InferenceError(f"run {run.id} has no saved adapter yet (status: {run.status})")
+    if not runs and not include_base:
+        raise InferenceError("select at least one run, or include the base model")
+    targets: list[tuple[dict, Run | None, str | None]] = []
+    if include_base:
+        model_ids = [run.config["model"] for run in runs] or [default_model(task, is_offline())]
+        for model_id in dict.fromkeys(model_ids):
+            entry = {"name": f"base: {model_id}", "run": None, "method": "base"}
+            targets.append((entry, None, resolve_model_path(model_id, is_offline())))
+    for run in runs:
+        targets.append(({"name": run.id, "run": run.id, "method": get_method(run.config["method"]).title}, run, None))
+    return targets
+
+
+def _timed(call: Callable[[], Any], repeats: int) -> tuple[Any, float]:
+    result, times = None, []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = call()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def classify_side_by_side(
+    pool: AdapterPool,
+    store: RunStore,
+    run_ids: list[str],
+    text: str,
+    include_base: bool = True,
+    compare_merged: bool = False,
+) -> list[dict]:
+    """Label, class probabilities and latency of `text` for every run (and the base, whose
+    classification head is untrained: its answer is chance and shows what training added)."""
+    text = _check_text(text, "text")
+    results = []
+    for entry, run, base_path in _targets(store, run_ids, "sentiment", include_base):
+        with pool.serving(run, "sentiment", base_path) as (model, tokenizer):
+            class_probabilities(model, tokenizer, [text])  # warm-up: first call pays one-off costs
+            probabilities, entry["latency_s"] = _timed(
+                lambda: class_probabilities(model, tokenizer, [text])[0], TIMING_REPEATS
+            )
+        if compare_merged and run is not None:
+            entry["merged_latency_s"] = _merged_latency(pool, run, lambda m, t: class_probabilities(m, t, [text]))
+        entry["label"] = LABELS[int(probabilities.argmax())]
+        entry["probabilities"] = dict(zip(LABELS, probabilities.tolist()))
+        results.append(entry)
+    return results
+
+
+def _merged_latency(pool: AdapterPool, run: Run, call: Callable) -> float | None:
+    """The same call with the adapter merged into the base weights; None where it cannot merge."""
+    method = get_method(run.config["method"])
+    if method.saves_full_model or method.quantize_base:
+        return None
+    with pool.serving(run, run.config["task"], merged=True) as (model, tokenizer):
+        call(model, tokenizer)
+        return _timed(lambda: call(model, tokenizer), TIMING_REPEATS)[1]
+
+
+def review_prompt(sentiment: str) -> str:
+    """The prompt the review-writing task trains on, for the wanted sentiment."""
+    if sentiment not in LABELS:
+        raise InferenceError(f"sentiment must be one of {', '.join(LABELS)} (got {sentiment!r})")
+    return REVIEW_PROMPT.format(sentiment=sentiment)
+
+
+def generate_side_by_side(
+    pool: AdapterPool,
+    store: RunStore,
+    run_ids: list[str],
+    prompt: str,
+    include_base: bool = True,
+    compare_merged: bool = False,
+    max_new_tokens: int = 48,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> list[dict]:
+    """Each run's (and the base's) continuation of `prompt` with the same sampling settings and
+    seed, its latency, and, where a sentiment run exists, the judged sentiment of the text."""
+    prompt = _check_text(prompt, "prompt")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise InferenceError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_new_tokens})")
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    results = []
+    for entry, run, base_path in _targets(store, run_ids, "generation", include_base):
+        with pool.serving(run, "generation", base_path) as (model, tokenizer):
+            texts, entry["latency_s"] = _timed(lambda: sample(model, tokenizer, [prompt], **settings), 1)
+        if compare_merged and run is not None:
+            entry["merged_latency_s"] = _merged_latency(pool, run, lambda m, t: sample(m, t, [prompt], **settings))
+        entry["text"] = texts[0]
+        results.append(entry)
+    _judge(pool, store, results)
+    return results
+
+
+@torch.no_grad()
+def _judge(pool: AdapterPool, store: RunStore, results: list[dict]) -> None:
+    judge = find_judge(store, None)
+    if judge is None:
+        return
+    with pool.serving(judge, "sentiment") as (model, tokenizer):
+        texts = [entry["text"] if entry["text"].strip() else "." for entry in results]
+        probabilities = class_probabilities(model, tokenizer, texts)
+    for entry, row in zip(results, probabilities):
+        entry["judged"] = {"label": LABELS[int(row.argmax())], "positive": float(row[LABELS.index("positive")])}
+        entry["judge_run"] = judge.id
