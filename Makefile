@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint clean
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser run test test-fast lint clean
 
 install: $(INSTALLED)
 
@@ -15,19 +18,27 @@ $(INSTALLED): requirements.txt requirements-bundled.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-bundled.txt
 	touch $(INSTALLED)
 
-# Until the Gradio app lands, `make run` shows the command-line interface.
-run: install
-	$(PY) -m training --help
+# The browser tests drive Debian's chromium with Playwright (Playwright's own browser download
+# needs the internet).
+browser: $(CHROMIUM)
 
-test: install
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
+# http://127.0.0.1:7860; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT change host and port.
+run: install
+	$(PY) app.py
+
+test: install browser
 	$(PY) -m pytest tests
 
 test-fast: install
 	$(PY) -m pytest tests -m "not e2e"
 
 lint: install
-	$(PY) -m ruff check lora_methods training tests
-	$(PY) -m ruff format --check lora_methods training tests
+	$(PY) -m ruff check app.py ui lora_methods training tests
+	$(PY) -m ruff format --check app.py ui lora_methods training tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache test-artifacts

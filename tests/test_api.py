@@ -1,0 +1,174 @@
+"""The named API endpoints through gradio_client, against the app started as a user starts it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+DONE = ("finished", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, app_launcher):
+    root = tmp_path_factory.mktemp("api")
+    # Tiny local models keep each run to seconds; local paths are a trusted-deployment setting.
+    with app_launcher(root / "runs", root / "app.log", LORA_ARENA_ALLOW_LOCAL_PATHS="1") as url:
+        yield Client(url, verbose=False), root / "runs"
+
+
+def wait_done(client: Client, run_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.predict(run_id=run_id, metrics_from_step=None, api_name="/run_status")
+        if state["state"] in DONE:
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} did not finish")
+
+
+def start(client: Client, **request) -> dict:
+    return client.predict(**request, api_name="/start_run")
+
+
+def tiny_sentiment(tiny_models, review_csv, **overrides) -> dict:
+    request = dict(
+        task="sentiment",
+        method="lora",
+        model=tiny_models["bert"],
+        dataset=str(review_csv),
+        batch_size=8,
+        seq_len=48,
+        eval_samples=16,
+    )
+    return {**request, **overrides}
+
+
+@pytest.fixture(scope="module")
+def runs(app, tiny_models, review_csv) -> dict[str, str]:
+    """One finished sentiment run and one finished generation run, started through the API."""
+    client, _ = app
+    sentiment = start(client, **tiny_sentiment(tiny_models, review_csv, hparams={"learning_rate": 5e-3}, max_steps=6))
+    generation = start(
+        client,
+        task="generation",
+        method="hira",
+        model=tiny_models["llama"],
+        dataset="bundled/hamlet",
+        max_steps=3,
+        batch_size=4,
+        seq_len=48,
+        eval_samples=8,
+    )
+    assert sentiment["state"] in ("queued", "starting") and sentiment["command"].startswith("python -m training train")
+    assert generation["queue_position"] in (1, 2)  # waits: one run at a time
+    for started in (sentiment, generation):
+        assert wait_done(client, started["id"])["status"] == "completed"
+    return {"sentiment": sentiment["id"], "generation": generation["id"]}
+
+
+def test_a_run_reports_its_status_metrics_and_appears_in_the_list(app, runs):
+    client, _ = app
+    state = client.predict(run_id=runs["sentiment"], metrics_from_step=0, api_name="/run_status")
+    assert state["state"] == "finished" and state["summary"]["steps"] == 6
+    train = [r for r in state["metrics"] if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 7)) and all(r["loss"] > 0 for r in train)
+    later = client.predict(run_id=runs["sentiment"], metrics_from_step=5, api_name="/run_status")["metrics"]
+    assert later and all(r["step"] >= 5 for r in later)
+    rows = {row["run"]: row for row in client.predict(task=None, api_name="/list_runs")}
+    assert rows[runs["sentiment"]]["metric"] == "accuracy" and 0 <= rows[runs["sentiment"]]["validation"] <= 1
+    assert rows[runs["generation"]]["metric"] == "perplexity"
+    assert set(r["run"] for r in client.predict(task="generation", api_name="/list_runs")) == {runs["generation"]}
+
+
+def test_classify_and_generate_side_by_side(app, runs):
+    client, _ = app
+    results = client.predict(text="A fine film.", run_ids=[runs["sentiment"]], include_base=True, api_name="/classify")
+    assert [r["run"] for r in results] == [None, runs["sentiment"]]
+    assert all(sum(r["probabilities"].values()) == pytest.approx(1.0) for r in results)
+    generated = client.predict(
+        prompt="To be, or not", run_ids=[runs["generation"]], include_base=False, max_new_tokens=5, api_name="/generate"
+    )
+    assert len(generated) == 1 and isinstance(generated[0]["text"], str)
+    assert generated[0]["judged"]["label"] in ("negative", "positive")  # the sentiment run judges it
+
+
+def test_stop_run_ends_a_running_job_and_keeps_its_adapter(app, runs, tiny_models, review_csv):
+    client, store = app
+    started = start(client, **tiny_sentiment(tiny_models, review_csv, max_steps=3000, eval_steps=1000))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = client.predict(run_id=started["id"], metrics_from_step=0, api_name="/run_status")
+        if len(state.get("metrics", [])) >= 2:
+            break
+        time.sleep(0.5)
+    assert "stopping" in client.predict(run_id=started["id"], api_name="/stop_run")
+    final = wait_done(client, started["id"])
+    assert final["status"] == "stopped" and (store / started["id"] / "adapter").is_dir()
+
+
+LONG_TEXT = "x" * 2001
+BAD_REQUESTS = [
+    ("/start_run", {"task": "sentiment", "method": "lora", "hparams": {"rank": 0}}, "rank must satisfy"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "hparams": {"learning_rate": -1e-3}}, "learning_rate"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "hparams": {"learning_rate": 0}}, "learning_rate"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "hparams": {"learning_rate": "fast"}}, "must be a number"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "hparams": {"dropout": 1.0}}, "dropout must satisfy"),
+    ("/start_run", {"task": "sentiment", "method": "sparselora", "hparams": {"ffn_sparsity": 1.0}}, "ffn_sparsity"),
+    ("/start_run", {"task": "sentiment", "method": "sparselora", "hparams": {"ffn_sparsity": -0.1}}, "ffn_sparsity"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "hparams": {"sparsity": 0.5}}, "does not take sparsity"),
+    ("/start_run", {"task": "sentiment", "method": "magic"}, "unknown method"),
+    ("/start_run", {"task": "poetry", "method": "lora"}, "unknown task"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "max_steps": 0}, "max_steps must be"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "max_steps": -5}, "max_steps must be"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "batch_size": 0}, "batch_size must be"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "seq_len": 4}, "seq_len must be"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "seed": -1}, "seed must be"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "model": "../../no-such-folder"}, "not a catalog id"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "model": "/etc"}, "no config.json"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "model": "someone/model"}, "needs the Hugging Face Hub"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "dataset": "/etc/passwd"}, "not in the catalog"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "dataset": "bundled/hamlet"}, "not in the catalog"),
+    ("/run_status", {"run_id": "../etc"}, "not a valid run id"),
+    ("/run_status", {"run_id": ""}, "not a valid run id"),
+    ("/run_status", {"run_id": "20990101-000000-sentiment-lora-0000"}, "no run"),
+    ("/stop_run", {"run_id": "a/b"}, "not a valid run id"),
+    ("/stop_run", {"run_id": "20990101-000000-sentiment-lora-0000"}, "no run"),
+    ("/list_runs", {"task": "poetry"}, "unknown task"),
+    ("/classify", {"text": "", "run_ids": []}, "empty"),
+    ("/classify", {"text": "   ", "run_ids": []}, "empty"),
+    ("/classify", {"text": LONG_TEXT, "run_ids": []}, "at most 2000"),
+    ("/classify", {"text": "fine", "run_ids": ["../x"]}, "not a valid run id"),
+    ("/classify", {"text": "fine", "run_ids": ["20990101-000000-sentiment-lora-0000"]}, "no run"),
+    ("/classify", {"text": "fine", "run_ids": [], "include_base": False}, "select at least one run"),
+    ("/classify", {"text": "fine", "run_ids": ["GENERATION"]}, "not a sentiment run"),
+    ("/generate", {"prompt": "", "run_ids": []}, "empty"),
+    ("/generate", {"prompt": "Hi", "run_ids": [], "max_new_tokens": 0}, "max new tokens"),
+    ("/generate", {"prompt": "Hi", "run_ids": [], "max_new_tokens": 1000}, "max new tokens"),
+    ("/generate", {"prompt": "Hi", "run_ids": ["GENERATION"], "temperature": -1.0}, "temperature"),
+    ("/generate", {"prompt": "Hi", "run_ids": ["GENERATION"], "top_p": 0.0}, "top_p"),
+    ("/generate", {"prompt": "Hi", "run_ids": ["SENTIMENT"]}, "not a generation run"),
+]
+
+
+def _store_state(store: Path) -> dict:
+    return {
+        path.name: (path / "summary.json").read_text()
+        for path in sorted(store.iterdir())
+        if not path.name.startswith(".")
+    }
+
+
+@pytest.mark.parametrize("endpoint, request_, message", BAD_REQUESTS, ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_gets_a_readable_error_and_changes_nothing(app, runs, endpoint, request_, message):
+    client, store = app
+    placeholders = {"GENERATION": runs["generation"], "SENTIMENT": runs["sentiment"]}
+    if "run_ids" in request_:
+        request_ = {**request_, "run_ids": [placeholders.get(r, r) for r in request_["run_ids"]]}
+    before = _store_state(store)
+    with pytest.raises(AppError, match=message):
+        client.predict(**request_, api_name=endpoint)
+    assert _store_state(store) == before

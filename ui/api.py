@@ -1,0 +1,138 @@
+"""Named API endpoints (see the README's `gradio_client` example), typed so Gradio documents them.
+
+Each endpoint validates its input and answers a mistake with a readable error that changes
+nothing. Models and datasets are catalog ids (or Hub ids when the Hub is reachable); server-side
+paths are refused unless the app runs with LORA_ARENA_ALLOW_LOCAL_PATHS=1 (a trusted, local
+deployment, and the tests).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from training import data, models
+from training.cli import command_line
+from training.engine import ConfigError, TrainConfig
+from training.leaderboard import leaderboard
+from training.playground import classify_side_by_side, generate_side_by_side
+
+from .arena import Arena, user_errors
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def local_paths_allowed() -> bool:
+    return os.environ.get("LORA_ARENA_ALLOW_LOCAL_PATHS") == "1"
+
+
+def check_model_choice(model: str | None, task: str, offline: bool) -> None:
+    """A catalog id, a Hub id when online, or (trusted deployments only) a local folder."""
+    if not model or any(entry.id == model for entry in models.CATALOG):
+        return
+    if local_paths_allowed() and Path(model).is_dir():
+        models.resolve_model_path(model, offline)  # a folder must hold a model
+        return
+    if not HUB_ID.match(model) or ".." in model:
+        choices = ", ".join(entry.id for entry in models.catalog(task))
+        raise ConfigError(f"model {model!r} is not a catalog id or a Hub id (owner/name); choose one of {choices}")
+    if offline:
+        models.resolve_model_path(model, offline)  # raises the 'needs the Hub' message
+
+
+def check_dataset_choice(dataset: str | None, task: str) -> None:
+    if not dataset or any(entry.id == dataset for entry in data.catalog(task)):
+        return
+    if local_paths_allowed() and Path(dataset).is_file() and Path(dataset).suffix.lower() in (".csv", ".jsonl"):
+        return  # validated by the job manager before anything is queued
+    choices = ", ".join(entry.id for entry in data.catalog(task))
+    raise ConfigError(f"dataset {dataset!r} is not in the catalog; choose one of {choices} (upload files in the UI)")
+
+
+def register(arena: Arena) -> None:
+    """Add the endpoints to the Blocks being built."""
+
+    def start_run(
+        task: str,
+        method: str,
+        hparams: dict | None = None,
+        model: str | None = None,
+        dataset: str | None = None,
+        max_steps: int | None = None,
+        batch_size: int | None = None,
+        seq_len: int | None = None,
+        seed: int = 0,
+        eval_steps: int | None = None,
+        eval_samples: int | None = None,
+    ) -> dict:
+        """Queue a training run. Returns its run id, state, queue position and the equivalent CLI command."""
+        with user_errors():
+            if not isinstance(hparams, dict | None):
+                raise ConfigError("hparams must be a JSON object of hyperparameter names and values")
+            config = TrainConfig(
+                task=task,
+                method=method,
+                model=model or None,
+                dataset=dataset or None,
+                hparams=hparams or {},
+                max_steps=max_steps,
+                batch_size=batch_size,
+                seq_len=seq_len,
+                seed=seed,
+                eval_steps=eval_steps,
+                eval_samples=eval_samples,
+            )
+            config.resolved()  # task, method and numbers first: the catalog checks need a valid task
+            check_model_choice(config.model, task, arena.offline)
+            check_dataset_choice(config.dataset, task)
+            run_id = arena.start(config)
+            return {**run_status(run_id, metrics_from_step=None), "command": command_line(config)}
+
+    def run_status(run_id: str, metrics_from_step: int | None = 0) -> dict:
+        """State of a run (queued, starting, running, finished, failed, cancelled), its summary and,
+        unless metrics_from_step is null, its metrics records from that step on."""
+        with user_errors():
+            state = arena.jobs.describe(run_id)
+            if metrics_from_step is not None and state["summary"]:
+                state["metrics"] = [r for r in arena.records(run_id) if r.get("step", 0) >= metrics_from_step]
+            return state
+
+    def stop_run(run_id: str) -> str:
+        """Cancel a queued run, or stop a running one at the end of its current step (its adapter is kept)."""
+        with user_errors():
+            return arena.jobs.stop(run_id)
+
+    def list_runs(task: str | None = None) -> list[dict[str, Any]]:
+        """Every run in the store as leaderboard rows (optionally of one task)."""
+        with user_errors():
+            if task and task not in ("sentiment", "generation"):
+                raise ConfigError(f"unknown task {task!r}; choose sentiment or generation")
+            frame = leaderboard(arena.store, task or None)
+            return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+    def classify(text: str, run_ids: list[str], include_base: bool = True) -> list[dict]:
+        """Classify one text with each sentiment run (and the base model) side by side."""
+        with user_errors(), arena.inference_threads():
+            return classify_side_by_side(arena.pool, arena.store, run_ids, text, include_base)
+
+    def generate(
+        prompt: str,
+        run_ids: list[str],
+        include_base: bool = True,
+        max_new_tokens: int = 48,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        seed: int = 0,
+    ) -> list[dict]:
+        """Continue one prompt with each generation run (and the base model) side by side."""
+        with user_errors(), arena.inference_threads():
+            return generate_side_by_side(
+                arena.pool, arena.store, run_ids, prompt, include_base, False, max_new_tokens, temperature, top_p, seed
+            )
+
+    for endpoint in (start_run, run_status, stop_run, list_runs, classify, generate):
+        gr.api(endpoint, api_name=endpoint.__name__)

