@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser run test test-fast lint clean
+.PHONY: install browser run test test-fast lint load-check clean
 
 install: $(INSTALLED)
 
@@ -36,9 +36,13 @@ test: install browser
 test-fast: install
 	$(PY) -m pytest tests -m "not e2e"
 
+# While a run trains, 4 clients send 50 Playground requests each; prints median and p95 latency.
+load-check: install
+	$(PY) scripts/load_check.py
+
 lint: install
-	$(PY) -m ruff check app.py ui lora_methods training tests
-	$(PY) -m ruff format --check app.py ui lora_methods training tests
+	$(PY) -m ruff check app.py ui lora_methods training tests scripts
+	$(PY) -m ruff format --check app.py ui lora_methods training tests scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

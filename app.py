@@ -14,6 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the
 
 import gradio as gr  # noqa: E402
 
+from training.data import MAX_UPLOAD_BYTES  # noqa: E402
 from ui import api, compare_tab, guide_tab, playground_tab, train_tab  # noqa: E402
 from ui.arena import Arena  # noqa: E402
 
@@ -47,4 +48,4 @@ def build_app(arena: Arena | None = None) -> gr.Blocks:
 
 
 if __name__ == "__main__":
-    build_app().queue(default_concurrency_limit=1).launch(theme=THEME, css=STYLE)
+    build_app().queue(default_concurrency_limit=1).launch(theme=THEME, css=STYLE, max_file_size=MAX_UPLOAD_BYTES)

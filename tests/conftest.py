@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -131,9 +132,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass
+class AppServer:
+    url: str
+    process: subprocess.Popen
+
+
 @contextmanager
-def serve_app(runs_dir: Path, log_path: Path, **env: str) -> Iterator[str]:
-    """Run `python app.py` as a user would, on a free port; yield its URL; stop it afterwards."""
+def serve_app(runs_dir: Path, log_path: Path, **env: str) -> Iterator[AppServer]:
+    """Run `python app.py` as a user would, on a free port; yield it; stop it afterwards."""
     port = _free_port()
     environment = {
         **os.environ,
@@ -155,13 +162,14 @@ def serve_app(runs_dir: Path, log_path: Path, **env: str) -> Iterator[str]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the app did not start:\n{log_path.read_text()}") from None
                 time.sleep(0.5)
-        yield url
+        yield AppServer(url, process)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
 def app_launcher():
-    """`with app_launcher(runs_dir, log_path, **env) as url:` a served app (see serve_app)."""
+    """`with app_launcher(runs_dir, log_path, **env) as server:` a served app (see serve_app)."""
     return serve_app

@@ -16,8 +16,8 @@ DONE = ("finished", "failed", "cancelled")
 def app(tmp_path_factory, app_launcher):
     root = tmp_path_factory.mktemp("api")
     # Tiny local models keep each run to seconds; local paths are a trusted-deployment setting.
-    with app_launcher(root / "runs", root / "app.log", LORA_ARENA_ALLOW_LOCAL_PATHS="1") as url:
-        yield Client(url, verbose=False), root / "runs"
+    with app_launcher(root / "runs", root / "app.log", LORA_ARENA_ALLOW_LOCAL_PATHS="1") as server:
+        yield Client(server.url, verbose=False), root / "runs"
 
 
 def wait_done(client: Client, run_id: str, timeout: float = 180) -> dict:
@@ -96,16 +96,24 @@ def test_classify_and_generate_side_by_side(app, runs):
     assert generated[0]["judged"]["label"] in ("negative", "positive")  # the sentiment run judges it
 
 
-def test_stop_run_ends_a_running_job_and_keeps_its_adapter(app, runs, tiny_models, review_csv):
+def test_while_a_run_trains_the_playground_and_leaderboard_answer_and_stop_ends_it(app, runs, tiny_models, review_csv):
     client, store = app
-    started = start(client, **tiny_sentiment(tiny_models, review_csv, max_steps=3000, eval_steps=1000))
+    started = start(client, **tiny_sentiment(tiny_models, review_csv, max_steps=2000, eval_steps=1000))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         state = client.predict(run_id=started["id"], metrics_from_step=0, api_name="/run_status")
         if len(state.get("metrics", [])) >= 2:
             break
         time.sleep(0.5)
-    assert "stopping" in client.predict(run_id=started["id"], api_name="/stop_run")
+    assert state["state"] == "running"
+    answer = client.predict(text="A fine film.", run_ids=[runs["sentiment"]], include_base=False, api_name="/classify")
+    assert answer[0]["label"] in ("negative", "positive")
+    assert started["id"] in {row["run"] for row in client.predict(task="sentiment", api_name="/list_runs")}
+    assert client.predict(run_id=started["id"], metrics_from_step=None, api_name="/run_status")["state"] == "running"
+
+    with pytest.raises(AppError, match="started by another session"):  # the owner token is needed
+        client.predict(run_id=started["id"], api_name="/stop_run")
+    assert "stopping" in client.predict(run_id=started["id"], owner_token=started["owner_token"], api_name="/stop_run")
     final = wait_done(client, started["id"])
     assert final["status"] == "stopped" and (store / started["id"] / "adapter").is_dir()
 
@@ -137,6 +145,13 @@ BAD_REQUESTS = [
     ("/run_status", {"run_id": "20990101-000000-sentiment-lora-0000"}, "no run"),
     ("/stop_run", {"run_id": "a/b"}, "not a valid run id"),
     ("/stop_run", {"run_id": "20990101-000000-sentiment-lora-0000"}, "no run"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "max_steps": 5000}, "over this deployment's limit"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "seq_len": 4096}, "over this deployment's limit"),
+    ("/stop_run", {"run_id": "SENTIMENT", "owner_token": "not-the-owner"}, "started by another session"),
+    ("/resume_run", {"run_id": "SENTIMENT", "owner_token": "not-the-owner"}, "started by another session"),
+    ("/resume_run", {"run_id": "../x"}, "not a valid run id"),
+    ("/delete_run", {"run_id": "SENTIMENT", "owner_token": "not-the-owner"}, "started by another session"),
+    ("/delete_run", {"run_id": "20990101-000000-sentiment-lora-0000"}, "no run"),
     ("/list_runs", {"task": "poetry"}, "unknown task"),
     ("/classify", {"text": "", "run_ids": []}, "empty"),
     ("/classify", {"text": "   ", "run_ids": []}, "empty"),
@@ -168,7 +183,48 @@ def test_bad_input_gets_a_readable_error_and_changes_nothing(app, runs, endpoint
     placeholders = {"GENERATION": runs["generation"], "SENTIMENT": runs["sentiment"]}
     if "run_ids" in request_:
         request_ = {**request_, "run_ids": [placeholders.get(r, r) for r in request_["run_ids"]]}
+    if "run_id" in request_:
+        request_ = {**request_, "run_id": placeholders.get(request_["run_id"], request_["run_id"])}
     before = _store_state(store)
     with pytest.raises(AppError, match=message):
         client.predict(**request_, api_name=endpoint)
     assert _store_state(store) == before
+
+
+def test_a_killed_app_restarts_with_the_run_interrupted_intact_and_resumable(
+    tmp_path, app_launcher, tiny_models, review_csv
+):
+    runs = tmp_path / "runs"
+    request = tiny_sentiment(tiny_models, review_csv, max_steps=400, eval_steps=1000, checkpoint_steps=5)
+    with app_launcher(runs, tmp_path / "first.log", LORA_ARENA_ALLOW_LOCAL_PATHS="1") as server:
+        client = Client(server.url, verbose=False)
+        started = start(client, **request)
+        run_id, token = started["id"], started["owner_token"]
+        deadline = time.monotonic() + 120
+        while len(list((runs / run_id / "checkpoints").glob("checkpoint-*"))) == 0:
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.3)
+        server.process.kill()  # kill -9: no chance to clean up; its worker dies with it
+        server.process.wait()
+    history = (runs / run_id / "metrics.jsonl").read_text().splitlines()
+
+    with app_launcher(runs, tmp_path / "second.log", LORA_ARENA_ALLOW_LOCAL_PATHS="1") as server:
+        client = Client(server.url, verbose=False)
+        state = client.predict(run_id=run_id, metrics_from_step=0, api_name="/run_status")
+        assert state["status"] == "interrupted" and "ended without finishing" in state["error"]
+        assert len(state["metrics"]) >= len(history) - 1  # every whole line survived (one may be cut)
+        assert client.predict(run_id=run_id, owner_token=token, api_name="/resume_run")["id"] == run_id
+        deadline = time.monotonic() + 120
+        while True:  # trains on from the checkpoint
+            state = client.predict(run_id=run_id, metrics_from_step=0, api_name="/run_status")
+            resumed_from = state["summary"].get("resumed_from_step")
+            if state["state"] == "running" and resumed_from and state["metrics"][-1]["step"] > resumed_from:
+                break
+            assert time.monotonic() < deadline, "the resumed run did not train"
+            time.sleep(0.3)
+        client.predict(run_id=run_id, owner_token=token, api_name="/stop_run")
+        final = wait_done(client, run_id)
+        assert final["status"] == "stopped" and final["summary"]["resumed_from_step"] >= 5
+        steps = [r["step"] for r in client.predict(run_id=run_id, api_name="/run_status")["metrics"]]
+        train_steps = [step for step in steps if step]  # eval records carry steps too
+        assert sorted(set(train_steps)) == list(range(1, max(train_steps) + 1))

@@ -52,8 +52,8 @@ def app_url(tmp_path_factory, app_launcher):
         capture_output=True,
         timeout=600,
     )
-    with app_launcher(runs, root / "app.log") as url:
-        yield url
+    with app_launcher(runs, root / "app.log") as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

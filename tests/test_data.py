@@ -106,6 +106,18 @@ BAD_UPLOADS = [
     ("latin1.csv", "text,label\ncaf\xe9,1\n".encode("latin-1"), "sentiment", "not UTF-8"),
     ("broken.jsonl", '{"text": "a", "label": 1}\n{"text": ', "sentiment", "could not be parsed as JSONL"),
     ("quote.csv", 'text,label\n"unclosed,1\n', "sentiment", "could not be parsed as CSV|the file has no rows|at least"),
+    (
+        "formula.csv",
+        _csv([{"text": '=HYPERLINK("http://x")' if i == 4 else f"t{i}", "label": i % 2} for i in range(40)]),
+        "sentiment",
+        "1 text cell\\(s\\) look like spreadsheet formulas \\(first at data row 5\\)",
+    ),
+    (
+        "formula.jsonl",
+        "".join(json.dumps({"prompt": "@SUM(A1:A9)" if i == 0 else "Q:", "text": "a"}) + "\n" for i in range(40)),
+        "generation",
+        "prompt cell\\(s\\) look like spreadsheet formulas",
+    ),
 ]
 
 

@@ -9,7 +9,7 @@ from peft import PeftModel
 
 from lora_methods import HParamError
 from training import data, evaluation, inference
-from training.engine import ConfigError, TrainConfig, train
+from training.engine import ConfigError, TrainConfig, latest_checkpoint, resume, train
 from training.models import ModelError, load_model, load_tokenizer
 from training.runs import RunStore
 
@@ -206,3 +206,37 @@ def test_sampling_leaves_the_tokenizer_padding_for_training(tiny_models):
     side = tokenizer.padding_side
     inference.sample(model, tokenizer, ["a", "a longer prompt"], max_new_tokens=2)
     assert tokenizer.padding_side == side
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path, tiny_models, review_csv):
+    """Stop after 4 of 10 steps, resume: the same run id continues its steps and loss curve and
+    ends where an uninterrupted run with the same seed ends."""
+    store = RunStore(tmp_path)
+    config = sentiment_config(tiny_models, review_csv, max_steps=10, eval_steps=5, checkpoint_steps=3)
+    uninterrupted = train(config, store)
+    calls = []
+    stopped = train(config, store, should_stop=lambda: calls.append(1) or len(calls) >= 4)
+    assert stopped["status"] == "stopped" and stopped["steps"] == 4
+    run = next(run for run in store.runs() if run.summary.get("steps") == 4)
+    assert latest_checkpoint(run).endswith("checkpoint-4")  # saved at the stop, not only every 3 steps
+
+    resumed = resume(run.id, store)
+    assert resumed["status"] == "completed" and resumed["steps"] == 10 and resumed["resumed_from_step"] == 4
+    steps = [r["step"] for r in run.metrics() if r["kind"] == "train"]
+    assert steps == list(range(1, 11))  # no gap, no repeat
+    elapsed = [r["elapsed_s"] for r in run.metrics() if r["kind"] == "train"]
+    assert elapsed == sorted(elapsed)  # the clock carries on
+    assert resumed["metrics"]["test"]["accuracy"] == uninterrupted["metrics"]["test"]["accuracy"]
+    assert resumed["metrics"]["test"]["loss"] == pytest.approx(uninterrupted["metrics"]["test"]["loss"], rel=1e-4)
+    assert latest_checkpoint(run) is None  # completed: checkpoints removed
+
+
+def test_only_stopped_interrupted_or_failed_runs_with_a_checkpoint_resume(tmp_path, tiny_models, review_csv):
+    store = RunStore(tmp_path)
+    train(sentiment_config(tiny_models, review_csv, max_steps=2), store)
+    (completed,) = store.runs()
+    with pytest.raises(ConfigError, match="is completed; only stopped, interrupted, failed runs"):
+        resume(completed.id, store)
+    completed.update_summary(status="interrupted")
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        resume(completed.id, store)

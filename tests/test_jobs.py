@@ -12,7 +12,7 @@ import pytest
 from lora_methods import HParamError
 from training.data import DataError
 from training.engine import ConfigError, TrainConfig
-from training.jobs import JobManager
+from training.jobs import JobManager, Limits, OwnershipError
 from training.runs import RunStore
 
 DONE = ("finished", "failed", "cancelled")
@@ -128,3 +128,50 @@ def test_runs_left_running_by_a_dead_process_are_marked_interrupted_on_start(tmp
     assert manager.interrupted == [orphan.id]
     assert orphan.status == "interrupted" and orphan.metrics() == [{"kind": "train", "step": 1, "loss": 0.7}]
     assert alive.status == "running"
+
+
+def test_requests_over_the_deployment_limits_are_refused_with_the_limit_named(tmp_path, tiny_models, review_csv):
+    manager = JobManager(RunStore(tmp_path), parallel=0, limits=Limits(max_steps=100, max_seq_len=64, max_queue=1))
+    with pytest.raises(ConfigError, match="max_steps 101 is over this deployment's limit of 100 .LORA_ARENA_MAX_STEPS"):
+        manager.submit(config(tiny_models, review_csv, max_steps=101))
+    with pytest.raises(ConfigError, match="seq_len 128 is over .* limit of 64"):
+        manager.submit(config(tiny_models, review_csv, seq_len=128))
+    with pytest.raises(ConfigError, match="step budget"):
+        manager.submit(config(tiny_models, review_csv, max_steps=None, epochs=1.0))
+    manager.submit(config(tiny_models, review_csv))
+    with pytest.raises(ConfigError, match="the queue is full .1 waiting"):
+        manager.submit(config(tiny_models, review_csv))
+
+
+def test_limits_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LORA_ARENA_MAX_STEPS", "50")
+    monkeypatch.setenv("LORA_ARENA_MAX_QUEUE", "2")
+    assert Limits.from_env() == Limits(max_steps=50, max_queue=2)
+
+
+def test_only_the_owner_stops_resumes_or_deletes_a_run(manager, tiny_models, review_csv):
+    job = manager.submit(config(tiny_models, review_csv, max_steps=2000, eval_steps=1000), owner_token="alice")
+    assert job.config.owner != "alice"  # only a hash is kept
+    wait_for(lambda: job.state == "running" and manager.store.get(job.id).metrics(), what="the first step")
+    for token in (None, "mallory"):
+        with pytest.raises(OwnershipError, match="started by another session"):
+            manager.stop(job.id, token)
+    with pytest.raises(ConfigError, match="stop it before deleting it"):
+        manager.delete(job.id, "alice")
+    manager.stop(job.id, "alice")
+    wait_for(lambda: job.state in DONE, what="the stop")
+    run = manager.store.get(job.id)
+    assert run.status == "stopped" and run.config["owner"] == job.config.owner
+
+    with pytest.raises(OwnershipError):
+        manager.resume(job.id, "mallory")
+    resumed = manager.resume(job.id, "alice")
+    wait_for(lambda: resumed.state == "running", what="the resume")
+    manager.stop(job.id, "alice")
+    wait_for(lambda: resumed.state in DONE, what="the second stop")
+    steps = [r["step"] for r in run.metrics() if r["kind"] == "train"]
+    assert steps == list(range(1, len(steps) + 1)) and run.summary["resumed_from_step"] >= 1
+
+    with pytest.raises(OwnershipError):
+        manager.delete(job.id, "mallory")
+    assert "deleted" in manager.delete(job.id, "alice") and not run.dir.exists()

@@ -10,12 +10,14 @@ import json
 import shlex
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from lora_methods import METHODS, TASKS, HParamError, get_method
 
 from .data import DataError
-from .engine import ConfigError, TrainConfig, train
+from .engine import ConfigError, TrainConfig, resume, train
 from .models import ModelError
 from .runs import RunNotFound, RunStore
 
@@ -79,7 +81,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     )
     trainer.add_argument("--judge-run", help="sentiment run that judges generated reviews (default: most accurate one)")
     trainer.add_argument("--offline", action="store_true", help="never use the Hub: bundled models and data only")
+    trainer.add_argument(
+        "--checkpoint-steps", type=int, help="save a resumable checkpoint every N steps (default: 5 per run)"
+    )
     trainer.add_argument("--run-id", help="name the run (default: time, task, method and a random suffix)")
+    trainer.add_argument("--owner", help=argparse.SUPPRESS)  # the app's session hash: who may stop the run
     hparam_names = _method_flags(trainer)
 
     bench = commands.add_parser("bench", help="compare methods' training speed side by side in one process")
@@ -101,6 +107,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     )
     bench.add_argument("--train-steps", type=int, help="also train each method this many steps and report quality")
     bench.add_argument("--offline", action="store_true")
+
+    resumer = commands.add_parser("resume", help="continue a stopped, interrupted or failed run from its checkpoint")
+    resumer.add_argument("--run", required=True, help="run id")
 
     commands.add_parser("list", help="list the runs in the store")
 
@@ -135,6 +144,8 @@ def train_arguments(config: TrainConfig) -> list[str]:
         "--eval-samples": config.eval_samples,
         "--control-samples": None if config.control_samples == 32 else config.control_samples,
         "--judge-run": config.judge_run,
+        "--checkpoint-steps": config.checkpoint_steps,
+        "--owner": config.owner,
     }
     method = get_method(config.method)
     for name, value in config.hparams.items():
@@ -148,7 +159,7 @@ def train_arguments(config: TrainConfig) -> list[str]:
 
 def command_line(config: TrainConfig) -> str:
     """The shell command a person can paste to run the same training from a terminal."""
-    return shlex.join(["python", "-m", "training", *train_arguments(config)])
+    return shlex.join(["python", "-m", "training", *train_arguments(replace(config, owner=None))])
 
 
 def _train(args: argparse.Namespace, store: RunStore, hparam_names: list[str]) -> dict:
@@ -168,18 +179,25 @@ def _train(args: argparse.Namespace, store: RunStore, hparam_names: list[str]) -
         eval_samples=args.eval_samples,
         control_samples=args.control_samples,
         judge_run=args.judge_run,
+        checkpoint_steps=args.checkpoint_steps,
+        owner=args.owner,
         offline=args.offline,
     )
+    return train(config, store, should_stop=_stop_on_ctrl_c(), run_id=args.run_id)
+
+
+def _stop_on_ctrl_c() -> Callable[[], bool]:
+    """Ctrl-C stops at the end of the current step (the adapter is saved); a second one aborts."""
     stop_flag: list[bool] = []
 
     def request_stop(signum: int, frame: Any) -> None:
-        if stop_flag:  # a second Ctrl-C aborts
+        if stop_flag:
             raise KeyboardInterrupt
         stop_flag.append(True)
         print("stopping at the end of this step (Ctrl-C again to abort)...", file=sys.stderr)
 
     signal.signal(signal.SIGINT, request_stop)
-    return train(config, store, should_stop=lambda: bool(stop_flag), run_id=args.run_id)
+    return lambda: bool(stop_flag)
 
 
 def _list(store: RunStore) -> None:
@@ -200,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             print(json.dumps(_train(args, store, hparam_names)))
+        elif args.command == "resume":
+            print(json.dumps(resume(args.run, store, should_stop=_stop_on_ctrl_c())))
         elif args.command == "bench":
             from .bench import run_bench
 

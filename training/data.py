@@ -10,6 +10,8 @@ Splits that a source lacks are made once with a fixed seed, so every run sees th
 from __future__ import annotations
 
 import io
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +25,12 @@ from .models import LABELS, package_dir
 
 SPLIT_SEED = 1234  # fixed: splits never depend on a run's seed
 IGNORE_INDEX = -100
-MAX_UPLOAD_BYTES = 50 * 1024 * 1024
-MAX_UPLOAD_ROWS = 200_000
+# Deployment limits for a user's file (environment variables, for a shared Space).
+MAX_UPLOAD_BYTES = int(os.environ.get("LORA_ARENA_MAX_UPLOAD_MB", "50")) * 1024 * 1024
+MAX_UPLOAD_ROWS = int(os.environ.get("LORA_ARENA_MAX_UPLOAD_ROWS", "200000"))
+# A cell that a spreadsheet would run as a formula (=HYPERLINK(...), @SUM(...)): not a review, and
+# dangerous in a CSV someone opens later. Leading '-' or '+' alone are ordinary text.
+FORMULA = re.compile(r"^\s*[=@+\-]\s*[A-Za-z_][A-Za-z0-9_.]*\s*\(")
 MIN_UPLOAD_ROWS = 30
 REVIEW_PROMPT = "Write a {sentiment} movie review.\nReview:"
 LABEL_ALIASES = {"0": 0, "1": 1, "negative": 0, "positive": 1, "neg": 0, "pos": 1, "rotten": 0, "fresh": 1}
@@ -211,6 +217,13 @@ def load_user_file(path: Path, task: Task) -> Splits:
     empty = frame.index[frame["text"].str.strip() == ""]
     if len(empty):
         raise DataError(f"{len(empty)} row(s) have empty text (first at data row {empty[0] + 1})")
+    for column in [c for c in ("text", "prompt") if c in frame.columns]:
+        formulas = frame.index[frame[column].map(lambda value: bool(FORMULA.match(str(value))))]
+        if len(formulas):
+            raise DataError(
+                f"{len(formulas)} {column} cell(s) look like spreadsheet formulas (first at data row "
+                f"{formulas[0] + 1}); remove them"
+            )
     if len(frame) < MIN_UPLOAD_ROWS:
         raise DataError(
             f"the file has {len(frame)} rows; at least {MIN_UPLOAD_ROWS} are needed for "

@@ -11,11 +11,13 @@ import importlib.metadata
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -28,6 +30,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from lora_methods import TASKS, FineTuningMethod, Task, get_method
 
@@ -46,6 +49,7 @@ LIMITS = {  # name -> (minimum, maximum), inclusive
     "seed": (0, 2**31 - 1),
     "eval_steps": (1, 1_000_000),
     "eval_samples": (1, 1_000_000),
+    "checkpoint_steps": (1, 1_000_000),
     "control_samples": (0, 1024),
 }
 WARMUP_FRACTION = 0.05
@@ -71,6 +75,8 @@ class TrainConfig:
     eval_samples: int | None = None  # validation examples per evaluation; None: the task's default
     control_samples: int = 32  # generations judged for sentiment control (controlled writing only)
     judge_run: str | None = None  # sentiment run that judges generations; None: the best one in the store
+    checkpoint_steps: int | None = None  # save a resumable checkpoint every N steps; None: five per run
+    owner: str | None = None  # opaque hash of the app session that started the run (only it may stop it)
     offline: bool = False
 
     def resolved(self) -> TrainConfig:
@@ -143,19 +149,20 @@ class RunRecorder(TrainerCallback):
         self.run, self.total_steps, self.batch_size = run, total_steps, batch_size
         self.eval_steps, self.evaluate, self.should_stop = eval_steps, evaluate, should_stop
         self.step_times: list[float] = []
-        self.records: list[dict] = []
         self.stopped = False
+        self.elapsed_before = 0.0
         self.started = self._step_started = time.perf_counter()
         self._time_since_log = 0.0
         self._tokens_at_last_log = 0
 
     def _write(self, record: dict) -> None:
-        self.records.append(record)
         if self.run is not None:
             self.run.append_metrics(record)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
+        # A resumed run continues its clock and token count from the checkpoint.
+        self.started = time.perf_counter() - self.elapsed_before
+        self._tokens_at_last_log = state.num_input_tokens_seen
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
@@ -176,6 +183,7 @@ class RunRecorder(TrainerCallback):
         if self.should_stop():
             self.stopped = True
             control.should_training_stop = True
+            control.should_save = True  # a stopped run can be resumed from exactly here
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
@@ -237,17 +245,42 @@ def _dir_size(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+RESUMABLE = ("stopped", "interrupted", "failed")
+
+
+def latest_checkpoint(run: Run) -> str | None:
+    folder = run.dir / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def resume(run_id: str, store: RunStore | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+    """Continue a stopped, interrupted or failed run from its latest checkpoint, same run id:
+    its step count, loss curve and data order carry on where the checkpoint left them."""
+    store = store or RunStore()
+    run = store.get(run_id)
+    if run.status not in RESUMABLE:
+        raise ConfigError(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed")
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        raise ConfigError(f"run {run_id} has no checkpoint to resume from (it stopped before the first one)")
+    names = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{key: value for key, value in run.config.items() if key in names})
+    return train(config, store, should_stop, resume_from=(run, checkpoint))
+
+
 def train(
     config: TrainConfig,
     store: RunStore | None = None,
     should_stop: Callable[[], bool] | None = None,
     run_id: str | None = None,
+    resume_from: tuple[Run, str] | None = None,
 ) -> dict:
     """Run one training job to the end (or a stop request); return its summary.
 
     Invalid requests (options, model, dataset, a rank too large for the model) raise ConfigError,
     HParamError, ModelError or DataError before any run folder exists. A failure after that marks
-    the run `failed` with its error, then re-raises.
+    the run `failed` with its error, then re-raises. `resume_from` (a run and its checkpoint) is
+    how `resume` continues an existing run instead of creating one.
     """
     config = config.resolved()
     method = get_method(config.method)
@@ -257,7 +290,9 @@ def train(
     dataset_id = config.dataset or data.default_dataset(config.task, offline)
     model_path = models.resolve_model_path(model_id, offline)
     splits = data.load_splits(dataset_id, config.task, offline)
-    judge = find_judge(store, config.judge_run) if splits.controlled and config.control_samples else None
+    # A resumed run keeps the judge it started with (or none).
+    wants_judge = splits.controlled and config.control_samples and (resume_from is None or config.judge_run)
+    judge = find_judge(store, config.judge_run) if wants_judge else None
 
     set_seed(config.seed)  # before loading: a new classification head is initialised randomly
     tokenizer = models.load_tokenizer(model_path)
@@ -270,24 +305,33 @@ def train(
     model = method.apply(model, config.task, config.hparams)
 
     is_main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, one process records
-    record = {
-        **asdict(config),
-        "model": model_id,
-        "dataset": dataset_id,
-        "model_path": model_path,
-        "dataset_sizes": splits.sizes(),
-        "offline": offline,
-        "versions": _library_versions(),
-        "device": _device(),
-        "judge_run": judge.id if judge else None,
-    }
-    run = store.create(record, run_id) if is_main else None
+    if resume_from is not None:
+        run, checkpoint = resume_from
+        step = int(Path(checkpoint).name.rsplit("-", 1)[1])
+        run.keep_metrics_until(step)  # what was logged after the checkpoint is trained again
+        run.clear_stop_request()
+        run.update_summary(status="running", pid=os.getpid(), error=None, resumed_from_step=step)
+    else:
+        record = {
+            **asdict(config),
+            "model": model_id,
+            "dataset": dataset_id,
+            "model_path": model_path,
+            "dataset_sizes": splits.sizes(),
+            "offline": offline,
+            "versions": _library_versions(),
+            "device": _device(),
+            "judge_run": judge.id if judge else None,
+        }
+        run, checkpoint = (store.create(record, run_id) if is_main else None), None
 
     def stop_requested() -> bool:  # by the caller (Ctrl-C) or through the run store (another process)
         return bool(should_stop and should_stop()) or (run is not None and run.stop_requested())
 
     try:
-        return _train(config, method, run, model, tokenizer, base_weight_memory, splits, judge, stop_requested)
+        return _train(
+            config, method, run, model, tokenizer, base_weight_memory, splits, judge, stop_requested, checkpoint
+        )
     except BaseException as error:
         if run is not None:
             run.update_summary(status="failed", error=f"{type(error).__name__}: {error}", finished_at=time.time())
@@ -304,6 +348,7 @@ def _train(
     splits: data.Splits,
     judge: Run | None,
     should_stop: Callable[[], bool],
+    checkpoint: str | None,
 ) -> dict:
     task = config.task
     tokenized = {
@@ -329,14 +374,18 @@ def _train(
             lambda p: inference.sample(m, tokenizer, p, seed=config.seed), classify, config.control_samples
         )
 
-    base_metrics = {"validation": validate(model)}
-    if judge_model is not None:
-        base_metrics["control_share"] = measure_control(model)
+    if checkpoint is not None:
+        base_metrics = run.summary["base_metrics"]  # measured when the run began
+    else:
+        base_metrics = {"validation": validate(model)}
+        if judge_model is not None:
+            base_metrics["control_share"] = measure_control(model)
     trainable, total = _count_parameters(model)
 
     steps_per_epoch = math.ceil(len(tokenized["train"]) / config.batch_size)
     total_steps = config.max_steps or math.ceil(steps_per_epoch * config.epochs)
     eval_steps = config.eval_steps or max(1, total_steps // 5)
+    checkpoint_steps = config.checkpoint_steps or max(1, total_steps // 5)
     if run is not None:  # what a live view shows before the first step
         run.update_summary(
             planned_steps=total_steps,
@@ -359,7 +408,10 @@ def _train(
         optim=optimizer,
         weight_decay=0.0,
         logging_steps=1,
-        save_strategy="no",
+        # Resumable checkpoints (the latest only); a completed run deletes them, see below.
+        save_strategy="steps" if run is not None else "no",
+        save_steps=checkpoint_steps,
+        save_total_limit=1,
         eval_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -379,9 +431,11 @@ def _train(
         callbacks=[*method_callbacks, recorder],  # method callbacks first: they may add to the logs
     )
     trainer.remove_callback(PrinterCallback)  # the recorder reports progress; keep stdout for the summary
+    previous = run.metrics() if checkpoint is not None else []
+    recorder.elapsed_before = previous[-1]["elapsed_s"] if previous else 0.0
     started = time.perf_counter()
-    trainer.train()
-    train_time = time.perf_counter() - started
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_time = recorder.elapsed_before + time.perf_counter() - started
 
     metrics = {"validation": validate(model), "test": evaluation.evaluate(model, tokenized["test"], collate, task)}
     if judge_model is not None:
@@ -390,6 +444,9 @@ def _train(
         return {}
     model.save_pretrained(run.adapter_dir)
     tokenizer.save_pretrained(run.adapter_dir)
+    if not recorder.stopped:  # finished: nothing left to resume, free the disk
+        shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
+    step_records = [r for r in run.metrics() if r.get("kind") == "train"]  # a resumed run's too
 
     primary = run.summary["primary_metric"]
     return run.update_summary(
@@ -401,9 +458,9 @@ def _train(
         gain=metrics["validation"][primary] - base_metrics["validation"][primary],
         judge_run=judge.id if judge else None,
         judge_accuracy=judge.summary["metrics"]["validation"]["accuracy"] if judge else None,
-        peak_memory_bytes=_peak(recorder.records),
+        peak_memory_bytes=_peak(step_records),
         train_time_s=train_time,
-        median_step_time_s=statistics.median(recorder.step_times) if recorder.step_times else None,
+        median_step_time_s=statistics.median(r["step_time_s"] for r in step_records) if step_records else None,
         adapter_size_bytes=_dir_size(run.adapter_dir),
         **{key: value for cb in method_callbacks if hasattr(cb, "summary") for key, value in cb.summary().items()},
     )

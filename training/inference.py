@@ -198,6 +198,17 @@ class AdapterPool:
         shared.model.set_adapter(run.id)
         return shared.model, shared.tokenizer, run.id
 
+    def forget(self, run_id: str) -> None:
+        """Unload a run's adapter (its run was deleted)."""
+        with self._lock:
+            self._full.pop(run_id, None)
+            for key, shared in list(self._bases.items()):
+                if shared.adapters == {run_id}:
+                    del self._bases[key]  # its last adapter: free the base too
+                elif run_id in shared.adapters:
+                    shared.model.delete_adapter(run_id)
+                    shared.adapters.discard(run_id)
+
     @contextmanager
     def serving(self, run: Run | None, task: Task, model_path: str | None = None, merged: bool = False):
         """The model and tokenizer for `run` (None: the base at `model_path`), exclusively.

@@ -11,30 +11,73 @@ progress from `metrics.jsonl` like every other reader. It never imports a UI.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from . import data
 from .cli import train_arguments
-from .engine import ConfigError, TrainConfig
+from .engine import RESUMABLE, ConfigError, TrainConfig, latest_checkpoint
 from .runs import FINISHED, Run, RunStore
 
 JOB_STATES = ("queued", "starting", "running", "finished", "failed", "cancelled")
-MAX_QUEUE = int(os.environ.get("LORA_ARENA_MAX_QUEUE", "8"))
 PARALLEL_JOBS = int(os.environ.get("LORA_ARENA_PARALLEL_JOBS", "1"))
+
+
+class OwnershipError(PermissionError):
+    """Someone other than the session that started a run tried to stop, resume or delete it."""
+
+
+def owner_hash(token: str) -> str:
+    """What a run records of its owner: a hash, never the session's token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a shared deployment; each is an environment variable."""
+
+    max_steps: int = 2000  # LORA_ARENA_MAX_STEPS
+    max_seq_len: int = 512  # LORA_ARENA_MAX_SEQ_LEN
+    max_batch_size: int = 64  # LORA_ARENA_MAX_BATCH_SIZE
+    max_queue: int = 8  # LORA_ARENA_MAX_QUEUE: jobs waiting at once
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        values = {}
+        for spec in fields(cls):
+            variable = f"LORA_ARENA_{spec.name.upper()}"
+            if variable in os.environ:
+                values[spec.name] = int(os.environ[variable])
+        return cls(**values)
+
+    def check(self, config: TrainConfig) -> None:
+        """Raise ConfigError naming the limit (and its variable) that `config` (resolved) exceeds."""
+        if config.epochs is not None:
+            raise ConfigError("this deployment takes a step budget (max_steps), not epochs")
+        for name, value, limit in (
+            ("max_steps", config.max_steps, self.max_steps),
+            ("seq_len", config.seq_len, self.max_seq_len),
+            ("batch_size", config.batch_size, self.max_batch_size),
+        ):
+            if value > limit:
+                variable = "LORA_ARENA_MAX_" + ("STEPS" if name == "max_steps" else name.upper())
+                raise ConfigError(f"{name} {value} is over this deployment's limit of {limit} ({variable})")
 
 
 @dataclass
 class Job:
-    id: str  # the id its run will have in the store
+    id: str  # the id its run has (or will have) in the store
     config: TrainConfig
+    resume: bool = False  # continue the existing run from its checkpoint
     submitted_at: float = field(default_factory=time.time)
     state: str = "queued"
     error: str | None = None
@@ -58,8 +101,8 @@ def _last_error(log: Path) -> str:
 
 
 class JobManager:
-    def __init__(self, store: RunStore, parallel: int = PARALLEL_JOBS, max_queue: int = MAX_QUEUE) -> None:
-        self.store, self.parallel, self.max_queue = store, parallel, max_queue
+    def __init__(self, store: RunStore, parallel: int = PARALLEL_JOBS, limits: Limits | None = None) -> None:
+        self.store, self.parallel, self.limits = store, parallel, limits or Limits.from_env()
         self.logs = store.root / ".jobs"  # not a run folder: run ids never start with a dot
         self.interrupted = store.mark_interrupted()  # runs an earlier app process left behind
         self._jobs: dict[str, Job] = {}
@@ -71,22 +114,52 @@ class JobManager:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def submit(self, config: TrainConfig) -> Job:
-        """Validate and queue a training request; raises ConfigError/HParamError/DataError, queuing nothing."""
+    def submit(self, config: TrainConfig, owner_token: str | None = None) -> Job:
+        """Validate and queue a training request; raises ConfigError/HParamError/DataError, queuing
+        nothing. With `owner_token`, only the same token may later stop, resume or delete the run."""
         resolved = config.resolved()
+        self.limits.check(resolved)
         if resolved.dataset and Path(resolved.dataset).suffix.lower() in (".csv", ".jsonl", ".json"):
             data.load_user_file(Path(resolved.dataset), resolved.task)  # a bad upload fails now, not in a worker
+        config = replace(config, owner=owner_hash(owner_token) if owner_token else None)
+        return self._enqueue(Job(self.store.new_id(resolved.task, resolved.method), config))
+
+    def resume(self, run_id: str, owner_token: str | None = None) -> Job:
+        """Queue a stopped, interrupted or failed run to continue from its latest checkpoint."""
+        run = self.store.get(run_id)
+        self._check_owner(run_id, owner_token)
+        if run_id in self._queue or any(job.id == run_id for job in self.active()):
+            raise ConfigError(f"run {run_id} is already queued or running")
+        if run.status not in RESUMABLE:
+            raise ConfigError(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed")
+        if latest_checkpoint(run) is None:
+            raise ConfigError(f"run {run_id} has no checkpoint to resume from (it stopped before the first one)")
+        names = {spec.name for spec in fields(TrainConfig)}
+        config = TrainConfig(**{key: value for key, value in run.config.items() if key in names})
+        return self._enqueue(Job(run_id, config, resume=True))
+
+    def _enqueue(self, job: Job) -> Job:
         with self._changed:
-            if len(self._queue) >= self.max_queue:
-                raise ConfigError(f"the queue is full ({self.max_queue} waiting); try again when a run has finished")
-            job = Job(self.store.new_id(resolved.task, resolved.method), config)
+            if len(self._queue) >= self.limits.max_queue:
+                raise ConfigError(
+                    f"the queue is full ({self.limits.max_queue} waiting); try again when a run has finished"
+                )
             self._jobs[job.id] = job
             self._queue.append(job.id)
             self._changed.notify_all()
         return job
 
-    def stop(self, job_id: str) -> str:
+    def _check_owner(self, run_id: str, owner_token: str | None) -> None:
+        job = self._jobs.get(run_id)
+        owner = job.config.owner if job else self.store.get(run_id).config.get("owner")
+        if owner and (not owner_token or owner_hash(owner_token) != owner):
+            raise OwnershipError(f"run {run_id} was started by another session; only that session can change it")
+
+    def stop(self, job_id: str, owner_token: str | None = None) -> str:
         """Cancel a queued job or stop a running one within one step (its adapter is kept)."""
+        if job_id not in self._jobs:
+            self.store.get(job_id)  # raises RunNotFound for bad or unknown ids
+        self._check_owner(job_id, owner_token)
         with self._changed:
             job = self._jobs.get(job_id)
             if job is None:
@@ -108,11 +181,21 @@ class JobManager:
 
     def _stop_unmanaged(self, run_id: str) -> str:
         """A run started elsewhere (the CLI, an earlier app process) is stopped through its stop file."""
-        run = self.store.get(run_id)  # raises RunNotFound for bad or unknown ids
+        run = self.store.get(run_id)
         if run.status != "running":
             return f"{run_id}: already {run.status}"
         run.request_stop()
         return f"{run_id}: stopping at the end of the current step"
+
+    def delete(self, run_id: str, owner_token: str | None = None) -> str:
+        """Remove a finished run's folder (adapter, metrics, checkpoints) from the store."""
+        run = self.store.get(run_id)
+        self._check_owner(run_id, owner_token)
+        if run_id in self._queue or any(job.id == run_id for job in self.active()) or run.status == "running":
+            raise ConfigError(f"run {run_id} is queued or running; stop it before deleting it")
+        shutil.rmtree(run.dir)
+        self._jobs.pop(run_id, None)
+        return f"{run_id}: deleted"
 
     # -- state ----------------------------------------------------------------------------
 
@@ -144,7 +227,7 @@ class JobManager:
             run_dir = self.store.root / job.id
             summary = Run(run_dir).summary if (run_dir / "config.json").exists() else {}
         state = job.state if job else ("running" if summary.get("status") == "running" else "finished")
-        if job and job.state == "starting" and summary:
+        if job and job.state == "starting" and self._run_started(job):
             state = "running"
         return {
             "id": job_id,
@@ -169,17 +252,9 @@ class JobManager:
     def _start(self, job: Job) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{job.id}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "training",
-            "--runs-dir",
-            str(self.store.root),
-            *train_arguments(job.config),
-            "--run-id",
-            job.id,
-        ]
-        with open(log_path, "w", encoding="utf-8") as log:
+        work = ["resume", "--run", job.id] if job.resume else [*train_arguments(job.config), "--run-id", job.id]
+        command = [sys.executable, "-m", "training", "--runs-dir", str(self.store.root), *work]
+        with open(log_path, "a" if job.resume else "w", encoding="utf-8") as log:
             job.process = subprocess.Popen(
                 command,
                 stdout=log,
@@ -190,10 +265,16 @@ class JobManager:
             )
         threading.Thread(target=self._watch, args=(job, log_path), daemon=True).start()
 
+    def _run_started(self, job: Job) -> bool:
+        run_dir = self.store.root / job.id
+        if not (run_dir / "config.json").exists():
+            return False
+        return not job.resume or Run(run_dir).summary.get("pid") == job.process.pid
+
     def _watch(self, job: Job, log_path: Path) -> None:
-        # `running` as soon as the worker has created the run (validation and loading passed).
+        # `running` as soon as the worker has created (or reopened) the run: loading passed.
         while job.process.poll() is None:
-            if job.state == "starting" and (self.store.root / job.id / "config.json").exists():
+            if job.state == "starting" and self._run_started(job):
                 job.state = "running"
             time.sleep(0.2)
         code = job.process.returncode

@@ -87,6 +87,15 @@ def leaderboard(store: RunStore, task: str | None = None) -> pd.DataFrame:
     )
 
 
+def to_csv(frame: pd.DataFrame) -> str:
+    """CSV in which no cell can run as a spreadsheet formula (a model or dataset name is user text)."""
+
+    def defuse(value):
+        return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@") else value
+
+    return frame.map(defuse).to_csv(index=False)
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (pipes in cells escaped), without extra dependencies."""
 

@@ -107,6 +107,17 @@ class Run:
     def status(self) -> str:
         return self.summary.get("status", "unknown")
 
+    def keep_metrics_until(self, step: int) -> None:
+        """Drop the records after `step` (a resume retrains them), replacing the file atomically."""
+        kept = [record for record in self.metrics() if record.get("step", 0) <= step]
+        handle, temp = tempfile.mkstemp(dir=self.dir, prefix=".metrics.jsonl.")
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.writelines(json.dumps(record, default=float) + "\n" for record in kept)
+        os.replace(temp, self.dir / "metrics.jsonl")
+
+    def clear_stop_request(self) -> None:
+        (self.dir / "stop").unlink(missing_ok=True)
+
     def request_stop(self) -> None:
         (self.dir / "stop").touch()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,11 @@ def register(arena: Arena) -> None:
         seed: int = 0,
         eval_steps: int | None = None,
         eval_samples: int | None = None,
+        checkpoint_steps: int | None = None,
+        owner_token: str | None = None,
     ) -> dict:
-        """Queue a training run. Returns its run id, state, queue position and the equivalent CLI command."""
+        """Queue a training run. Returns its run id, state, queue position, the equivalent CLI command
+        and the owner token (given, or made up) that stop_run, resume_run and delete_run need."""
         with user_errors():
             if not isinstance(hparams, dict | None):
                 raise ConfigError("hparams must be a JSON object of hyperparameter names and values")
@@ -85,12 +89,18 @@ def register(arena: Arena) -> None:
                 seed=seed,
                 eval_steps=eval_steps,
                 eval_samples=eval_samples,
+                checkpoint_steps=checkpoint_steps,
             )
             config.resolved()  # task, method and numbers first: the catalog checks need a valid task
             check_model_choice(config.model, task, arena.offline)
             check_dataset_choice(config.dataset, task)
-            run_id = arena.start(config)
-            return {**run_status(run_id, metrics_from_step=None), "command": command_line(config)}
+            owner_token = owner_token or secrets.token_urlsafe(16)
+            run_id = arena.start(config, owner_token)
+            return {
+                **run_status(run_id, metrics_from_step=None),
+                "command": command_line(config),
+                "owner_token": owner_token,
+            }
 
     def run_status(run_id: str, metrics_from_step: int | None = 0) -> dict:
         """State of a run (queued, starting, running, finished, failed, cancelled), its summary and,
@@ -101,10 +111,21 @@ def register(arena: Arena) -> None:
                 state["metrics"] = [r for r in arena.records(run_id) if r.get("step", 0) >= metrics_from_step]
             return state
 
-    def stop_run(run_id: str) -> str:
+    def stop_run(run_id: str, owner_token: str | None = None) -> str:
         """Cancel a queued run, or stop a running one at the end of its current step (its adapter is kept)."""
         with user_errors():
-            return arena.jobs.stop(run_id)
+            return arena.jobs.stop(run_id, owner_token)
+
+    def resume_run(run_id: str, owner_token: str | None = None) -> dict:
+        """Queue a stopped, interrupted or failed run to continue from its latest checkpoint."""
+        with user_errors():
+            arena.jobs.resume(run_id, owner_token)
+            return run_status(run_id, metrics_from_step=None)
+
+    def delete_run(run_id: str, owner_token: str | None = None) -> str:
+        """Delete a finished run (adapter, metrics, checkpoints) from the store."""
+        with user_errors():
+            return arena.delete(run_id, owner_token)
 
     def list_runs(task: str | None = None) -> list[dict[str, Any]]:
         """Every run in the store as leaderboard rows (optionally of one task)."""
@@ -134,5 +155,5 @@ def register(arena: Arena) -> None:
                 arena.pool, arena.store, run_ids, prompt, include_base, False, max_new_tokens, temperature, top_p, seed
             )
 
-    for endpoint in (start_run, run_status, stop_run, list_runs, classify, generate):
+    for endpoint in (start_run, run_status, stop_run, resume_run, delete_run, list_runs, classify, generate):
         gr.api(endpoint, api_name=endpoint.__name__)

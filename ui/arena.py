@@ -17,12 +17,12 @@ from lora_methods import HParamError
 from training.data import DataError
 from training.engine import ConfigError, TrainConfig
 from training.inference import AdapterPool, InferenceError
-from training.jobs import JobManager
+from training.jobs import JobManager, OwnershipError
 from training.models import ModelError
 from training.offline import is_offline
 from training.runs import RunNotFound, RunStore
 
-USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, InferenceError)
+USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, InferenceError, OwnershipError)
 
 
 @contextmanager
@@ -44,10 +44,17 @@ class Arena:
         self._tail_lock = threading.Lock()
         self._cores = torch.get_num_threads()
 
-    def start(self, config: TrainConfig) -> str:
+    def start(self, config: TrainConfig, owner_token: str | None) -> str:
         """Queue a run; its id. The worker uses the Hub only if this app can reach it."""
         config.offline = config.offline or self.offline
-        return self.jobs.submit(config).id
+        return self.jobs.submit(config, owner_token).id
+
+    def delete(self, run_id: str, owner_token: str | None) -> str:
+        message = self.jobs.delete(run_id, owner_token)
+        self.pool.forget(run_id)
+        with self._tail_lock:
+            self._tails.pop(run_id, None)
+        return message
 
     def records(self, run_id: str) -> list[dict]:
         """All metrics of a run, reading only the lines appended since the last call."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from training.leaderboard import leaderboard, to_markdown
+from training.leaderboard import leaderboard, to_csv, to_markdown
 
 from . import charts
 from .arena import Arena, user_errors
@@ -56,7 +56,7 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
     def show(task_name: str, sort_name: str, x_axis: str, chosen: list[str] | None):
         frame = _table(arena, task_name, sort_name)
         folder = _export_dir()
-        (folder / "leaderboard.csv").write_text(frame.to_csv(index=False), encoding="utf-8")
+        (folder / "leaderboard.csv").write_text(to_csv(frame), encoding="utf-8")
         (folder / "leaderboard.md").write_text(to_markdown(frame), encoding="utf-8")
         runs = frame["run"].tolist()
         kept = [run for run in (chosen or []) if run in runs] or runs[:3]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import html
+import secrets
 import statistics
 from pathlib import Path
 from typing import Any
@@ -228,8 +229,10 @@ def build(demo: gr.Blocks, arena: Arena) -> None:
                     )
     command = gr.Code(label="The same run from a terminal", language="shell", interactive=False)
     with gr.Row():
-        start = gr.Button("Start training", variant="primary", elem_id="start-button")
-        stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
+        start = gr.Button("Start training", variant="primary", elem_id="start-button", scale=3)
+        stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1)
+        resume = gr.Button("Resume", elem_id="resume-button", scale=1)
+        delete = gr.Button("Delete run", elem_id="delete-button", scale=1)
     job_status = gr.Markdown(elem_id="job-status")
     progress = gr.HTML(elem_id="job-progress")
     with gr.Row():
@@ -239,8 +242,10 @@ def build(demo: gr.Blocks, arena: Arena) -> None:
         loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
         resources_plot = gr.Plot(label="Memory and speed", elem_id="resources-plot")
 
-    # The run this page shows; kept in the browser so a reload finds it again.
+    # The run this page shows, and this browser's owner token (only it may stop, resume or delete
+    # the runs it started); both kept in the browser so a reload finds them again.
     current_run = gr.BrowserState(None, storage_key="lora-arena-current-run")
+    owner = gr.BrowserState("", storage_key="lora-arena-owner")
     drawn = gr.State(None)  # what the charts show now: (records, state, status, x axis)
     timer = gr.Timer(REFRESH_SECONDS)
 
@@ -299,21 +304,45 @@ def build(demo: gr.Blocks, arena: Arena) -> None:
     for component in form:
         component.change(on_form, form, command, api_visibility="private", show_progress="hidden")
 
-    def on_start(*values):
+    def on_start(owner_token: str, *values):
         with user_errors():
-            run_id = arena.start(form_config(*values))
+            run_id = arena.start(form_config(*values), owner_token)
         gr.Info(f"Run {run_id} queued")
         return run_id, None
 
-    start.click(on_start, form, [current_run, drawn], api_visibility="private")
+    start.click(on_start, [owner, *form], [current_run, drawn], api_visibility="private")
 
-    def on_stop(run_id: str | None):
+    def on_stop(run_id: str | None, owner_token: str):
         if not run_id:
             raise gr.Error("There is no run on this page to stop.")
         with user_errors():
-            gr.Info(arena.jobs.stop(run_id))
+            gr.Info(arena.jobs.stop(run_id, owner_token))
 
-    stop.click(on_stop, current_run, None, api_visibility="private")
+    stop.click(on_stop, [current_run, owner], None, api_visibility="private")
+
+    def on_resume(run_id: str | None, owner_token: str):
+        if not run_id:
+            raise gr.Error("There is no run on this page to resume.")
+        with user_errors():
+            arena.jobs.resume(run_id, owner_token)
+        gr.Info(f"Run {run_id} queued to resume from its last checkpoint")
+        return None  # redraw from the run's history
+
+    resume.click(on_resume, [current_run, owner], drawn, api_visibility="private")
+
+    def on_delete(run_id: str | None, owner_token: str):
+        if not run_id:
+            raise gr.Error("There is no run on this page to delete.")
+        with user_errors():
+            gr.Info(arena.delete(run_id, owner_token))
+        return None, None, "", "", charts.loss_figure([]), charts.resources_figure([]), ""
+
+    delete.click(
+        on_delete,
+        [current_run, owner],
+        [current_run, drawn, job_status, progress, loss_plot, resources_plot, summary],
+        api_visibility="private",
+    )
 
     def refresh(run_id: str | None, shown: tuple | None, x_axis: str):
         nothing = (gr.skip(),) * 6
@@ -350,17 +379,19 @@ def build(demo: gr.Blocks, arena: Arena) -> None:
     )
     loss_x.change(refresh, [current_run, drawn, loss_x], outputs, api_visibility="private", show_progress="hidden")
 
-    def attach(run_id: str | None):
-        """On page load: the running job if there is one, else this browser's last run."""
+    def attach(run_id: str | None, owner_token: str):
+        """On page load: this browser's owner token (made once), and the running job if there is
+        one, else this browser's last run."""
+        owner_token = owner_token or secrets.token_urlsafe(16)
         active = arena.jobs.active()
         if active:
-            return active[0].id, None
+            return active[0].id, None, owner_token
         try:
             arena.jobs.describe(run_id or "")
         except USER_ERRORS:
-            return None, None  # none yet, or a run deleted since
-        return run_id, None
+            return None, None, owner_token  # none yet, or a run deleted since
+        return run_id, None, owner_token
 
-    demo.load(attach, current_run, [current_run, drawn], api_visibility="private")
+    demo.load(attach, [current_run, owner], [current_run, drawn, owner], api_visibility="private")
     demo.load(on_form, form, command, api_visibility="private")
     demo.load(on_dataset, [task, dataset, upload], [dataset_info, preview], api_visibility="private")
