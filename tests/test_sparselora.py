@@ -139,3 +139,19 @@ def test_a_sparselora_run_reports_flops_and_recall_and_saves_a_lora_adapter(tmp_
     assert logged[-1]["flops_ratio_vs_lora"] < 1.0
     assert json.loads((run.adapter_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert inference.generate(inference.load_run(run), ["To be"], max_new_tokens=3)[0]["text"] is not None
+
+
+def test_svd_estimator_is_the_best_rank_r_map_and_exact_at_full_rank():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 16)  # (out, in), as a Linear stores it
+    a, b = sparsity.svd_factors(weight, 4)
+    tail = torch.linalg.svdvals(weight)[4:]
+    assert torch.linalg.norm(a @ b - weight.t()) == pytest.approx(float(tail.norm()), rel=1e-4)  # Eckart-Young
+    exact, none = sparsity.svd_factors(weight, 16)  # rank = input width: nothing to gain by factoring
+    assert none is None and torch.equal(exact, weight.t())
+
+
+def test_an_exact_estimator_scoring_every_token_picks_the_oracle_channels(tiny_models):
+    _, sparse, inputs = _pair(tiny_models["llama"], "generation", "0.5,0.5", output_tokens="sparse")
+    sparse(**inputs).loss.backward()  # rank 384 >= width 64 and 128 sampled >= tokens: exact scores
+    assert sparse.sparsity_controller.recall == pytest.approx(1.0)

