@@ -76,13 +76,31 @@ def loss_points(page) -> int:
     return page.evaluate(LOSS_POINTS)
 
 
-def test_train_watch_reload_stop_compare_and_classify(page, app_url):
+def test_train_watch_reload_stop_compare_and_classify(page, app_url, review_csv):
+    # Switching the task swaps model, dataset and budget, with no error and a matching command.
+    for task, model in (("generation", "SmolLM2-135M-Instruct"), ("sentiment", "all-MiniLM-L6-v2")):
+        page.get_by_text(task, exact=True).first.click()
+        page.wait_for_function(f"() => document.querySelector('.cm-content')?.innerText.includes('{model}')")
+    page.wait_for_timeout(1000)
+    toasts = page.locator("[data-testid=toast-body]").all_inner_texts()
+    assert not toasts, toasts
+
+    # An uploaded CSV is previewed with its split sizes and becomes the run's dataset.
+    page.locator("#dataset-upload input[type=file]").set_input_files(str(review_csv))
+    page.wait_for_function(
+        "() => document.querySelector('#dataset-info')?.innerText.includes('reviews.csv')"
+        " && document.querySelector('#dataset-info').innerText.includes('train 320')"
+    )
+
     # Train tab: LoRA is the default method and the bundled encoder the default model offline.
     page.get_by_text("Budget, seed and evaluation").click()
     page.locator("#max-steps input").fill("400")
     page.locator("#eval-samples input").fill("64")
     page.get_by_text("LoRA: Freezes the model").click()
-    page.wait_for_function("() => document.querySelector('.cm-content')?.innerText.includes('--max-steps 400')")
+    page.wait_for_function(
+        "() => document.querySelector('.cm-content')?.innerText.includes('--max-steps 400')"
+        " && document.querySelector('.cm-content').innerText.includes('reviews.csv')"
+    )
     page.locator("#start-button").click()
 
     # The loss chart gains points while the run trains.

@@ -1,57 +1,22 @@
 """Named API endpoints (see the README's `gradio_client` example), typed so Gradio documents them.
 
 Each endpoint validates its input and answers a mistake with a readable error that changes
-nothing. Models and datasets are catalog ids (or Hub ids when the Hub is reachable); server-side
-paths are refused unless the app runs with LORA_ARENA_ALLOW_LOCAL_PATHS=1 (a trusted, local
-deployment, and the tests).
+nothing (models and datasets are checked by `Arena.start`).
 """
 
 from __future__ import annotations
 
-import os
-import re
 import secrets
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from training import data, models
 from training.cli import command_line
 from training.engine import ConfigError, TrainConfig
 from training.leaderboard import leaderboard
 from training.playground import classify_side_by_side, generate_side_by_side
 
 from .arena import Arena, user_errors
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def local_paths_allowed() -> bool:
-    return os.environ.get("LORA_ARENA_ALLOW_LOCAL_PATHS") == "1"
-
-
-def check_model_choice(model: str | None, task: str, offline: bool) -> None:
-    """A catalog id, a Hub id when online, or (trusted deployments only) a local folder."""
-    if not model or any(entry.id == model for entry in models.CATALOG):
-        return
-    if local_paths_allowed() and Path(model).is_dir():
-        models.resolve_model_path(model, offline)  # a folder must hold a model
-        return
-    if not HUB_ID.match(model) or ".." in model:
-        choices = ", ".join(entry.id for entry in models.catalog(task))
-        raise ConfigError(f"model {model!r} is not a catalog id or a Hub id (owner/name); choose one of {choices}")
-    if offline:
-        models.resolve_model_path(model, offline)  # raises the 'needs the Hub' message
-
-
-def check_dataset_choice(dataset: str | None, task: str) -> None:
-    if not dataset or any(entry.id == dataset for entry in data.catalog(task)):
-        return
-    if local_paths_allowed() and Path(dataset).is_file() and Path(dataset).suffix.lower() in (".csv", ".jsonl"):
-        return  # validated by the job manager before anything is queued
-    choices = ", ".join(entry.id for entry in data.catalog(task))
-    raise ConfigError(f"dataset {dataset!r} is not in the catalog; choose one of {choices} (upload files in the UI)")
 
 
 def register(arena: Arena) -> None:
@@ -91,9 +56,6 @@ def register(arena: Arena) -> None:
                 eval_samples=eval_samples,
                 checkpoint_steps=checkpoint_steps,
             )
-            config.resolved()  # task, method and numbers first: the catalog checks need a valid task
-            check_model_choice(config.model, task, arena.offline)
-            check_dataset_choice(config.dataset, task)
             owner_token = owner_token or secrets.token_urlsafe(16)
             run_id = arena.start(config, owner_token)
             return {

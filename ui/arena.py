@@ -1,19 +1,25 @@
 """What every tab and API endpoint shares: the run store, the job manager and the adapter pool.
 
 The UI only ever reads the run store and talks to the job manager; it never touches a training
-loop. Errors the user can fix become `gr.Error` with the library's own message.
+loop. Errors the user can fix become `gr.Error` with the library's own message. Models and
+datasets are catalog ids (or Hub ids when the Hub is reachable); server-side paths are refused
+unless the app runs with LORA_ARENA_ALLOW_LOCAL_PATHS=1 (a trusted, local deployment, and the tests).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import gradio as gr
 import torch
 
 from lora_methods import HParamError
+from training import data, models
 from training.data import DataError
 from training.engine import ConfigError, TrainConfig
 from training.inference import AdapterPool, InferenceError
@@ -34,6 +40,36 @@ def user_errors() -> Iterator[None]:
         raise gr.Error(str(error), title="Please check the input") from None
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def local_paths_allowed() -> bool:
+    return os.environ.get("LORA_ARENA_ALLOW_LOCAL_PATHS") == "1"
+
+
+def check_model_choice(model: str | None, task: str, offline: bool) -> None:
+    """A catalog id, a Hub id when online, or (trusted deployments only) a local folder."""
+    if not model or any(entry.id == model for entry in models.CATALOG):
+        return
+    if local_paths_allowed() and Path(model).is_dir():
+        models.resolve_model_path(model, offline)  # a folder must hold a model
+        return
+    if not HUB_ID.match(model) or ".." in model:
+        choices = ", ".join(entry.id for entry in models.catalog(task))
+        raise ConfigError(f"model {model!r} is not a catalog id or a Hub id (owner/name); choose one of {choices}")
+    if offline:
+        models.resolve_model_path(model, offline)  # raises the 'needs the Hub' message
+
+
+def check_dataset_choice(dataset: str | None, task: str) -> None:
+    if not dataset or any(entry.id == dataset for entry in data.catalog(task)):
+        return
+    if local_paths_allowed() and Path(dataset).is_file() and Path(dataset).suffix.lower() in (".csv", ".jsonl"):
+        return  # validated by the job manager before anything is queued
+    choices = ", ".join(entry.id for entry in data.catalog(task))
+    raise ConfigError(f"dataset {dataset!r} is not in the catalog; choose one of {choices} (upload files in the UI)")
+
+
 class Arena:
     def __init__(self, runs_dir: str | None = None) -> None:
         self.store = RunStore(runs_dir)
@@ -44,8 +80,13 @@ class Arena:
         self._tail_lock = threading.Lock()
         self._cores = torch.get_num_threads()
 
-    def start(self, config: TrainConfig, owner_token: str | None) -> str:
-        """Queue a run; its id. The worker uses the Hub only if this app can reach it."""
+    def start(self, config: TrainConfig, owner_token: str | None, upload: str | None = None) -> str:
+        """Queue a run; its id. `upload` is a file the UI received (it replaces the dataset); the
+        worker uses the Hub only if this app can reach it."""
+        resolved = config.resolved()  # task, method and numbers first: the catalog checks need a task
+        check_model_choice(resolved.model, resolved.task, self.offline)
+        if not (upload and resolved.dataset == upload):  # a file the UI received is the user's own
+            check_dataset_choice(resolved.dataset, resolved.task)
         config.offline = config.offline or self.offline
         return self.jobs.submit(config, owner_token).id
 

@@ -23,7 +23,7 @@ from training.cli import command_line
 from training.engine import TASK_DEFAULTS, TrainConfig
 
 from . import charts
-from .arena import USER_ERRORS, Arena, user_errors
+from .arena import USER_ERRORS, Arena, check_dataset_choice, check_model_choice, user_errors
 
 REFRESH_SECONDS = 2.0
 DEFAULT_METHOD = "lora"
@@ -77,6 +77,15 @@ def _dataset_overview(dataset: str, task: str, offline: bool) -> tuple[str, pd.D
     if splits.controlled:
         text += " · generations are judged for sentiment control"
     return text, splits.train.select(range(min(PREVIEW_ROWS, len(splits.train)))).to_pandas()
+
+
+def _stale(task: str, model: str | None, dataset: str | None) -> bool:
+    """An event that read the form while a task switch was being applied: the other task's
+    catalog model or dataset next to this task. Its handler leaves the page alone."""
+    other = [t for t in TASKS if t != task]
+    return any(entry.id == model for entry in models.CATALOG if entry.task in other) or any(
+        entry.id == dataset for entry in data.CATALOG if entry.task in other
+    )
 
 
 def _whole(value: Any) -> Any:
@@ -190,19 +199,25 @@ def build(demo: gr.Blocks, arena: Arena) -> None:
             task = gr.Radio(list(TASKS), value="sentiment", label="Task", info="classify reviews, or write text")
             gr.Markdown(connectivity, elem_classes="arena-connectivity")
             model = gr.Dropdown(
-                model_choices("sentiment", offline), value=models.default_model("sentiment", offline), label="Model"
+                model_choices("sentiment", offline),
+                value=models.default_model("sentiment", offline),
+                label="Model",
+                info="a catalog model, or type a Hub id (owner/name) when online",
+                allow_custom_value=True,
             )
             dataset = gr.Dropdown(
                 dataset_choices("sentiment", offline),
                 value=data.default_dataset("sentiment", offline),
                 label="Dataset",
+                allow_custom_value=True,  # checked on start; lets a stale event through without an error
             )
             upload = gr.File(
                 label="...or upload a CSV / JSONL (sentiment: text,label; generation: text or prompt,completion)",
                 file_types=[".csv", ".jsonl"],
                 type="filepath",
+                elem_id="dataset-upload",
             )
-            dataset_info = gr.Markdown()
+            dataset_info = gr.Markdown(elem_id="dataset-info")
             preview = gr.Dataframe(label="First rows of the training split", interactive=False, max_height=220)
         with gr.Column(scale=5):
             method = gr.Radio(
@@ -263,26 +278,21 @@ def build(demo: gr.Blocks, arena: Arena) -> None:
             None,
         )
 
-    task.change(
-        on_task,
-        task,
-        [model, dataset, max_steps, batch_size, seq_len, upload],
-        api_visibility="private",
-    )
-
     def on_method(method_name: str):
         taken = {spec.name: spec for spec in METHODS[method_name].hparams}
         return [
             gr.update(visible=name in taken, value=taken[name].default if name in taken else None) for name in HPARAMS
         ]
 
-    method.change(on_method, method, list(fields.values()), api_visibility="private")
-
     def on_dataset(task_name: str, dataset_id: str, upload_path: str | None):
         source = upload_path or dataset_id
+        if _stale(task_name, None, dataset_id):
+            return gr.skip(), gr.skip()
         if not source:
             return "", None
         try:
+            if not upload_path:
+                check_dataset_choice(dataset_id, task_name)
             text, rows = _dataset_overview(source, task_name, offline)
         except USER_ERRORS as error:
             return f"**Cannot use this dataset**: {html.escape(str(error))}", None
@@ -290,23 +300,37 @@ def build(demo: gr.Blocks, arena: Arena) -> None:
             text = f"**Upload** `{html.escape(Path(upload_path).name)}` · " + text
         return text, rows
 
-    for trigger in (dataset.change, upload.change):
-        trigger(on_dataset, [task, dataset, upload], [dataset_info, preview], api_visibility="private")
-
     def on_form(*values):
+        if _stale(*values[:3]):
+            return gr.skip()
         try:
             config = form_config(*values)
+            check_model_choice(config.model, config.task, offline)
+            if not values[form.index(upload)]:
+                check_dataset_choice(config.dataset, config.task)
             config.resolved()
             return command_line(config)
         except (*USER_ERRORS, KeyError, TypeError) as error:
             return f"# cannot start yet: {error}"
 
+    # Events chain explicitly (`.then`), and edits listen to `.input` (a person's change only): a
+    # handler reading the form while another one's updates are still being applied in the browser
+    # would see the other task's model against the new task's choices.
+    private = {"api_visibility": "private", "show_progress": "hidden"}
+    dataset_outputs = ([task, dataset, upload], [dataset_info, preview])
+    task.input(on_task, task, [model, dataset, max_steps, batch_size, seq_len, upload], **private).then(
+        on_form, form, command, **private
+    ).then(on_dataset, *dataset_outputs, **private)
+    method.input(on_method, method, list(fields.values()), **private).then(on_form, form, command, **private)
+    for trigger in (dataset.input, upload.upload, upload.clear):
+        trigger(on_dataset, *dataset_outputs, **private).then(on_form, form, command, **private)
     for component in form:
-        component.change(on_form, form, command, api_visibility="private", show_progress="hidden")
+        if component not in (task, method, dataset, upload):
+            component.input(on_form, form, command, **private)
 
     def on_start(owner_token: str, *values):
         with user_errors():
-            run_id = arena.start(form_config(*values), owner_token)
+            run_id = arena.start(form_config(*values), owner_token, upload=values[form.index(upload)])
         gr.Info(f"Run {run_id} queued")
         return run_id, None
 
