@@ -167,8 +167,12 @@ class SparsityController:
     layers: list[SparseLayer]
     linear_flops_per_token: int  # every Linear/Conv1D of the model, dense (multiply-adds)
     active: bool = True
-    sparse_tokens: int | None = None  # positions from here on are computed dense; None: none are
-    dense_leading: int = 0  # leading positions computed dense (a classifier's [CLS] token)
+    # This batch's routing over its flattened (row, position) tokens, set before each forward:
+    # `order` lists the sparse tokens first and then the dense ones, `sparse_count` how many are
+    # sparse, `restore` the inverse permutation. None: every token sparse.
+    order: torch.Tensor | None = None
+    restore: torch.Tensor | None = None
+    sparse_count: int = 0
     sample_tokens: int = 128  # context tokens the estimator scores per step
     recall_batches: int = 4
     recalls: list[float] = field(default_factory=list)
@@ -209,29 +213,29 @@ def _sparse_container_forward(controller: SparsityController, layer: SparseLayer
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # one input: BERT's chunking checks the arity
         if not (controller.active and torch.is_grad_enabled() and self.training):
             return original(x)
-        length = x.shape[1]
-        start = min(controller.dense_leading, length)
-        stop = length if controller.sparse_tokens is None else min(controller.sparse_tokens, length)
-        if stop <= start:
-            return original(x)
-        # a contiguous slice (no boolean gathers), copied into its own memory: a strided 3-D input
-        # sends every linear layer down a slow batched-matmul path
-        context = x[:, start:stop].contiguous()
+        tokens = x.reshape(-1, x.shape[-1])
+        if controller.order is not None:
+            if controller.sparse_count == 0:
+                return original(x)
+            # Per row, the tokens of its context run sparse and the rest dense: one gather with
+            # indices made once per batch (no boolean masks), the FFN on two packed blocks, and
+            # one gather back. Rows keep their own context length, not the batch's shortest.
+            tokens = tokens.index_select(0, controller.order)
+        context = tokens[: controller.sparse_count] if controller.order is not None else tokens
         layer.keep = layer.choose(context.detach(), controller.sample_tokens)
         if len(controller.recalls) < controller.recall_batches * len(controller.layers):
             oracle = layer.oracle(context.detach())
             controller.recalls.append(float(torch.isin(layer.keep, oracle).float().mean()))
         try:
-            sparse = original(context)
+            sparse = original(context.unsqueeze(0)).squeeze(0)
         finally:
             layer.keep = None
-        scored = min(context.shape[0] * context.shape[1], controller.sample_tokens)
-        controller.account_saving(layer, x.shape[0] * (stop - start), scored)
-        parts = [original(x[:, :start])] if start else []
-        parts.append(sparse)
-        if stop < length:
-            parts.append(original(x[:, stop:]))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else sparse
+        controller.account_saving(layer, context.shape[0], min(context.shape[0], controller.sample_tokens))
+        if controller.order is None:
+            return sparse.reshape(x.shape)
+        dense = tokens[controller.sparse_count :]
+        parts = [sparse, original(dense.unsqueeze(0)).squeeze(0)] if dense.shape[0] else [sparse]
+        return torch.cat(parts).index_select(0, controller.restore).reshape(x.shape)
 
     return forward
 
@@ -251,17 +255,29 @@ def _layer_weights_key(model: torch.nn.Module, layers: list, layout: FFNLayout, 
     return hashlib.sha1(fingerprint.encode()).hexdigest()[:16] + f"-r{rank}"
 
 
-def _first_output_position(labels: torch.Tensor) -> int:
-    """Leading positions whose next-token prediction has no label (the prompt): they may run sparse.
+def dense_positions(labels: torch.Tensor | None, input_shape: torch.Size) -> torch.Tensor | None:
+    """Which (row, position) tokens produce an output and so run dense; None if none do.
 
-    Causal LMs predict labels[t + 1] at position t, so the dense part starts one position before
-    the first labelled token. Rows with no label at all do not limit the split.
-    """
-    labelled = labels != IGNORE_INDEX
-    first = torch.where(
-        labelled.any(dim=1), labelled.float().argmax(dim=1), torch.full_like(labels[:, 0], labels.shape[1])
-    )
-    return max(0, int(first.min()) - 1)
+    Causal LMs predict labels[t + 1] at position t: a position is dense when the token after it
+    is labelled, so each row's prompt (and padding) is its context. A sequence classifier reads
+    its output at the first ([CLS]) position of each row."""
+    if labels is None:
+        return None
+    if labels.dim() == 2:
+        dense = torch.zeros(input_shape, dtype=torch.bool, device=labels.device)
+        dense[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        return dense
+    dense = torch.zeros(input_shape, dtype=torch.bool, device=labels.device)
+    dense[:, 0] = True
+    return dense
+
+
+def routing(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(order, restore, sparse count): the flattened token indices with every sparse token first,
+    the permutation that puts them back, and how many are sparse."""
+    flat = dense.reshape(-1)
+    order = torch.argsort(flat.to(torch.int8), stable=True)  # sparse (False) first, each in order
+    return order, torch.argsort(order), int((~flat).sum())
 
 
 def install(
@@ -327,11 +343,11 @@ def install(
         if not (module.training and torch.is_grad_enabled()):
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        labels = kwargs.get("labels")
-        sequence_labels = labels is not None and labels.dim() == 2
-        controller.sparse_tokens = _first_output_position(labels) if dense_outputs and sequence_labels else None
-        # A sequence classifier reads its output from the first ([CLS]) position.
-        controller.dense_leading = 1 if dense_outputs and labels is not None and labels.dim() == 1 else 0
+        dense = dense_positions(kwargs.get("labels"), input_ids.shape) if dense_outputs else None
+        if dense is None:
+            controller.order = controller.restore = None
+        else:
+            controller.order, controller.restore, controller.sparse_count = routing(dense)
         controller.account_forward(input_ids.numel())
 
     transformers_model.register_forward_pre_hook(before_forward, with_kwargs=True)

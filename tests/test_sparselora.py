@@ -83,10 +83,16 @@ def test_evaluation_is_dense(tiny_models):
         assert torch.allclose(dense(**inputs).logits, sparse(**inputs).logits, atol=1e-6)
 
 
-def test_prompt_tokens_run_sparse_and_output_tokens_dense():
+def test_each_rows_prompt_runs_sparse_and_its_output_positions_dense():
     labels = torch.tensor([[-100, -100, -100, 5, 6, -100], [-100, -100, -100, -100, 7, 8]])
-    assert sparsity._first_output_position(labels) == 2  # position 2 predicts the first target token
-    assert sparsity._first_output_position(torch.full((2, 4), -100)) == 3
+    dense = sparsity.dense_positions(labels, labels.shape)
+    # position t predicts token t + 1: row 0's outputs come from positions 2-3, row 1's from 3-4
+    assert dense.tolist() == [[False, False, True, True, False, False], [False, False, False, True, True, False]]
+    order, restore, sparse_count = sparsity.routing(dense)
+    assert sparse_count == 8 and order[:sparse_count].tolist() == [0, 1, 4, 5, 6, 7, 8, 11]
+    assert torch.equal(order[restore], torch.arange(12))
+    classifier = sparsity.dense_positions(torch.tensor([1, 0]), torch.Size([2, 5]))
+    assert classifier[:, 0].all() and not classifier[:, 1:].any()  # [CLS] dense, the rest sparse
 
 
 def test_layer_schedule_and_its_errors():
