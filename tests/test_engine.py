@@ -240,3 +240,5 @@ def test_only_stopped_interrupted_or_failed_runs_with_a_checkpoint_resume(tmp_pa
     completed.update_summary(status="interrupted")
     with pytest.raises(ConfigError, match="no checkpoint to resume from"):
         resume(completed.id, store)
+    (completed.dir / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # killed while saving
+    assert latest_checkpoint(completed) is None

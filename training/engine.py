@@ -8,6 +8,7 @@ The engine holds no global state and never imports a UI: a job manager, the CLI 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -30,7 +31,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from lora_methods import TASKS, FineTuningMethod, Task, get_method
 
@@ -249,8 +249,18 @@ RESUMABLE = ("stopped", "interrupted", "failed")
 
 
 def latest_checkpoint(run: Run) -> str | None:
-    folder = run.dir / "checkpoints"
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    """The newest complete checkpoint: a process killed while saving leaves a folder without the
+    trainer state the Trainer writes last, and the previous checkpoint is the one to resume."""
+
+    def complete(path: Path) -> bool:
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return path.name.rsplit("-", 1)[1].isdigit()
+
+    saved = [path for path in (run.dir / "checkpoints").glob("checkpoint-*") if complete(path)]
+    return str(max(saved, key=lambda path: int(path.name.rsplit("-", 1)[1]))) if saved else None
 
 
 def resume(run_id: str, store: RunStore | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
