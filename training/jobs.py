@@ -247,7 +247,7 @@ class JobManager:
                     self._changed.wait()
                 job = self._jobs[self._queue.popleft()]
                 job.state = "starting"
-            self._start(job)
+                self._start(job)  # under the lock: no reader sees a starting job without its process
 
     def _start(self, job: Job) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,7 @@ class JobManager:
         run_dir = self.store.root / job.id
         if not (run_dir / "config.json").exists():
             return False
-        return not job.resume or Run(run_dir).summary.get("pid") == job.process.pid
+        return not job.resume or (job.process is not None and Run(run_dir).summary.get("pid") == job.process.pid)
 
     def _watch(self, job: Job, log_path: Path) -> None:
         # `running` as soon as the worker has created (or reopened) the run: loading passed.
