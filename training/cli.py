@@ -18,6 +18,7 @@ from lora_methods import METHODS, TASKS, HParamError, get_method
 
 from .data import DataError
 from .engine import ConfigError, TrainConfig, resume, train
+from .leaderboard import leaderboard
 from .models import ModelError
 from .runs import RunNotFound, RunStore
 
@@ -201,8 +202,6 @@ def _stop_on_ctrl_c() -> Callable[[], bool]:
 
 
 def _list(store: RunStore) -> None:
-    from .leaderboard import leaderboard
-
     columns = ["run", "status", "metric", "validation", "test", "trainable %", "median step s"]
     frame = leaderboard(store)
     print(frame[columns].to_string(index=False, na_rep="-") if not frame.empty else f"no runs in {store.root}")

@@ -263,18 +263,24 @@ def latest_checkpoint(run: Run) -> str | None:
     return str(max(saved, key=lambda path: int(path.name.rsplit("-", 1)[1]))) if saved else None
 
 
+def resumable(run: Run) -> tuple[TrainConfig, str]:
+    """The config a run was started with and the checkpoint to continue from; ConfigError if the
+    run cannot be resumed (still running, completed, or stopped before its first checkpoint)."""
+    if run.status not in RESUMABLE:
+        raise ConfigError(f"run {run.id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed")
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        raise ConfigError(f"run {run.id} has no checkpoint to resume from (it stopped before the first one)")
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{key: value for key, value in run.config.items() if key in names}), checkpoint
+
+
 def resume(run_id: str, store: RunStore | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
     """Continue a stopped, interrupted or failed run from its latest checkpoint, same run id:
     its step count, loss curve and data order carry on where the checkpoint left them."""
     store = store or RunStore()
     run = store.get(run_id)
-    if run.status not in RESUMABLE:
-        raise ConfigError(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed")
-    checkpoint = latest_checkpoint(run)
-    if checkpoint is None:
-        raise ConfigError(f"run {run_id} has no checkpoint to resume from (it stopped before the first one)")
-    names = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{key: value for key, value in run.config.items() if key in names})
+    config, checkpoint = resumable(run)
     return train(config, store, should_stop, resume_from=(run, checkpoint))
 
 

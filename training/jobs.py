@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import data
 from .cli import train_arguments
-from .engine import RESUMABLE, ConfigError, TrainConfig, latest_checkpoint
+from .engine import ConfigError, TrainConfig, resumable
 from .runs import FINISHED, Run, RunStore
 
 JOB_STATES = ("queued", "starting", "running", "finished", "failed", "cancelled")
@@ -128,15 +128,13 @@ class JobManager:
         """Queue a stopped, interrupted or failed run to continue from its latest checkpoint."""
         run = self.store.get(run_id)
         self._check_owner(run_id, owner_token)
-        if run_id in self._queue or any(job.id == run_id for job in self.active()):
+        if self._pending(run_id):
             raise ConfigError(f"run {run_id} is already queued or running")
-        if run.status not in RESUMABLE:
-            raise ConfigError(f"run {run_id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed")
-        if latest_checkpoint(run) is None:
-            raise ConfigError(f"run {run_id} has no checkpoint to resume from (it stopped before the first one)")
-        names = {spec.name for spec in fields(TrainConfig)}
-        config = TrainConfig(**{key: value for key, value in run.config.items() if key in names})
+        config, _ = resumable(run)
         return self._enqueue(Job(run_id, config, resume=True))
+
+    def _pending(self, run_id: str) -> bool:
+        return run_id in self._queue or any(job.id == run_id for job in self.active())
 
     def _enqueue(self, job: Job) -> Job:
         with self._changed:
@@ -157,9 +155,7 @@ class JobManager:
 
     def stop(self, job_id: str, owner_token: str | None = None) -> str:
         """Cancel a queued job or stop a running one within one step (its adapter is kept)."""
-        if job_id not in self._jobs:
-            self.store.get(job_id)  # raises RunNotFound for bad or unknown ids
-        self._check_owner(job_id, owner_token)
+        self._check_owner(job_id, owner_token)  # raises RunNotFound for bad or unknown ids
         with self._changed:
             job = self._jobs.get(job_id)
             if job is None:
@@ -191,7 +187,7 @@ class JobManager:
         """Remove a finished run's folder (adapter, metrics, checkpoints) from the store."""
         run = self.store.get(run_id)
         self._check_owner(run_id, owner_token)
-        if run_id in self._queue or any(job.id == run_id for job in self.active()) or run.status == "running":
+        if self._pending(run_id) or run.status == "running":
             raise ConfigError(f"run {run_id} is queued or running; stop it before deleting it")
         shutil.rmtree(run.dir)
         self._jobs.pop(run_id, None)
@@ -221,13 +217,10 @@ class JobManager:
     def describe(self, job_id: str) -> dict:
         """The job's state for a UI or API client, merged with its run's summary once it exists."""
         job = self._jobs.get(job_id)
-        if job is None:
-            summary = self.store.get(job_id).summary  # validates the id; RunNotFound if unknown
-        else:
-            run_dir = self.store.root / job.id
-            summary = Run(run_dir).summary if (run_dir / "config.json").exists() else {}
+        # an unknown id is validated by the store (RunNotFound); a job's run may not exist yet
+        summary = self._summary(job.id) if job else self.store.get(job_id).summary
         state = job.state if job else ("running" if summary.get("status") == "running" else "finished")
-        if job and job.state == "starting" and self._run_started(job):
+        if job and job.state == "starting" and self._run_started(job, summary):
             state = "running"
         return {
             "id": job_id,
@@ -237,6 +230,10 @@ class JobManager:
             "error": (job.error if job else None) or summary.get("error"),
             "summary": summary,
         }
+
+    def _summary(self, run_id: str) -> dict:
+        run_dir = self.store.root / run_id
+        return Run(run_dir).summary if (run_dir / "config.json").exists() else {}
 
     # -- the worker loop --------------------------------------------------------------------
 
@@ -265,16 +262,17 @@ class JobManager:
             )
         threading.Thread(target=self._watch, args=(job, log_path), daemon=True).start()
 
-    def _run_started(self, job: Job) -> bool:
-        run_dir = self.store.root / job.id
-        if not (run_dir / "config.json").exists():
+    @staticmethod
+    def _run_started(job: Job, summary: dict) -> bool:
+        """The worker has created its run (a resumed one: written its own pid): loading passed."""
+        if not summary:
             return False
-        return not job.resume or (job.process is not None and Run(run_dir).summary.get("pid") == job.process.pid)
+        return not job.resume or (job.process is not None and summary.get("pid") == job.process.pid)
 
     def _watch(self, job: Job, log_path: Path) -> None:
         # `running` as soon as the worker has created (or reopened) the run: loading passed.
         while job.process.poll() is None:
-            if job.state == "starting" and self._run_started(job):
+            if job.state == "starting" and self._run_started(job, self._summary(job.id)):
                 job.state = "running"
             time.sleep(0.2)
         code = job.process.returncode

@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from lora_methods import Task, get_method
 
 from .data import REVIEW_PROMPT
@@ -145,7 +143,6 @@ def generate_side_by_side(
     return results
 
 
-@torch.no_grad()
 def _judge(pool: AdapterPool, store: RunStore, results: list[dict]) -> None:
     judge = find_judge(store, None)
     if judge is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -31,8 +32,16 @@ def _table(arena: Arena, task_filter: str, sort: str) -> pd.DataFrame:
     return frame
 
 
-def _export_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="lora-arena-export-"))
+EXPORTS = Path(tempfile.mkdtemp(prefix="lora-arena-export-"))  # one folder for this app process
+
+
+def _export(text: str, suffix: str) -> str:
+    """A file holding `text`, named by its content: every refresh of the same table reuses it
+    (a folder per refresh would grow without end on a long-running Space)."""
+    path = EXPORTS / f"leaderboard-{hashlib.sha1(text.encode()).hexdigest()[:12]}{suffix}"
+    if not path.exists():
+        path.write_text(text, encoding="utf-8")
+    return str(path)
 
 
 def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
@@ -55,15 +64,12 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
 
     def show(task_name: str, sort_name: str, x_axis: str, chosen: list[str] | None):
         frame = _table(arena, task_name, sort_name)
-        folder = _export_dir()
-        (folder / "leaderboard.csv").write_text(to_csv(frame), encoding="utf-8")
-        (folder / "leaderboard.md").write_text(to_markdown(frame), encoding="utf-8")
         runs = frame["run"].tolist()
         kept = [run for run in (chosen or []) if run in runs] or runs[:3]
         return (
             frame,
-            str(folder / "leaderboard.csv"),
-            str(folder / "leaderboard.md"),
+            _export(to_csv(frame), ".csv"),
+            _export(to_markdown(frame), ".md"),
             gr.update(choices=runs, value=kept),
             charts.tradeoff_figure(frame, x_axis),
         )

@@ -11,6 +11,7 @@ import html
 import gradio as gr
 
 from training.inference import MAX_NEW_TOKENS
+from training.leaderboard import leaderboard
 from training.models import LABELS
 from training.playground import classify_side_by_side, generate_side_by_side, review_prompt
 
@@ -21,12 +22,10 @@ GENERATION_CAP = 128  # max new tokens offered in the UI: a CPU Space answers in
 
 def _served_runs(arena: Arena, task: str) -> list[tuple[str, str]]:
     """(label, run id) of every run of `task` with a saved adapter, best first."""
-    from training.leaderboard import leaderboard
-
     frame = leaderboard(arena.store, task)
     if frame.empty:
         return []
-    frame = frame[frame["run"].map(lambda run_id: (arena.store.root / run_id / "adapter").exists())]
+    frame = frame[frame["run"].map(lambda run_id: arena.store.get(run_id).adapter_dir.exists())]
     return [
         (
             f"{row.run} · {row.method} · {row.metric} {row.validation if row.validation == row.validation else '-'}",
