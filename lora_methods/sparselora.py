@@ -61,6 +61,7 @@ class SparsitySchedule(TrainerCallback):
                 "estimator_recall": self.controller.recall,
                 "sparse_layers": [layer.index for layer in layers],
                 "kept_channels": {layer.index: layer.kept for layer in layers},
+                "kept_value_channels": {a.index: a.kept for a in self.controller.attention},
                 "dense_warmup_steps": getattr(self, "warmup_steps", None),
             }
         }
@@ -73,6 +74,12 @@ def apply(model: torch.nn.Module, task: Task, hparams: Mapping[str, Any]) -> tor
             f"SparseLoRA supports {', '.join(sparsity.FFN_LAYOUTS)} models, not {model.config.model_type!r}"
         )
     ratios = layer_schedule(len(sparsity._resolve(model, layout.layers)), hparams)
+    attention = hparams["attention_sparsity"]
+    if attention > 0 and model.config.model_type not in sparsity.ATTENTION_LAYOUTS:
+        raise HParamError(
+            f"attention_sparsity must be 0 for {model.config.model_type!r} models "
+            f"(value/output slicing supports {', '.join(sparsity.ATTENTION_LAYOUTS)})"
+        )
     wrapped = lora.apply(model, task, hparams)
     wrapped.sparsity_controller = sparsity.install(
         wrapped,
@@ -81,6 +88,7 @@ def apply(model: torch.nn.Module, task: Task, hparams: Mapping[str, Any]) -> tor
         hparams["estimator_tokens"],
         hparams["output_tokens"] == "dense",
         cache_dir(),
+        [attention if ratio > 0 else 0.0 for ratio in ratios],  # the same layers as the FFN
     )
     return wrapped
 
@@ -101,6 +109,15 @@ METHOD = FineTuningMethod(
             float,
             0.75,
             "share of FFN channels skipped in sparse layers",
+            minimum=0.0,
+            maximum=1.0,
+            maximum_exclusive=True,
+        ),
+        HParam(
+            "attention_sparsity",
+            float,
+            0.0,
+            "share of value channels (and the output projection's matching columns) skipped in sparse layers",
             minimum=0.0,
             maximum=1.0,
             maximum_exclusive=True,

@@ -15,6 +15,14 @@ Architectures: the FFN is `in-projection(s) -> elementwise activation -> out-pro
   gpt2        mlp.c_fc (Conv1D) -> mlp.c_proj (Conv1D)
   distilbert  ffn.lin1 -> ffn.lin2
   bert        intermediate.dense -> output.dense (then residual + LayerNorm, per token)
+
+Attention (optional, `attention_sparsity`): value channels are scored by the norm of the value
+the estimator predicts (per channel, not per head), the value projection computes only the kept
+rows and the output projection only the matching input columns. With grouped-query attention a
+value channel (kv head g, dimension d) feeds every query head of group g, so the output keeps
+column (h, d) for each of them. Query and key stay dense: rotary embeddings pair their channels
+and, on these models, q/k are a small share of a step. GPT-2 fuses q, k and v in one `c_attn`
+and has no attention sparsity here.
 """
 
 from __future__ import annotations
@@ -52,6 +60,13 @@ FFN_LAYOUTS: dict[str, FFNLayout] = {
         "output.dense",
         "intermediate.intermediate_act_fn",
     ),
+}
+
+
+ATTENTION_LAYOUTS: dict[str, tuple[str, str]] = {  # (value projection, output projection) in a layer
+    "llama": ("self_attn.v_proj", "self_attn.o_proj"),
+    "distilbert": ("attention.v_lin", "attention.out_lin"),
+    "bert": ("attention.self.value", "attention.output.dense"),
 }
 
 
@@ -160,12 +175,56 @@ class SparseLayer:
         return scores.topk(self.kept).indices
 
 
+def output_columns(value_channels: torch.Tensor, head_dim: int, heads: int, kv_heads: int) -> torch.Tensor:
+    """The output projection's input columns fed by the kept value channels. Query head h reads
+    kv head h // (heads / kv_heads) (transformers' repeat_kv), so channel (g, d) of the values
+    reaches column (h, d) of every head h in group g."""
+    group = heads // kv_heads
+    kv_head, dim = value_channels // head_dim, value_channels % head_dim
+    query_heads = kv_head[:, None] * group + torch.arange(group, device=value_channels.device)
+    return (query_heads * head_dim + dim[:, None]).flatten().sort().values
+
+
+@dataclass
+class SparseAttention:
+    """One attention block's sliced value/output projections and the channels of this step."""
+
+    index: int
+    sparsity: float
+    value: torch.nn.Module
+    output: torch.nn.Module
+    estimator: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # (A, B, bias) of the value
+    head_dim: int
+    heads: int
+    kv_heads: int
+    columns: torch.Tensor | None = None  # output-projection columns of this forward (set by the value)
+
+    @property
+    def width(self) -> int:
+        a, b, _ = self.estimator
+        return (a if b is None else b).shape[1]
+
+    @property
+    def kept(self) -> int:
+        return max(1, round(self.width * (1.0 - self.sparsity)))
+
+    def choose(self, context: torch.Tensor, sample_tokens: int) -> torch.Tensor:
+        """Top-k value channels by the norm of the predicted value over a sample of context tokens."""
+        tokens = context.reshape(-1, context.shape[-1])
+        if tokens.shape[0] > sample_tokens:
+            tokens = tokens[:: math.ceil(tokens.shape[0] / sample_tokens)]
+        a, b, bias = self.estimator
+        estimate = (tokens.float() @ a if b is None else (tokens.float() @ a) @ b) + (0 if bias is None else bias)
+        return estimate.norm(dim=0).topk(self.kept).indices.sort().values
+
+
 @dataclass
 class SparsityController:
     """Shared state of all sparse layers: on/off, the token split of the batch, and telemetry."""
 
     layers: list[SparseLayer]
     linear_flops_per_token: int  # every Linear/Conv1D of the model, dense (multiply-adds)
+    attention: list[SparseAttention] = field(default_factory=list)
     active: bool = True
     # This batch's routing over its flattened (row, position) tokens, set before each forward:
     # `order` lists the sparse tokens first and then the dense ones, `sparse_count` how many are
@@ -194,6 +253,13 @@ class SparsityController:
             a.numel() + (0 if b is None else b.numel()) for a, b, _ in layer.estimator
         )
 
+    def account_attention_saving(self, attention: SparseAttention, sparse_tokens: int, scored_tokens: int) -> None:
+        d = attention.estimator[0].shape[0]
+        skipped_columns = attention.heads * attention.head_dim - attention.columns.numel()
+        self.actual_flops -= 2 * sparse_tokens * d * ((attention.width - attention.kept) + skipped_columns)
+        a, b, _ = attention.estimator
+        self.actual_flops += scored_tokens * (a.numel() + (0 if b is None else b.numel()))
+
     @property
     def flops_ratio(self) -> float | None:
         return self.actual_flops / self.dense_flops if self.dense_flops else None
@@ -209,19 +275,40 @@ def _resolve(root: torch.nn.Module, path: str):
     return root
 
 
+def _split(controller: SparsityController, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context, outputs): the batch's flattened tokens that run sparse and those that run dense.
+
+    Per row, its context runs sparse and its output positions dense: one gather with indices made
+    once per batch (no boolean masks), so rows keep their own context length, not the batch's
+    shortest. Without routing every token is context."""
+    if controller.order is None:
+        return tokens, None
+    tokens = tokens.index_select(0, controller.order)
+    return tokens[: controller.sparse_count], tokens[controller.sparse_count :]
+
+
+def _join(controller: SparsityController, sparse: torch.Tensor, dense: torch.Tensor | None) -> torch.Tensor:
+    """The two blocks back in the batch's token order."""
+    if controller.order is None:
+        return sparse
+    parts = [sparse, dense] if dense is not None and dense.shape[0] else [sparse]
+    return torch.cat(parts).index_select(0, controller.restore)
+
+
+def _runs_sparse(controller: SparsityController, module: torch.nn.Module) -> bool:
+    return (
+        controller.active
+        and torch.is_grad_enabled()
+        and module.training
+        and not (controller.order is not None and controller.sparse_count == 0)
+    )
+
+
 def _sparse_container_forward(controller: SparsityController, layer: SparseLayer, original: Callable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # one input: BERT's chunking checks the arity
-        if not (controller.active and torch.is_grad_enabled() and self.training):
+        if not _runs_sparse(controller, self):
             return original(x)
-        tokens = x.reshape(-1, x.shape[-1])
-        if controller.order is not None:
-            if controller.sparse_count == 0:
-                return original(x)
-            # Per row, the tokens of its context run sparse and the rest dense: one gather with
-            # indices made once per batch (no boolean masks), the FFN on two packed blocks, and
-            # one gather back. Rows keep their own context length, not the batch's shortest.
-            tokens = tokens.index_select(0, controller.order)
-        context = tokens[: controller.sparse_count] if controller.order is not None else tokens
+        context, outputs = _split(controller, x.reshape(-1, x.shape[-1]))
         layer.keep = layer.choose(context.detach(), controller.sample_tokens)
         if len(controller.recalls) < controller.recall_batches * len(controller.layers):
             oracle = layer.oracle(context.detach())
@@ -231,11 +318,44 @@ def _sparse_container_forward(controller: SparsityController, layer: SparseLayer
         finally:
             layer.keep = None
         controller.account_saving(layer, context.shape[0], min(context.shape[0], controller.sample_tokens))
-        if controller.order is None:
-            return sparse.reshape(x.shape)
-        dense = tokens[controller.sparse_count :]
-        parts = [sparse, original(dense.unsqueeze(0)).squeeze(0)] if dense.shape[0] else [sparse]
-        return torch.cat(parts).index_select(0, controller.restore).reshape(x.shape)
+        dense = original(outputs.unsqueeze(0)).squeeze(0) if outputs is not None and outputs.shape[0] else None
+        return _join(controller, sparse, dense).reshape(x.shape)
+
+    return forward
+
+
+def _sparse_value_forward(controller: SparsityController, attention: SparseAttention, original: Callable):
+    """The value projection on the kept channels for context tokens, written into a zero tensor of
+    the full width (the attention kernels need whole heads; the skipped channels never reach the
+    output projection, which reads only the kept columns); output tokens dense."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        attention.columns = None
+        if not _runs_sparse(controller, self):
+            return original(x, *args, **kwargs)
+        context, outputs = _split(controller, x.reshape(-1, x.shape[-1]))
+        keep = attention.choose(context.detach(), controller.sample_tokens)
+        attention.columns = output_columns(keep, attention.head_dim, attention.heads, attention.kv_heads)
+        kept_values = rows_forward(self, context, keep)
+        sparse = kept_values.new_zeros(context.shape[0], attention.width).index_copy(1, keep, kept_values)
+        dense = original(outputs, *args, **kwargs) if outputs is not None and outputs.shape[0] else None
+        controller.account_attention_saving(
+            attention, context.shape[0], min(context.shape[0], controller.sample_tokens)
+        )
+        return _join(controller, sparse, dense).reshape(*x.shape[:-1], attention.width)
+
+    return forward
+
+
+def _sparse_output_forward(controller: SparsityController, attention: SparseAttention, original: Callable):
+    def forward(self, h: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        columns, attention.columns = attention.columns, None
+        if columns is None:
+            return original(h, *args, **kwargs)
+        context, outputs = _split(controller, h.reshape(-1, h.shape[-1]))
+        sparse = columns_forward(self, context.index_select(1, columns), columns)
+        dense = original(outputs, *args, **kwargs) if outputs is not None and outputs.shape[0] else None
+        return _join(controller, sparse, dense).reshape(*h.shape[:-1], sparse.shape[-1])
 
     return forward
 
@@ -280,6 +400,14 @@ def routing(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return order, torch.argsort(order), int((~flat).sum())
 
 
+def _heads(config) -> tuple[int, int, int]:
+    """(head_dim, query heads, key/value heads) of an attention layer."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return head_dim, heads, kv_heads
+
+
 def install(
     model: torch.nn.Module,
     sparsity_per_layer: list[float],
@@ -287,19 +415,26 @@ def install(
     sample_tokens: int,
     dense_outputs: bool,
     cache_dir: Path,
+    attention_per_layer: list[float] | None = None,
 ) -> SparsityController:
-    """Patch the FFNs of `model` (a transformers model, before or after PEFT wrapping) for
-    sparsity; layers whose ratio is 0 stay untouched. SVD factors are cached in `cache_dir`."""
+    """Patch the FFNs (and, where `attention_per_layer` says so, the value/output projections) of
+    `model` (a transformers model, before or after PEFT wrapping) for sparsity; layers whose ratio
+    is 0 stay untouched. SVD factors are cached in `cache_dir`."""
     transformers_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layout = FFN_LAYOUTS.get(transformers_model.config.model_type)
+    model_type = transformers_model.config.model_type
+    layout = FFN_LAYOUTS.get(model_type)
     if layout is None:
         raise ValueError(
-            f"SparseLoRA has no FFN layout for architecture {transformers_model.config.model_type!r}; "
-            f"supported: {', '.join(FFN_LAYOUTS)}"
+            f"SparseLoRA has no FFN layout for architecture {model_type!r}; supported: {', '.join(FFN_LAYOUTS)}"
         )
     blocks = list(_resolve(transformers_model, layout.layers))
-    if len(sparsity_per_layer) != len(blocks):
+    attention_per_layer = attention_per_layer or [0.0] * len(blocks)
+    if len(sparsity_per_layer) != len(blocks) or len(attention_per_layer) != len(blocks):
         raise ValueError(f"{len(sparsity_per_layer)} sparsity ratios for {len(blocks)} layers")
+    if any(attention_per_layer) and model_type not in ATTENTION_LAYOUTS:
+        raise ValueError(
+            f"attention sparsity is not available for {model_type!r} (supported: {', '.join(ATTENTION_LAYOUTS)})"
+        )
 
     linear_flops = sum(
         base_weight(m)[0].numel()
@@ -309,19 +444,37 @@ def install(
     controller = SparsityController([], linear_flops, sample_tokens=sample_tokens)
     cache_file = cache_dir / "svd" / f"{_layer_weights_key(transformers_model, blocks, layout, estimator_rank)}.pt"
     cached = torch.load(cache_file) if cache_file.exists() else {}
-    for index, (block, ratio) in enumerate(zip(blocks, sparsity_per_layer)):
+    cached_before = len(cached)
+
+    def factors(key, modules: list[torch.nn.Module]) -> list:
+        if key not in cached:  # once per model and rank, never inside the training loop
+            cached[key] = [(*svd_factors(base_weight(m)[0], estimator_rank), base_weight(m)[1]) for m in modules]
+        return [(a, b, None if bias is None else bias.float()) for a, b, bias in cached[key]]
+
+    for index, (block, ratio, attention_ratio) in enumerate(zip(blocks, sparsity_per_layer, attention_per_layer)):
+        if attention_ratio > 0:
+            value, output = (_resolve(block, path) for path in ATTENTION_LAYOUTS[model_type])
+            attention = SparseAttention(
+                index,
+                attention_ratio,
+                value,
+                output,
+                factors(("value", index), [value])[0],
+                *_heads(transformers_model.config),
+            )
+            controller.attention.append(attention)
+            value.forward = types.MethodType(_sparse_value_forward(controller, attention, value.forward), value)
+            output.forward = types.MethodType(_sparse_output_forward(controller, attention, output.forward), output)
         if ratio <= 0:
             continue
         inputs = [_resolve(block, path) for path in layout.inputs]
-        if index not in cached:  # once per model and rank, never inside the training loop
-            cached[index] = [(*svd_factors(base_weight(m)[0], estimator_rank), base_weight(m)[1]) for m in inputs]
         layer = SparseLayer(
             index,
             ratio,
             inputs,
             _resolve(block, layout.output),
             _resolve(block, layout.activation),
-            [(a, b, None if bias is None else bias.float()) for a, b, bias in cached[index]],
+            factors(index, inputs),
         )
         controller.layers.append(layer)
         for module in inputs:
@@ -335,7 +488,7 @@ def install(
             )
         else:  # BERT's feed_forward_chunk is a bound method of the layer
             block.feed_forward_chunk = types.MethodType(_sparse_container_forward(controller, layer, container), block)
-    if not cache_file.exists():
+    if len(cached) != cached_before:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save(cached, cache_file)
 

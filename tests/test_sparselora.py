@@ -76,6 +76,41 @@ def test_sliced_ffn_equals_the_dense_ffn_on_the_kept_channels(tiny_models, arch,
     assert sparse.sparsity_controller.flops_ratio < 1.0
 
 
+def test_a_value_channel_feeds_every_query_head_of_its_group():
+    # 4 query heads share 2 kv heads of 4 dimensions: heads 0-1 read kv head 0, heads 2-3 kv head 1.
+    columns = sparsity.output_columns(torch.tensor([1, 6]), head_dim=4, heads=4, kv_heads=2)
+    assert columns.tolist() == [1, 5, 10, 14]  # (kv 0, d 1) -> heads 0, 1; (kv 1, d 2) -> heads 2, 3
+    plain = sparsity.output_columns(torch.tensor([0, 5, 7]), head_dim=4, heads=2, kv_heads=2)
+    assert plain.tolist() == [0, 5, 7]  # without grouping a value channel is its own column
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "distilbert"])  # llama: grouped-query (4 heads, 2 kv)
+def test_sliced_attention_equals_dense_attention_on_the_kept_value_channels(tiny_models, arch, monkeypatch):
+    dense, sparse, inputs = _pair(
+        tiny_models[arch], ARCH_TASK[arch], "1e-9,1e-9", output_tokens="sparse", attention_sparsity=0.5
+    )
+    attention = sparse.sparsity_controller.attention[0]
+    assert len(sparse.sparsity_controller.attention) == 2 and attention.kept == attention.width // 2
+    keep = torch.arange(1, attention.width, 2)  # every other value channel, across heads
+    monkeypatch.setattr(sparsity.SparseAttention, "choose", lambda self, context, sample_tokens: keep)
+    mask = torch.zeros(attention.width)
+    mask[keep] = 1.0
+    value_path = sparsity.ATTENTION_LAYOUTS[dense.get_base_model().config.model_type][0]
+    layers = sparsity._resolve(dense.get_base_model(), sparsity.FFN_LAYOUTS[arch].layers)
+    for block in layers:  # reference: dense attention over values whose skipped channels are zero
+        sparsity._resolve(block, value_path).register_forward_hook(lambda module, args, out: out * mask)
+    dense_logits, dense_grads = _run(dense, inputs)
+    sparse_logits, sparse_grads = _run(sparse, inputs)
+    assert torch.allclose(dense_logits, sparse_logits, atol=1e-5)
+    for name, grad in dense_grads.items():
+        assert torch.allclose(grad, sparse_grads[name], atol=1e-6), name
+
+
+def test_attention_sparsity_is_refused_where_q_k_and_v_are_fused(tiny_models):
+    with pytest.raises(HParamError, match="attention_sparsity must be 0 for 'gpt2'"):
+        _pair(tiny_models["gpt2"], "generation", "0.5,0.5", attention_sparsity=0.5)
+
+
 def test_evaluation_is_dense(tiny_models):
     dense, sparse, inputs = _pair(tiny_models["llama"], "generation", "0.9,0.9")
     dense.eval(), sparse.eval()
