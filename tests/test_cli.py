@@ -135,3 +135,22 @@ def test_the_command_line_shown_for_a_form_reproduces_its_config(config):
         assert getattr(args, name) == getattr(config, name), name
     for name in ("eval_steps", "eval_samples", "control_samples", "judge_run", "offline"):
         assert getattr(args, name) == getattr(config, name), name
+
+
+def test_bench_times_one_method_twice_under_two_labels(tmp_path, tiny_models, review_csv, capsys):
+    from training.cli import main
+
+    common = ["--steps", "2", "--warmup", "1", "--model", tiny_models["bert"], "--dataset", str(review_csv)]
+    arguments = ["bench", "--task", "sentiment", "--methods", "lora,wide=lora", "--set", "wide.rank=16", *common]
+    assert main(arguments + ["--offline"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["label"], r["method"], r["hparams"]["rank"]) for r in lines] == [
+        ("lora", "lora", 8),
+        ("wide", "lora", 16),
+    ]
+    assert lines[0]["speedup_vs_baseline"] == 1.0 and lines[1]["baseline"] == "lora"
+    assert lines[1]["memory"]["trainable_bytes"] > lines[0]["memory"]["trainable_bytes"]
+
+    arguments = ["bench", "--task", "sentiment", "--methods", "lora", "--set", "other.rank=4", *common]
+    assert main(arguments + ["--offline"]) == 2
+    assert "--set names other, which --methods does not list" in capsys.readouterr().err

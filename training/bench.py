@@ -1,9 +1,10 @@
 """Speed benchmark: several methods on the same model, data, batches and seed, in one process,
 steps interleaved (A B A B ...) after a warm-up, so machine noise hits every method alike.
 
-Prints one JSON line per method (median step time, tokens/s, speed ratio against the first
-method) and, with `train_steps`, trains each method to the same budget through the engine and
-adds its quality metric.
+Yields one record per entry (median step time, tokens/s, speed ratio against the first entry,
+and where its memory goes: weights, trainable parameters, gradients, optimizer state, the
+activations saved for the backward pass) and, with `train_steps`, trains each entry to the same
+budget through the engine and adds its quality metric.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -40,25 +42,44 @@ def _batches(
     return batches
 
 
-class _Contender:
-    """One method's model and optimizer, stepping on shared batches."""
+@dataclass(frozen=True)
+class Entry:
+    """One contender: a method under a label (e.g. `lora-r32`) with its hyperparameters."""
 
-    def __init__(self, name: str, task: Task, model_path: str, tokenizer, hparams: Mapping[str, Any], seed: int):
-        self.name, self.method = name, get_method(name)
-        self.hparams = self.method.resolve_hparams(hparams)
+    label: str
+    method: str
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+class _Contender:
+    """One entry's model and optimizer, stepping on shared batches."""
+
+    def __init__(self, entry: Entry, task: Task, model_path: str, tokenizer, seed: int):
+        self.entry, self.method = entry, get_method(entry.method)
+        self.hparams = self.method.resolve_hparams(entry.hparams)
         set_seed(seed)
         model = models.load_model(model_path, task, tokenizer, quantize_4bit=self.method.quantize_base)
         models.keep_4bit_layers_trainable(model)
         self.model = self.method.apply(model, task, self.hparams)
+        self.weight_bytes = models.weight_memory_bytes(self.model)  # adapters included
         self.model.train()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=self.hparams["learning_rate"])
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=self.hparams["learning_rate"])
         self.times: list[float] = []
+
+    def _inputs(self, batch: dict) -> dict:
+        device = next(self.model.parameters()).device
+        return {key: value.to(device) for key, value in batch.items()}
 
     def step(self, batch: dict, record: bool) -> None:
         synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        device = next(self.model.parameters()).device
-        batch = {key: value.to(device) for key, value in batch.items()}
+        batch = self._inputs(batch)
         synchronize()
         started = time.perf_counter()
         self.model(**batch).loss.backward()
@@ -68,10 +89,37 @@ class _Contender:
         if record:
             self.times.append(time.perf_counter() - started)
 
+    def memory(self, batch: dict) -> dict[str, int]:
+        """Where a training step's memory goes, counted from the tensors themselves (no allocator
+        figures, so CPU and GPU are measured alike). Activations: every tensor autograd saves for
+        the backward pass of one forward on `batch`, parameters and their views excluded."""
+        parameters = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        saved: list[torch.Tensor] = []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.untyped_storage().data_ptr() not in parameters:
+                saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = self.model(**self._inputs(batch)).loss
+        activations = _storage_bytes(saved)
+        saved.clear()
+        del loss
+        optimizer_state = [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        trainable = sum(p.numel() * p.element_size() for p in self.trainable)
+        return {
+            "weights_bytes": self.weight_bytes,
+            "trainable_bytes": trainable,
+            "gradient_bytes": trainable,
+            "optimizer_bytes": _storage_bytes(optimizer_state),
+            "activation_bytes": activations,
+        }
+
 
 def run_bench(
     task: Task,
-    methods: list[str],
+    entries: list[Entry],
     steps: int,
     warmup: int = 3,
     batch_size: int | None = None,
@@ -80,11 +128,10 @@ def run_bench(
     offline: bool = False,
     model: str | None = None,
     dataset: str | None = None,
-    hparams: Mapping[str, Mapping[str, Any]] | None = None,
     train_steps: int | None = None,
     runs_dir: str | None = None,
 ) -> Iterator[dict]:
-    hparams = hparams or {}
+    """Time `entries` side by side; the first is the baseline of the speed ratios."""
     offline = is_offline(offline)
     batch_size = batch_size or TASK_DEFAULTS[task]["batch_size"]
     seq_len = seq_len or TASK_DEFAULTS[task]["seq_len"]
@@ -93,7 +140,7 @@ def run_bench(
     model_path = models.resolve_model_path(model_id, offline)
     tokenizer = models.load_tokenizer(model_path)
     batches = _batches(task, dataset_id, offline, tokenizer, batch_size, seq_len, steps + warmup)
-    contenders = [_Contender(name, task, model_path, tokenizer, hparams.get(name, {}), seed) for name in methods]
+    contenders = [_Contender(entry, task, model_path, tokenizer, seed) for entry in entries]
 
     for round_index in range(warmup + steps):
         batch = batches[round_index % len(batches)]
@@ -105,11 +152,12 @@ def run_bench(
     for contender in contenders:
         median = statistics.median(contender.times)
         controller = getattr(contender.model, "sparsity_controller", None)
-        result = {
+        yield {
             "task": task,
             "model": model_id,
             "dataset": dataset_id,
-            "method": contender.name,
+            "label": contender.entry.label,
+            "method": contender.entry.method,
             "batch_size": batch_size,
             "seq_len": seq_len,
             "steps": steps,
@@ -117,26 +165,27 @@ def run_bench(
             "median_step_s": median,
             "quartiles_step_s": statistics.quantiles(contender.times, n=4) if len(contender.times) > 1 else None,
             "tokens_per_s": tokens / median,
-            f"speedup_vs_{contenders[0].name}": baseline / median,
+            "baseline": contenders[0].entry.label,
+            "speedup_vs_baseline": baseline / median,
             "flops_ratio_vs_lora": controller.flops_ratio if controller else None,
             "estimator_recall": controller.recall if controller else None,
+            "memory": contender.memory(batches[0]),
             "process_rss_bytes": psutil.Process().memory_info().rss,
             "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
             "hparams": contender.hparams,
         }
-        yield result
     del contenders
 
     if train_steps:
         store = RunStore(runs_dir)
-        for name in methods:
+        for entry in entries:
             summary = train(
                 TrainConfig(
                     task=task,
-                    method=name,
+                    method=entry.method,
                     model=model_id,
                     dataset=dataset_id,
-                    hparams=dict(hparams.get(name, {})),
+                    hparams=dict(entry.hparams),
                     max_steps=train_steps,
                     batch_size=batch_size,
                     seq_len=seq_len,
@@ -148,7 +197,8 @@ def run_bench(
             )
             yield {
                 "task": task,
-                "method": name,
+                "label": entry.label,
+                "method": entry.method,
                 "train_steps": train_steps,
                 "status": summary["status"],
                 "validation": summary["metrics"]["validation"],

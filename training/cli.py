@@ -21,6 +21,7 @@ from .engine import ConfigError, TrainConfig, resume, train
 from .leaderboard import leaderboard
 from .models import ModelError
 from .runs import RunNotFound, RunStore
+from .suite import RESULTS_DIR
 
 USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, ValueError)
 FLAG_ALIASES = {"learning_rate": ["--lr"]}
@@ -89,14 +90,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     trainer.add_argument("--owner", help=argparse.SUPPRESS)  # the app's session hash: who may stop the run
     hparam_names = _method_flags(trainer)
 
-    bench = commands.add_parser("bench", help="compare methods' training speed side by side in one process")
-    bench.add_argument("--task", required=True, choices=TASKS)
-    bench.add_argument("--methods", required=True, help="comma-separated; the first is the baseline of the ratios")
+    bench = commands.add_parser(
+        "bench",
+        help="time methods side by side in one process; or run the results suite (--suite, --only, --report)",
+        description="Either --task and --methods (a speed benchmark), --suite (the results suite that "
+        "`make bench` runs: every method, both tasks, equal budgets, into assets/results), --only CELL "
+        "(train one published cell again), or --report (rewrite report and figures from results.json).",
+    )
+    mode = bench.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--task", choices=TASKS, help="speed benchmark: the task")
+    mode.add_argument("--suite", choices=("full", "quick"), help="the results suite (quick: a few minutes)")
+    mode.add_argument("--only", metavar="PLAN/VARIANT", help="rerun one published cell, e.g. sentiment/lora")
+    mode.add_argument("--report", action="store_true", help="rewrite report.md and figures from results.json")
+    bench.add_argument(
+        "--methods",
+        help="speed benchmark: comma-separated methods, or LABEL=METHOD to time one method twice with different "
+        "--set values; the first is the baseline of the ratios",
+    )
     bench.add_argument("--steps", type=int, default=20, help="timed steps per method, interleaved")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
     bench.add_argument("--batch-size", type=int)
     bench.add_argument("--seq-len", type=int)
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=int, default=0, help="the seed (with --only: the published seed to rerun)")
     bench.add_argument("--model")
     bench.add_argument("--dataset")
     bench.add_argument(
@@ -104,9 +119,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         action="append",
         default=[],
         metavar="METHOD.NAME=VALUE",
-        help="a method hyperparameter, e.g. sparselora.ffn_sparsity=0.9 (repeatable)",
+        help="a hyperparameter of one entry (its label or method name), e.g. sparselora.ffn_sparsity=0.9 (repeatable)",
     )
     bench.add_argument("--train-steps", type=int, help="also train each method this many steps and report quality")
+    bench.add_argument("--out", default=str(RESULTS_DIR), help="suite results folder (default: assets/results)")
     bench.add_argument("--offline", action="store_true")
 
     resumer = commands.add_parser("resume", help="continue a stopped, interrupted or failed run from its checkpoint")
@@ -207,6 +223,65 @@ def _list(store: RunStore) -> None:
     print(frame[columns].to_string(index=False, na_rep="-") if not frame.empty else f"no runs in {store.root}")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from . import report, suite
+    from .bench import Entry, run_bench
+
+    runs_dir = args.runs_dir or suite.DEFAULT_RUNS_DIR
+    if args.report:
+        results = report.read(args.out)
+        if results is None:
+            raise suite.SuiteError(f"no results.json in {args.out}; `make bench` writes it")
+        print(report.write(results, args.out))
+    elif args.only:
+        results = report.read(args.out)
+        if results is None:
+            raise suite.SuiteError(f"no results.json in {args.out}; `make bench` writes it")
+        print(json.dumps(suite.rerun_cell(args.only, args.seed, results, runs_dir, args.offline)))
+    elif args.suite:
+        command = f"python -m training bench --suite {args.suite}" + (" --offline" if args.offline else "")
+        results = suite.run_suite(
+            suite.SUITES[args.suite],
+            runs_dir,
+            args.offline,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+            name=args.suite,
+            command=command,
+        )
+        print(report.write(results, args.out))
+    else:
+        if not args.methods:
+            raise ConfigError("a speed benchmark needs --methods (comma-separated, the first is the baseline)")
+        overrides: dict[str, dict] = {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            label, _, name = key.partition(".")
+            if not (label and name and value):
+                raise ConfigError(f"--set takes LABEL.NAME=VALUE (got {item!r})")
+            overrides.setdefault(label, {})[name] = value
+        entries = []
+        for item in args.methods.split(","):
+            label, _, method = item.rpartition("=")  # "LABEL=METHOD" or just "METHOD"
+            entries.append(Entry(label or method, method, overrides.pop(label or method, {})))
+        if overrides:
+            raise ConfigError(f"--set names {', '.join(overrides)}, which --methods does not list")
+        for result in run_bench(
+            args.task,
+            entries,
+            args.steps,
+            args.warmup,
+            args.batch_size,
+            args.seq_len,
+            args.seed,
+            args.offline,
+            args.model,
+            args.dataset,
+            args.train_steps,
+            args.runs_dir,
+        ):
+            print(json.dumps(result, default=str), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     import datasets
 
@@ -220,31 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "resume":
             print(json.dumps(resume(args.run, store, should_stop=_stop_on_ctrl_c())))
         elif args.command == "bench":
-            from .bench import run_bench
-
-            overrides: dict[str, dict] = {}
-            for item in args.set:
-                key, _, value = item.partition("=")
-                method, _, name = key.partition(".")
-                if not (method and name and value):
-                    raise ConfigError(f"--set takes METHOD.NAME=VALUE (got {item!r})")
-                overrides.setdefault(method, {})[name] = value
-            for result in run_bench(
-                args.task,
-                args.methods.split(","),
-                args.steps,
-                args.warmup,
-                args.batch_size,
-                args.seq_len,
-                args.seed,
-                args.offline,
-                args.model,
-                args.dataset,
-                overrides,
-                args.train_steps,
-                args.runs_dir,
-            ):
-                print(json.dumps(result, default=str), flush=True)
+            _bench(args)
         elif args.command == "list":
             _list(store)
         else:

@@ -9,7 +9,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from training import report
 from training.leaderboard import leaderboard, to_csv, to_markdown
+from training.suite import RESULTS_DIR
 
 from . import charts
 from .arena import Arena, user_errors
@@ -44,7 +46,7 @@ def _export(text: str, suffix: str) -> str:
     return str(path)
 
 
-def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
+def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULTS_DIR) -> None:
     with gr.Row():
         task_filter = gr.Radio(TASK_FILTERS, value="all", label="Task")
         sort = gr.Dropdown(list(SORTS), value="best quality first", label="Sort")
@@ -85,3 +87,12 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
 
     for trigger in (selected.change, curve_x.change):
         trigger(draw_curves, [selected, curve_x], curves, api_visibility="private")
+
+    shipped = report.read(results_dir)
+    if shipped is not None:
+        with gr.Accordion("Benchmark results (make bench): every method under equal budgets", open=False):
+            gr.Markdown(
+                report.headline_tables(shipped)
+                + "\nThe answers to the research questions and the figures are in the Guide tab; "
+                f"the report is `{report.report_path(results_dir)}`."
+            )

@@ -4,7 +4,6 @@ and the seed's research questions answered by the shipped benchmark report and t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gradio as gr
@@ -15,20 +14,14 @@ from safetensors import safe_open
 
 from lora_methods import METHODS, get_method
 from lora_methods.sparselora import layer_schedule
+from training import report
 from training.leaderboard import leaderboard, to_markdown
 from training.models import ModelError, package_dir
+from training.suite import RESULTS_DIR
 
 from .arena import Arena
 from .charts import LAYOUT
 
-RESULTS = Path(__file__).resolve().parent.parent / "assets" / "results"
-QUESTIONS = (
-    ("sparselora", "What does SparseLoRA's sparsity cost in accuracy and buy in speed, against LoRA?"),
-    ("qlora", "How much memory does a 4-bit (QLoRA) base save, and what does it cost in accuracy?"),
-    ("hira", "Does HiRA's high-rank update beat LoRA at the same parameter count, and at what cost in step time?"),
-    ("tasks", "How do the methods rank on sentiment classification vs text generation?"),
-    ("combinations", "Do combinations (SparseLoRA or HiRA on a 4-bit base) keep both benefits?"),
-)
 METHOD_NOTES = """
 | method | trains | what changes |
 |---|---|---|
@@ -93,11 +86,6 @@ def sparsity_schedule_figure() -> go.Figure:
     for name, layers in (("MiniLM (6 layers)", 6), ("SmolLM2-135M (30 layers)", 30)):
         figure.add_bar(x=list(range(layers)), y=layer_schedule(layers, defaults), name=name)
     return figure
-
-
-def _shipped_results() -> dict | None:
-    path = RESULTS / "results.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def _finished(arena: Arena, task: str) -> pd.DataFrame:
@@ -167,8 +155,8 @@ def _from_runs(frames: dict[str, pd.DataFrame], key: str) -> list[str]:
     return [line for line in pairs if line]
 
 
-def questions_markdown(arena: Arena) -> str:
-    shipped = _shipped_results()
+def questions_markdown(arena: Arena, shipped: dict | None) -> str:
+    """Each question answered by the benchmark report (when shipped) and by this store's runs."""
     frames = {task: _finished(arena, task) for task in ("sentiment", "generation")}
     parts = []
     if shipped is None:
@@ -176,30 +164,49 @@ def questions_markdown(arena: Arena) -> str:
             "_The benchmark report (`make bench`, `assets/results/`) is not in this checkout; "
             "the answers below come from the runs in this store (averages over runs of equal work)._\n"
         )
-    for key, question in QUESTIONS:
+    for key, question in report.QUESTIONS:
         parts.append(f"**{question}**\n")
         answer = (shipped or {}).get("answers", {}).get(key)
         if answer:
-            parts.append(f"{answer}\n")
+            parts.append(f"Benchmark: {answer}\n")
         runs = _from_runs(frames, key)
         parts.append(
-            "".join(f"- {line}\n" for line in runs) if runs else "- _not enough runs in this store to compare_\n"
+            "".join(f"- this store: {line}\n" for line in runs)
+            if runs
+            else "- _this store: not enough runs of equal work to compare_\n"
         )
-    if shipped is not None:
-        parts.append("Full report: `assets/results/report.md`.\n")
     for task, frame in frames.items():
         if not frame.empty:
             parts.append(f"#### Runs in this store: {task}\n\n" + to_markdown(_per_method(frame).reset_index()))
     return "\n".join(parts)
 
 
-def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
+def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULTS_DIR) -> None:
     gr.Markdown("### The methods\n" + METHOD_NOTES)
     with gr.Row():
         gr.Plot(update_spectrum_figure())
         gr.Plot(sparsity_schedule_figure())
     gr.Markdown("Methods in the registry: " + ", ".join(f"**{m.title}** (`{m.name}`)" for m in METHODS.values()) + ".")
+    shipped = report.read(results_dir)
     gr.Markdown("### The research questions")
     answers = gr.Markdown()
     for trigger in (demo.load, tab.select):
-        trigger(lambda: questions_markdown(arena), None, answers, api_visibility="private")
+        trigger(lambda: questions_markdown(arena, shipped), None, answers, api_visibility="private")
+    if shipped is not None:
+        _published(shipped, results_dir)
+
+
+def _published(results: dict, results_dir: Path) -> None:
+    """The shipped benchmark: its headline tables, the figures `make bench` drew, the whole report."""
+    gr.Markdown(
+        f"### Benchmark results (`make bench`, {results['started_at'][:10]}, "
+        f"{results['hardware']['cores']} cores, {results['hardware']['device']})\n"
+        f"The full report is `{report.report_path(results_dir)}` (below); every figure is in `results.json` beside it."
+    )
+    gr.Markdown(report.headline_tables(results))
+    figures = report.load_figures(results_dir)
+    for name in report.FIGURES:
+        if name in figures:
+            gr.Plot(figures[name])
+    with gr.Accordion("The whole report", open=False):
+        gr.Markdown((results_dir / "report.md").read_text(encoding="utf-8"))

@@ -1,0 +1,182 @@
+"""The results suite on tiny models: sweep, cells, reuse, report, figures and one-cell reruns."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from training import report, suite
+from training.cli import main
+from training.runs import RunStore
+
+
+@pytest.fixture(scope="module")
+def plans(tiny_models, review_csv) -> tuple[suite.Plan, ...]:
+    # Two layers: the default schedule (first and last dense) would leave nothing sparse.
+    two_layers = {"sparselora": {"dense_first_layers": 0}, "sparselora-4bit": {"dense_first_layers": 0}}
+    return (
+        suite.Plan(
+            "sentiment",
+            "sentiment",
+            tiny_models["bert"],
+            str(review_csv),
+            steps=4,
+            batch_size=8,
+            seq_len=32,
+            seeds=(0, 1),
+            variants=("lora", "qlora", "hira", "sparselora"),
+            sweep={"lora": (1e-3, 2e-2), "hira": (1e-2,)},
+            eval_samples=40,
+            speed_steps=2,
+            speed_extra={"sparselora-s50": ("sparselora", {"ffn_sparsity": 0.5})},
+            overrides=two_layers,
+        ),
+        suite.Plan(
+            "generation",
+            "generation",
+            tiny_models["llama"],
+            "bundled/review-writing",
+            steps=3,
+            batch_size=4,
+            seq_len=48,
+            seeds=(0,),
+            variants=("lora", "sparselora"),
+            sweep={},
+            rates_from="sentiment",
+            eval_samples=8,
+            control_samples=4,
+            speed_steps=2,
+            overrides=two_layers,
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def published(plans, tmp_path_factory):
+    runs, out = tmp_path_factory.mktemp("suite-runs"), tmp_path_factory.mktemp("results")
+    results = suite.run_suite(plans, runs, offline=True, log=lambda line: None, name="test")
+    report.write(results, out)
+    return runs, out, json.loads((out / "results.json").read_text())
+
+
+def test_the_sweep_picks_each_familys_best_validation_rate_and_the_family_uses_it(published):
+    _, _, results = published
+    lora_trials = [t for t in results["sweep"] if t["family"] == "lora"]
+    best = max(lora_trials, key=lambda t: t["validation_accuracy"])
+    assert [t["chosen"] for t in lora_trials].count(True) == 1 and best["chosen"]
+    assert results["learning_rates"]["sentiment"] == {"lora": best["learning_rate"], "hira": 1e-2}
+    assert results["learning_rates"]["generation"] == results["learning_rates"]["sentiment"]
+    rates = {(c["plan"], c["variant"]): c["hparams"]["learning_rate"] for c in results["cells"]}
+    for variant in ("lora", "qlora", "sparselora"):  # one adapter, one rate
+        assert rates["sentiment", variant] == best["learning_rate"]
+    assert rates["sentiment", "hira"] == 1e-2 and rates["generation", "sparselora"] == best["learning_rate"]
+
+
+def test_every_cell_trained_to_the_same_budget_and_the_aggregate_is_their_mean(published):
+    _, _, results = published
+    cells = results["cells"]
+    assert sorted((c["cell"], c["seed"]) for c in cells) == sorted(
+        [(f"sentiment/{v}", s) for v in ("lora", "qlora", "hira", "sparselora") for s in (0, 1)]
+        + [("generation/lora", 0), ("generation/sparselora", 0)]
+    )
+    assert all(len(c["loss_curve"]) == (4 if c["plan"] == "sentiment" else 3) for c in cells)
+    lora = [c["test"]["accuracy"] for c in cells if c["cell"] == "sentiment/lora"]
+    figure = results["aggregate"]["sentiment"]["lora"]["test_accuracy"]
+    assert figure["mean"] == pytest.approx(statistics.fmean(lora)) and figure["n"] == 2
+    assert figure["std"] == pytest.approx(statistics.stdev(lora))
+    assert results["judge"]["cell"].startswith("sentiment/")  # the generated reviews' judge
+    generated = results["aggregate"]["generation"]["lora"]
+    assert 0 <= generated["control_share"]["mean"] <= 1 and "validation_perplexity" in generated
+
+
+def test_speed_is_timed_side_by_side_with_memory_counted_from_the_tensors(published):
+    _, _, results = published
+    speed = {e["label"]: e for e in results["speed"]["sentiment"]}
+    assert list(speed) == ["lora", "qlora", "hira", "sparselora", "sparselora-s50"]
+    for entry in speed.values():
+        memory = entry["memory"]
+        assert entry["median_step_s"] > 0 and memory["activation_bytes"] > 0
+        # AdamW keeps two moments per trainable value (plus a scalar step count per tensor).
+        assert 2 * memory["trainable_bytes"] <= memory["optimizer_bytes"] <= 2 * memory["trainable_bytes"] + 4096
+    assert speed["qlora"]["memory"]["weights_bytes"] < speed["lora"]["memory"]["weights_bytes"]
+    # Sparse FFN layers keep fewer intermediate activations for the backward pass.
+    assert speed["sparselora"]["memory"]["activation_bytes"] < speed["lora"]["memory"]["activation_bytes"]
+    assert speed["sparselora"]["flops_ratio_vs_lora"] < speed["sparselora-s50"]["flops_ratio_vs_lora"] < 1
+
+
+def test_the_report_and_the_answers_quote_the_jsons_numbers(published):
+    _, out, results = published
+    text = (out / "report.md").read_text()
+    for variant, cell in results["aggregate"]["sentiment"].items():
+        accuracy = cell["test_accuracy"]
+        assert f"`{variant}`" in text
+        assert f"{100 * accuracy['mean']:.1f} ± {100 * accuracy['std']:.1f}" in text
+    for entry in results["speed"]["sentiment"]:
+        assert f"{entry['median_step_s']:.3f}" in text
+    assert set(results["answers"]) == {"sparselora", "qlora", "hira", "tasks", "combinations"}
+    for key in ("sparselora", "qlora", "hira", "tasks"):
+        assert results["answers"][key] and results["answers"][key] in text
+    figures = report.load_figures(out)
+    assert set(figures) == set(report.FIGURES) and all(figure.data for figure in figures.values())
+
+
+def test_a_rerun_suite_reuses_completed_cells(published, plans):
+    runs, _, results = published
+    before = sorted(run.id for run in RunStore(runs).runs())
+    again = suite.run_suite(plans, runs, offline=True, log=lambda line: None, name="test")
+    assert sorted(run.id for run in RunStore(runs).runs()) == before
+    assert (
+        again["aggregate"]["sentiment"]["lora"]["test_accuracy"]
+        == results["aggregate"]["sentiment"]["lora"]["test_accuracy"]
+    )
+
+
+def test_one_published_cell_reruns_to_the_same_figures(published, capsys):
+    runs, out, results = published
+    original = (out / "results.json").read_text()
+    assert main(["--runs-dir", str(runs), "bench", "--only", "sentiment/hira", "--seed", "1", "--out", str(out)]) == 0
+    rerun = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rerun["published"]["validation"] == next(
+        c["validation"] for c in results["cells"] if c["cell"] == "sentiment/hira" and c["seed"] == 1
+    )
+    assert all(abs(value) < 1e-6 for split in rerun["difference"].values() for value in split.values())
+    assert (out / "results.json").read_text() == original  # published figures untouched
+
+    assert main(["--runs-dir", str(runs), "bench", "--only", "sentiment/full", "--out", str(out)]) == 2
+    assert "no published cell 'sentiment/full'" in capsys.readouterr().err
+
+
+def test_the_report_is_rewritten_from_the_json_alone(published, tmp_path, capsys):
+    _, out, _ = published
+    copy = tmp_path / "results"
+    copy.mkdir()
+    (copy / "results.json").write_text((out / "results.json").read_text())
+    assert main(["bench", "--report", "--out", str(copy)]) == 0
+    assert (copy / "report.md").read_text() == (out / "report.md").read_text()
+    assert main(["bench", "--report", "--out", str(tmp_path / "nothing")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+
+
+def test_the_guide_and_compare_tabs_show_the_published_results(published):
+    import gradio as gr
+
+    from ui import compare_tab, guide_tab
+    from ui.arena import Arena
+
+    runs, out, results = published
+    arena = Arena(str(runs))
+    answers = guide_tab.questions_markdown(arena, results)
+    for key in ("sparselora", "qlora", "hira", "tasks"):
+        assert f"Benchmark: {results['answers'][key]}" in answers
+    with gr.Blocks() as demo:
+        with gr.Tab("Compare") as compare:
+            compare_tab.build(demo, arena, compare, out)
+        with gr.Tab("Guide") as guide:
+            guide_tab.build(demo, arena, guide, out)
+    shown = [block for block in demo.blocks.values() if isinstance(block, (gr.Markdown, gr.Plot))]
+    texts = [block.value for block in shown if isinstance(block, gr.Markdown) and isinstance(block.value, str)]
+    assert sum(report.headline_tables(results).strip() in text for text in texts) == 2  # Compare and Guide
+    assert any(text == (out / "report.md").read_text().strip() for text in texts)
+    assert sum(isinstance(block, gr.Plot) for block in shown) >= 2 + len(report.FIGURES)

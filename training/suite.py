@@ -1,0 +1,483 @@
+"""The results suite behind `make bench`: every method on both tasks under equal budgets, so the
+seed's five research questions get measured answers (written by report.py).
+
+For each plan (a task with its model, data and budget), in this order:
+1. speed and memory: every variant timed interleaved in one process (bench.run_bench);
+2. the learning-rate sweep: each family's representative (full, lora, hira) at a few rates on the
+   validation split, first seed; the best rate serves the whole family (LoRA's rate also serves
+   QLoRA and SparseLoRA: they train the same adapter);
+3. quality: every variant at every seed, trained by the engine into the suite's own run store.
+
+Cells are run ids made from their configuration, so a suite that was interrupted (or rerun)
+reuses the runs that completed and trains only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from lora_methods import get_method
+
+from .bench import Entry, run_bench
+from .engine import TrainConfig, _library_versions, train
+from .offline import is_offline
+from .runs import Run, RunNotFound, RunStore
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "results"
+DEFAULT_RUNS_DIR = Path("runs") / "bench-suite"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method at fixed settings; `family` names the representative whose swept rate it uses."""
+
+    name: str
+    method: str
+    family: str
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+
+
+# alpha = 2 r keeps LoRA's update scale (alpha / r) the same at both ranks, so one rate fits both.
+VARIANTS: dict[str, Variant] = {
+    variant.name: variant
+    for variant in (
+        Variant("full", "full", "full"),
+        Variant("lora", "lora", "lora", {"rank": 8, "alpha": 16}),
+        Variant("lora-r32", "lora", "lora", {"rank": 32, "alpha": 64}),
+        Variant("qlora", "qlora", "lora", {"rank": 8, "alpha": 16}),
+        Variant("sparselora", "sparselora", "lora", {"rank": 8, "alpha": 16}),
+        Variant("sparselora-4bit", "sparselora-4bit", "lora", {"rank": 8, "alpha": 16}),
+        # what sparsity costs: the default 0.75 of the FFN channels skipped, and half, and 90%
+        Variant("sparselora-s50", "sparselora", "lora", {"rank": 8, "alpha": 16, "ffn_sparsity": 0.5}),
+        Variant("sparselora-s90", "sparselora", "lora", {"rank": 8, "alpha": 16, "ffn_sparsity": 0.9}),
+        Variant("hira", "hira", "hira", {"rank": 8}),
+        Variant("hira-r32", "hira", "hira", {"rank": 32}),
+        Variant("hira-4bit", "hira-4bit", "hira", {"rank": 8}),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One task's equal budget for every variant; cells are `<name>/<variant>`."""
+
+    name: str
+    task: str
+    model: str
+    dataset: str
+    steps: int
+    batch_size: int
+    seq_len: int
+    seeds: tuple[int, ...]
+    variants: tuple[str, ...]
+    sweep: Mapping[str, tuple[float, ...]]  # family -> rates tried; empty: the rates of `rates_from`
+    rates_from: str | None = None
+    eval_samples: int | None = None  # None: the whole validation and test splits
+    control_samples: int = 0  # sampled reviews judged for sentiment control (controlled writing)
+    speed_steps: int = 10
+    speed_extra: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)  # timed only
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # variant -> hparams
+
+    def hparams(self, variant: Variant, rate: float) -> dict[str, Any]:
+        return {**variant.hparams, **self.overrides.get(variant.name, {}), "learning_rate": rate}
+
+
+METHODS = ("full", "lora", "lora-r32", "qlora", "sparselora", "sparselora-4bit", "hira", "hira-r32", "hira-4bit")
+SPARSITIES = ("sparselora-s50", "sparselora-s90")
+LAYERS = {  # SparseLoRA's layer schedules, timed against LoRA (not trained)
+    "sparselora-all-layers": ("sparselora", {"dense_first_layers": 0}),  # only the last layer dense
+    "sparselora-attn50": ("sparselora", {"attention_sparsity": 0.5}),  # value/output channels too
+}
+SUITES: dict[str, tuple[Plan, ...]] = {
+    "full": (
+        Plan(
+            "sentiment",
+            "sentiment",
+            "bundled/all-MiniLM-L6-v2",
+            "bundled/rotten-tomatoes",
+            steps=120,
+            batch_size=16,
+            seq_len=128,
+            seeds=(0, 1, 2),
+            variants=METHODS + SPARSITIES,
+            sweep={"full": (5e-5, 1e-4, 2e-4), "lora": (1e-3, 2e-3, 4e-3), "hira": (5e-3, 1e-2, 2e-2)},
+            speed_steps=15,
+            speed_extra=LAYERS,
+        ),
+        Plan(
+            "generation",
+            "generation",
+            "bundled/SmolLM2-135M-Instruct",
+            "bundled/review-writing",
+            steps=30,
+            batch_size=8,
+            seq_len=128,
+            seeds=(0,),
+            variants=METHODS,
+            sweep={"full": (2e-5, 1e-4), "lora": (1e-3, 3e-3), "hira": (1e-2, 3e-2)},
+            eval_samples=100,
+            control_samples=32,
+            speed_steps=8,
+        ),
+        Plan(
+            "continuation",
+            "generation",
+            "bundled/SmolLM2-135M-Instruct",
+            "bundled/hamlet-continuation",
+            steps=30,
+            batch_size=8,
+            seq_len=128,
+            seeds=(0,),
+            variants=("lora", "sparselora"),
+            sweep={},
+            rates_from="generation",
+            eval_samples=100,
+            speed_steps=8,
+            speed_extra={
+                "sparselora-s50": ("sparselora", {"ffn_sparsity": 0.5}),
+                "sparselora-s90": ("sparselora", {"ffn_sparsity": 0.9}),
+                **LAYERS,
+                "qlora": ("qlora", {}),
+                "sparselora-4bit": ("sparselora-4bit", {}),
+            },
+        ),
+    ),
+}
+# A taste of the suite in a few minutes: one seed, short budgets, no sweep (the methods' defaults).
+SUITES["quick"] = (
+    Plan(
+        "sentiment",
+        "sentiment",
+        "bundled/all-MiniLM-L6-v2",
+        "bundled/rotten-tomatoes",
+        steps=40,
+        batch_size=16,
+        seq_len=128,
+        seeds=(0,),
+        variants=("full", "lora", "qlora", "hira", "sparselora"),
+        sweep={},
+        speed_steps=6,
+    ),
+)
+
+
+class SuiteError(ValueError):
+    """A suite request that cannot run (unknown suite or cell, no published results)."""
+
+
+def _primary(task: str) -> tuple[str, bool]:
+    """The validation figure rates are chosen on, and whether higher is better."""
+    return ("accuracy", True) if task == "sentiment" else ("loss", False)
+
+
+def _config(plan: Plan, variant: Variant, rate: float, seed: int, offline: bool, judge: str | None) -> TrainConfig:
+    return TrainConfig(
+        task=plan.task,
+        method=variant.method,
+        model=plan.model,
+        dataset=plan.dataset,
+        hparams=plan.hparams(variant, rate),
+        max_steps=plan.steps,
+        batch_size=plan.batch_size,
+        seq_len=plan.seq_len,
+        seed=seed,
+        eval_steps=plan.steps,  # validation once, at the end: the loss curve comes from training
+        eval_samples=plan.eval_samples,
+        control_samples=plan.control_samples,
+        judge_run=judge if plan.control_samples else None,
+        checkpoint_steps=plan.steps,
+        offline=offline,
+    )
+
+
+def cell_run_id(plan: Plan, variant: Variant, config: TrainConfig) -> str:
+    """A readable id with a digest of everything that decides the run's outcome."""
+    settings = {k: v for k, v in asdict(config.resolved()).items() if k not in ("offline", "owner")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{plan.name}-{variant.name}-lr{config.hparams['learning_rate']:g}-s{config.seed}-{digest}"
+
+
+def _train_cell(store: RunStore, run_id: str, config: TrainConfig, log: Callable[[str], None]) -> Run:
+    """The completed run `run_id`, trained now unless an earlier suite finished it."""
+    try:
+        run = store.get(run_id)
+    except RunNotFound:
+        run = None
+    if run is not None and run.status == "completed":
+        log(f"{run_id}: done before, reused")
+        return run
+    if run is not None:  # an interrupted or failed attempt: start it again from nothing
+        shutil.rmtree(run.dir)
+    log(f"{run_id}: training")
+    train(config, store, run_id=run_id)
+    return store.get(run_id)
+
+
+def cell_record(plan: Plan, variant: Variant, run: Run) -> dict[str, Any]:
+    """One trained cell as the results keep it."""
+    summary, config = run.summary, run.config
+    losses = [r["loss"] for r in run.metrics() if r.get("kind") == "train"]
+    return {
+        "cell": f"{plan.name}/{variant.name}",
+        "plan": plan.name,
+        "variant": variant.name,
+        "method": variant.method,
+        "seed": config["seed"],
+        "run": run.id,
+        "hparams": config["hparams"],
+        "validation": summary["metrics"]["validation"],
+        "test": summary["metrics"]["test"],
+        "control_share": summary["metrics"].get("control_share"),
+        "base": summary["base_metrics"],
+        "trainable_params": summary["trainable_params"],
+        "total_params": summary["total_params"],
+        "trainable_percent": summary["trainable_percent"],
+        "base_weight_memory_bytes": summary["base_weight_memory_bytes"],
+        "peak_memory_bytes": summary["peak_memory_bytes"],
+        "median_step_time_s": summary["median_step_time_s"],
+        "train_time_s": summary["train_time_s"],
+        "adapter_size_bytes": summary["adapter_size_bytes"],
+        "sparsity": summary.get("sparsity"),
+        "loss_curve": [round(loss, 4) for loss in losses],
+    }
+
+
+def _default_rate(variant: Variant) -> float:
+    return get_method(variant.method).resolve_hparams({})["learning_rate"]
+
+
+def _spread(values: list[float]) -> dict[str, float | int | None]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
+
+
+def aggregate(cells: list[dict]) -> dict[str, dict[str, dict]]:
+    """Per plan and variant: mean and standard deviation over seeds of every quality figure."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for cell in cells:
+        grouped.setdefault((cell["plan"], cell["variant"]), []).append(cell)
+    table: dict[str, dict[str, dict]] = {}
+    for (plan, variant), group in grouped.items():
+        first = group[0]
+        figures = {
+            f"{split}_{name}": _spread([cell[split][name] for cell in group])
+            for split in ("validation", "test")
+            for name in first[split]
+        }
+        if first["control_share"] is not None:
+            figures["control_share"] = _spread([cell["control_share"] for cell in group])
+            figures["base_control_share"] = _spread([cell["base"]["control_share"] for cell in group])
+        table.setdefault(plan, {})[variant] = {
+            **figures,
+            "method": first["method"],
+            "learning_rate": first["hparams"]["learning_rate"],
+            "seeds": sorted(cell["seed"] for cell in group),
+            "base_validation": first["base"]["validation"],
+            "trainable_params": first["trainable_params"],
+            "trainable_percent": first["trainable_percent"],
+            "base_weight_memory_bytes": first["base_weight_memory_bytes"],
+            "peak_memory_bytes": statistics.median(cell["peak_memory_bytes"] for cell in group),
+            "median_step_time_s": statistics.median(cell["median_step_time_s"] for cell in group),
+            "train_time_s": statistics.median(cell["train_time_s"] for cell in group),
+            "adapter_size_bytes": first["adapter_size_bytes"],
+            "sparsity": first["sparsity"],
+        }
+    return table
+
+
+def _sweep(
+    plan: Plan, store: RunStore, offline: bool, judge: str | None, log: Callable[[str], None]
+) -> tuple[dict[str, float], list[dict]]:
+    """Each family's best rate on the validation split (first seed), and every trial."""
+    name, higher_is_better = _primary(plan.task)
+    chosen, trials = {}, []
+    for family, rates in plan.sweep.items():
+        variant = VARIANTS[family]
+        scored = []
+        for rate in rates:
+            config = _config(plan, variant, rate, plan.seeds[0], offline, judge)
+            run = _train_cell(store, cell_run_id(plan, variant, config), config, log)
+            score = run.summary["metrics"]["validation"][name]
+            scored.append((score, rate))
+            trials.append({"plan": plan.name, "family": family, "learning_rate": rate, f"validation_{name}": score})
+        # On a tie the rate listed first wins.
+        chosen[family] = (max if higher_is_better else min)(scored, key=lambda pair: pair[0])[1]
+        for trial in trials:
+            if trial["plan"] == plan.name and trial["family"] == family:
+                trial["chosen"] = trial["learning_rate"] == chosen[family]
+    return chosen, trials
+
+
+def _judge(cells: list[dict]) -> dict | None:
+    """The suite's most accurate sentiment cell judges the generated reviews' sentiment."""
+    sentiment = [c for c in cells if c["plan"] == "sentiment"]
+    best = max(sentiment, key=lambda c: c["validation"]["accuracy"], default=None)
+    return (
+        {"run": best["run"], "cell": best["cell"], "validation_accuracy": best["validation"]["accuracy"]}
+        if best
+        else None
+    )
+
+
+def _hardware() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "platform": platform.platform(),
+    }
+
+
+def _speed(plan: Plan, offline: bool) -> list[dict]:
+    """Every variant (and the plan's timed-only extras), at the methods' default rates: a rate does
+    not change what a step costs."""
+    entries = [
+        Entry(name, VARIANTS[name].method, plan.hparams(VARIANTS[name], _default_rate(VARIANTS[name])))
+        for name in plan.variants
+    ]
+    entries += [
+        Entry(label, method, {**plan.overrides.get(method, {}), **hparams})
+        for label, (method, hparams) in plan.speed_extra.items()
+    ]
+    return list(
+        run_bench(
+            plan.task,  # type: ignore[arg-type]
+            entries,
+            plan.speed_steps,
+            warmup=2,
+            batch_size=plan.batch_size,
+            seq_len=plan.seq_len,
+            offline=offline,
+            model=plan.model,
+            dataset=plan.dataset,
+        )
+    )
+
+
+def run_suite(
+    plans: Iterable[Plan],
+    runs_dir: Path | str = DEFAULT_RUNS_DIR,
+    offline: bool = False,
+    log: Callable[[str], None] = print,
+    name: str = "custom",
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run every plan (speed, sweep, quality) and return the results (report.write saves them)."""
+    plans = list(plans)
+    offline = is_offline(offline)
+    store = RunStore(runs_dir)
+    started = time.time()
+    rates: dict[str, dict[str, float]] = {}
+    sweep: list[dict] = []
+    cells: list[dict] = []
+    speed: dict[str, list[dict]] = {}
+    earlier: set[str] = set()
+    for plan in plans:  # fail before hours of training, not after
+        for variant in plan.variants:
+            if variant not in VARIANTS:
+                raise SuiteError(f"plan {plan.name}: unknown variant {variant!r}")
+        if not plan.sweep and plan.rates_from and plan.rates_from not in earlier:
+            raise SuiteError(f"plan {plan.name} takes its rates from {plan.rates_from!r}, which must run before it")
+        earlier.add(plan.name)
+    for plan in plans:
+        judge = _judge(cells)
+        log(f"== {plan.name}: speed and memory, {plan.speed_steps} interleaved steps")
+        speed[plan.name] = _speed(plan, offline)
+        log(f"== {plan.name}: learning-rate sweep")
+        chosen, trials = _sweep(plan, store, offline, judge and judge["run"], log)
+        rates[plan.name] = chosen or dict(rates.get(plan.rates_from or "", {}))
+        sweep += trials
+        log(f"== {plan.name}: {len(plan.variants)} variants x {len(plan.seeds)} seeds, {plan.steps} steps each")
+        for variant_name in plan.variants:
+            variant = VARIANTS[variant_name]
+            rate = rates[plan.name].get(variant.family, _default_rate(variant))
+            for seed in plan.seeds:
+                config = _config(plan, variant, rate, seed, offline, judge and judge["run"])
+                run = _train_cell(store, cell_run_id(plan, variant, config), config, log)
+                cells.append(cell_record(plan, variant, run))
+    finished = time.time()
+    return {
+        "suite": name,
+        "command": command,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": finished - started,
+        "hardware": _hardware(),
+        "versions": _library_versions(),
+        "offline": offline,
+        "runs_dir": str(runs_dir),
+        "plans": [asdict(plan) for plan in plans],
+        "variants": {name: asdict(variant) for name, variant in VARIANTS.items()},
+        "sweep": sweep,
+        "learning_rates": rates,
+        "judge": _judge(cells),
+        "cells": cells,
+        "aggregate": aggregate(cells),
+        "speed": speed,
+    }
+
+
+def rerun_cell(
+    cell: str, seed: int, results: Mapping[str, Any], runs_dir: Path | str = DEFAULT_RUNS_DIR, offline: bool = False
+) -> dict[str, Any]:
+    """Train one published cell again from the configuration the results record, and set its new
+    figures beside the published ones. Nothing published is changed."""
+    published = next((c for c in results["cells"] if c["cell"] == cell and c["seed"] == seed), None)
+    if published is None:
+        cells = sorted({f"{c['cell']} --seed {c['seed']}" for c in results["cells"]})
+        raise SuiteError(f"no published cell {cell!r} with seed {seed}; published: {', '.join(cells)}")
+    plan = next(Plan(**p) for p in results["plans"] if p["name"] == published["plan"])
+    variant = Variant(**results["variants"][published["variant"]])
+    store = RunStore(runs_dir)
+    judge = (results.get("judge") or {}).get("run")
+    judged = plan.control_samples and judge and _exists(store, judge)
+    if plan.control_samples and not judged:  # the review judge is a run of the suite's own store
+        plan = Plan(**{**asdict(plan), "control_samples": 0})
+    config = _config(plan, variant, published["hparams"]["learning_rate"], seed, offline, judge)
+    config.hparams = dict(published["hparams"])
+    run_id = f"{cell_run_id(plan, variant, config)}-rerun-{time.strftime('%Y%m%d-%H%M%S')}"
+    metrics = train(config, store, run_id=run_id)["metrics"]
+    return {
+        "cell": cell,
+        "seed": seed,
+        "run": run_id,
+        "validation": metrics["validation"],
+        "test": metrics["test"],
+        "control_share": metrics.get("control_share"),
+        "published": {k: published[k] for k in ("run", "validation", "test", "control_share")},
+        "difference": {
+            split: {name: metrics[split][name] - published[split][name] for name in published[split]}
+            for split in ("validation", "test")
+        },
+    }
+
+
+def _exists(store: RunStore, run_id: str) -> bool:
+    try:
+        store.get(run_id)
+    except RunNotFound:
+        return False
+    return True
