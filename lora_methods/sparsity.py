@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -326,8 +327,10 @@ def _sparse_container_forward(controller: SparsityController, layer: SparseLayer
 
 def _sparse_value_forward(controller: SparsityController, attention: SparseAttention, original: Callable):
     """The value projection on the kept channels for context tokens, written into a zero tensor of
-    the full width (the attention kernels need whole heads; the skipped channels never reach the
-    output projection, which reads only the kept columns); output tokens dense."""
+    the full width (the attention kernels need whole heads; for context rows the output projection
+    reads only the kept columns). Output tokens compute their own values and output projection
+    dense, but what they gather from context positions in the skipped channels is zero: like the
+    sparse FFN, context sparsity changes what the output tokens attend to."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         attention.columns = None
@@ -488,9 +491,11 @@ def install(
             )
         else:  # BERT's feed_forward_chunk is a bound method of the layer
             block.feed_forward_chunk = types.MethodType(_sparse_container_forward(controller, layer, container), block)
-    if len(cached) != cached_before:
+    if len(cached) != cached_before:  # written whole, then renamed: a reader never sees half a file
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(cached, cache_file)
+        partial = cache_file.with_suffix(f".{os.getpid()}.partial")
+        torch.save(cached, partial)
+        os.replace(partial, cache_file)
 
     def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if not (module.training and torch.is_grad_enabled()):

@@ -119,7 +119,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         action="append",
         default=[],
         metavar="METHOD.NAME=VALUE",
-        help="a hyperparameter of one entry (its label or method name), e.g. sparselora.ffn_sparsity=0.9 (repeatable)",
+        help="a hyperparameter of one entry, named by its label (the method name unless given as LABEL=METHOD), "
+        "e.g. sparselora.ffn_sparsity=0.9 (repeatable)",
     )
     bench.add_argument("--train-steps", type=int, help="also train each method this many steps and report quality")
     bench.add_argument("--out", default=str(RESULTS_DIR), help="suite results folder (default: assets/results)")

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import plotly.colors
 import plotly.graph_objects as go
 import plotly.io
 from plotly.subplots import make_subplots
@@ -21,6 +22,7 @@ from .runs import write_json_atomic
 Results = Mapping[str, Any]
 MB = 1e6
 LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 60, "b": 50}, "height": 420}
+PALETTE = plotly.colors.qualitative.Dark24
 MEMORY_PARTS = (
     ("weights_bytes", "frozen + trained weights"),
     ("gradient_bytes", "gradients"),
@@ -53,12 +55,12 @@ def _plan(results: Results, name: str) -> dict:
 
 
 def quality(results: Results, plan: str, variant: str) -> tuple[str, float, float | None, int] | None:
-    """The figure a plan is judged on: sentiment test accuracy, generation validation perplexity
-    (mean, standard deviation over seeds, seeds)."""
+    """The figure a plan is judged on, on the test split (validation chose the learning rates):
+    sentiment accuracy, generation perplexity (mean, standard deviation over seeds, seeds)."""
     cell = _cells(results, plan).get(variant)
     if cell is None:
         return None
-    name = "test_accuracy" if "test_accuracy" in cell else "validation_perplexity"
+    name = "test_accuracy" if "test_accuracy" in cell else "test_perplexity"
     figure = cell[name]
     return name, figure["mean"], figure["std"], figure["n"]
 
@@ -172,7 +174,7 @@ def ranking(results: Results, plan: str) -> list[str]:
 def _tasks(results: Results) -> str:
     orders = {plan: ranking(results, plan) for plan in ("sentiment", "generation") if plan in results["aggregate"]}
     lines = [
-        f"{plan} ({'test accuracy' if plan == 'sentiment' else 'validation perplexity'}): " + " > ".join(order)
+        f"{plan} ({'test accuracy' if plan == 'sentiment' else 'test perplexity'}): " + " > ".join(order)
         for plan, order in orders.items()
     ]
     if len(orders) == 2:
@@ -265,8 +267,8 @@ def headline_table(results: Results, plan: str) -> str:
             ]
         else:
             figures = [
-                _spread_text(cell["validation_perplexity"], digits=2),
                 _spread_text(cell["test_perplexity"], digits=2),
+                _spread_text(cell["validation_perplexity"], digits=2),
             ]
             if "control_share" in cell:
                 figures.append(_spread_text(cell["control_share"], digits=2))
@@ -286,7 +288,7 @@ def headline_table(results: Results, plan: str) -> str:
     if "test_accuracy" in first:
         quality_header = ["test accuracy %", "validation accuracy %"]
     else:
-        quality_header = ["validation perplexity", "test perplexity"]
+        quality_header = ["test perplexity", "validation perplexity"]
         if "control_share" in first:
             quality_header.append("sentiment control share")
     header = [
@@ -349,8 +351,13 @@ def markdown(results: Results) -> str:
         "per plan that steps every variant in turn (A B C ... A B C) on the same batches after a warm-up; "
         "the ratios are between medians of that one process. Memory is counted from the tensors "
         "(weights as stored, gradients, optimizer state, the activations autograd saves for one batch). "
-        "Learning rates: a sweep on the validation split (first seed) for full fine-tuning, LoRA and "
-        "HiRA; LoRA's rate also serves QLoRA and SparseLoRA, HiRA's serves HiRA on 4-bit.\n",
+        + (
+            "Learning rates: a sweep on the validation split (first seed) for full fine-tuning and for "
+            "LoRA and HiRA at each rank; LoRA's rate also serves QLoRA and SparseLoRA, HiRA's serves HiRA "
+            "on 4-bit. Quality is therefore read on the test split.\n"
+            if results["sweep"]
+            else "Learning rates: each method's default (this suite has no sweep).\n"
+        ),
         "## Answers\n",
     ]
     for key, question in QUESTIONS:
@@ -419,42 +426,50 @@ def markdown(results: Results) -> str:
 # -- figures -----------------------------------------------------------------------------------
 
 
-def _panels(plans: list[str]) -> go.Figure:
-    return make_subplots(rows=1, cols=max(len(plans), 1), subplot_titles=plans)
+def _panels(plans: list[str]) -> tuple[go.Figure, dict[str, str]]:
+    """One panel per plan, and the colour of each trace name (filled by `_add`)."""
+    return make_subplots(rows=1, cols=max(len(plans), 1), subplot_titles=plans), {}
 
 
-def _add(figure: go.Figure, column: int, trace: go.Scatter | go.Bar) -> None:
-    """`trace` in panel `column`, with one legend entry for its name across the panels."""
-    trace.update(legendgroup=trace.name, showlegend=column == 1)
+def _add(figure: go.Figure, column: int, trace: go.Scatter | go.Bar, colours: dict[str, str]) -> None:
+    """`trace` in panel `column`: one colour per name across the panels (`colours` collects them),
+    and one legend entry for it."""
+    first = trace.name not in colours
+    colour = colours.setdefault(trace.name, PALETTE[len(colours) % len(PALETTE)])
+    trace.update(legendgroup=trace.name, showlegend=first, marker_color=colour)
+    if isinstance(trace, go.Scatter):
+        trace.update(line_color=colour)
     figure.add_trace(trace, row=1, col=column)
 
 
 def _quality_axis(results: Results, plan: str) -> str:
     first = next(iter(_cells(results, plan).values()))
-    return "test accuracy" if "test_accuracy" in first else "validation perplexity"
+    return "test accuracy %" if "test_accuracy" in first else "test perplexity"
 
 
 def _scatter_by_plan(results: Results, title: str, x_title: str, x_of, log_x: bool = False) -> go.Figure:
     plans = [plan for plan in ("sentiment", "generation", "continuation") if plan in results["aggregate"]]
-    figure = _panels(plans)
+    figure, colours = _panels(plans)
     for column, plan in enumerate(plans, start=1):
         for variant in _cells(results, plan):
             x = x_of(plan, variant)
             found = quality(results, plan, variant)
             if x is None or found is None:
                 continue
+            scale = 100 if found[0] == "test_accuracy" else 1  # accuracy in %, as in the tables
             _add(
                 figure,
                 column,
                 go.Scatter(
                     x=[x],
-                    y=[found[1]],
-                    error_y={"type": "data", "array": [found[2] or 0]},
+                    y=[scale * found[1]],
+                    error_y={"type": "data", "array": [scale * (found[2] or 0)]},
                     mode="markers+text",
                     text=[variant],
                     textposition="top center",
                     name=variant,
                 ),
+                colours,
             )
         figure.update_xaxes(title_text=x_title, type="log" if log_x else None, row=1, col=column)
         figure.update_yaxes(title_text=_quality_axis(results, plan), row=1, col=column)
@@ -482,23 +497,24 @@ def quality_vs_step_time(results: Results) -> go.Figure:
 
 def memory_breakdown(results: Results) -> go.Figure:
     plans = [plan for plan in results["speed"] if results["speed"][plan]]
-    figure = _panels(plans)
+    figure, colours = _panels(plans)
     for column, plan in enumerate(plans, start=1):
         entries = results["speed"][plan]
         for key, label in MEMORY_PARTS:
-            _add(
-                figure,
-                column,
-                go.Bar(x=[e["label"] for e in entries], y=[e["memory"][key] / MB for e in entries], name=label),
-            )
+            parts = go.Bar(x=[e["label"] for e in entries], y=[e["memory"][key] / MB for e in entries], name=label)
+            _add(figure, column, parts, colours)
         figure.update_yaxes(title_text="MB", row=1, col=column)
-    figure.update_layout(**LAYOUT, barmode="stack", title="Training memory per method")
+    figure.update_layout(
+        **LAYOUT,
+        barmode="stack",
+        title="Training memory per method (activations: every tensor saved for the backward pass)",
+    )
     return figure
 
 
 def loss_curves(results: Results) -> go.Figure:
     plans = [plan for plan in ("sentiment", "generation", "continuation") if plan in results["aggregate"]]
-    figure = _panels(plans)
+    figure, colours = _panels(plans)
     for column, plan in enumerate(plans, start=1):
         curves: dict[str, list[list[float]]] = {}
         for cell in results["cells"]:
@@ -506,9 +522,8 @@ def loss_curves(results: Results) -> go.Figure:
                 curves.setdefault(cell["variant"], []).append(cell["loss_curve"])
         for variant, runs in curves.items():
             mean = [statistics.fmean(values) for values in zip(*runs)]
-            _add(
-                figure, column, go.Scatter(x=list(range(1, len(mean) + 1)), y=_smooth(mean), mode="lines", name=variant)
-            )
+            curve = go.Scatter(x=list(range(1, len(mean) + 1)), y=_smooth(mean), mode="lines", name=variant)
+            _add(figure, column, curve, colours)
         figure.update_xaxes(title_text="step", row=1, col=column)
         figure.update_yaxes(title_text="training loss (mean over seeds, smoothed)", row=1, col=column)
     figure.update_layout(**LAYOUT, title="Training loss")
@@ -525,15 +540,19 @@ def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
 
 def sparsity_schedules(results: Results) -> go.Figure:
     plans = [p for p, entries in results["speed"].items() if any(e["flops_ratio_vs_lora"] for e in entries)]
-    figure = _panels(plans)
+    figure, colours = _panels(plans)
     for column, plan in enumerate(plans, start=1):
         entries = [e for e in results["speed"][plan] if e["flops_ratio_vs_lora"] is not None]
         labels = [e["label"] for e in entries]
         speedups = [speedup(results, plan, e["label"], "qlora" if "4bit" in e["method"] else "lora") for e in entries]
-        _add(figure, column, go.Bar(x=labels, y=speedups, name="speed-up (vs LoRA; on 4-bit: vs QLoRA)"))
+        _add(figure, column, go.Bar(x=labels, y=speedups, name="step speed-up (vs LoRA; on 4-bit: vs QLoRA)"), colours)
         savings = [1 / e["flops_ratio_vs_lora"] for e in entries]
-        _add(figure, column, go.Bar(x=labels, y=savings, name="FLOPs saving (LoRA's / its own)"))
-    figure.update_layout(**LAYOUT, barmode="group", title="SparseLoRA per layer schedule: speed-up and FLOPs")
+        _add(figure, column, go.Bar(x=labels, y=savings, name="linear-layer FLOPs: dense / sparse"), colours)
+    figure.update_layout(
+        **LAYOUT,
+        barmode="group",
+        title="SparseLoRA settings (sparsity, layer schedule, attention, 4-bit): speed-up and FLOPs saving",
+    )
     return figure
 
 
@@ -551,10 +570,10 @@ def write(results: Results, out: Path | str) -> Path:
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     results = {**results, "answers": answers(results)}
-    write_json_atomic(out / "results.json", results)
     (out / "report.md").write_text(markdown(results), encoding="utf-8")
     for name, build in FIGURES.items():
         (out / "figures" / f"{name}.json").write_text(build(results).to_json(), encoding="utf-8")
+    write_json_atomic(out / "results.json", results)  # last: the app shows results once all of them exist
     return out / "report.md"
 
 

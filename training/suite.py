@@ -3,9 +3,9 @@ seed's five research questions get measured answers (written by report.py).
 
 For each plan (a task with its model, data and budget), in this order:
 1. speed and memory: every variant timed interleaved in one process (bench.run_bench);
-2. the learning-rate sweep: each family's representative (full, lora, hira) at a few rates on the
-   validation split, first seed; the best rate serves the whole family (LoRA's rate also serves
-   QLoRA and SparseLoRA: they train the same adapter);
+2. the learning-rate sweep: each family's representative (full, lora, lora-r32, hira, hira-r32) at
+   a few rates on the validation split, first seed; the best rate serves the whole family (LoRA's
+   rate also serves QLoRA and SparseLoRA: they train the same adapter; HiRA's serves HiRA on 4-bit);
 3. quality: every variant at every seed, trained by the engine into the suite's own run store.
 
 Cells are run ids made from their configuration, so a suite that was interrupted (or rerun)
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -50,13 +51,14 @@ class Variant:
     hparams: Mapping[str, Any] = field(default_factory=dict)
 
 
-# alpha = 2 r keeps LoRA's update scale (alpha / r) the same at both ranks, so one rate fits both.
+# alpha = 2 r keeps LoRA's update scale (alpha / r) the same at both ranks; the rank-32 variants
+# still get their own sweep (a rank-8 rate made rank-32 LoRA unstable on sentiment).
 VARIANTS: dict[str, Variant] = {
     variant.name: variant
     for variant in (
         Variant("full", "full", "full"),
         Variant("lora", "lora", "lora", {"rank": 8, "alpha": 16}),
-        Variant("lora-r32", "lora", "lora", {"rank": 32, "alpha": 64}),
+        Variant("lora-r32", "lora", "lora-r32", {"rank": 32, "alpha": 64}),
         Variant("qlora", "qlora", "lora", {"rank": 8, "alpha": 16}),
         Variant("sparselora", "sparselora", "lora", {"rank": 8, "alpha": 16}),
         Variant("sparselora-4bit", "sparselora-4bit", "lora", {"rank": 8, "alpha": 16}),
@@ -64,7 +66,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("sparselora-s50", "sparselora", "lora", {"rank": 8, "alpha": 16, "ffn_sparsity": 0.5}),
         Variant("sparselora-s90", "sparselora", "lora", {"rank": 8, "alpha": 16, "ffn_sparsity": 0.9}),
         Variant("hira", "hira", "hira", {"rank": 8}),
-        Variant("hira-r32", "hira", "hira", {"rank": 32}),
+        Variant("hira-r32", "hira", "hira-r32", {"rank": 32}),
         Variant("hira-4bit", "hira-4bit", "hira", {"rank": 8}),
     )
 }
@@ -89,7 +91,8 @@ class Plan:
     control_samples: int = 0  # sampled reviews judged for sentiment control (controlled writing)
     speed_steps: int = 10
     speed_extra: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)  # timed only
-    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # variant -> hparams
+    # variant (or, for the timed-only extras, method) name -> hparams that fit this plan's model
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def hparams(self, variant: Variant, rate: float) -> dict[str, Any]:
         return {**variant.hparams, **self.overrides.get(variant.name, {}), "learning_rate": rate}
@@ -113,7 +116,13 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             seq_len=128,
             seeds=(0, 1, 2),
             variants=METHODS + SPARSITIES,
-            sweep={"full": (5e-5, 1e-4, 2e-4), "lora": (1e-3, 2e-3, 4e-3), "hira": (5e-3, 1e-2, 2e-2)},
+            sweep={
+                "full": (5e-5, 1e-4, 2e-4),
+                "lora": (1e-3, 2e-3, 4e-3),
+                "lora-r32": (1e-3, 2e-3, 4e-3),
+                "hira": (5e-3, 1e-2, 2e-2),
+                "hira-r32": (5e-3, 1e-2, 2e-2),
+            },
             speed_steps=15,
             speed_extra=LAYERS,
         ),
@@ -127,7 +136,13 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             seq_len=128,
             seeds=(0,),
             variants=METHODS,
-            sweep={"full": (2e-5, 1e-4), "lora": (1e-3, 3e-3), "hira": (1e-2, 3e-2)},
+            sweep={
+                "full": (2e-5, 1e-4),
+                "lora": (1e-3, 3e-3),
+                "lora-r32": (1e-3, 3e-3),
+                "hira": (1e-2, 3e-2),
+                "hira-r32": (1e-2, 3e-2),
+            },
             eval_samples=100,
             control_samples=32,
             speed_steps=8,
@@ -251,6 +266,8 @@ def cell_record(plan: Plan, variant: Variant, run: Run) -> dict[str, Any]:
         "train_time_s": summary["train_time_s"],
         "adapter_size_bytes": summary["adapter_size_bytes"],
         "sparsity": summary.get("sparsity"),
+        "versions": config["versions"],  # a reused cell may predate the suite's own run
+        "trained_at": summary["created_at"],
         "loss_curve": [round(loss, 4) for loss in losses],
     }
 
@@ -314,8 +331,11 @@ def _sweep(
             config = _config(plan, variant, rate, plan.seeds[0], offline, judge)
             run = _train_cell(store, cell_run_id(plan, variant, config), config, log)
             score = run.summary["metrics"]["validation"][name]
-            scored.append((score, rate))
+            if math.isfinite(score):  # a diverged rate never wins
+                scored.append((score, rate))
             trials.append({"plan": plan.name, "family": family, "learning_rate": rate, f"validation_{name}": score})
+        if not scored:
+            raise SuiteError(f"plan {plan.name}: every rate tried for {family} diverged ({', '.join(map(str, rates))})")
         # On a tie the rate listed first wins.
         chosen[family] = (max if higher_is_better else min)(scored, key=lambda pair: pair[0])[1]
         for trial in trials:

@@ -208,5 +208,6 @@ def _published(results: dict, results_dir: Path) -> None:
     for name in report.FIGURES:
         if name in figures:
             gr.Plot(figures[name])
-    with gr.Accordion("The whole report", open=False):
-        gr.Markdown((results_dir / "report.md").read_text(encoding="utf-8"))
+    if (results_dir / "report.md").exists():
+        with gr.Accordion("The whole report", open=False):
+            gr.Markdown((results_dir / "report.md").read_text(encoding="utf-8"))
