@@ -127,6 +127,12 @@ def test_a_rerun_suite_reuses_completed_cells(published, plans):
     before = sorted(run.id for run in RunStore(runs).runs())
     again = suite.run_suite(plans, runs, offline=True, log=lambda line: None, name="test")
     assert sorted(run.id for run in RunStore(runs).runs()) == before
+    assert again["training"]["trained_now"] == 0 and results["training"]["trained_now"] == results["training"]["runs"]
+    assert (
+        again["training"]["runs"]
+        == results["training"]["runs"]
+        == len({c["run"] for c in results["cells"]} | {t["run"] for t in results["sweep"]})
+    )
     assert (
         again["aggregate"]["sentiment"]["lora"]["test_accuracy"]
         == results["aggregate"]["sentiment"]["lora"]["test_accuracy"]

@@ -333,6 +333,21 @@ def speed_table(results: Results, plan: str) -> str:
     return _table(header + [f"{label} MB" for _, label in MEMORY_PARTS], rows)
 
 
+def _training_text(results: Results) -> str:
+    training = results["training"]
+    reused = training["runs"] - training["trained_now"]
+    return (
+        f"It trained {training['trained_now']} of the {training['runs']} runs behind these figures"
+        + (
+            f" and reused {reused} that an earlier invocation had completed with the same configuration"
+            if reused
+            else ""
+        )
+        + f"; the {training['runs']} runs took {training['run_time_s'] / 60:.0f} minutes in all, between "
+        f"{training['first_started_at']} and {training['last_finished_at']}. Library versions:"
+    )
+
+
 def markdown(results: Results) -> str:
     hardware, versions = results["hardware"], results["versions"]
     said = answers(results)
@@ -340,7 +355,7 @@ def markdown(results: Results) -> str:
         "# LoRA Arena benchmark results\n",
         f"Produced by `{results['command']}` ({results['suite']} suite) on {results['started_at']}, "
         f"in {results['duration_s'] / 60:.0f} minutes on {hardware['cores']} cores of {hardware['cpu']} "
-        f"({hardware['device']}, {hardware['memory_bytes'] / 2**30:.0f} GiB); "
+        f"({hardware['device']}, {hardware['memory_bytes'] / 2**30:.0f} GiB). {_training_text(results)} "
         + ", ".join(f"{name} {version}" for name, version in versions.items())
         + ". Every figure below is in `results.json` beside this file; the figures the app's Guide "
         "tab draws are in `figures/`.\n",

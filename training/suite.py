@@ -333,7 +333,9 @@ def _sweep(
             score = run.summary["metrics"]["validation"][name]
             if math.isfinite(score):  # a diverged rate never wins
                 scored.append((score, rate))
-            trials.append({"plan": plan.name, "family": family, "learning_rate": rate, f"validation_{name}": score})
+            trials.append(
+                {"plan": plan.name, "family": family, "learning_rate": rate, f"validation_{name}": score, "run": run.id}
+            )
         if not scored:
             raise SuiteError(f"plan {plan.name}: every rate tried for {family} diverged ({', '.join(map(str, rates))})")
         # On a tie the rate listed first wins.
@@ -353,6 +355,23 @@ def _judge(cells: list[dict]) -> dict | None:
         if best
         else None
     )
+
+
+def _training_record(store: RunStore, run_ids: set[str], started: float) -> dict[str, Any]:
+    """How the runs behind the results were trained: how many by this invocation (the others were
+    reused from an earlier one) and their wall time, so a rerun's short duration misleads no one."""
+    summaries = [store.get(run_id).summary for run_id in run_ids]
+    return {
+        "runs": len(summaries),
+        "trained_now": sum(s["created_at"] >= started for s in summaries),
+        "run_time_s": sum(s["finished_at"] - s["created_at"] for s in summaries),
+        "first_started_at": _utc(min((s["created_at"] for s in summaries), default=started)),
+        "last_finished_at": _utc(max((s["finished_at"] for s in summaries), default=started)),
+    }
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _hardware() -> dict[str, Any]:
@@ -443,8 +462,9 @@ def run_suite(
     return {
         "suite": name,
         "command": command,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "started_at": _utc(started),
         "duration_s": finished - started,
+        "training": _training_record(store, {t["run"] for t in sweep} | {c["run"] for c in cells}, started),
         "hardware": _hardware(),
         "versions": _library_versions(),
         "offline": offline,
