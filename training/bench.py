@@ -9,6 +9,7 @@ budget through the engine and adds its quality metric.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Iterator, Mapping
@@ -94,18 +95,20 @@ class _Contender:
         figures, so CPU and GPU are measured alike). Activations: every tensor autograd saves for
         the backward pass of one forward on `batch`, parameters and their views excluded."""
         parameters = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        saved: list[torch.Tensor] = []
+        saved: dict[int, int] = {}  # storage address -> bytes (views of one storage count once)
 
+        # Return a detached alias, never the tensor itself: a tensor that holds the graph that holds
+        # it is a reference cycle, and every contender's activations would stay alive.
         def pack(tensor: torch.Tensor) -> torch.Tensor:
-            if tensor.untyped_storage().data_ptr() not in parameters:
-                saved.append(tensor)
-            return tensor
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loss = self.model(**self._inputs(batch)).loss
-        activations = _storage_bytes(saved)
-        saved.clear()
         del loss
+        activations = sum(saved.values())
         optimizer_state = [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         trainable = sum(p.numel() * p.element_size() for p in self.trainable)
         return {
@@ -175,6 +178,7 @@ def run_bench(
             "hparams": contender.hparams,
         }
     del contenders
+    gc.collect()  # SparseLoRA's patched forwards make reference cycles: free the models now
 
     if train_steps:
         store = RunStore(runs_dir)
