@@ -16,12 +16,12 @@ from typing import Any
 
 from lora_methods import METHODS, TASKS, HParamError, get_method
 
+from . import suite
 from .data import DataError
 from .engine import ConfigError, TrainConfig, resume, train
 from .leaderboard import leaderboard
 from .models import ModelError
 from .runs import RunNotFound, RunStore
-from .suite import RESULTS_DIR
 
 USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, ValueError)
 FLAG_ALIASES = {"learning_rate": ["--lr"]}
@@ -123,7 +123,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         "e.g. sparselora.ffn_sparsity=0.9 (repeatable)",
     )
     bench.add_argument("--train-steps", type=int, help="also train each method this many steps and report quality")
-    bench.add_argument("--out", default=str(RESULTS_DIR), help="suite results folder (default: assets/results)")
+    bench.add_argument("--out", default=str(suite.RESULTS_DIR), help="suite results folder (default: assets/results)")
     bench.add_argument("--offline", action="store_true")
 
     resumer = commands.add_parser("resume", help="continue a stopped, interrupted or failed run from its checkpoint")
@@ -225,20 +225,18 @@ def _list(store: RunStore) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from . import report, suite
+    from . import report  # plotly: only the suite's commands need it
     from .bench import Entry, run_bench
 
     runs_dir = args.runs_dir or suite.DEFAULT_RUNS_DIR
-    if args.report:
+    if args.report or args.only:
         results = report.read(args.out)
         if results is None:
             raise suite.SuiteError(f"no results.json in {args.out}; `make bench` writes it")
-        print(report.write(results, args.out))
-    elif args.only:
-        results = report.read(args.out)
-        if results is None:
-            raise suite.SuiteError(f"no results.json in {args.out}; `make bench` writes it")
-        print(json.dumps(suite.rerun_cell(args.only, args.seed, results, runs_dir, args.offline)))
+        if args.report:
+            print(report.write(results, args.out))
+        else:
+            print(json.dumps(suite.rerun_cell(args.only, args.seed, results, runs_dir, args.offline)))
     elif args.suite:
         command = f"python -m training bench --suite {args.suite}" + (" --offline" if args.offline else "")
         results = suite.run_suite(
