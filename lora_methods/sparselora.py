@@ -62,6 +62,7 @@ class SparsitySchedule(TrainerCallback):
                 "sparse_layers": [layer.index for layer in layers],
                 "kept_channels": {layer.index: layer.kept for layer in layers},
                 "kept_value_channels": {a.index: a.kept for a in self.controller.attention},
+                "outputs_only_layer": self.controller.outputs_only_layer,
                 "dense_warmup_steps": getattr(self, "warmup_steps", None),
             }
         }
@@ -73,7 +74,7 @@ def apply(model: torch.nn.Module, task: Task, hparams: Mapping[str, Any]) -> tor
         raise HParamError(
             f"SparseLoRA supports {', '.join(sparsity.FFN_LAYOUTS)} models, not {model.config.model_type!r}"
         )
-    ratios = layer_schedule(len(sparsity._resolve(model, layout.layers)), hparams)
+    ratios = layer_schedule(len(sparsity.resolve(model, layout.layers)), hparams)
     attention = hparams["attention_sparsity"]
     if attention > 0 and model.config.model_type not in sparsity.ATTENTION_LAYOUTS:
         raise HParamError(
@@ -89,6 +90,7 @@ def apply(model: torch.nn.Module, task: Task, hparams: Mapping[str, Any]) -> tor
         hparams["output_tokens"] == "dense",
         cache_dir(),
         [attention if ratio > 0 else 0.0 for ratio in ratios],  # the same layers as the FFN
+        hparams["last_layer"] == "outputs",
     )
     return wrapped
 
@@ -142,7 +144,7 @@ METHOD = FineTuningMethod(
             "dense_first_layers",
             int,
             1,
-            "leading layers kept dense (the last layer is always dense)",
+            "leading layers kept dense (the last layer is not sparse either: see last_layer)",
             minimum=0,
             maximum=1000,
         ),
@@ -162,6 +164,14 @@ METHOD = FineTuningMethod(
             "dense",
             "output tokens (generation: labelled tokens; classification: [CLS]) dense or sparse",
             choices=("dense", "sparse"),
+        ),
+        HParam(
+            "last_layer",
+            str,
+            "outputs",
+            "the last layer's FFN for the output tokens only (exact: no loss reads the context's; "
+            "needs dense output tokens) or for all tokens",
+            choices=("outputs", "all"),
         ),
     ),
     apply=apply,

@@ -16,6 +16,13 @@ Architectures: the FFN is `in-projection(s) -> elementwise activation -> out-pro
   distilbert  ffn.lin1 -> ffn.lin2
   bert        intermediate.dense -> output.dense (then residual + LayerNorm, per token)
 
+The last layer (with output tokens routed dense): its FFN runs for the output tokens only. What
+the last layer computes at a context position is read by nothing (a classifier reads [CLS], a
+causal LM's loss ignores the prompt's predictions), so skipping it there is exact: the loss and the
+gradients are the dense FFN's. This is the context/output split taken to its limit where it costs
+nothing; any method could skip that work, and the benchmark can time SparseLoRA without it
+(`last_layer=all`) to tell the two savings apart.
+
 Attention (optional, `attention_sparsity`): value channels are scored by the norm of the value
 the estimator predicts (per channel, not per head), the value projection computes only the kept
 rows and the output projection only the matching input columns. With grouped-query attention a
@@ -123,6 +130,11 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return (vh[:rank].t() * s[:rank]).contiguous(), u[:, :rank].t().contiguous()
 
 
+def estimator_factors(modules: list[torch.nn.Module], rank: int) -> list:
+    """(A, B, bias) of the rank-`rank` estimator of each projection in `modules`."""
+    return [(*svd_factors(base_weight(m)[0], rank), base_weight(m)[1]) for m in modules]
+
+
 @dataclass
 class SparseLayer:
     """One sparsified FFN: its estimator, its ratio, and the channel set of the current step."""
@@ -168,12 +180,24 @@ class SparseLayer:
         scores = self._activation_scores(estimates).norm(dim=0)
         return scores.topk(self.kept).indices.sort().values
 
+    def _activations(self, context: torch.Tensor) -> torch.Tensor:
+        return self._activation_scores([F.linear(context, *base_weight(module)) for module in self.inputs])
+
     @torch.no_grad()
     def oracle(self, context: torch.Tensor) -> torch.Tensor:
         """Top-k channels by the true activations of every context token: what the estimator aims at."""
-        exact = [F.linear(context, *base_weight(module)) for module in self.inputs]
-        scores = self._activation_scores(exact).flatten(0, -2).float().norm(dim=0)
+        scores = self._activations(context).flatten(0, -2).float().norm(dim=0)
         return scores.topk(self.kept).indices
+
+    @torch.no_grad()
+    def output_error(self, context: torch.Tensor, keep: torch.Tensor) -> float:
+        """Mean over tokens of |FFN(x) on `keep` - FFN(x)| / |FFN(x)| (output bias aside): how much
+        of each token's FFN output the kept channels lose."""
+        activations = self._activations(context).flatten(0, -2).float()
+        weight = base_weight(self.output)[0].float()
+        full = activations @ weight.t()
+        kept = activations[:, keep] @ weight[:, keep].t()
+        return float(((kept - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12)).mean())
 
 
 def output_columns(value_channels: torch.Tensor, head_dim: int, heads: int, kv_heads: int) -> torch.Tensor:
@@ -227,6 +251,7 @@ class SparsityController:
     linear_flops_per_token: int  # every Linear/Conv1D of the model, dense (multiply-adds)
     attention: list[SparseAttention] = field(default_factory=list)
     active: bool = True
+    outputs_only_layer: int | None = None  # the last layer, when only its output tokens run its FFN
     # This batch's routing over its flattened (row, position) tokens, set before each forward:
     # `order` lists the sparse tokens first and then the dense ones, `sparse_count` how many are
     # sparse, `restore` the inverse permutation. None: every token sparse.
@@ -254,6 +279,10 @@ class SparsityController:
             a.numel() + (0 if b is None else b.numel()) for a, b, _ in layer.estimator
         )
 
+    def account_skipped(self, tokens: int, d: int, width: int, projections: int) -> None:
+        """A last-layer FFN that `tokens` context tokens skipped entirely."""
+        self.actual_flops -= 2 * tokens * projections * d * width
+
     def account_attention_saving(self, attention: SparseAttention, sparse_tokens: int, scored_tokens: int) -> None:
         d = attention.estimator[0].shape[0]
         skipped_columns = attention.heads * attention.head_dim - attention.columns.numel()
@@ -270,7 +299,7 @@ class SparsityController:
         return sum(self.recalls) / len(self.recalls) if self.recalls else None
 
 
-def _resolve(root: torch.nn.Module, path: str):
+def resolve(root: torch.nn.Module, path: str):
     for part in path.split("."):
         root = getattr(root, part)
     return root
@@ -325,6 +354,23 @@ def _sparse_container_forward(controller: SparsityController, layer: SparseLayer
     return forward
 
 
+def _outputs_only_forward(controller: SparsityController, width: int, projections: int, original: Callable):
+    """The last layer's FFN for the output tokens alone. Nothing reads what the last layer computes
+    at a context position (the classifier reads [CLS]; a causal LM's loss ignores the prompt's
+    predictions), so those positions skip the FFN and zeros stand in: the loss and every gradient
+    are the ones the dense FFN gives."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _runs_sparse(controller, self) or controller.order is None:
+            return original(x)
+        context, outputs = _split(controller, x.reshape(-1, x.shape[-1]))
+        dense = original(outputs.unsqueeze(0)).squeeze(0) if outputs.shape[0] else None
+        controller.account_skipped(context.shape[0], x.shape[-1], width, projections)
+        return _join(controller, context.new_zeros(context.shape), dense).reshape(x.shape)
+
+    return forward
+
+
 def _sparse_value_forward(controller: SparsityController, attention: SparseAttention, original: Callable):
     """The value projection on the kept channels for context tokens, written into a zero tensor of
     the full width (the attention kernels need whole heads; for context rows the output projection
@@ -373,7 +419,7 @@ def _sliced_projection(layer: SparseLayer, module: torch.nn.Module, original: Ca
 
 
 def _layer_weights_key(model: torch.nn.Module, layers: list, layout: FFNLayout, rank: int) -> str:
-    first = base_weight(_resolve(layers[0], layout.inputs[0]))[0]
+    first = base_weight(resolve(layers[0], layout.inputs[0]))[0]
     fingerprint = f"{model.config.name_or_path}|{layout}|{len(layers)}|{tuple(first.shape)}|{float(first.sum()):.8e}"
     return hashlib.sha1(fingerprint.encode()).hexdigest()[:16] + f"-r{rank}"
 
@@ -419,10 +465,12 @@ def install(
     dense_outputs: bool,
     cache_dir: Path,
     attention_per_layer: list[float] | None = None,
+    outputs_only_last: bool = False,
 ) -> SparsityController:
     """Patch the FFNs (and, where `attention_per_layer` says so, the value/output projections) of
     `model` (a transformers model, before or after PEFT wrapping) for sparsity; layers whose ratio
-    is 0 stay untouched. SVD factors are cached in `cache_dir`."""
+    is 0 stay untouched. With `outputs_only_last` (and `dense_outputs`), the last layer's FFN runs
+    for the output tokens only, whatever its ratio. SVD factors are cached in `cache_dir`."""
     transformers_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     model_type = transformers_model.config.model_type
     layout = FFN_LAYOUTS.get(model_type)
@@ -430,7 +478,7 @@ def install(
         raise ValueError(
             f"SparseLoRA has no FFN layout for architecture {model_type!r}; supported: {', '.join(FFN_LAYOUTS)}"
         )
-    blocks = list(_resolve(transformers_model, layout.layers))
+    blocks = list(resolve(transformers_model, layout.layers))
     attention_per_layer = attention_per_layer or [0.0] * len(blocks)
     if len(sparsity_per_layer) != len(blocks) or len(attention_per_layer) != len(blocks):
         raise ValueError(f"{len(sparsity_per_layer)} sparsity ratios for {len(blocks)} layers")
@@ -451,12 +499,28 @@ def install(
 
     def factors(key, modules: list[torch.nn.Module]) -> list:
         if key not in cached:  # once per model and rank, never inside the training loop
-            cached[key] = [(*svd_factors(base_weight(m)[0], estimator_rank), base_weight(m)[1]) for m in modules]
+            cached[key] = estimator_factors(modules, estimator_rank)
         return [(a, b, None if bias is None else bias.float()) for a, b, bias in cached[key]]
+
+    def patch_container(block: torch.nn.Module, make_forward: Callable[[Callable], Callable]) -> None:
+        container = resolve(block, layout.container)
+        if isinstance(container, torch.nn.Module):
+            container.forward = types.MethodType(make_forward(container.forward), container)
+        else:  # BERT's feed_forward_chunk is a bound method of the layer
+            block.feed_forward_chunk = types.MethodType(make_forward(container), block)
+
+    if outputs_only_last and dense_outputs:
+        width, d = base_weight(resolve(blocks[-1], layout.inputs[0]))[0].shape
+        patch_container(
+            blocks[-1],
+            lambda original: _outputs_only_forward(controller, width, len(layout.inputs) + 1, original),
+        )
+        sparsity_per_layer = [*sparsity_per_layer[:-1], 0.0]
+        controller.outputs_only_layer = len(blocks) - 1
 
     for index, (block, ratio, attention_ratio) in enumerate(zip(blocks, sparsity_per_layer, attention_per_layer)):
         if attention_ratio > 0:
-            value, output = (_resolve(block, path) for path in ATTENTION_LAYOUTS[model_type])
+            value, output = (resolve(block, path) for path in ATTENTION_LAYOUTS[model_type])
             attention = SparseAttention(
                 index,
                 attention_ratio,
@@ -470,13 +534,13 @@ def install(
             output.forward = types.MethodType(_sparse_output_forward(controller, attention, output.forward), output)
         if ratio <= 0:
             continue
-        inputs = [_resolve(block, path) for path in layout.inputs]
+        inputs = [resolve(block, path) for path in layout.inputs]
         layer = SparseLayer(
             index,
             ratio,
             inputs,
-            _resolve(block, layout.output),
-            _resolve(block, layout.activation),
+            resolve(block, layout.output),
+            resolve(block, layout.activation),
             factors(index, inputs),
         )
         controller.layers.append(layer)
@@ -484,13 +548,7 @@ def install(
             module.forward = types.MethodType(_sliced_projection(layer, module, module.forward, rows=True), module)
         output = layer.output
         output.forward = types.MethodType(_sliced_projection(layer, output, output.forward, rows=False), output)
-        container = _resolve(block, layout.container)
-        if isinstance(container, torch.nn.Module):
-            container.forward = types.MethodType(
-                _sparse_container_forward(controller, layer, container.forward), container
-            )
-        else:  # BERT's feed_forward_chunk is a bound method of the layer
-            block.feed_forward_chunk = types.MethodType(_sparse_container_forward(controller, layer, container), block)
+        patch_container(block, lambda original: _sparse_container_forward(controller, layer, original))
     if len(cached) != cached_before:  # written whole, then renamed: a reader never sees half a file
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_suffix(f".{os.getpid()}.partial")

@@ -66,14 +66,35 @@ def test_sliced_ffn_equals_the_dense_ffn_on_the_kept_channels(tiny_models, arch,
     monkeypatch.setattr(sparsity.SparseLayer, "choose", lambda self, context, sample_tokens: keep)
     mask = torch.zeros(width)
     mask[keep] = 1.0
-    for block in sparsity._resolve(dense.get_base_model(), layout.layers):  # reference: dense, then masked
-        sparsity._resolve(block, layout.output).register_forward_pre_hook(lambda module, args: (args[0] * mask,))
+    for block in sparsity.resolve(dense.get_base_model(), layout.layers):  # reference: dense, then masked
+        sparsity.resolve(block, layout.output).register_forward_pre_hook(lambda module, args: (args[0] * mask,))
     dense_logits, dense_grads = _run(dense, inputs)
     sparse_logits, sparse_grads = _run(sparse, inputs)
     assert torch.allclose(dense_logits, sparse_logits, atol=1e-5)
     for name, grad in dense_grads.items():
         assert torch.allclose(grad, sparse_grads[name], atol=1e-6), name
     assert sparse.sparsity_controller.flops_ratio < 1.0
+
+
+@pytest.mark.parametrize("arch", list(ARCH_TASK))
+def test_the_last_layer_skipping_its_context_tokens_changes_nothing_the_loss_reads(tiny_models, arch):
+    lora_model, outputs_only, inputs = _pair(tiny_models[arch], ARCH_TASK[arch], "0,0")  # no sparse layer
+    if ARCH_TASK[arch] == "generation":
+        inputs["labels"][:, :3] = sparsity.IGNORE_INDEX  # a prompt
+    for module in [*lora_model.modules(), *outputs_only.modules()]:  # fewer tokens, other dropout draws
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    lora_logits, lora_grads = _run(lora_model, inputs)
+    logits, grads = _run(outputs_only, inputs)
+    controller = outputs_only.sparsity_controller
+    assert controller.outputs_only_layer == 1 and controller.flops_ratio < 1.0  # the FFN ran for outputs only
+    if ARCH_TASK[arch] == "generation":  # the positions that predict a label; the prompt's are not read
+        read = sparsity.dense_positions(inputs["labels"], inputs["input_ids"].shape)
+        lora_logits, logits = lora_logits[read], logits[read]
+        assert read.sum() < read.numel()
+    assert torch.allclose(lora_logits, logits, atol=1e-5)
+    for name, grad in lora_grads.items():
+        assert torch.allclose(grad, grads[name], atol=1e-6), name
 
 
 def test_a_value_channel_feeds_every_query_head_of_its_group():
@@ -96,9 +117,9 @@ def test_sliced_attention_equals_dense_attention_on_the_kept_value_channels(tiny
     mask = torch.zeros(attention.width)
     mask[keep] = 1.0
     value_path = sparsity.ATTENTION_LAYOUTS[dense.get_base_model().config.model_type][0]
-    layers = sparsity._resolve(dense.get_base_model(), sparsity.FFN_LAYOUTS[arch].layers)
+    layers = sparsity.resolve(dense.get_base_model(), sparsity.FFN_LAYOUTS[arch].layers)
     for block in layers:  # reference: dense attention over values whose skipped channels are zero
-        sparsity._resolve(block, value_path).register_forward_hook(lambda module, args, out: out * mask)
+        sparsity.resolve(block, value_path).register_forward_hook(lambda module, args, out: out * mask)
     dense_logits, dense_grads = _run(dense, inputs)
     sparse_logits, sparse_grads = _run(sparse, inputs)
     assert torch.allclose(dense_logits, sparse_logits, atol=1e-5)
@@ -172,7 +193,8 @@ def test_a_sparselora_run_reports_flops_and_recall_and_saves_a_lora_adapter(tmp_
     )
     summary = train(config, store)
     telemetry = summary["sparsity"]
-    assert telemetry["dense_warmup_steps"] == 2 and telemetry["sparse_layers"] == [0, 1]
+    assert telemetry["dense_warmup_steps"] == 2 and telemetry["sparse_layers"] == [0]
+    assert telemetry["outputs_only_layer"] == 1  # the last layer: its FFN for the output tokens only
     assert 0.5 < telemetry["flops_ratio_vs_lora"] < 1.0 and 0.0 <= telemetry["estimator_recall"] <= 1.0
     (run,) = store.runs()
     logged = [r for r in run.metrics() if r["kind"] == "train"]
@@ -196,3 +218,24 @@ def test_an_exact_estimator_scoring_every_token_picks_the_oracle_channels(tiny_m
     _, sparse, inputs = _pair(tiny_models["llama"], "generation", "0.5,0.5", output_tokens="sparse")
     sparse(**inputs).loss.backward()  # rank 384 >= width 64 and 128 sampled >= tokens: exact scores
     assert sparse.sparsity_controller.recall == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_the_probe_measures_what_each_ffn_loses_to_channel_sparsity(tiny_models, review_csv, arch, capsys):
+    from training.cli import main
+
+    task = ARCH_TASK[arch]
+    arguments = ["probe", "--task", task, "--model", tiny_models[arch], "--dataset", str(review_csv)]
+    shape = ["--batches", "2", "--batch-size", "4", "--seq-len", "16"]
+    assert main([*arguments, "--sparsities", "0,0.5,0.9", *shape, "--offline"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["layer"], r["sparsity"]) for r in records] == [(i, s) for i in (0, 1) for s in (0.0, 0.5, 0.9)]
+    for layer in (0, 1):
+        errors = [r["oracle_error"] for r in records if r["layer"] == layer]
+        assert errors[0] == pytest.approx(0.0, abs=1e-6) and 0 < errors[1] < errors[2] <= 1.0
+    # An exact-rank estimator scoring every token of these short batches (under 128) is the oracle.
+    assert all(r["estimator_recall"] == 1.0 for r in records)
+    assert all(r["estimator_error"] == pytest.approx(r["oracle_error"], abs=1e-6) for r in records)
+
+    assert main([*arguments, "--sparsities", "0.5,1.5", "--offline"]) == 2
+    assert "sparsities must be numbers in [0, 1)" in capsys.readouterr().err

@@ -28,19 +28,52 @@ from .offline import is_offline
 from .runs import RunStore
 
 
-def _batches(
-    task: Task, dataset_id: str, offline: bool, tokenizer, batch_size: int, seq_len: int, count: int
-) -> list[dict]:
-    splits = data.load_splits(dataset_id, task, offline)
-    records = data.tokenize(
-        splits.train.select(range(min(len(splits.train), batch_size * count))), tokenizer, task, seq_len
-    )
-    collate = data.collator(tokenizer, task)
-    rows = [records[i] for i in range(len(records))]
-    batches = [collate(rows[i : i + batch_size]) for i in range(0, len(rows) - batch_size + 1, batch_size)]
-    if not batches:
-        raise ValueError(f"the training split has fewer than {batch_size} examples")
-    return batches
+@dataclass(frozen=True)
+class Workload:
+    """What a measurement runs on: task, model, dataset and batch shape, defaults filled in."""
+
+    task: Task
+    model: str
+    dataset: str
+    model_path: str
+    batch_size: int
+    seq_len: int
+    offline: bool
+
+    @classmethod
+    def resolve(
+        cls,
+        task: Task,
+        model: str | None = None,
+        dataset: str | None = None,
+        batch_size: int | None = None,
+        seq_len: int | None = None,
+        offline: bool = False,
+    ) -> Workload:
+        offline = is_offline(offline)
+        model = model or models.default_model(task, offline)
+        return cls(
+            task,
+            model,
+            dataset or data.default_dataset(task, offline),
+            models.resolve_model_path(model, offline),
+            batch_size or TASK_DEFAULTS[task]["batch_size"],
+            seq_len or TASK_DEFAULTS[task]["seq_len"],
+            offline,
+        )
+
+    def batches(self, tokenizer, count: int) -> list[dict]:
+        """The first `count` batches of the training split, in order (fewer if it is short)."""
+        splits = data.load_splits(self.dataset, self.task, self.offline)
+        train_split = splits.train.select(range(min(len(splits.train), self.batch_size * count)))
+        records = data.tokenize(train_split, tokenizer, self.task, self.seq_len)
+        collate = data.collator(tokenizer, self.task)
+        rows = [records[i] for i in range(len(records))]
+        size = self.batch_size
+        batches = [collate(rows[i : i + size]) for i in range(0, len(rows) - size + 1, size)]
+        if not batches:
+            raise ValueError(f"the training split has fewer than {size} examples")
+        return batches
 
 
 @dataclass(frozen=True)
@@ -135,15 +168,12 @@ def run_bench(
     runs_dir: str | None = None,
 ) -> Iterator[dict]:
     """Time `entries` side by side; the first is the baseline of the speed ratios."""
-    offline = is_offline(offline)
-    batch_size = batch_size or TASK_DEFAULTS[task]["batch_size"]
-    seq_len = seq_len or TASK_DEFAULTS[task]["seq_len"]
-    model_id = model or models.default_model(task, offline)
-    dataset_id = dataset or data.default_dataset(task, offline)
-    model_path = models.resolve_model_path(model_id, offline)
-    tokenizer = models.load_tokenizer(model_path)
-    batches = _batches(task, dataset_id, offline, tokenizer, batch_size, seq_len, steps + warmup)
-    contenders = [_Contender(entry, task, model_path, tokenizer, seed) for entry in entries]
+    workload = Workload.resolve(task, model, dataset, batch_size, seq_len, offline)
+    model_id, dataset_id, offline = workload.model, workload.dataset, workload.offline
+    batch_size, seq_len = workload.batch_size, workload.seq_len
+    tokenizer = models.load_tokenizer(workload.model_path)
+    batches = workload.batches(tokenizer, steps + warmup)
+    contenders = [_Contender(entry, task, workload.model_path, tokenizer, seed) for entry in entries]
 
     for round_index in range(warmup + steps):
         batch = batches[round_index % len(batches)]

@@ -126,6 +126,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     bench.add_argument("--out", default=str(suite.RESULTS_DIR), help="suite results folder (default: assets/results)")
     bench.add_argument("--offline", action="store_true")
 
+    prober = commands.add_parser(
+        "probe",
+        help="how sparse each FFN is: per layer and sparsity, the FFN output lost with only the top channels",
+        description="Per layer and FFN sparsity, on real training batches: the mean share of a context token's "
+        "FFN output lost when only the batch's top channels run (picked by the oracle and by SparseLoRA's "
+        "estimator), and the estimator's recall. The evidence for SparseLoRA's layer schedule.",
+    )
+    prober.add_argument("--task", required=True, choices=TASKS)
+    prober.add_argument("--model")
+    prober.add_argument("--dataset")
+    prober.add_argument("--sparsities", default="0.5,0.75,0.9", help="comma-separated, each in [0, 1)")
+    prober.add_argument("--batches", type=int, default=4, help="training batches to average over")
+    prober.add_argument("--batch-size", type=int)
+    prober.add_argument("--seq-len", type=int)
+    prober.add_argument("--estimator-rank", type=int, default=384)
+    prober.add_argument("--offline", action="store_true")
+
     resumer = commands.add_parser("resume", help="continue a stopped, interrupted or failed run from its checkpoint")
     resumer.add_argument("--run", required=True, help="run id")
 
@@ -281,6 +298,29 @@ def _bench(args: argparse.Namespace) -> None:
             print(json.dumps(result, default=str), flush=True)
 
 
+def _probe(args: argparse.Namespace) -> None:
+    from .probe import probe
+
+    try:
+        sparsities = tuple(float(part) for part in args.sparsities.split(","))
+    except ValueError:
+        raise ConfigError(f"--sparsities takes comma-separated numbers (got {args.sparsities!r})") from None
+    if args.batches < 1 or args.estimator_rank < 1:
+        raise ConfigError("--batches and --estimator-rank must be at least 1")
+    for record in probe(
+        args.task,
+        sparsities,
+        args.batches,
+        args.batch_size,
+        args.seq_len,
+        args.model,
+        args.dataset,
+        args.estimator_rank,
+        offline=args.offline,
+    ):
+        print(json.dumps(record), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     import datasets
 
@@ -295,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(resume(args.run, store, should_stop=_stop_on_ctrl_c())))
         elif args.command == "bench":
             _bench(args)
+        elif args.command == "probe":
+            _probe(args)
         elif args.command == "list":
             _list(store)
         else:
