@@ -17,8 +17,9 @@ from .base import FineTuningMethod, HParam, HParamError, Task, cache_dir
 
 
 def layer_schedule(layers: int, hparams: Mapping[str, Any]) -> list[float]:
-    """Sparsity per layer: the first `dense_first_layers` and the last layer dense, the rest at
-    `ffn_sparsity`; or the explicit comma-separated `layer_sparsity` list."""
+    """Channel sparsity per layer: none in the first `dense_first_layers` and the last layer (whose
+    FFN `last_layer` may instead run for output tokens only), `ffn_sparsity` in the rest; or the
+    explicit comma-separated `layer_sparsity` list."""
     if hparams["layer_sparsity"] != "auto":
         try:
             ratios = [float(part) for part in hparams["layer_sparsity"].split(",")]
@@ -31,7 +32,7 @@ def layer_schedule(layers: int, hparams: Mapping[str, Any]) -> list[float]:
     if first >= layers - 1:
         raise HParamError(
             f"dense_first_layers must be below {layers - 1} for this {layers}-layer model "
-            "(the last layer is dense too), or nothing would be sparse"
+            "(the last layer is not channel-sparse either), or nothing would be sparse"
         )
     return [0.0] * first + [hparams["ffn_sparsity"]] * (layers - first - 1) + [0.0]
 

@@ -71,20 +71,24 @@ def update_spectrum_figure(rank: int = 8) -> go.Figure:
 
 
 def sparsity_schedule_figure() -> go.Figure:
-    """SparseLoRA's default per-layer FFN sparsity on the two bundled models."""
+    """SparseLoRA's default per-layer FFN sparsity for context tokens on the two bundled models."""
     defaults = get_method("sparselora").resolve_hparams()
     figure = go.Figure(
         layout={
             **LAYOUT,
             "height": 300,
-            "title": "SparseLoRA's default layer schedule (first layers and the last dense)",
+            "title": "SparseLoRA's default layer schedule: the first layer dense, "
+            "the last layer's FFN for output tokens only",
             "xaxis_title": "layer",
-            "yaxis_title": "FFN channels skipped",
+            "yaxis_title": "context tokens' FFN channels skipped",
             "barmode": "group",
         }
     )
     for name, layers in (("MiniLM (6 layers)", 6), ("SmolLM2-135M (30 layers)", 30)):
-        figure.add_bar(x=list(range(layers)), y=layer_schedule(layers, defaults), name=name)
+        schedule = layer_schedule(layers, defaults)
+        if defaults["last_layer"] == "outputs":
+            schedule[-1] = 1.0
+        figure.add_bar(x=list(range(layers)), y=schedule, name=name)
     return figure
 
 
