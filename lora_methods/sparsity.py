@@ -35,9 +35,10 @@ and has no attention sparsity here.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
-import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,20 +336,23 @@ def _runs_sparse(controller: SparsityController, module: torch.nn.Module) -> boo
 
 
 def _sparse_container_forward(controller: SparsityController, layer: SparseLayer, original: Callable):
+    controller_ref, layer_ref = weakref.ref(controller), weakref.ref(layer)  # see _patch
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # one input: BERT's chunking checks the arity
+        controller, layer = controller_ref(), layer_ref()
         if not _runs_sparse(controller, self):
-            return original(x)
+            return original(self, x)
         context, outputs = _split(controller, x.reshape(-1, x.shape[-1]))
         layer.keep = layer.choose(context.detach(), controller.sample_tokens)
         if len(controller.recalls) < controller.recall_batches * len(controller.layers):
             oracle = layer.oracle(context.detach())
             controller.recalls.append(float(torch.isin(layer.keep, oracle).float().mean()))
         try:
-            sparse = original(context.unsqueeze(0)).squeeze(0)
+            sparse = original(self, context.unsqueeze(0)).squeeze(0)
         finally:
             layer.keep = None
         controller.account_saving(layer, context.shape[0], min(context.shape[0], controller.sample_tokens))
-        dense = original(outputs.unsqueeze(0)).squeeze(0) if outputs is not None and outputs.shape[0] else None
+        dense = original(self, outputs.unsqueeze(0)).squeeze(0) if outputs is not None and outputs.shape[0] else None
         return _join(controller, sparse, dense).reshape(x.shape)
 
     return forward
@@ -360,11 +364,14 @@ def _outputs_only_forward(controller: SparsityController, width: int, projection
     predictions), so those positions skip the FFN and zeros stand in: the loss and every gradient
     are the ones the dense FFN gives."""
 
+    controller_ref = weakref.ref(controller)  # see _patch
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        controller = controller_ref()
         if not _runs_sparse(controller, self) or controller.order is None:
-            return original(x)
+            return original(self, x)
         context, outputs = _split(controller, x.reshape(-1, x.shape[-1]))
-        dense = original(outputs.unsqueeze(0)).squeeze(0) if outputs.shape[0] else None
+        dense = original(self, outputs.unsqueeze(0)).squeeze(0) if outputs.shape[0] else None
         controller.account_skipped(context.shape[0], x.shape[-1], width, projections)
         return _join(controller, context.new_zeros(context.shape), dense).reshape(x.shape)
 
@@ -378,16 +385,19 @@ def _sparse_value_forward(controller: SparsityController, attention: SparseAtten
     dense, but what they gather from context positions in the skipped channels is zero: like the
     sparse FFN, context sparsity changes what the output tokens attend to."""
 
+    controller_ref, attention_ref = weakref.ref(controller), weakref.ref(attention)  # see _patch
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        controller, attention = controller_ref(), attention_ref()
         attention.columns = None
         if not _runs_sparse(controller, self):
-            return original(x, *args, **kwargs)
+            return original(self, x, *args, **kwargs)
         context, outputs = _split(controller, x.reshape(-1, x.shape[-1]))
         keep = attention.choose(context.detach(), controller.sample_tokens)
         attention.columns = output_columns(keep, attention.head_dim, attention.heads, attention.kv_heads)
         kept_values = rows_forward(self, context, keep)
         sparse = kept_values.new_zeros(context.shape[0], attention.width).index_copy(1, keep, kept_values)
-        dense = original(outputs, *args, **kwargs) if outputs is not None and outputs.shape[0] else None
+        dense = original(self, outputs, *args, **kwargs) if outputs is not None and outputs.shape[0] else None
         controller.account_attention_saving(
             attention, context.shape[0], min(context.shape[0], controller.sample_tokens)
         )
@@ -397,25 +407,49 @@ def _sparse_value_forward(controller: SparsityController, attention: SparseAtten
 
 
 def _sparse_output_forward(controller: SparsityController, attention: SparseAttention, original: Callable):
+    controller_ref, attention_ref = weakref.ref(controller), weakref.ref(attention)  # see _patch
+
     def forward(self, h: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        controller, attention = controller_ref(), attention_ref()
         columns, attention.columns = attention.columns, None
         if columns is None:
-            return original(h, *args, **kwargs)
+            return original(self, h, *args, **kwargs)
         context, outputs = _split(controller, h.reshape(-1, h.shape[-1]))
         sparse = columns_forward(self, context.index_select(1, columns), columns)
-        dense = original(outputs, *args, **kwargs) if outputs is not None and outputs.shape[0] else None
+        dense = original(self, outputs, *args, **kwargs) if outputs is not None and outputs.shape[0] else None
         return _join(controller, sparse, dense).reshape(*h.shape[:-1], sparse.shape[-1])
 
     return forward
 
 
-def _sliced_projection(layer: SparseLayer, module: torch.nn.Module, original: Callable, rows: bool):
+def _sliced_projection(layer: SparseLayer, original: Callable, rows: bool):
+    layer_ref = weakref.ref(layer)  # see _patch
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if layer.keep is None:
-            return original(x, *args, **kwargs)
-        return rows_forward(module, x, layer.keep) if rows else columns_forward(module, x, layer.keep)
+        keep = layer_ref().keep
+        if keep is None:
+            return original(self, x, *args, **kwargs)
+        return rows_forward(self, x, keep) if rows else columns_forward(self, x, keep)
 
     return forward
+
+
+def _patch(owner: torch.nn.Module, name: str, make_forward: Callable[[Callable], Callable]) -> None:
+    """Replace the method `name` of this one `owner` by `make_forward(the class's method)`.
+
+    Nothing the replacement holds leads back to the model: it reaches the owner, the controller
+    and the layer through weak references. A method bound to its own instance, or a closure over
+    the controller (whose layers hold the patched modules), would be a reference cycle, and a
+    patched model would stay in memory until the cyclic garbage collector ran."""
+    forward = make_forward(getattr(type(owner), name))
+    owner_ref = weakref.ref(owner)
+
+    def call(*args, **kwargs):
+        return forward(owner_ref(), *args, **kwargs)
+
+    signature = inspect.signature(forward)  # without `self`, as a bound method's (BERT's chunking counts them)
+    call.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
+    setattr(owner, name, call)
 
 
 def _layer_weights_key(model: torch.nn.Module, layers: list, layout: FFNLayout, rank: int) -> str:
@@ -505,9 +539,9 @@ def install(
     def patch_container(block: torch.nn.Module, make_forward: Callable[[Callable], Callable]) -> None:
         container = resolve(block, layout.container)
         if isinstance(container, torch.nn.Module):
-            container.forward = types.MethodType(make_forward(container.forward), container)
-        else:  # BERT's feed_forward_chunk is a bound method of the layer
-            block.feed_forward_chunk = types.MethodType(make_forward(container), block)
+            _patch(container, "forward", make_forward)
+        else:  # BERT's feed_forward_chunk is a method of the layer
+            _patch(block, layout.container, make_forward)
 
     if outputs_only_last and dense_outputs:
         width, d = base_weight(resolve(blocks[-1], layout.inputs[0]))[0].shape
@@ -530,8 +564,8 @@ def install(
                 *_heads(transformers_model.config),
             )
             controller.attention.append(attention)
-            value.forward = types.MethodType(_sparse_value_forward(controller, attention, value.forward), value)
-            output.forward = types.MethodType(_sparse_output_forward(controller, attention, output.forward), output)
+            _patch(value, "forward", lambda original: _sparse_value_forward(controller, attention, original))
+            _patch(output, "forward", lambda original: _sparse_output_forward(controller, attention, original))
         if ratio <= 0:
             continue
         inputs = [resolve(block, path) for path in layout.inputs]
@@ -545,9 +579,8 @@ def install(
         )
         controller.layers.append(layer)
         for module in inputs:
-            module.forward = types.MethodType(_sliced_projection(layer, module, module.forward, rows=True), module)
-        output = layer.output
-        output.forward = types.MethodType(_sliced_projection(layer, output, output.forward, rows=False), output)
+            _patch(module, "forward", lambda original: _sliced_projection(layer, original, rows=True))
+        _patch(layer.output, "forward", lambda original: _sliced_projection(layer, original, rows=False))
         patch_container(block, lambda original: _sparse_container_forward(controller, layer, original))
     if len(cached) != cached_before:  # written whole, then renamed: a reader never sees half a file
         cache_file.parent.mkdir(parents=True, exist_ok=True)

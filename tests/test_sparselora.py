@@ -239,3 +239,24 @@ def test_the_probe_measures_what_each_ffn_loses_to_channel_sparsity(tiny_models,
 
     assert main([*arguments, "--sparsities", "0.5,1.5", "--offline"]) == 2
     assert "sparsities must be numbers in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", list(ARCH_TASK))
+def test_a_trained_sparselora_model_is_freed_without_the_cyclic_garbage_collector(tiny_models, arch):
+    import gc
+    import weakref
+
+    _, sparse, inputs = _pair(
+        tiny_models[arch], ARCH_TASK[arch], "0.5,0.5", attention_sparsity=0.0 if arch == "gpt2" else 0.5
+    )
+    _run(sparse, inputs)
+    layout = sparsity.FFN_LAYOUTS[arch]
+    patched = weakref.ref(sparsity.resolve(sparsity.resolve(sparse.get_base_model(), layout.layers)[0], layout.output))
+    controller = weakref.ref(sparse.sparsity_controller)
+    gc.collect()
+    gc.disable()  # reference counting alone must free it, as it frees a LoRA model
+    try:
+        del sparse
+        assert patched() is None and controller() is None
+    finally:
+        gc.enable()

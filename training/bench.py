@@ -9,7 +9,6 @@ budget through the engine and adds its quality metric.
 
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 from collections.abc import Iterator, Mapping
@@ -207,8 +206,7 @@ def run_bench(
             "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
             "hparams": contender.hparams,
         }
-    del contenders
-    gc.collect()  # SparseLoRA's patched forwards make reference cycles: free the models now
+    del contenders  # free the timed models before the training runs load theirs
 
     if train_steps:
         store = RunStore(runs_dir)

@@ -14,7 +14,6 @@ reuses the runs that completed and trains only what is missing.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
@@ -243,7 +242,6 @@ def _train_cell(store: RunStore, run_id: str, config: TrainConfig, log: Callable
         shutil.rmtree(run.dir)
     log(f"{run_id}: training")
     train(config, store, run_id=run_id)
-    gc.collect()  # patched forwards make reference cycles: free this model before the next one loads
     return store.get(run_id)
 
 
