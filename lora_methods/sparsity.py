@@ -136,6 +136,18 @@ def estimator_factors(modules: list[torch.nn.Module], rank: int) -> list:
     return [(*svd_factors(base_weight(m)[0], rank), base_weight(m)[1]) for m in modules]
 
 
+def _estimate(context: torch.Tensor, sample_tokens: int, estimators: list) -> list[torch.Tensor]:
+    """Each estimator's predicted projection, x A B + bias, of an evenly spaced sample of at most
+    `sample_tokens` context tokens."""
+    tokens = context.reshape(-1, context.shape[-1])
+    if tokens.shape[0] > sample_tokens:
+        tokens = tokens[:: math.ceil(tokens.shape[0] / sample_tokens)]
+    tokens = tokens.float()
+    return [
+        (tokens @ a if b is None else (tokens @ a) @ b) + (0 if bias is None else bias) for a, b, bias in estimators
+    ]
+
+
 @dataclass
 class SparseLayer:
     """One sparsified FFN: its estimator, its ratio, and the channel set of the current step."""
@@ -170,15 +182,7 @@ class SparseLayer:
         only ~29% of the true top channels even with the exact weight, while per-token estimates
         find most of them, so tokens are scored, on a sample that keeps the cost a few percent.
         """
-        tokens = context.reshape(-1, context.shape[-1])
-        if tokens.shape[0] > sample_tokens:
-            tokens = tokens[:: math.ceil(tokens.shape[0] / sample_tokens)]
-        tokens = tokens.float()
-        estimates = [
-            (tokens @ a if b is None else (tokens @ a) @ b) + (0 if bias is None else bias)
-            for a, b, bias in self.estimator
-        ]
-        scores = self._activation_scores(estimates).norm(dim=0)
+        scores = self._activation_scores(_estimate(context, sample_tokens, self.estimator)).norm(dim=0)
         return scores.topk(self.kept).indices.sort().values
 
     def _activations(self, context: torch.Tensor) -> torch.Tensor:
@@ -236,12 +240,8 @@ class SparseAttention:
 
     def choose(self, context: torch.Tensor, sample_tokens: int) -> torch.Tensor:
         """Top-k value channels by the norm of the predicted value over a sample of context tokens."""
-        tokens = context.reshape(-1, context.shape[-1])
-        if tokens.shape[0] > sample_tokens:
-            tokens = tokens[:: math.ceil(tokens.shape[0] / sample_tokens)]
-        a, b, bias = self.estimator
-        estimate = (tokens.float() @ a if b is None else (tokens.float() @ a) @ b) + (0 if bias is None else bias)
-        return estimate.norm(dim=0).topk(self.kept).indices.sort().values
+        (value,) = _estimate(context, sample_tokens, [self.estimator])
+        return value.norm(dim=0).topk(self.kept).indices.sort().values
 
 
 @dataclass
@@ -544,7 +544,7 @@ def install(
             _patch(block, layout.container, make_forward)
 
     if outputs_only_last and dense_outputs:
-        width, d = base_weight(resolve(blocks[-1], layout.inputs[0]))[0].shape
+        width = base_weight(resolve(blocks[-1], layout.inputs[0]))[0].shape[0]
         patch_container(
             blocks[-1],
             lambda original: _outputs_only_forward(controller, width, len(layout.inputs) + 1, original),

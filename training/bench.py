@@ -168,8 +168,6 @@ def run_bench(
 ) -> Iterator[dict]:
     """Time `entries` side by side; the first is the baseline of the speed ratios."""
     workload = Workload.resolve(task, model, dataset, batch_size, seq_len, offline)
-    model_id, dataset_id, offline = workload.model, workload.dataset, workload.offline
-    batch_size, seq_len = workload.batch_size, workload.seq_len
     tokenizer = models.load_tokenizer(workload.model_path)
     batches = workload.batches(tokenizer, steps + warmup)
     contenders = [_Contender(entry, task, workload.model_path, tokenizer, seed) for entry in entries]
@@ -186,12 +184,12 @@ def run_bench(
         controller = getattr(contender.model, "sparsity_controller", None)
         yield {
             "task": task,
-            "model": model_id,
-            "dataset": dataset_id,
+            "model": workload.model,
+            "dataset": workload.dataset,
             "label": contender.entry.label,
             "method": contender.entry.method,
-            "batch_size": batch_size,
-            "seq_len": seq_len,
+            "batch_size": workload.batch_size,
+            "seq_len": workload.seq_len,
             "steps": steps,
             "warmup": warmup,
             "median_step_s": median,
@@ -215,14 +213,14 @@ def run_bench(
                 TrainConfig(
                     task=task,
                     method=entry.method,
-                    model=model_id,
-                    dataset=dataset_id,
+                    model=workload.model,
+                    dataset=workload.dataset,
                     hparams=dict(entry.hparams),
                     max_steps=train_steps,
-                    batch_size=batch_size,
-                    seq_len=seq_len,
+                    batch_size=workload.batch_size,
+                    seq_len=workload.seq_len,
                     seed=seed,
-                    offline=offline,
+                    offline=workload.offline,
                     control_samples=0,
                 ),
                 store,

@@ -140,7 +140,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     prober.add_argument("--batches", type=int, default=4, help="training batches to average over")
     prober.add_argument("--batch-size", type=int)
     prober.add_argument("--seq-len", type=int)
-    prober.add_argument("--estimator-rank", type=int, default=384)
+    prober.add_argument("--estimator-rank", type=int, help="default: SparseLoRA's")
     prober.add_argument("--offline", action="store_true")
 
     resumer = commands.add_parser("resume", help="continue a stopped, interrupted or failed run from its checkpoint")
@@ -305,7 +305,7 @@ def _probe(args: argparse.Namespace) -> None:
         sparsities = tuple(float(part) for part in args.sparsities.split(","))
     except ValueError:
         raise ConfigError(f"--sparsities takes comma-separated numbers (got {args.sparsities!r})") from None
-    if args.batches < 1 or args.estimator_rank < 1:
+    if args.batches < 1 or (args.estimator_rank is not None and args.estimator_rank < 1):
         raise ConfigError("--batches and --estimator-rank must be at least 1")
     for record in probe(
         args.task,

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lora_methods import Task, sparsity
+from lora_methods import Task, get_method, sparsity
 
 from . import models
 from .bench import Workload
@@ -28,11 +28,14 @@ def probe(
     seq_len: int | None = None,
     model: str | None = None,
     dataset: str | None = None,
-    estimator_rank: int = 384,
-    sample_tokens: int = 128,
+    estimator_rank: int | None = None,
     offline: bool = False,
 ) -> Iterator[dict]:
-    """One record per layer and sparsity, averaged over `batches` training batches."""
+    """One record per layer and sparsity, averaged over `batches` training batches; the estimator
+    is SparseLoRA's at its default settings unless `estimator_rank` says otherwise."""
+    defaults = get_method("sparselora").resolve_hparams()
+    estimator_rank = estimator_rank or defaults["estimator_rank"]
+    sample_tokens = defaults["estimator_tokens"]
     if not sparsities or not all(0 <= s < 1 for s in sparsities):
         raise ValueError(f"sparsities must be numbers in [0, 1) (got {list(sparsities)})")
     workload = Workload.resolve(task, model, dataset, batch_size, seq_len, offline)
