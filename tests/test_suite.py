@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 
+import plotly.io
 import pytest
 
 from training import report, suite
@@ -118,8 +119,12 @@ def test_the_report_and_the_answers_quote_the_jsons_numbers(published):
     assert set(results["answers"]) == {"sparselora", "qlora", "hira", "tasks", "combinations"}
     for key in ("sparselora", "qlora", "hira", "tasks"):
         assert results["answers"][key] and results["answers"][key] in text
-    figures = report.load_figures(out)
-    assert set(figures) == set(report.FIGURES) and all(figure.data for figure in figures.values())
+    headlines = report.headlines(results)
+    for key, _ in report.QUESTIONS:  # each answer in one sentence, above its table
+        if headlines[key]:
+            assert f"**{headlines[key]}**" in text and report.question_table(results, key) in text
+    figures = {name: plotly.io.from_json((out / "figures" / f"{name}.json").read_text()) for name in report.FIGURES}
+    assert all(figure.data and figure.layout.title.text for figure in figures.values())
 
 
 def test_a_rerun_suite_reuses_completed_cells(published, plans):
@@ -173,9 +178,7 @@ def test_the_guide_and_compare_tabs_show_the_published_results(published):
 
     runs, out, results = published
     arena = Arena(str(runs))
-    answers = guide_tab.questions_markdown(arena, results)
-    for key in ("sparselora", "qlora", "hira", "tasks"):
-        assert f"Benchmark: {results['answers'][key]}" in answers
+    assert "**1. What does SparseLoRA" in guide_tab.store_markdown(arena)  # the store's runs, question by question
     with gr.Blocks() as demo:
         with gr.Tab("Compare") as compare:
             compare_tab.build(demo, arena, compare, out)
@@ -186,3 +189,9 @@ def test_the_guide_and_compare_tabs_show_the_published_results(published):
     assert sum(report.headline_tables(results).strip() in text for text in texts) == 2  # Compare and Guide
     assert any(text == (out / "report.md").read_text().strip() for text in texts)
     assert sum(isinstance(block, gr.Plot) for block in shown) >= 2 + len(report.FIGURES)
+    headlines = report.headlines(results)  # the report's sentences and tables, the same functions
+    for key in ("sparselora", "qlora", "hira", "tasks"):
+        assert any(headlines[key] in text for text in texts)
+        assert any(report.question_table(results, key).strip() == text for text in texts)
+    plots = [block for block in shown if isinstance(block, gr.Plot)]
+    assert all(plot.label and plot.label != "Plot" and not plot.show_label for plot in plots)  # titled by the figure

@@ -1,12 +1,14 @@
 """The run store as one table: every run's task, method, quality, size, memory and time.
 
-The Compare tab, its CSV/Markdown export and `python -m training list` all read this table.
+The Compare tab, its CSV/Markdown export, the `/list_runs` endpoint and `python -m training list`
+all read this table; `presentation` is the few columns a talk needs, for one task.
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
+from .memory import MB
 from .runs import RunStore
 
 COLUMNS = (
@@ -24,56 +26,73 @@ COLUMNS = (
     "control share",
     "trainable params",
     "trainable %",
-    "peak memory MB",
     "base weights MB",
+    "training memory MB",
+    "process memory MB",
     "median step s",
+    "train time s",
     "total time s",
     "adapter MB",
 )
+TASK_METRICS = {"sentiment": "accuracy", "generation": "perplexity"}
 # Higher is better for every metric but perplexity; the table sorts each task's best run first.
 LOWER_IS_BETTER = {"perplexity"}
+# What a presentation shows, in this order; the rest stays in the details view and the exports.
+KEY_COLUMNS = (
+    "method",
+    "validation",
+    "test",
+    "trainable %",
+    "base weights MB",
+    "training memory MB",
+    "median step s",
+    "total time s",
+    "run",
+)
 
 
 def _megabytes(value: float | None) -> float | None:
-    return round(value / 2**20, 1) if value else None
+    return round(value / MB, 1) if value else None
 
 
 def _rounded(value: float | None, digits: int = 4) -> float | None:
     return round(value, digits) if isinstance(value, (int, float)) else None
 
 
+def _row(run_id: str, config: dict, summary: dict) -> dict:
+    """One run's leaderboard row. Memory is the tensor accounting (weights, gradients, optimizer
+    state, saved activations): runs recorded before it have only the process's resident set,
+    which is mostly the runtime, so their training memory stays empty rather than wrong."""
+    metric = summary.get("primary_metric") or TASK_METRICS.get(config.get("task"), "perplexity")
+    metrics = summary.get("metrics", {})
+    return {
+        "run": run_id,
+        "status": summary.get("status", "unknown"),
+        "task": config.get("task"),
+        "model": config.get("model"),
+        "method": config.get("method"),
+        "dataset": config.get("dataset"),
+        "steps": summary.get("steps"),
+        "metric": metric,
+        "validation": _rounded(metrics.get("validation", {}).get(metric)),
+        "test": _rounded(metrics.get("test", {}).get(metric)),
+        "base validation": _rounded(summary.get("base_metrics", {}).get("validation", {}).get(metric)),
+        "control share": _rounded(metrics.get("control_share"), 3),
+        "trainable params": summary.get("trainable_params"),
+        "trainable %": _rounded(summary.get("trainable_percent"), 3),
+        "base weights MB": _megabytes(summary.get("base_weight_memory_bytes")),
+        "training memory MB": _megabytes(summary.get("training_memory_bytes")),
+        "process memory MB": _megabytes(summary.get("peak_rss_bytes") or summary.get("peak_memory_bytes")),
+        "median step s": _rounded(summary.get("median_step_time_s"), 3),
+        "train time s": _rounded(summary.get("train_time_s"), 1),
+        "total time s": _rounded(summary.get("wall_time_s"), 1),
+        "adapter MB": _megabytes(summary.get("adapter_size_bytes")),
+    }
+
+
 def leaderboard(store: RunStore, task: str | None = None) -> pd.DataFrame:
     """One row per run (of `task`, or all), best quality first within each task, unfinished runs last."""
-    rows = []
-    for run in store.runs():
-        config, summary = run.config, run.summary
-        if task and config.get("task") != task:
-            continue
-        metric = summary.get("primary_metric") or ("accuracy" if config.get("task") == "sentiment" else "perplexity")
-        metrics = summary.get("metrics", {})
-        rows.append(
-            {
-                "run": run.id,
-                "status": summary.get("status", "unknown"),
-                "task": config.get("task"),
-                "model": config.get("model"),
-                "method": config.get("method"),
-                "dataset": config.get("dataset"),
-                "steps": summary.get("steps"),
-                "metric": metric,
-                "validation": _rounded(metrics.get("validation", {}).get(metric)),
-                "test": _rounded(metrics.get("test", {}).get(metric)),
-                "base validation": _rounded(summary.get("base_metrics", {}).get("validation", {}).get(metric)),
-                "control share": _rounded(metrics.get("control_share"), 3),
-                "trainable params": summary.get("trainable_params"),
-                "trainable %": _rounded(summary.get("trainable_percent"), 3),
-                "peak memory MB": _megabytes(summary.get("peak_memory_bytes")),
-                "base weights MB": _megabytes(summary.get("base_weight_memory_bytes")),
-                "median step s": _rounded(summary.get("median_step_time_s"), 3),
-                "total time s": _rounded(summary.get("train_time_s"), 1),
-                "adapter MB": _megabytes(summary.get("adapter_size_bytes")),
-            }
-        )
+    rows = [_row(run.id, run.config, run.summary) for run in store.runs() if not task or run.config.get("task") == task]
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     if frame.empty:
         return frame
@@ -84,6 +103,16 @@ def leaderboard(store: RunStore, task: str | None = None) -> pd.DataFrame:
         .sort_values(["task", "_score", "run"], na_position="last")
         .drop(columns="_score")
         .reset_index(drop=True)
+    )
+
+
+def presentation(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+    """`frame` (one task's rows) cut to KEY_COLUMNS, the metric named in the quality headers
+    ("val accuracy"), so a slide needs no legend and no horizontal scrolling."""
+    metric = TASK_METRICS[task]
+    shown = frame[list(KEY_COLUMNS)].astype(object)
+    return shown.where(shown.notna(), "n/a").rename(
+        columns={"validation": f"val {metric}", "test": f"test {metric}", "median step s": "step s"}
     )
 
 

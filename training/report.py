@@ -8,27 +8,19 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import plotly.colors
 import plotly.graph_objects as go
-import plotly.io
 from plotly.subplots import make_subplots
 
+from .colours import OTHER, method_colour
+from .memory import MB, MEMORY_PARTS
 from .runs import write_json_atomic
 
 Results = Mapping[str, Any]
-MB = 1e6
 LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 60, "b": 50}, "height": 420}
-PALETTE = plotly.colors.qualitative.Dark24
-MEMORY_PARTS = (
-    ("weights_bytes", "frozen + trained weights"),
-    ("gradient_bytes", "gradients"),
-    ("optimizer_bytes", "optimizer state"),
-    ("activation_bytes", "activations saved for backward"),
-)
 
 
 # -- reading the results ---------------------------------------------------------------------
@@ -229,6 +221,145 @@ def answers(results: Results) -> dict[str, str]:
     }
 
 
+# -- one slide per question: a sentence, a figure, a small table -------------------------------
+
+# The variants each question is about: its table and its figure show these alone.
+QUESTION_VARIANTS = {
+    "sparselora": lambda v: v == "lora" or (v.startswith("sparselora") and not v.endswith("4bit")),
+    "qlora": lambda v: v in ("full", "lora", "qlora"),
+    "hira": lambda v: v in ("lora", "hira", "lora-r32", "hira-r32"),
+    "tasks": lambda v: True,
+    "combinations": lambda v: v in ("lora", "qlora", "sparselora", "sparselora-4bit", "hira", "hira-4bit"),
+}
+# A task's rows appear in a question's table only where it measured the question's method.
+QUESTION_SUBJECTS = {"sparselora": "sparselora", "qlora": "qlora", "hira": "hira", "combinations": "sparselora-4bit"}
+HEADLINE_PLANS = ("sentiment", "generation")  # the seed's two tasks; the sentence stays one sentence
+
+
+def _clauses(results: Results, clause: Callable[[str], str], *variants: str) -> str:
+    """`clause(plan)` for each of the seed's tasks that measured `variants`, joined."""
+    plans = [plan for plan in _plans_with(results, *variants) if plan in HEADLINE_PLANS]
+    return ", ".join(clause(plan) for plan in plans)
+
+
+def headlines(results: Results) -> dict[str, str]:
+    """One sentence per research question, the default settings only (the tables hold the rest)."""
+
+    def weights(plan: str, variant: str, against: str) -> str:
+        cells = _cells(results, plan)
+        return _ratio(cells[variant]["base_weight_memory_bytes"] / cells[against]["base_weight_memory_bytes"])
+
+    said = {
+        "sparselora": _clauses(
+            results,
+            lambda p: (
+                f"{_ratio(speedup(results, p, 'sparselora'))} LoRA's step speed for "
+                f"{_difference(results, p, 'sparselora', 'lora')} on {p}"
+            ),
+            "sparselora",
+            "lora",
+        ),
+        "qlora": _clauses(
+            results,
+            lambda p: (
+                f"{weights(p, 'qlora', 'lora')} LoRA's base-weight memory for "
+                f"{_difference(results, p, 'qlora', 'lora')} on {p}"
+            ),
+            "qlora",
+            "lora",
+        ),
+        "hira": _clauses(
+            results,
+            lambda p: (
+                f"{_difference(results, p, 'hira', 'lora')} against LoRA at "
+                f"{_ratio(speedup(results, p, 'hira'))} its step speed on {p}"
+            ),
+            "hira",
+            "lora",
+        ),
+        "tasks": _ranking_sentence(results),
+        "combinations": _clauses(
+            results,
+            lambda p: (
+                f"{_ratio(speedup(results, p, 'sparselora-4bit', 'qlora'))} QLoRA's speed for "
+                f"{_difference(results, p, 'sparselora-4bit', 'qlora')} on {p}"
+            ),
+            "sparselora-4bit",
+            "qlora",
+        ),
+    }
+    openings = {
+        "sparselora": "SparseLoRA trains at ",
+        "qlora": "QLoRA's 4-bit base needs ",
+        "hira": "At LoRA's parameter count HiRA scores ",
+        "tasks": "",
+        "combinations": "SparseLoRA on a 4-bit base (QLoRA's memory) trains at ",
+    }
+    return {key: openings[key] + text + "." if text else "" for key, text in said.items()}
+
+
+def _ranking_sentence(results: Results) -> str:
+    orders = {plan: ranking(results, plan) for plan in HEADLINE_PLANS if plan in results["aggregate"]}
+    best = "; ".join(f"on {plan} {order[0]} leads, then {order[1]}" for plan, order in orders.items())
+    if len(orders) < 2:
+        return best
+    common = [v for v in orders["sentiment"] if v in orders["generation"]]
+    ranks = {plan: [[x for x in order if x in common].index(v) for v in common] for plan, order in orders.items()}
+    rho = _spearman(ranks["sentiment"], ranks["generation"])
+    return f"The two tasks rank the methods alike only in part (Spearman {rho:.2f} over {len(common)} variants): {best}"
+
+
+def _cell_figure(results: Results, plan: str, variant: str, column: str) -> str:
+    """One cell of a question's table."""
+    cell, timed = _cells(results, plan)[variant], _speed(results, plan).get(variant)
+    flops = (timed or {}).get("flops_ratio_vs_lora")
+    figures = {
+        "test quality": lambda: _format_quality(results, plan, variant),
+        "vs LoRA": lambda: _difference(results, plan, variant, "lora"),
+        "speed vs LoRA": lambda: _ratio(speedup(results, plan, variant)),
+        "FLOPs vs LoRA": lambda: f"{flops:.2f}" if flops is not None else "n/a",
+        "trainable": lambda: f"{cell['trainable_params']:,}",
+        "base weights MB": lambda: _mb(cell["base_weight_memory_bytes"]),
+        "training memory MB": lambda: _mb(_memory_total(timed)) if timed else "n/a",
+    }
+    return figures[column]()
+
+
+QUESTION_COLUMNS = {
+    "sparselora": ("test quality", "vs LoRA", "speed vs LoRA", "FLOPs vs LoRA"),
+    "qlora": ("base weights MB", "training memory MB", "test quality", "vs LoRA", "speed vs LoRA"),
+    "hira": ("trainable", "test quality", "vs LoRA", "speed vs LoRA"),
+    "combinations": ("test quality", "speed vs LoRA", "base weights MB", "training memory MB"),
+}
+
+
+def question_table(results: Results, key: str) -> str:
+    """The figures behind one answer, best first per task: the Guide and the report show this."""
+    if key == "tasks":
+        return _ranking_table(results)
+    rows = [
+        [plan, f"`{variant}`", *(_cell_figure(results, plan, variant, c) for c in QUESTION_COLUMNS[key])]
+        for plan in _plans_with(results, QUESTION_SUBJECTS[key])
+        for variant in ranking(results, plan)
+        if QUESTION_VARIANTS[key](variant)
+    ]
+    return _table(["task", "variant", *QUESTION_COLUMNS[key]], rows) if rows else ""
+
+
+def _ranking_table(results: Results) -> str:
+    """Each variant's place and test figure on each task, in the first task's order."""
+    orders = {plan: ranking(results, plan) for plan in HEADLINE_PLANS if plan in results["aggregate"]}
+    variants = next(iter(orders.values()), [])
+    rows = [
+        [
+            f"`{v}`",
+            *(f"{o.index(v) + 1}. {_format_quality(results, p, v)}" if v in o else "n/a" for p, o in orders.items()),
+        ]
+        for v in variants
+    ]
+    return _table(["variant", *(f"{plan}: place, {_quality_axis(results, plan)}" for plan in orders)], rows)
+
+
 # -- the report --------------------------------------------------------------------------------
 
 QUESTIONS = (
@@ -348,9 +479,22 @@ def _training_text(results: Results) -> str:
     )
 
 
+def _answers_markdown(results: Results) -> list[str]:
+    """Each question as the Guide shows it: one sentence, (the figure's file), the table, then the detail."""
+    said, short = answers(results), headlines(results)
+    parts = []
+    for key, question in QUESTIONS:
+        parts.append(f"### {question}\n")
+        if not said[key]:
+            parts.append("_Not measured in this suite._\n")
+            continue
+        parts.append(f"**{short[key]}** (figure: `figures/{key}.json`)\n\n{question_table(results, key)}")
+        parts.append(f"In detail: {said[key]}\n")
+    return parts
+
+
 def markdown(results: Results) -> str:
     hardware, versions = results["hardware"], results["versions"]
-    said = answers(results)
     parts = [
         "# LoRA Arena benchmark results\n",
         f"Produced by `{results['command']}` ({results['suite']} suite) on {results['started_at']}, "
@@ -375,8 +519,7 @@ def markdown(results: Results) -> str:
         ),
         "## Answers\n",
     ]
-    for key, question in QUESTIONS:
-        parts.append(f"**{question}**\n\n{said[key] or '_not measured in this suite_'}\n")
+    parts += _answers_markdown(results)
     for plan in results["plans"]:
         name = plan["name"]
         if name not in results["aggregate"]:
@@ -440,18 +583,20 @@ def markdown(results: Results) -> str:
 
 # -- figures -----------------------------------------------------------------------------------
 
+# Memory parts are no methods: greys, so no bar reads as a method's colour.
+PART_COLOURS = dict(zip((key for key, _ in MEMORY_PARTS), ("#252525", "#636363", "#969696", "#cccccc")))
+PLANS = ("sentiment", "generation", "continuation")
 
-def _panels(plans: list[str]) -> tuple[go.Figure, dict[str, str]]:
-    """One panel per plan, and the colour of each trace name (filled by `_add`)."""
-    return make_subplots(rows=1, cols=max(len(plans), 1), subplot_titles=plans), {}
+
+def _panels(plans: list[str]) -> go.Figure:
+    """One panel per plan, spaced so that each panel's axis titles clear its neighbour's."""
+    return make_subplots(rows=1, cols=max(len(plans), 1), subplot_titles=plans, horizontal_spacing=0.1)
 
 
-def _add(figure: go.Figure, column: int, trace: go.Scatter | go.Bar, colours: dict[str, str]) -> None:
-    """`trace` in panel `column`: one colour per name across the panels (`colours` collects them),
-    and one legend entry for it."""
-    first = trace.name not in colours
-    colour = colours.setdefault(trace.name, PALETTE[len(colours) % len(PALETTE)])
-    trace.update(legendgroup=trace.name, showlegend=first, marker_color=colour)
+def _add(figure: go.Figure, column: int, trace: go.Scatter | go.Bar, colour: str) -> None:
+    """`trace` in panel `column` in `colour`, with one legend entry per name across the panels."""
+    shown = {existing.name for existing in figure.data}
+    trace.update(legendgroup=trace.name, showlegend=trace.name not in shown, marker_color=colour)
     if isinstance(trace, go.Scatter):
         trace.update(line_color=colour)
     figure.add_trace(trace, row=1, col=column)
@@ -462,74 +607,104 @@ def _quality_axis(results: Results, plan: str) -> str:
     return "test accuracy %" if "test_accuracy" in first else "test perplexity"
 
 
-def _scatter_by_plan(results: Results, title: str, x_title: str, x_of, log_x: bool = False) -> go.Figure:
-    plans = [plan for plan in ("sentiment", "generation", "continuation") if plan in results["aggregate"]]
-    figure, colours = _panels(plans)
+def _scaled_quality(results: Results, plan: str, variant: str) -> tuple[float, float] | None:
+    """Test quality and its spread as the tables print them (accuracy in %)."""
+    found = quality(results, plan, variant)
+    if found is None:
+        return None
+    scale = 100 if found[0] == "test_accuracy" else 1
+    return scale * found[1], scale * (found[2] or 0)
+
+
+def _scatter_by_plan(results: Results, key: str, title: str, x_title: str, x_of: Callable) -> go.Figure:
+    """Test quality against `x_of(plan, variant)`, one panel per plan, the variants of question
+    `key` only; no text beside the markers (they collide), the legend names them."""
+    plans = [plan for plan in PLANS if plan in results["aggregate"]]
+    figure = _panels(plans)
     for column, plan in enumerate(plans, start=1):
-        for variant in _cells(results, plan):
-            x = x_of(plan, variant)
-            found = quality(results, plan, variant)
-            if x is None or found is None:
+        for variant in filter(QUESTION_VARIANTS[key], _cells(results, plan)):
+            x, y = x_of(plan, variant), _scaled_quality(results, plan, variant)
+            if x is None or y is None:
                 continue
-            scale = 100 if found[0] == "test_accuracy" else 1  # accuracy in %, as in the tables
-            _add(
-                figure,
-                column,
-                go.Scatter(
-                    x=[x],
-                    y=[scale * found[1]],
-                    error_y={"type": "data", "array": [scale * (found[2] or 0)]},
-                    mode="markers+text",
-                    text=[variant],
-                    textposition="top center",
-                    name=variant,
-                ),
-                colours,
-            )
-        figure.update_xaxes(title_text=x_title, type="log" if log_x else None, row=1, col=column)
+            marker = go.Scatter(x=[x], y=[y[0]], error_y={"array": [y[1]]}, mode="markers", name=variant)
+            marker.update(marker_size=12, hovertemplate=f"{variant}<br>%{{x}}<br>%{{y:.2f}}<extra></extra>")
+            _add(figure, column, marker, method_colour(variant))
+        figure.update_xaxes(title_text=x_title, row=1, col=column)
         figure.update_yaxes(title_text=_quality_axis(results, plan), row=1, col=column)
-    figure.update_layout(**LAYOUT, title=title, showlegend=False)
+    figure.update_layout(**LAYOUT, title=title)
     return figure
 
 
-def quality_vs_parameters(results: Results) -> go.Figure:
-    return _scatter_by_plan(
-        results,
-        "Quality vs trainable parameters",
-        "trainable parameters",
-        lambda plan, v: _cells(results, plan)[v]["trainable_params"],
-        log_x=True,
-    )
-
-
-def quality_vs_step_time(results: Results) -> go.Figure:
+def sparselora_speed(results: Results) -> go.Figure:
     def step(plan: str, variant: str) -> float | None:
         entry = _speed(results, plan).get(variant)
         return entry["median_step_s"] if entry else None
 
-    return _scatter_by_plan(results, "Quality vs step time (timed side by side)", "median step s", step)
+    title = "SparseLoRA vs LoRA: test quality against step time (timed side by side)"
+    return _scatter_by_plan(results, "sparselora", title, "median step s", step)
 
 
-def memory_breakdown(results: Results) -> go.Figure:
+def qlora_memory(results: Results) -> go.Figure:
+    """Training memory by part for the variants of the QLoRA question."""
     plans = [plan for plan in results["speed"] if results["speed"][plan]]
-    figure, colours = _panels(plans)
+    figure = _panels(plans)
     for column, plan in enumerate(plans, start=1):
-        entries = results["speed"][plan]
+        entries = [e for e in results["speed"][plan] if QUESTION_VARIANTS["qlora"](e["label"])]
         for key, label in MEMORY_PARTS:
             parts = go.Bar(x=[e["label"] for e in entries], y=[e["memory"][key] / MB for e in entries], name=label)
-            _add(figure, column, parts, colours)
+            _add(figure, column, parts, PART_COLOURS[key])
         figure.update_yaxes(title_text="MB", row=1, col=column)
     figure.update_layout(
-        **LAYOUT,
-        barmode="stack",
-        title="Training memory per method (activations: every tensor saved for the backward pass)",
+        **LAYOUT, barmode="stack", title="Training memory by part: QLoRA's 4-bit base vs LoRA and full"
     )
     return figure
 
 
+def hira_quality(results: Results) -> go.Figure:
+    """LoRA and HiRA side by side at each rank (equal trainable parameters within a rank)."""
+    plans = [plan for plan in PLANS if plan in _plans_with(results, "hira", "lora")]
+    figure = _panels(plans)
+    for column, plan in enumerate(plans, start=1):
+        for method in ("lora", "hira"):
+            ranks = [(f"rank {r}", v) for r, v in ((8, method), (32, f"{method}-r32")) if v in _cells(results, plan)]
+            found = [_scaled_quality(results, plan, v) for _, v in ranks]
+            bars = go.Bar(x=[r for r, _ in ranks], y=[q[0] for q in found], name=method)
+            bars.update(error_y={"array": [q[1] for q in found]})
+            _add(figure, column, bars, method_colour(method))
+        figure.update_yaxes(title_text=_quality_axis(results, plan), row=1, col=column)
+    figure.update_layout(**LAYOUT, barmode="group", title="HiRA vs LoRA at equal trainable parameters")
+    return figure
+
+
+def task_ranking(results: Results) -> go.Figure:
+    """Every variant's test quality per task, best at the top, names on the axis (no legend)."""
+    plans = [plan for plan in HEADLINE_PLANS if plan in results["aggregate"]]
+    figure = _panels(plans)
+    for column, plan in enumerate(plans, start=1):
+        order = ranking(results, plan)[::-1]  # plotly draws the first category at the bottom
+        found = [_scaled_quality(results, plan, v) for v in order]
+        # Dots, not bars: bars from zero would hide differences of a few points.
+        dots = go.Scatter(y=order, x=[q[0] for q in found], mode="markers", name=plan, showlegend=False)
+        dots.update(marker={"size": 12, "color": [method_colour(v) for v in order]})
+        dots.update(error_x={"array": [q[1] for q in found]})
+        figure.add_trace(dots, row=1, col=column)
+        figure.update_xaxes(title_text=_quality_axis(results, plan), row=1, col=column)
+    figure.update_layout(**{**LAYOUT, "height": 480}, title="Ranking per task (best at the top)", showlegend=False)
+    return figure
+
+
+def combinations_figure(results: Results) -> go.Figure:
+    def training_memory(plan: str, variant: str) -> float | None:
+        entry = _speed(results, plan).get(variant)
+        return _memory_total(entry) / MB if entry else None
+
+    title = "Combinations: test quality against training memory (4-bit and sparse, alone and together)"
+    return _scatter_by_plan(results, "combinations", title, "training memory MB", training_memory)
+
+
 def loss_curves(results: Results) -> go.Figure:
-    plans = [plan for plan in ("sentiment", "generation", "continuation") if plan in results["aggregate"]]
-    figure, colours = _panels(plans)
+    plans = [plan for plan in PLANS if plan in results["aggregate"]]
+    figure = _panels(plans)
     for column, plan in enumerate(plans, start=1):
         curves: dict[str, list[list[float]]] = {}
         for cell in results["cells"]:
@@ -538,7 +713,7 @@ def loss_curves(results: Results) -> go.Figure:
         for variant, runs in curves.items():
             mean = [statistics.fmean(values) for values in zip(*runs)]
             curve = go.Scatter(x=list(range(1, len(mean) + 1)), y=_smooth(mean), mode="lines", name=variant)
-            _add(figure, column, curve, colours)
+            _add(figure, column, curve, method_colour(variant))
         figure.update_xaxes(title_text="step", row=1, col=column)
         figure.update_yaxes(title_text="training loss (mean over seeds, smoothed)", row=1, col=column)
     figure.update_layout(**LAYOUT, title="Training loss")
@@ -555,14 +730,15 @@ def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
 
 def sparsity_schedules(results: Results) -> go.Figure:
     plans = [p for p, entries in results["speed"].items() if any(e["flops_ratio_vs_lora"] for e in entries)]
-    figure, colours = _panels(plans)
+    figure = _panels(plans)
     for column, plan in enumerate(plans, start=1):
         entries = [e for e in results["speed"][plan] if e["flops_ratio_vs_lora"] is not None]
         labels = [e["label"] for e in entries]
         speedups = [speedup(results, plan, e["label"], "qlora" if "4bit" in e["method"] else "lora") for e in entries]
-        _add(figure, column, go.Bar(x=labels, y=speedups, name="step speed-up (vs LoRA; on 4-bit: vs QLoRA)"), colours)
+        speed = go.Bar(x=labels, y=speedups, name="step speed-up (vs LoRA; on 4-bit: vs QLoRA)")
+        _add(figure, column, speed, method_colour("sparselora"))
         savings = [1 / e["flops_ratio_vs_lora"] for e in entries]
-        _add(figure, column, go.Bar(x=labels, y=savings, name="linear-layer FLOPs: dense / sparse"), colours)
+        _add(figure, column, go.Bar(x=labels, y=savings, name="linear-layer FLOPs: dense / sparse"), OTHER)
     figure.update_layout(
         **LAYOUT,
         barmode="group",
@@ -571,10 +747,13 @@ def sparsity_schedules(results: Results) -> go.Figure:
     return figure
 
 
+# One figure per research question (keyed as QUESTIONS), then the two the report adds.
 FIGURES = {
-    "quality_vs_parameters": quality_vs_parameters,
-    "quality_vs_step_time": quality_vs_step_time,
-    "memory": memory_breakdown,
+    "sparselora": sparselora_speed,
+    "qlora": qlora_memory,
+    "hira": hira_quality,
+    "tasks": task_ranking,
+    "combinations": combinations_figure,
     "loss_curves": loss_curves,
     "sparselora_schedules": sparsity_schedules,
 }
@@ -590,16 +769,6 @@ def write(results: Results, out: Path | str) -> Path:
         (out / "figures" / f"{name}.json").write_text(build(results).to_json(), encoding="utf-8")
     write_json_atomic(out / "results.json", results)  # last: the app shows results once all of them exist
     return out / "report.md"
-
-
-def load_figures(out: Path | str) -> dict[str, go.Figure]:
-    """The figures `write` saved, for the Guide tab."""
-    folder = Path(out) / "figures"
-    return {
-        name: plotly.io.from_json((folder / f"{name}.json").read_text(encoding="utf-8"))
-        for name in FIGURES
-        if (folder / f"{name}.json").exists()
-    }
 
 
 def report_path(out: Path | str) -> str:

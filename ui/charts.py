@@ -6,6 +6,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from training.colours import method_colour
+
 MAX_POINTS = 400  # per trace: a long run's chart stays light to send and draw
 SMOOTHING = 0.9  # exponential moving average weight, as TensorBoard's default
 LAYOUT = {
@@ -85,50 +87,54 @@ def resources_figure(records: list[dict]) -> go.Figure:
     return figure
 
 
-def curves_figure(curves: dict[str, list[dict]], x: str = "step") -> go.Figure:
-    """Smoothed training loss of several runs on one chart."""
+def curves_figure(curves: dict[str, list[dict]], methods: dict[str, str], x: str = "step") -> go.Figure:
+    """Smoothed training loss of several runs (of one task: losses of different tasks do not share
+    a scale) on one chart, each in its method's colour; runs of one method differ by dash."""
     if not curves:
         return _empty("Loss curves", "select runs to overlay their loss curves")
     key, label = X_AXES[x]
-    figure = go.Figure(layout={**LAYOUT, "height": 380, "title": "Loss curves (smoothed)", "xaxis_title": label})
+    figure = go.Figure(layout={**LAYOUT, "height": 380, "title": "Training loss (smoothed)", "xaxis_title": label})
+    seen: dict[str, int] = {}
     for name, records in curves.items():
+        method = methods.get(name, "")
+        dash = DASHES[seen.get(method, 0) % len(DASHES)]
+        seen[method] = seen.get(method, 0) + 1
         train = _thin([r for r in records if r.get("kind") == "train"])
-        figure.add_scatter(x=[r[key] for r in train], y=smooth([r["loss"] for r in train]), name=name)
+        line = {"color": method_colour(method), "dash": dash}
+        figure.add_scatter(x=[r[key] for r in train], y=smooth([r["loss"] for r in train]), name=name, line=line)
     figure.update_yaxes(title_text="training loss")
     return figure
 
 
+DASHES = ("solid", "dash", "dot", "dashdot")
 TRADEOFF_AXES = {
     "trainable parameters": ("trainable params", "log"),
     "median step time (s)": ("median step s", "linear"),
-    "peak memory (MB)": ("peak memory MB", "linear"),
-    "total training time (s)": ("total time s", "linear"),
+    "training memory (MB)": ("training memory MB", "linear"),
+    "base weights (MB)": ("base weights MB", "linear"),
+    "total time (s)": ("total time s", "linear"),
 }
 
 
 def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
-    """Validation quality against a cost, one panel per task (each with its own metric)."""
+    """Validation quality of one task's runs against a cost, one colour per method."""
     column, scale = TRADEOFF_AXES[x_axis]
     finished = frame.dropna(subset=["validation", column]) if not frame.empty else frame
     if finished.empty:
-        return _empty("Quality vs cost", "no finished runs yet")
-    tasks = sorted(finished["task"].unique())
-    figure = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks, horizontal_spacing=0.12)
-    for index, task in enumerate(tasks, start=1):
-        rows = finished[finished["task"] == task]
-        for method, group in rows.groupby("method"):
-            figure.add_scatter(
-                x=group[column],
-                y=group["validation"],
-                mode="markers",
-                marker={"size": 11},
-                name=f"{task}: {method}",
-                text=group["run"],
-                hovertemplate="%{text}<br>%{x}<br>%{y:.4f}<extra></extra>",
-                row=1,
-                col=index,
-            )
-        figure.update_yaxes(title_text=f"validation {rows['metric'].iloc[0]}", row=1, col=index)
-        figure.update_xaxes(title_text=x_axis, type=scale, row=1, col=index)
-    figure.update_layout(**{**LAYOUT, "height": 400}, title="Quality vs cost")
+        return _empty("Quality vs cost", f"no finished runs with a {x_axis} yet")
+    metric = finished["metric"].iloc[0]
+    title = f"{finished['task'].iloc[0]}: validation {metric} vs {x_axis}"
+    figure = go.Figure(layout={**LAYOUT, "height": 380, "title": title, "xaxis_title": x_axis})
+    for method, group in finished.groupby("method"):
+        figure.add_scatter(
+            x=group[column],
+            y=group["validation"],
+            mode="markers",
+            marker={"size": 12, "color": method_colour(method)},
+            name=method,
+            text=group["run"],
+            hovertemplate="%{text}<br>%{x}<br>%{y:.4f}<extra></extra>",
+        )
+    figure.update_xaxes(type=scale)
+    figure.update_yaxes(title_text=f"validation {metric}")
     return figure

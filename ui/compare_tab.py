@@ -1,4 +1,5 @@
-"""Compare tab: the leaderboard of every run in the store, overlaid loss curves, trade-offs, export."""
+"""Compare tab: one task's runs side by side (the figures a talk needs, every column a click
+away and in the exports), their loss curves overlaid, quality against a cost."""
 
 from __future__ import annotations
 
@@ -10,24 +11,27 @@ import gradio as gr
 import pandas as pd
 
 from training import report
-from training.leaderboard import leaderboard, to_csv, to_markdown
+from training.leaderboard import TASK_METRICS, leaderboard, presentation, to_csv, to_markdown
 from training.suite import RESULTS_DIR
 
 from . import charts
 from .arena import Arena, user_errors
 
-TASK_FILTERS = ["all", "sentiment", "generation"]
+# One task at a time: accuracy and perplexity cannot share a column or an axis.
+TASKS = list(TASK_METRICS)
 SORTS = {
     "best quality first": None,  # the leaderboard's own order
     "newest first": ("run", False),
     "fewest trainable parameters": ("trainable params", True),
     "fastest step": ("median step s", True),
-    "least memory": ("peak memory MB", True),
+    "least training memory": ("training memory MB", True),
+    "least base-weight memory": ("base weights MB", True),
+    "shortest total time": ("total time s", True),
 }
 
 
-def _table(arena: Arena, task_filter: str, sort: str) -> pd.DataFrame:
-    frame = leaderboard(arena.store, None if task_filter == "all" else task_filter)
+def _table(arena: Arena, task: str, sort: str) -> pd.DataFrame:
+    frame = leaderboard(arena.store, task)
     if SORTS.get(sort) and not frame.empty:
         column, ascending = SORTS[sort]
         frame = frame.sort_values(column, ascending=ascending, na_position="last", kind="stable")
@@ -48,10 +52,19 @@ def _export(text: str, suffix: str) -> str:
 
 def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULTS_DIR) -> None:
     with gr.Row():
-        task_filter = gr.Radio(TASK_FILTERS, value="all", label="Task")
+        task = gr.Radio(TASKS, value=TASKS[0], label="Task")
         sort = gr.Dropdown(list(SORTS), value="best quality first", label="Sort")
         refresh = gr.Button("Refresh", scale=0)
-    table = gr.Dataframe(label="Leaderboard", interactive=False, wrap=False, max_height=420, elem_id="leaderboard")
+    table = gr.Dataframe(
+        label="Leaderboard (MB = 10^6 bytes; training memory: weights, gradients, optimizer state and saved "
+        "activations at the peak step; n/a for runs recorded before it was counted)",
+        interactive=False,
+        wrap=True,  # a long run id wraps at its dashes instead of pushing the table off-screen
+        max_height=420,
+        elem_id="leaderboard",
+    )
+    with gr.Accordion("Every column (also in the CSV and Markdown downloads)", open=False):
+        details = gr.Dataframe(interactive=False, wrap=False, max_height=420, show_label=False)
     with gr.Row():
         export_csv = gr.DownloadButton("Download CSV", variant="secondary")
         export_md = gr.DownloadButton("Download Markdown", variant="secondary")
@@ -59,16 +72,17 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULT
         with gr.Column():
             selected = gr.Dropdown([], multiselect=True, label="Runs to overlay", elem_id="compare-runs")
             curve_x = gr.Radio(["step", "time"], value="step", label="x axis")
-            curves = gr.Plot(label="Loss curves")
+            curves = gr.Plot(label="Training loss", show_label=False)
         with gr.Column():
             tradeoff_x = gr.Radio(list(charts.TRADEOFF_AXES), value="trainable parameters", label="Cost axis")
-            tradeoff = gr.Plot(label="Quality vs cost")
+            tradeoff = gr.Plot(label="Quality vs cost", show_label=False)
 
     def show(task_name: str, sort_name: str, x_axis: str, chosen: list[str] | None):
         frame = _table(arena, task_name, sort_name)
         runs = frame["run"].tolist()
         kept = [run for run in (chosen or []) if run in runs] or runs[:3]
         return (
+            presentation(frame, task_name),
             frame,
             _export(to_csv(frame), ".csv"),
             _export(to_markdown(frame), ".md"),
@@ -76,14 +90,19 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULT
             charts.tradeoff_figure(frame, x_axis),
         )
 
-    outputs = [table, export_csv, export_md, selected, tradeoff]
-    inputs = [task_filter, sort, tradeoff_x, selected]
-    for trigger in (refresh.click, task_filter.change, sort.change, tradeoff_x.change, demo.load, tab.select):
+    outputs = [table, details, export_csv, export_md, selected, tradeoff]
+    inputs = [task, sort, tradeoff_x, selected]
+    for trigger in (refresh.click, task.change, sort.change, tradeoff_x.change, demo.load, tab.select):
         trigger(show, inputs, outputs, api_visibility="private")
 
     def draw_curves(chosen: list[str] | None, x_axis: str):
         with user_errors():
-            return charts.curves_figure({run_id: arena.records(run_id) for run_id in chosen or []}, x_axis)
+            runs = [arena.store.get(run_id) for run_id in chosen or []]
+            return charts.curves_figure(
+                {run.id: arena.records(run.id) for run in runs},
+                {run.id: run.config.get("method") for run in runs},
+                x_axis,
+            )
 
     for trigger in (selected.change, curve_x.change):
         trigger(draw_curves, [selected, curve_x], curves, api_visibility="private")

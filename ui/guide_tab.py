@@ -15,6 +15,7 @@ from safetensors import safe_open
 from lora_methods import METHODS, get_method
 from lora_methods.sparselora import layer_schedule
 from training import report
+from training.colours import method_colour
 from training.leaderboard import leaderboard, to_markdown
 from training.models import ModelError, package_dir
 from training.suite import RESULTS_DIR
@@ -64,9 +65,10 @@ def update_spectrum_figure(rank: int = 8) -> go.Figure:
             "yaxis_type": "log",
         }
     )
-    for label, update in (("LoRA: B A", b @ a), ("HiRA: W * (B A)", weight * (b @ a))):
+    for method, label, update in (("lora", "LoRA: B A", b @ a), ("hira", "HiRA: W * (B A)", weight * (b @ a))):
         values = torch.linalg.svdvals(update)
-        figure.add_scatter(y=(values / values[0]).clamp_min(1e-12).tolist(), name=label, mode="lines")
+        curve = (values / values[0]).clamp_min(1e-12).tolist()
+        figure.add_scatter(y=curve, name=label, mode="lines", line_color=method_colour(method))
     return figure
 
 
@@ -84,11 +86,15 @@ def sparsity_schedule_figure() -> go.Figure:
             "barmode": "group",
         }
     )
-    for name, layers in (("MiniLM (6 layers)", 6), ("SmolLM2-135M (30 layers)", 30)):
+    # SparseLoRA's own colour and its dark shade: the bars are SparseLoRA's, on two models.
+    for name, layers, colour in (
+        ("MiniLM (6 layers)", 6, "sparselora"),
+        ("SmolLM2-135M (30 layers)", 30, "sparselora-s90"),
+    ):
         schedule = layer_schedule(layers, defaults)
         if defaults["last_layer"] == "outputs":
             schedule[-1] = 1.0
-        figure.add_bar(x=list(range(layers)), y=schedule, name=name)
+        figure.add_bar(x=list(range(layers)), y=schedule, name=name, marker_color=method_colour(colour))
     return figure
 
 
@@ -107,7 +113,7 @@ def _per_method(frame: pd.DataFrame) -> pd.DataFrame:
             validation=("validation", "mean"),
             trainable_pct=("trainable %", "mean"),
             base_weights_mb=("base weights MB", "median"),
-            peak_memory_mb=("peak memory MB", "median"),
+            training_memory_mb=("training memory MB", "median"),
             median_step_s=("median step s", "median"),
         )
         .round(4)
@@ -133,7 +139,7 @@ def _pair(frame: pd.DataFrame, task: str, method: str, reference: str) -> str | 
         f"step {a['median_step_s']:.3f} s vs {b['median_step_s']:.3f} s "
         f"({b['median_step_s'] / a['median_step_s']:.2f}x speed); "
         f"base weights {a['base_weights_mb']:.0f} vs {b['base_weights_mb']:.0f} MB; "
-        f"peak memory {a['peak_memory_mb']:.0f} vs {b['peak_memory_mb']:.0f} MB"
+        f"training memory {a['training_memory_mb']:.0f} vs {b['training_memory_mb']:.0f} MB"
     )
 
 
@@ -159,25 +165,14 @@ def _from_runs(frames: dict[str, pd.DataFrame], key: str) -> list[str]:
     return [line for line in pairs if line]
 
 
-def questions_markdown(arena: Arena, shipped: dict | None) -> str:
-    """Each question answered by the benchmark report (when shipped) and by this store's runs."""
+def store_markdown(arena: Arena) -> str:
+    """What this store's runs say about each question (averages over runs of equal work)."""
     frames = {task: _finished(arena, task) for task in ("sentiment", "generation")}
     parts = []
-    if shipped is None:
-        parts.append(
-            "_The benchmark report (`make bench`, `assets/results/`) is not in this checkout; "
-            "the answers below come from the runs in this store (averages over runs of equal work)._\n"
-        )
     for key, question in report.QUESTIONS:
-        parts.append(f"**{question}**\n")
-        answer = (shipped or {}).get("answers", {}).get(key)
-        if answer:
-            parts.append(f"Benchmark: {answer}\n")
         runs = _from_runs(frames, key)
         parts.append(
-            "".join(f"- this store: {line}\n" for line in runs)
-            if runs
-            else "- _this store: not enough runs of equal work to compare_\n"
+            f"**{question}**\n\n" + ("".join(f"- {line}\n" for line in runs) or "- _not enough runs of equal work_\n")
         )
     for task, frame in frames.items():
         if not frame.empty:
@@ -188,30 +183,49 @@ def questions_markdown(arena: Arena, shipped: dict | None) -> str:
 def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULTS_DIR) -> None:
     gr.Markdown("### The methods\n" + METHOD_NOTES)
     with gr.Row():
-        gr.Plot(update_spectrum_figure())
-        gr.Plot(sparsity_schedule_figure())
+        for figure in (update_spectrum_figure(), sparsity_schedule_figure()):
+            gr.Plot(figure, label=figure.layout.title.text, show_label=False)
     gr.Markdown("Methods in the registry: " + ", ".join(f"**{m.title}** (`{m.name}`)" for m in METHODS.values()) + ".")
     shipped = report.read(results_dir)
-    gr.Markdown("### The research questions")
-    answers = gr.Markdown()
+    if shipped is not None:
+        _questions(shipped)
+    else:
+        gr.Markdown("_The benchmark report (`make bench`, `assets/results/`) is not in this checkout._")
+    with gr.Accordion("The research questions in this store's runs", open=shipped is None):
+        from_store = gr.Markdown()
     for trigger in (demo.load, tab.select):
-        trigger(lambda: questions_markdown(arena, shipped), None, answers, api_visibility="private")
+        trigger(lambda: store_markdown(arena), None, from_store, api_visibility="private")
     if shipped is not None:
         _published(shipped, results_dir)
 
 
-def _published(results: dict, results_dir: Path) -> None:
-    """The shipped benchmark: its headline tables, the figures `make bench` drew, the whole report."""
+def _questions(results: dict) -> None:
+    """The seed's five questions as slides: the answer in one sentence, its figure, its table."""
     gr.Markdown(
-        f"### Benchmark results (`make bench`, {results['started_at'][:10]}, "
-        f"{results['hardware']['cores']} cores, {results['hardware']['device']})\n"
-        f"The full report is `{report.report_path(results_dir)}` (below); every figure is in `results.json` beside it."
+        f"## The research questions\nAnswered by the benchmark suite (`make bench`, {results['started_at'][:10]}, "
+        f"{results['hardware']['cores']} cores, {results['hardware']['device']}); the same functions write the report."
     )
-    gr.Markdown(report.headline_tables(results))
-    figures = report.load_figures(results_dir)
-    for name in report.FIGURES:
-        if name in figures:
-            gr.Plot(figures[name])
-    if (results_dir / "report.md").exists():
-        with gr.Accordion("The whole report", open=False):
+    headlines, answers = report.headlines(results), report.answers(results)
+    for key, question in report.QUESTIONS:
+        gr.Markdown(f"### {question}\n**{headlines[key] or 'Not measured in this suite.'}**")
+        if not headlines[key]:
+            continue
+        figure = report.FIGURES[key](results)
+        gr.Plot(figure, label=figure.layout.title.text, show_label=False)
+        gr.Markdown(report.question_table(results, key), elem_classes="arena-figures")
+        with gr.Accordion("In detail", open=False):
+            gr.Markdown(answers[key])
+
+
+def _published(results: dict, results_dir: Path) -> None:
+    """The rest of the shipped benchmark: its headline tables, its other figures, the whole report."""
+    with gr.Accordion("Benchmark details: every variant, loss curves, SparseLoRA settings, the report", open=False):
+        gr.Markdown(
+            f"The full report is `{report.report_path(results_dir)}`; every figure is in `results.json` beside it."
+        )
+        gr.Markdown(report.headline_tables(results), elem_classes="arena-figures")
+        for name in [name for name in report.FIGURES if name not in dict(report.QUESTIONS)]:
+            figure = report.FIGURES[name](results)
+            gr.Plot(figure, label=figure.layout.title.text, show_label=False)
+        if (results_dir / "report.md").exists():
             gr.Markdown((results_dir / "report.md").read_text(encoding="utf-8"))
