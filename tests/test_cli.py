@@ -149,7 +149,7 @@ def test_bench_times_one_method_twice_under_two_labels(tmp_path, tiny_models, re
         ("wide", "lora", 16),
     ]
     assert lines[0]["speedup_vs_baseline"] == 1.0 and lines[1]["baseline"] == "lora"
-    assert lines[1]["memory"]["trainable_bytes"] > lines[0]["memory"]["trainable_bytes"]
+    assert lines[1]["memory"]["gradient_bytes"] > lines[0]["memory"]["gradient_bytes"]
 
     arguments = ["bench", "--task", "sentiment", "--methods", "lora", "--set", "other.rank=4", *common]
     assert main(arguments + ["--offline"]) == 2

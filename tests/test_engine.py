@@ -10,6 +10,7 @@ from peft import PeftModel
 from lora_methods import HParamError
 from training import data, evaluation, inference
 from training.engine import ConfigError, TrainConfig, latest_checkpoint, resume, train
+from training.memory import MEMORY_PARTS
 from training.models import ModelError, load_model, load_tokenizer
 from training.runs import RunStore
 
@@ -38,6 +39,7 @@ def sentiment_config(tiny_models, review_csv, **overrides) -> TrainConfig:
         batch_size=8,
         seq_len=64,
         eval_samples=40,
+        eval_subsample=16,
         eval_steps=4,
         offline=True,
     )
@@ -66,7 +68,15 @@ def test_a_run_records_config_metrics_summary_and_adapter(sentiment_run):
     assert [r["step"] for r in train_records] == list(range(1, 13))
     assert all(TRAIN_KEYS <= set(r) for r in train_records)
     assert all(r["tokens_per_s"] > 0 and r["rss_bytes"] > 0 for r in train_records)
-    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+    # Every step carries where its memory goes, counted from tensors: the parts add up to the total.
+    for record in train_records:
+        parts = [record[key] for key, _ in MEMORY_PARTS]
+        assert all(part > 0 for part in parts) and sum(parts) == record["training_memory_bytes"]
+    # The base (step 0) and in-training evaluations on the fixed subsample; the final one on the full split.
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [(r["step"], r["examples"]) for r in evals] == [(0, 16), (4, 16), (8, 16), (12, 40)]
+    assert evals[0]["base"] and evals[-1]["final"]
+    assert evals[-1]["accuracy"] == summary["metrics"]["validation"]["accuracy"]
 
     assert summary["status"] == "completed" and summary["steps"] == 12
     for key in ("accuracy", "macro_f1", "loss"):
@@ -75,7 +85,14 @@ def test_a_run_records_config_metrics_summary_and_adapter(sentiment_run):
         summary["metrics"]["validation"]["accuracy"] - summary["base_metrics"]["validation"]["accuracy"]
     )
     assert 0 < summary["trainable_params"] < summary["total_params"]
-    assert summary["base_weight_memory_bytes"] > 0 and summary["peak_memory_bytes"] > 0
+    assert summary["base_weight_memory_bytes"] > 0 and summary["peak_rss_bytes"] > 0
+    peak = max(r["training_memory_bytes"] for r in train_records)
+    assert summary["training_memory_bytes"] == peak == sum(summary["memory_breakdown"].values())
+    # Where the wall time went: loading, evaluating, training and saving add up to it.
+    clocks = [summary[key] for key in ("load_time_s", "eval_time_s", "train_time_s", "save_time_s")]
+    assert all(clock > 0 for clock in clocks) and sum(clocks) == pytest.approx(summary["wall_time_s"])
+    assert summary["overhead_share"] == pytest.approx((clocks[0] + clocks[1]) / summary["wall_time_s"])
+    assert summary["phase"]["name"] == "saving" and summary["eval_examples"] == 16
     assert summary["median_step_time_s"] > 0 and summary["adapter_size_bytes"] > 0
     assert (run.adapter_dir / "adapter_config.json").exists()
 

@@ -21,7 +21,7 @@ from transformers import set_seed
 
 from lora_methods import Task, get_method
 
-from . import data, models
+from . import data, memory, models
 from .engine import TASK_DEFAULTS, TrainConfig, train
 from .offline import is_offline
 from .runs import RunStore
@@ -84,12 +84,6 @@ class Entry:
     hparams: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
 class _Contender:
     """One entry's model and optimizer, stepping on shared batches."""
 
@@ -123,33 +117,14 @@ class _Contender:
             self.times.append(time.perf_counter() - started)
 
     def memory(self, batch: dict) -> dict[str, int]:
-        """Where a training step's memory goes, counted from the tensors themselves (no allocator
-        figures, so CPU and GPU are measured alike). Activations: every tensor autograd saves for
-        the backward pass of one forward on `batch`, parameters and their views excluded."""
-        parameters = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        saved: dict[int, int] = {}  # storage address -> bytes (views of one storage count once)
-
-        # Return a detached alias, never the tensor itself: a tensor that holds the graph that holds
-        # it is a reference cycle, and every contender's activations would stay alive.
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in parameters:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor.detach()
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        """Where a training step's memory goes (training.memory): weights, gradients, optimizer
+        state and the activations one forward on `batch` saves for the backward pass."""
+        meter = memory.ActivationMeter(self.model)
+        with meter.measuring():
             loss = self.model(**self._inputs(batch)).loss
         del loss
-        activations = sum(saved.values())
-        optimizer_state = [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-        trainable = sum(p.numel() * p.element_size() for p in self.trainable)
-        return {
-            "weights_bytes": self.weight_bytes,
-            "trainable_bytes": trainable,
-            "gradient_bytes": trainable,
-            "optimizer_bytes": _storage_bytes(optimizer_state),
-            "activation_bytes": activations,
-        }
+        figures = memory.breakdown(self.model, self.weight_bytes, self.optimizer, meter.bytes)
+        return {key: figures[key] for key, _ in memory.MEMORY_PARTS}
 
 
 def run_bench(

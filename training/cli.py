@@ -73,7 +73,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     trainer.add_argument(
         "--eval-samples",
         type=int,
-        help="validation/test examples per evaluation (default: all for sentiment, 200 for generation)",
+        help="validation/test examples in the final evaluation (default: all for sentiment, 200 for generation)",
+    )
+    trainer.add_argument(
+        "--eval-subsample",
+        type=int,
+        help="fixed validation examples each in-training evaluation reports (default: 256 sentiment, 64 generation)",
     )
     trainer.add_argument(
         "--control-samples",
@@ -177,6 +182,7 @@ def train_arguments(config: TrainConfig) -> list[str]:
         "--seed": config.seed or None,
         "--eval-steps": config.eval_steps,
         "--eval-samples": config.eval_samples,
+        "--eval-subsample": config.eval_subsample,
         "--control-samples": None if config.control_samples == 32 else config.control_samples,
         "--judge-run": config.judge_run,
         "--checkpoint-steps": config.checkpoint_steps,
@@ -184,7 +190,8 @@ def train_arguments(config: TrainConfig) -> list[str]:
     }
     method = get_method(config.method)
     for name, value in config.hparams.items():
-        if value is not None and value != method.hparam(name).default:
+        # The learning rate's default depends on the model (training.defaults): always spelled out.
+        if value is not None and (name == "learning_rate" or value != method.hparam(name).default):
             options[method.hparam(name).flag] = value
     for flag, value in options.items():
         if value is not None:
@@ -212,6 +219,7 @@ def _train(args: argparse.Namespace, store: RunStore, hparam_names: list[str]) -
         seed=args.seed,
         eval_steps=args.eval_steps,
         eval_samples=args.eval_samples,
+        eval_subsample=args.eval_subsample,
         control_samples=args.control_samples,
         judge_run=args.judge_run,
         checkpoint_steps=args.checkpoint_steps,

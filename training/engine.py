@@ -15,13 +15,13 @@ import platform
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from transformers import (
     PreTrainedTokenizerBase,
@@ -34,13 +34,16 @@ from transformers import (
 
 from lora_methods import TASKS, FineTuningMethod, Task, get_method
 
-from . import data, evaluation, inference, models
+from . import data, defaults, evaluation, inference, memory, models
 from .offline import is_offline
 from .runs import Run, RunStore
 
+# eval_samples: examples per split in the final evaluation (None: all); eval_subsample: the fixed
+# validation examples that the base and in-training evaluations report, so watching a run costs
+# little of its time (the base evaluation also covers the final one's examples, for the gain).
 TASK_DEFAULTS: dict[Task, dict[str, Any]] = {
-    "sentiment": {"batch_size": 16, "seq_len": 128, "max_steps": 300, "eval_samples": None},
-    "generation": {"batch_size": 8, "seq_len": 128, "max_steps": 60, "eval_samples": 200},
+    "sentiment": {"batch_size": 16, "seq_len": 128, "max_steps": 300, "eval_samples": None, "eval_subsample": 256},
+    "generation": {"batch_size": 8, "seq_len": 128, "max_steps": 60, "eval_samples": 200, "eval_subsample": 64},
 }
 LIMITS = {  # name -> (minimum, maximum), inclusive
     "batch_size": (1, 512),
@@ -49,6 +52,7 @@ LIMITS = {  # name -> (minimum, maximum), inclusive
     "seed": (0, 2**31 - 1),
     "eval_steps": (1, 1_000_000),
     "eval_samples": (1, 1_000_000),
+    "eval_subsample": (1, 1_000_000),
     "checkpoint_steps": (1, 1_000_000),
     "control_samples": (0, 1024),
 }
@@ -72,7 +76,8 @@ class TrainConfig:
     seq_len: int | None = None
     seed: int = 0
     eval_steps: int | None = None  # None: five evaluations over the run
-    eval_samples: int | None = None  # validation examples per evaluation; None: the task's default
+    eval_samples: int | None = None  # validation and test examples in the final evaluation; None: task default
+    eval_subsample: int | None = None  # validation examples each in-training evaluation reports; None: task default
     control_samples: int = 32  # generations judged for sentiment control (controlled writing only)
     judge_run: str | None = None  # sentiment run that judges generations; None: the best one in the store
     checkpoint_steps: int | None = None  # save a resumable checkpoint every N steps; None: five per run
@@ -96,8 +101,9 @@ class TrainConfig:
         for name in ("batch_size", "seq_len"):
             if values[name] is None:
                 values[name] = defaults[name]
-        if values["eval_samples"] is None:
-            values["eval_samples"] = defaults["eval_samples"]
+        for name in ("eval_samples", "eval_subsample"):
+            if values[name] is None:
+                values[name] = defaults[name]
         for name, (low, high) in LIMITS.items():
             value = values[name]
             if value is None:
@@ -118,36 +124,80 @@ def _device() -> dict[str, Any]:
     return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
-def _memory_now() -> dict[str, int]:
-    """CUDA: allocated and peak since the previous call; CPU: the process's resident set."""
-    if torch.cuda.is_available():
-        figures = {
-            "cuda_allocated_bytes": torch.cuda.memory_allocated(),
-            "cuda_peak_bytes": torch.cuda.max_memory_allocated(),
-        }
-        torch.cuda.reset_peak_memory_stats()
-        return figures
-    return {"rss_bytes": psutil.Process().memory_info().rss}
+# What each phase's time counts as in the summary: loading and evaluation are the run's overhead.
+PHASE_CLOCKS = {
+    "loading": "load_time_s",
+    "base evaluation": "eval_time_s",
+    "training": "train_time_s",
+    "evaluation": "eval_time_s",
+    "final evaluation": "eval_time_s",
+    "saving": "save_time_s",
+}
+PHASE_WRITE_INTERVAL_S = 0.5
 
 
-def _peak(records: list[dict]) -> int:
-    return max((r.get("cuda_peak_bytes", r.get("rss_bytes", 0)) for r in records), default=0)
+class Phases:
+    """The run's current phase (loading, base evaluation, training, evaluation at step N, final
+    evaluation, saving) with its progress, written to the summary for live views, and the time
+    spent in each kind of phase."""
+
+    def __init__(self, timings: dict[str, float] | None = None) -> None:
+        self.run: Run | None = None
+        self.timings = {clock: 0.0 for clock in PHASE_CLOCKS.values()} | (timings or {})
+        self.current: dict[str, Any] = {}
+        self._since = time.perf_counter()
+        self._written = 0.0
+
+    def attach(self, run: Run | None) -> None:
+        self.run = run
+        self._write()
+
+    def begin(self, name: str, total: int | None = None, step: int | None = None) -> None:
+        self._close()
+        self.current = {"name": name, "step": step, "done": 0, "total": total, "started_at": time.time()}
+        self._write()
+
+    def advance(self, done: int) -> None:
+        self.current["done"] = done
+        if time.perf_counter() - self._written >= PHASE_WRITE_INTERVAL_S:
+            self._write()
+
+    def _close(self) -> None:
+        now = time.perf_counter()
+        if self.current:
+            self.timings[PHASE_CLOCKS[self.current["name"]]] += now - self._since
+        self._since = now
+
+    def finish(self) -> dict[str, float]:
+        """The time spent per kind of phase, its total and the share spent loading and evaluating."""
+        self._close()
+        wall = sum(self.timings.values())
+        overhead = self.timings["load_time_s"] + self.timings["eval_time_s"]
+        return {**self.timings, "wall_time_s": wall, "overhead_share": overhead / wall if wall else None}
+
+    def _write(self) -> None:
+        if self.run is not None and self.current:
+            self._written = time.perf_counter()
+            self.run.update_summary(phase={**self.current, "updated_at": time.time()})
 
 
 class RunRecorder(TrainerCallback):
-    """Streams each logged step to metrics.jsonl, evaluates every `eval_steps`, honours stop requests."""
+    """Streams each logged step (with its memory) to metrics.jsonl, evaluates every `eval_steps`,
+    honours stop requests."""
 
     def __init__(
         self,
         run: Run | None,
+        phases: Phases,
         total_steps: int,
         batch_size: int,
         eval_steps: int,
-        evaluate: Callable[[torch.nn.Module], dict],
+        evaluate: Callable[[torch.nn.Module, int], dict | None],
         should_stop: Callable[[], bool],
+        memory_of: Callable[[torch.optim.Optimizer], dict[str, int]],
     ) -> None:
-        self.run, self.total_steps, self.batch_size = run, total_steps, batch_size
-        self.eval_steps, self.evaluate, self.should_stop = eval_steps, evaluate, should_stop
+        self.run, self.phases, self.total_steps, self.batch_size = run, phases, total_steps, batch_size
+        self.eval_steps, self.evaluate, self.should_stop, self.memory_of = eval_steps, evaluate, should_stop, memory_of
         self.step_times: list[float] = []
         self.stopped = False
         self.elapsed_before = 0.0
@@ -163,6 +213,8 @@ class RunRecorder(TrainerCallback):
         # A resumed run continues its clock and token count from the checkpoint.
         self.started = time.perf_counter() - self.elapsed_before
         self._tokens_at_last_log = state.num_input_tokens_seen
+        self.phases.begin("training", total=self.total_steps)
+        self.phases.advance(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
@@ -171,21 +223,22 @@ class RunRecorder(TrainerCallback):
         elapsed = time.perf_counter() - self._step_started
         self.step_times.append(elapsed)
         self._time_since_log += elapsed
+        self.phases.advance(state.global_step)
         if state.global_step % self.eval_steps == 0 and state.global_step < self.total_steps:
-            self._write(
-                {
-                    "kind": "eval",
-                    "step": state.global_step,
-                    **self.evaluate(model),
-                    "elapsed_s": time.perf_counter() - self.started,
-                }
-            )
+            figures = self.evaluate(model, state.global_step)  # None: stopped during it
+            if figures is not None:
+                self._write({"kind": "eval", "step": state.global_step, **figures, "elapsed_s": self._elapsed()})
+            self.phases.begin("training", total=self.total_steps)
+            self.phases.advance(state.global_step)
         if self.should_stop():
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True  # a stopped run can be resumed from exactly here
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if not logs or "loss" not in logs:
             return  # Trainer's end-of-training summary, not a step
         step_time = self._time_since_log / max(args.logging_steps, 1)
@@ -200,22 +253,38 @@ class RunRecorder(TrainerCallback):
             "step_time_s": step_time,
             "samples_per_s": self.batch_size * args.world_size / step_time if step_time else None,
             "tokens_per_s": tokens / self._time_since_log if self._time_since_log else None,
-            "elapsed_s": time.perf_counter() - self.started,
-            **_memory_now(),
+            "elapsed_s": self._elapsed(),
+            **self.memory_of(optimizer),
+            **memory.process_figures(),
             # whatever else was logged (tokens seen; a method's own telemetry), under its own name
             **{k: v for k, v in logs.items() if k not in ("loss", "epoch", "learning_rate", "grad_norm")},
         }
         self._time_since_log, self._tokens_at_last_log = 0.0, state.num_input_tokens_seen
         self._write(record)
+        self._report(state, record, step_time)
+
+    def _report(self, state, record: dict, step_time: float) -> None:
         report_every = max(1, self.total_steps // 20)
         if state.is_world_process_zero and (state.global_step % report_every == 0 or state.global_step == 1):
             eta = (self.total_steps - state.global_step) * statistics.median(self.step_times)
             print(
                 f"step {state.global_step}/{self.total_steps}  loss {record['loss']:.4f}  "
-                f"{step_time:.2f} s/step  eta {eta:.0f} s",
+                f"{step_time:.2f} s/step  eta {eta:.0f} s (training only)",
                 file=sys.stderr,
                 flush=True,
             )
+
+
+class _MeasuredTrainer(Trainer):
+    """The Trainer, counting the activations each training step saves for its backward pass."""
+
+    def __init__(self, *args: Any, meter: memory.ActivationMeter, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.meter = meter
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with self.meter.measuring():
+            return super().training_step(model, inputs, num_items_in_batch)
 
 
 def find_judge(store: RunStore, judge_run: str | None) -> Run | None:
@@ -284,6 +353,14 @@ def resume(run_id: str, store: RunStore | None = None, should_stop: Callable[[],
     return train(config, store, should_stop, resume_from=(run, checkpoint))
 
 
+def with_tuned_defaults(config: TrainConfig, model_id: str) -> TrainConfig:
+    """`config` resolved, hyperparameters it leaves out taken from the results suite's tuned values
+    for its task and model (training.defaults), else from the method."""
+    config.resolved()  # the task and method are known before their defaults are looked up
+    tuned = defaults.hparam_defaults(config.task, model_id, config.method)
+    return replace(config, hparams={**tuned, **config.hparams}).resolved()
+
+
 def train(
     config: TrainConfig,
     store: RunStore | None = None,
@@ -298,11 +375,14 @@ def train(
     the run `failed` with its error, then re-raises. `resume_from` (a run and its checkpoint) is
     how `resume` continues an existing run instead of creating one.
     """
-    config = config.resolved()
+    phases = Phases()
+    phases.begin("loading")
+    offline = is_offline(config.offline)
+    model_id = config.model or models.default_model(config.resolved().task, offline)
+    given_rate = "learning_rate" in config.hparams
+    config = with_tuned_defaults(config, model_id)
     method = get_method(config.method)
     store = store or RunStore()
-    offline = is_offline(config.offline)
-    model_id = config.model or models.default_model(config.task, offline)
     dataset_id = config.dataset or data.default_dataset(config.task, offline)
     model_path = models.resolve_model_path(model_id, offline)
     splits = data.load_splits(dataset_id, config.task, offline)
@@ -326,6 +406,8 @@ def train(
         step = int(Path(checkpoint).name.rsplit("-", 1)[1])
         run.keep_metrics_until(step)  # what was logged after the checkpoint is trained again
         run.clear_stop_request()
+        for clock in set(PHASE_CLOCKS.values()):  # the time spent before the stop counts too
+            phases.timings[clock] += run.summary.get(clock) or 0.0
         run.update_summary(status="running", pid=os.getpid(), error=None, resumed_from_step=step)
     else:
         record = {
@@ -340,143 +422,275 @@ def train(
             "judge_run": judge.id if judge else None,
         }
         run, checkpoint = (store.create(record, run_id) if is_main else None), None
+    phases.attach(run)
 
     def stop_requested() -> bool:  # by the caller (Ctrl-C) or through the run store (another process)
         return bool(should_stop and should_stop()) or (run is not None and run.stop_requested())
 
-    try:
-        return _train(
-            config, method, run, model, tokenizer, base_weight_memory, splits, judge, stop_requested, checkpoint
+    rate_source = "given" if given_rate else defaults.source(config.task, model_id, config.method)
+    if run is not None:
+        run.update_summary(
+            defaults={"learning_rate": {"value": config.hparams["learning_rate"], "source": rate_source}}
         )
+    job = _Job(config, method, run, model, tokenizer, base_weight_memory, splits, judge, phases, stop_requested)
+    try:
+        return job.execute(checkpoint)
     except BaseException as error:
         if run is not None:
             run.update_summary(status="failed", error=f"{type(error).__name__}: {error}", finished_at=time.time())
         raise
 
 
-def _train(
-    config: TrainConfig,
-    method: FineTuningMethod,
-    run: Run | None,
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    base_weight_memory: int,
-    splits: data.Splits,
-    judge: Run | None,
-    should_stop: Callable[[], bool],
-    checkpoint: str | None,
-) -> dict:
-    task = config.task
-    tokenized = {
-        name: data.tokenize(getattr(splits, name), tokenizer, task, config.seq_len)
-        for name in ("train", "validation", "test")
-    }
-    if config.eval_samples:
-        for name in ("validation", "test"):
-            tokenized[name] = tokenized[name].select(range(min(config.eval_samples, len(tokenized[name]))))
-    collate = data.collator(tokenizer, task)
+@dataclass
+class _Job:
+    """One run from its loaded model to its summary: prepare (tokenize, evaluate the base), fit
+    (the Trainer, evaluating every `eval_steps`), finish (final evaluation, save, summarise)."""
 
-    def validate(m: torch.nn.Module) -> dict:
-        return evaluation.evaluate(m, tokenized["validation"], collate, task)
+    config: TrainConfig
+    method: FineTuningMethod
+    run: Run | None
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    base_weight_memory: int
+    splits: data.Splits
+    judge: Run | None
+    phases: Phases
+    should_stop: Callable[[], bool]
 
-    judge_model = inference.load_run(judge) if judge is not None else None
+    def execute(self, checkpoint: str | None) -> dict:
+        base_metrics = self.prepare(checkpoint)
+        if base_metrics is None:  # stopped during the base evaluation: nothing trained, nothing to keep
+            return self._update(
+                status="stopped", finished_at=time.time(), steps=0, metrics=None, **self.phases.finish()
+            )
+        trainer, recorder = self.fit(checkpoint)
+        return self.finish(trainer, recorder, base_metrics)
 
-    def measure_control(m: torch.nn.Module) -> float | None:
-        def classify(texts: list[str]) -> list[int]:
-            texts = [t if t.strip() else "." for t in texts]
-            return inference.class_probabilities(judge_model.model, judge_model.tokenizer, texts).argmax(-1).tolist()
+    # -- prepare ----------------------------------------------------------------------------
 
-        return evaluation.control_share(
-            lambda p: inference.sample(m, tokenizer, p, seed=config.seed), classify, config.control_samples
-        )
-
-    if checkpoint is not None:
-        base_metrics = run.summary["base_metrics"]  # measured when the run began
-    else:
-        base_metrics = {"validation": validate(model)}
-        if judge_model is not None:
-            base_metrics["control_share"] = measure_control(model)
-    trainable, total = _count_parameters(model)
-
-    steps_per_epoch = math.ceil(len(tokenized["train"]) / config.batch_size)
-    total_steps = config.max_steps or math.ceil(steps_per_epoch * config.epochs)
-    eval_steps = config.eval_steps or max(1, total_steps // 5)
-    checkpoint_steps = config.checkpoint_steps or max(1, total_steps // 5)
-    if run is not None:  # what a live view shows before the first step
-        run.update_summary(
-            planned_steps=total_steps,
-            base_metrics=base_metrics,
-            primary_metric="accuracy" if task == "sentiment" else "perplexity",
+    def prepare(self, checkpoint: str | None) -> dict | None:
+        """Tokenized splits, the evaluation subsample, the plan; the base model's metrics (measured
+        when the run began, for a resumed run), or None if a stop came during their evaluation."""
+        config = self.config
+        self.tokenized = {
+            name: data.tokenize(getattr(self.splits, name), self.tokenizer, config.task, config.seq_len)
+            for name in ("train", "validation", "test")
+        }
+        if config.eval_samples:
+            for name in ("validation", "test"):
+                split = self.tokenized[name]
+                self.tokenized[name] = split.select(range(min(config.eval_samples, len(split))))
+        # The subsample is the validation set's first examples, so the base and final evaluations,
+        # which cover the whole set, report it too without a second pass.
+        self.subsample = min(config.eval_subsample, len(self.tokenized["validation"]))
+        self.collate = data.collator(self.tokenizer, config.task)
+        self.judge_model = inference.load_run(self.judge) if self.judge is not None else None
+        steps_per_epoch = math.ceil(len(self.tokenized["train"]) / config.batch_size)
+        self.total_steps = config.max_steps or math.ceil(steps_per_epoch * config.epochs)
+        self.eval_steps = config.eval_steps or max(1, self.total_steps // 5)
+        trainable, total = _count_parameters(self.model)
+        self._update(
+            planned_steps=self.total_steps,
+            eval_steps=self.eval_steps,
+            eval_examples=self.subsample,
+            final_eval_examples=len(self.tokenized["validation"]) + len(self.tokenized["test"]),
+            primary_metric="accuracy" if config.task == "sentiment" else "perplexity",
             trainable_params=trainable,
             total_params=total,
             trainable_percent=100.0 * trainable / total,
-            base_weight_memory_bytes=base_weight_memory,
+            base_weight_memory_bytes=self.base_weight_memory,
         )
-    optimizer = "paged_adamw_8bit" if method.paged_optimizer and torch.cuda.is_available() else "adamw_torch"
-    output_dir = str(run.dir / "checkpoints") if run is not None else "/tmp/lora-arena-replica"
-    args = TrainingArguments(
-        output_dir=output_dir,
-        per_device_train_batch_size=config.batch_size,
-        max_steps=total_steps,
-        learning_rate=config.hparams["learning_rate"],
-        lr_scheduler_type="linear",
-        warmup_steps=math.ceil(WARMUP_FRACTION * total_steps),
-        optim=optimizer,
-        weight_decay=0.0,
-        logging_steps=1,
-        # Resumable checkpoints (the latest only); a completed run deletes them, see below.
-        save_strategy="steps" if run is not None else "no",
-        save_steps=checkpoint_steps,
-        save_total_limit=1,
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=config.seed,
-        data_seed=config.seed,
-        include_num_input_tokens_seen="non_padding",
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-    )
-    recorder = RunRecorder(run, total_steps, config.batch_size, eval_steps, validate, should_stop)
-    method_callbacks = method.callbacks(model, config.hparams) if method.callbacks else []
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=tokenized["train"],
-        data_collator=collate,
-        callbacks=[*method_callbacks, recorder],  # method callbacks first: they may add to the logs
-    )
-    trainer.remove_callback(PrinterCallback)  # the recorder reports progress; keep stdout for the summary
-    previous = run.metrics() if checkpoint is not None else []
-    recorder.elapsed_before = previous[-1]["elapsed_s"] if previous else 0.0
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    train_time = recorder.elapsed_before + time.perf_counter() - started
+        if checkpoint is not None:
+            return self.run.summary["base_metrics"]
+        try:
+            base_metrics = self._evaluate_base()
+        except evaluation.EvaluationStopped:
+            return None
+        self._update(base_metrics=base_metrics)
+        return base_metrics
 
-    metrics = {"validation": validate(model), "test": evaluation.evaluate(model, tokenized["test"], collate, task)}
-    if judge_model is not None:
-        metrics["control_share"] = measure_control(model)
-    if run is None:
-        return {}
-    model.save_pretrained(run.adapter_dir)
-    tokenizer.save_pretrained(run.adapter_dir)
-    if not recorder.stopped:  # finished: nothing left to resume, free the disk
-        shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
-    step_records = [r for r in run.metrics() if r.get("kind") == "train"]  # a resumed run's too
+    def _evaluate_base(self) -> dict:
+        validation = self._evaluate("base evaluation", ["validation"])["validation"]
+        self._record_eval(0, validation.metrics(self.subsample), self.subsample, 0.0, base=True)
+        metrics = {"validation": validation.metrics()}
+        if self.judge_model is not None:
+            metrics["control_share"] = self._control_share()
+        return metrics
 
-    primary = run.summary["primary_metric"]
-    return run.update_summary(
-        status="stopped" if recorder.stopped else "completed",
-        finished_at=time.time(),
-        steps=trainer.state.global_step,
-        optimizer=optimizer,
-        metrics=metrics,
-        gain=metrics["validation"][primary] - base_metrics["validation"][primary],
-        judge_run=judge.id if judge else None,
-        judge_accuracy=judge.summary["metrics"]["validation"]["accuracy"] if judge else None,
-        peak_memory_bytes=_peak(step_records),
-        train_time_s=train_time,
-        median_step_time_s=statistics.median(r["step_time_s"] for r in step_records) if step_records else None,
-        adapter_size_bytes=_dir_size(run.adapter_dir),
-        **{key: value for cb in method_callbacks if hasattr(cb, "summary") for key, value in cb.summary().items()},
-    )
+    # -- evaluation -------------------------------------------------------------------------
+
+    def _evaluate(self, phase: str, names: list[str], step: int | None = None, first: int | None = None) -> dict:
+        """Per-example figures on each named split (its first `first` examples), under `phase`;
+        raises EvaluationStopped when a stop is requested through the run store meanwhile."""
+        records = {name: self.tokenized[name] for name in names}
+        if first is not None:
+            records = {name: split.select(range(first)) for name, split in records.items()}
+        total = sum(len(split) for split in records.values())
+        self.phases.begin(phase, total=total, step=step)
+        started, done, results = time.perf_counter(), 0, {}
+        for name, split in records.items():
+
+            def progress(count: int, before: int = done) -> None:
+                self.phases.advance(before + count)
+                if self.run is not None and self.run.stop_requested():
+                    raise evaluation.EvaluationStopped
+
+            results[name] = evaluation.evaluate_examples(
+                self.model, split, self.collate, self.config.task, 32, progress
+            )
+            done += len(split)
+        self._update(eval_s_per_example=(time.perf_counter() - started) / max(total, 1))
+        return results
+
+    def _evaluate_during_training(self, model: torch.nn.Module, step: int) -> dict | None:
+        try:
+            figures = self._evaluate("evaluation", ["validation"], step, self.subsample)["validation"]
+        except evaluation.EvaluationStopped:
+            return None
+        return {**figures.metrics(), "examples": self.subsample}
+
+    def _control_share(self) -> float:
+        """Share of sampled reviews that the judge reads with the sentiment their prompt asked for."""
+        judge = self.judge_model
+        started = time.perf_counter()
+
+        def classify(texts: list[str]) -> list[int]:
+            texts = [t if t.strip() else "." for t in texts]
+            return inference.class_probabilities(judge.model, judge.tokenizer, texts).argmax(-1).tolist()
+
+        def generate(prompts: list[str]) -> list[str]:
+            return inference.sample(self.model, self.tokenizer, prompts, seed=self.config.seed)
+
+        share = evaluation.control_share(generate, classify, self.config.control_samples)
+        self._update(control_time_s=time.perf_counter() - started)
+        return share
+
+    def _record_eval(self, step: int, metrics: dict, examples: int, elapsed: float, **flags: bool) -> None:
+        if self.run is not None:
+            self.run.append_metrics(
+                {"kind": "eval", "step": step, **metrics, "examples": examples, **flags, "elapsed_s": elapsed}
+            )
+
+    def _update(self, **fields: Any) -> dict:
+        return self.run.update_summary(**fields) if self.run is not None else {}
+
+    # -- fit --------------------------------------------------------------------------------
+
+    def fit(self, checkpoint: str | None) -> tuple[Trainer, RunRecorder]:
+        """Train with the Trainer from the start or from `checkpoint`, to the end or a stop."""
+        config, run = self.config, self.run
+        self.optimizer_name = (
+            "paged_adamw_8bit" if self.method.paged_optimizer and torch.cuda.is_available() else "adamw_torch"
+        )
+        # Only the recording process has a run; another one (a replica under `accelerate launch`)
+        # writes its checkpoints nowhere.
+        output_dir = str(run.dir / "checkpoints") if run is not None else tempfile.mkdtemp(prefix="lora-arena-")
+        args = TrainingArguments(
+            output_dir=output_dir,
+            per_device_train_batch_size=config.batch_size,
+            max_steps=self.total_steps,
+            learning_rate=config.hparams["learning_rate"],
+            lr_scheduler_type="linear",
+            warmup_steps=math.ceil(WARMUP_FRACTION * self.total_steps),
+            optim=self.optimizer_name,
+            weight_decay=0.0,
+            logging_steps=1,
+            # Resumable checkpoints (the latest only); a completed run deletes them, see finish().
+            save_strategy="steps" if run is not None else "no",
+            save_steps=config.checkpoint_steps or max(1, self.total_steps // 5),
+            save_total_limit=1,
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=config.seed,
+            data_seed=config.seed,
+            include_num_input_tokens_seen="non_padding",
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+        )
+        meter = memory.ActivationMeter(self.model)
+
+        def memory_of(optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+            optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+            return memory.breakdown(self.model, weight_memory, optimizer, meter.bytes)
+
+        weight_memory = models.weight_memory_bytes(self.model)  # the base's and the adapter's, as stored
+        recorder = RunRecorder(
+            run,
+            self.phases,
+            self.total_steps,
+            config.batch_size,
+            self.eval_steps,
+            self._evaluate_during_training,
+            self.should_stop,
+            memory_of,
+        )
+        self.method_callbacks = self.method.callbacks(self.model, config.hparams) if self.method.callbacks else []
+        trainer = _MeasuredTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=self.tokenized["train"],
+            data_collator=self.collate,
+            callbacks=[*self.method_callbacks, recorder],  # method callbacks first: they may add to the logs
+            meter=meter,
+        )
+        trainer.remove_callback(PrinterCallback)  # the recorder reports progress; keep stdout for the summary
+        previous = run.metrics() if checkpoint is not None else []
+        recorder.elapsed_before = previous[-1]["elapsed_s"] if previous else 0.0
+        trainer.train(resume_from_checkpoint=checkpoint)
+        return trainer, recorder
+
+    # -- finish -----------------------------------------------------------------------------
+
+    def finish(self, trainer: Trainer, recorder: RunRecorder, base_metrics: dict) -> dict:
+        """Final evaluation on the full validation and test splits (skipped when stopped: a stop
+        must take effect within seconds), the adapter saved, the summary written."""
+        metrics = None
+        if not recorder.stopped:
+            try:
+                metrics = self._evaluate_final(trainer.state.global_step, recorder)
+            except evaluation.EvaluationStopped:
+                recorder.stopped = True
+        if self.run is None:
+            return {}
+        run = self.run
+        self.phases.begin("saving")
+        self.model.save_pretrained(run.adapter_dir)
+        self.tokenizer.save_pretrained(run.adapter_dir)
+        if not recorder.stopped:  # finished: nothing left to resume, free the disk (a stopped run keeps its checkpoint)
+            shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
+        return self._summarise(trainer, recorder, base_metrics, metrics)
+
+    def _evaluate_final(self, step: int, recorder: RunRecorder) -> dict:
+        results = self._evaluate("final evaluation", ["validation", "test"], step)
+        metrics = {split: figures.metrics() for split, figures in results.items()}
+        if self.judge_model is not None:
+            metrics["control_share"] = self._control_share()
+        examples = len(self.tokenized["validation"])
+        self._record_eval(step, metrics["validation"], examples, recorder._elapsed(), final=True)
+        return metrics
+
+    def _summarise(self, trainer: Trainer, recorder: RunRecorder, base_metrics: dict, metrics: dict | None) -> dict:
+        step_records = [r for r in self.run.metrics() if r.get("kind") == "train"]  # a resumed run's too
+        peak = max(step_records, key=lambda r: r.get(memory.TOTAL, 0), default={})
+        primary = self.run.summary["primary_metric"]
+        judge = self.judge
+        telemetry = [cb.summary() for cb in self.method_callbacks if hasattr(cb, "summary")]  # a method's own
+        return self._update(
+            status="stopped" if recorder.stopped else "completed",
+            finished_at=time.time(),
+            steps=trainer.state.global_step,
+            optimizer=self.optimizer_name,
+            metrics=metrics,
+            gain=metrics["validation"][primary] - base_metrics["validation"][primary] if metrics else None,
+            judge_run=judge.id if judge else None,
+            judge_accuracy=judge.summary["metrics"]["validation"]["accuracy"] if judge else None,
+            training_memory_bytes=peak.get(memory.TOTAL),
+            memory_breakdown={key: peak[key] for key, _ in memory.MEMORY_PARTS if key in peak},
+            peak_rss_bytes=max((r.get("rss_bytes", 0) for r in step_records), default=None),
+            cuda_peak_bytes=max((r.get("cuda_peak_bytes") or 0 for r in step_records), default=0) or None,
+            median_step_time_s=statistics.median(r["step_time_s"] for r in step_records) if step_records else None,
+            adapter_size_bytes=_dir_size(self.run.adapter_dir),
+            **self.phases.finish(),
+            **{key: value for figures in telemetry for key, value in figures.items()},
+        )

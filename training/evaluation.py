@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import datasets
 import torch
@@ -30,34 +31,91 @@ def macro_f1(predictions: list[int], labels: list[int], num_classes: int = len(L
     return sum(scores) / num_classes
 
 
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, records: datasets.Dataset, collate: Callable, task: Task, batch_size: int = 32
-) -> dict[str, float]:
-    """Metrics of `model` on tokenized `records`; the model's train/eval mode is restored after."""
+class EvaluationStopped(Exception):
+    """A stop was requested while an evaluation ran: its figures are incomplete and not reported."""
+
+
+@dataclass
+class PerExample:
+    """What an evaluation measured for each example, in the records' order, so that any prefix (the
+    fixed subsample that in-training evaluations use) has its metrics without a second pass."""
+
+    task: Task
+    loss_sums: list[float]  # sentiment: the example's loss; generation: summed over its target tokens
+    items: list[int]  # sentiment: 1; generation: predicted target tokens
+    predictions: list[int]  # sentiment only
+    labels: list[int]  # sentiment only
+
+    def metrics(self, first: int | None = None) -> dict[str, float]:
+        """Metrics of the first `first` examples (all when None)."""
+        count = len(self.items) if first is None else min(first, len(self.items))
+        loss = sum(self.loss_sums[:count]) / max(sum(self.items[:count]), 1)
+        if self.task == "sentiment":
+            predictions, labels = self.predictions[:count], self.labels[:count]
+            accuracy = sum(p == y for p, y in zip(predictions, labels)) / max(count, 1)
+            return {"accuracy": accuracy, "macro_f1": macro_f1(predictions, labels), "loss": loss}
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def _length_batches(records: datasets.Dataset, batch_size: int) -> list[list[int]]:
+    """Indices grouped by length: a batch of similar lengths pads little, and evaluation is pure
+    forward passes whose cost is mostly padding on short reviews."""
+    order = sorted(range(len(records)), key=lambda i: len(records[i]["input_ids"]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _batch_figures(model: torch.nn.Module, batch: dict, task: Task) -> tuple[list[float], list[int], list[int]]:
+    output = model(**{key: value for key, value in batch.items() if key != "labels"})
+    logits = output.logits.float()
+    if task == "sentiment":
+        losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+        return losses.tolist(), [1] * len(losses), logits.argmax(-1).tolist()
+    # The causal LM loss: each position predicts the next token; ignored labels carry no loss.
+    targets = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses.sum(-1).tolist(), (targets != IGNORE_INDEX).sum(-1).tolist(), [-1] * len(losses)
+
+
+def evaluate_examples(
+    model: torch.nn.Module,
+    records: datasets.Dataset,
+    collate: Callable,
+    task: Task,
+    batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> PerExample:
+    """Per-example figures of `model` on tokenized `records` in inference mode; the model's
+    train/eval mode is restored after. `on_batch(examples done)` runs after every batch and may
+    raise EvaluationStopped to end the evaluation early."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total_loss, total_items, predictions, labels = 0.0, 0, [], []
-    for start in range(0, len(records), batch_size):
-        batch = collate([records[i] for i in range(start, min(start + batch_size, len(records)))])
-        batch = {key: value.to(device) for key, value in batch.items()}
-        output = model(**batch)
-        if task == "sentiment":
-            items = len(batch["labels"])
-            predictions += output.logits.argmax(-1).tolist()
-            labels += batch["labels"].tolist()
-        else:
-            # The model's loss is the mean over predicted (shifted, non-ignored) tokens.
-            items = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total_loss += float(output.loss) * items
-        total_items += items
-    model.train(was_training)
-    loss = total_loss / max(total_items, 1)
-    if task == "sentiment":
-        accuracy = sum(p == y for p, y in zip(predictions, labels)) / max(len(labels), 1)
-        return {"accuracy": accuracy, "macro_f1": macro_f1(predictions, labels), "loss": loss}
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    count = len(records)
+    loss_sums, items, predictions = [0.0] * count, [0] * count, [0] * count
+    done = 0
+    try:
+        with torch.inference_mode():
+            for indices in _length_batches(records, batch_size):
+                batch = {key: value.to(device) for key, value in collate([records[i] for i in indices]).items()}
+                for index, loss, item, prediction in zip(indices, *_batch_figures(model, batch, task), strict=True):
+                    loss_sums[index], items[index], predictions[index] = loss, item, prediction
+                done += len(indices)
+                if on_batch is not None:
+                    on_batch(done)
+    finally:
+        model.train(was_training)
+    labels = list(records["labels"]) if task == "sentiment" else []
+    return PerExample(task, loss_sums, items, predictions if task == "sentiment" else [], labels)
+
+
+def evaluate(
+    model: torch.nn.Module, records: datasets.Dataset, collate: Callable, task: Task, batch_size: int = 32
+) -> dict[str, float]:
+    """Metrics of `model` on tokenized `records` (sentiment: accuracy, macro-F1, loss; generation:
+    token-weighted loss and perplexity)."""
+    return evaluate_examples(model, records, collate, task, batch_size).metrics()
 
 
 def control_prompts(samples: int) -> tuple[list[str], list[int]]:

@@ -23,9 +23,12 @@ from collections import deque
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from . import data
+from lora_methods.targets import check_rank, resolve_targets
+
+from . import data, models
 from .cli import train_arguments
 from .engine import ConfigError, TrainConfig, resumable
+from .offline import is_offline
 from .runs import FINISHED, Run, RunStore
 
 JOB_STATES = ("queued", "starting", "running", "finished", "failed", "cancelled")
@@ -100,6 +103,19 @@ def _last_error(log: Path) -> str:
     return lines[-1] if lines else "the worker process ended without a message"
 
 
+def _check_layers(config: TrainConfig) -> None:
+    """Target modules and rank against the model's architecture, so that a layer name the model
+    lacks is refused now, not in a worker after the model has loaded."""
+    hparams = config.hparams
+    if "target_modules" not in hparams:
+        return
+    offline = is_offline(config.offline)
+    path = models.resolve_model_path(config.model or models.default_model(config.task, offline), offline)
+    skeleton = models.skeleton(path, config.task)
+    targets = resolve_targets(skeleton, hparams["target_modules"])
+    check_rank(skeleton, targets, hparams["rank"])
+
+
 class JobManager:
     def __init__(self, store: RunStore, parallel: int = PARALLEL_JOBS, limits: Limits | None = None) -> None:
         self.store, self.parallel, self.limits = store, parallel, limits or Limits.from_env()
@@ -121,6 +137,7 @@ class JobManager:
         self.limits.check(resolved)
         if resolved.dataset and Path(resolved.dataset).suffix.lower() in (".csv", ".jsonl", ".json"):
             data.load_user_file(Path(resolved.dataset), resolved.task)  # a bad upload fails now, not in a worker
+        _check_layers(resolved)
         config = replace(config, owner=owner_hash(owner_token) if owner_token else None)
         return self._enqueue(Job(self.store.new_id(resolved.task, resolved.method), config))
 
@@ -170,7 +187,7 @@ class JobManager:
             run_dir = self.store.root / job_id
             if (run_dir / "config.json").exists():
                 Run(run_dir).request_stop()
-                return f"{job_id}: stopping at the end of the current step"
+                return f"{job_id}: stopping (within seconds: the current step or evaluation ends first)"
             job.process.terminate()  # still loading the model: nothing to keep
             job.error = "stopped before training began"
             return f"{job_id}: stopped before training began"
@@ -181,7 +198,7 @@ class JobManager:
         if run.status != "running":
             return f"{run_id}: already {run.status}"
         run.request_stop()
-        return f"{run_id}: stopping at the end of the current step"
+        return f"{run_id}: stopping (within seconds: the current step or evaluation ends first)"
 
     def delete(self, run_id: str, owner_token: str | None = None) -> str:
         """Remove a finished run's folder (adapter, metrics, checkpoints) from the store."""
@@ -217,11 +234,15 @@ class JobManager:
     def describe(self, job_id: str) -> dict:
         """The job's state for a UI or API client, merged with its run's summary once it exists."""
         job = self._jobs.get(job_id)
-        # an unknown id is validated by the store (RunNotFound); a job's run may not exist yet
-        summary = self._summary(job.id) if job else self.store.get(job_id).summary
+        if job is not None:  # its run may not exist yet
+            summary, task, method = self._summary(job.id), job.config.task, job.config.method
+        else:  # a run of an earlier app process or the CLI; an unknown id raises RunNotFound
+            run = self.store.get(job_id)
+            summary, task, method = run.summary, run.config.get("task"), run.config.get("method")
         state = job.state if job else ("running" if summary.get("status") == "running" else "finished")
         if job and job.state == "starting" and self._run_started(job, summary):
             state = "running"
+        run_dir = self.store.root / job_id
         return {
             "id": job_id,
             "state": state,
@@ -229,7 +250,34 @@ class JobManager:
             "status": summary.get("status"),
             "error": (job.error if job else None) or summary.get("error"),
             "summary": summary,
+            # a stop asked for and not yet done: a live view says "stopping" at once
+            "stop_requested": state in ("starting", "running") and (run_dir / "stop").exists(),
+            "task": task,
+            "method": method,
         }
+
+    def owned_by(self, owner_token: str) -> list[dict]:
+        """Every job and run that `owner_token` started, newest first, as `describe` tells them."""
+        owner = owner_hash(owner_token)
+        ids = {job.id: job.submitted_at for job in self._jobs.values() if job.config.owner == owner}
+        for run in self.store.runs():
+            if run.id not in ids and run.config.get("owner") == owner:
+                ids[run.id] = run.summary.get("created_at", 0.0)
+        return [self.describe(run_id) for run_id in sorted(ids, key=ids.get, reverse=True)]
+
+    def waiting(self) -> list[dict]:
+        """The queue, first to start first: id, position, task and method (no owner)."""
+        with self._changed:
+            queued = list(self._queue)
+        return [
+            {
+                "id": job_id,
+                "position": index,
+                "task": self._jobs[job_id].config.task,
+                "method": self._jobs[job_id].config.method,
+            }
+            for index, job_id in enumerate(queued, start=1)
+        ]
 
     def _summary(self, run_id: str) -> dict:
         run_dir = self.store.root / run_id

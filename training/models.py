@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -173,3 +174,12 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
 def weight_memory_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's weights and buffers occupy as stored (4-bit weights count as packed)."""
     return int(model.get_memory_footprint())
+
+
+def skeleton(path: str, task: Task) -> PreTrainedModel:
+    """The model's architecture without its weights (on the meta device, in milliseconds): enough
+    to check layer names and shapes before a run is queued."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    auto = AutoModelForSequenceClassification if task == "sentiment" else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config, trust_remote_code=False)

@@ -33,11 +33,11 @@ import torch
 from lora_methods import get_method
 
 from .bench import Entry, run_bench
+from .defaults import RESULTS_DIR  # noqa: F401  (where its results go; the UI reads them there)
 from .engine import TrainConfig, _library_versions, train
 from .offline import is_offline
 from .runs import Run, RunNotFound, RunStore
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "results"
 DEFAULT_RUNS_DIR = Path("runs") / "bench-suite"
 
 
@@ -265,7 +265,9 @@ def cell_record(plan: Plan, variant: Variant, run: Run) -> dict[str, Any]:
         "total_params": summary["total_params"],
         "trainable_percent": summary["trainable_percent"],
         "base_weight_memory_bytes": summary["base_weight_memory_bytes"],
-        "peak_memory_bytes": summary["peak_memory_bytes"],
+        # the process's resident set (cells trained before the tensor accounting named it peak_memory_bytes)
+        "peak_rss_bytes": summary.get("peak_rss_bytes", summary.get("peak_memory_bytes")),
+        "training_memory_bytes": summary.get("training_memory_bytes"),
         "median_step_time_s": summary["median_step_time_s"],
         "train_time_s": summary["train_time_s"],
         "adapter_size_bytes": summary["adapter_size_bytes"],
@@ -278,6 +280,11 @@ def cell_record(plan: Plan, variant: Variant, run: Run) -> dict[str, Any]:
 
 def _default_rate(variant: Variant) -> float:
     return get_method(variant.method).resolve_hparams({})["learning_rate"]
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
 
 
 def _spread(values: list[float]) -> dict[str, float | int | None]:
@@ -313,7 +320,8 @@ def aggregate(cells: list[dict]) -> dict[str, dict[str, dict]]:
             "trainable_params": first["trainable_params"],
             "trainable_percent": first["trainable_percent"],
             "base_weight_memory_bytes": first["base_weight_memory_bytes"],
-            "peak_memory_bytes": statistics.median(cell["peak_memory_bytes"] for cell in group),
+            "peak_rss_bytes": statistics.median(cell["peak_rss_bytes"] for cell in group),
+            "training_memory_bytes": _median([cell["training_memory_bytes"] for cell in group]),
             "median_step_time_s": statistics.median(cell["median_step_time_s"] for cell in group),
             "train_time_s": statistics.median(cell["train_time_s"] for cell in group),
             "adapter_size_bytes": first["adapter_size_bytes"],

@@ -34,6 +34,7 @@ def register(arena: Arena) -> None:
         seed: int = 0,
         eval_steps: int | None = None,
         eval_samples: int | None = None,
+        eval_subsample: int | None = None,
         checkpoint_steps: int | None = None,
         owner_token: str | None = None,
     ) -> dict:
@@ -54,6 +55,7 @@ def register(arena: Arena) -> None:
                 seed=seed,
                 eval_steps=eval_steps,
                 eval_samples=eval_samples,
+                eval_subsample=eval_subsample,
                 checkpoint_steps=checkpoint_steps,
             )
             owner_token = owner_token or secrets.token_urlsafe(16)
@@ -68,7 +70,7 @@ def register(arena: Arena) -> None:
         """State of a run (queued, starting, running, finished, failed, cancelled), its summary and,
         unless metrics_from_step is null, its metrics records from that step on."""
         with user_errors():
-            state = arena.jobs.describe(run_id)
+            state = arena.describe(run_id)
             if metrics_from_step is not None and state["summary"]:
                 state["metrics"] = [r for r in arena.records(run_id) if r.get("step", 0) >= metrics_from_step]
             return state
@@ -76,12 +78,12 @@ def register(arena: Arena) -> None:
     def stop_run(run_id: str, owner_token: str | None = None) -> str:
         """Cancel a queued run, or stop a running one at the end of its current step (its adapter is kept)."""
         with user_errors():
-            return arena.jobs.stop(run_id, owner_token)
+            return arena.stop(run_id, owner_token)
 
     def resume_run(run_id: str, owner_token: str | None = None) -> dict:
         """Queue a stopped, interrupted or failed run to continue from its latest checkpoint."""
         with user_errors():
-            arena.jobs.resume(run_id, owner_token)
+            arena.resume(run_id, owner_token)
             return run_status(run_id, metrics_from_step=None)
 
     def delete_run(run_id: str, owner_token: str | None = None) -> str:

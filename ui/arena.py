@@ -13,6 +13,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -87,8 +88,26 @@ class Arena:
         check_model_choice(resolved.model, resolved.task, self.offline)
         if not (upload and resolved.dataset == upload):  # a file the UI received is the user's own
             check_dataset_choice(resolved.dataset, resolved.task)
-        config.offline = config.offline or self.offline
-        return self.jobs.submit(config, owner_token).id
+        return self.jobs.submit(replace(config, offline=config.offline or self.offline), owner_token).id
+
+    def describe(self, run_id: str) -> dict:
+        """A run's or queued job's state, summary and whether a stop is on its way (JobManager.describe)."""
+        return self.jobs.describe(run_id)
+
+    def runs_of(self, owner_token: str | None) -> list[dict]:
+        """The runs this browser (or API client) started, newest first; none without a token."""
+        return self.jobs.owned_by(owner_token) if owner_token else []
+
+    def queue(self) -> list[dict]:
+        """Every waiting job with its position (1: starts next), task and method."""
+        return self.jobs.waiting()
+
+    def stop(self, run_id: str, owner_token: str | None) -> str:
+        return self.jobs.stop(run_id, owner_token)
+
+    def resume(self, run_id: str, owner_token: str | None) -> str:
+        self.jobs.resume(run_id, owner_token)
+        return f"{run_id}: queued to resume from its last checkpoint"
 
     def delete(self, run_id: str, owner_token: str | None) -> str:
         message = self.jobs.delete(run_id, owner_token)

@@ -1,0 +1,171 @@
+"""What a live view reads while a run trains: phases with their progress, stop in any phase, the
+ETA with evaluations, defaults that learn, this browser's runs, checks before a run is queued."""
+
+from __future__ import annotations
+
+import pytest
+
+from lora_methods import HParamError
+from training import evaluation, progress
+from training.defaults import hparam_defaults, note
+from training.engine import TrainConfig, latest_checkpoint, train, with_tuned_defaults
+from training.jobs import JobManager
+from training.models import BUNDLED_MINILM
+from training.runs import RunStore
+
+
+def sentiment_config(tiny_models, review_csv, **overrides) -> TrainConfig:
+    settings = dict(
+        task="sentiment",
+        method="lora",
+        model=tiny_models["bert"],
+        dataset=str(review_csv),
+        max_steps=12,
+        batch_size=8,
+        seq_len=64,
+        eval_samples=40,
+        eval_subsample=16,
+        eval_steps=4,
+        offline=True,
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def stop_during(phase_name: str, store: RunStore, monkeypatch) -> list[str]:
+    """Request a stop through the run store (as the UI does) from inside the first batch of the
+    first evaluation in `phase_name`; the phases seen on the way, for the test to check."""
+    seen: list[str] = []
+    real = evaluation._batch_figures
+
+    def batch_figures(model, batch, task):
+        run = next(store.runs())
+        phase = run.summary.get("phase", {}).get("name")
+        seen.append(phase)
+        if phase == phase_name:
+            run.request_stop()
+        return real(model, batch, task)
+
+    monkeypatch.setattr(evaluation, "_batch_figures", batch_figures)
+    return seen
+
+
+@pytest.mark.parametrize("phase", ["base evaluation", "evaluation", "final evaluation"])
+def test_a_stop_during_an_evaluation_ends_the_run_at_once(tmp_path, tiny_models, review_csv, monkeypatch, phase):
+    store = RunStore(tmp_path)
+    seen = stop_during(phase, store, monkeypatch)
+    # 40 validation examples in batches of 32: the stop is seen after the first of two batches.
+    summary = train(sentiment_config(tiny_models, review_csv, eval_subsample=40), store)
+    run = next(store.runs())
+    evals = [(r["step"], r.get("final", False)) for r in run.metrics() if r["kind"] == "eval"]
+    assert summary["status"] == "stopped" and summary["metrics"] is None
+    assert seen.count(phase) == 1  # no batch ran after the one that saw the stop
+    if phase == "base evaluation":
+        assert summary["steps"] == 0 and evals == [] and not run.adapter_dir.exists()
+    elif phase == "evaluation":  # the step-4 evaluation is dropped; the run stops there, resumable
+        assert summary["steps"] == 4 and evals == [(0, False)]
+        assert latest_checkpoint(run).endswith("checkpoint-4") and run.adapter_dir.is_dir()
+    else:  # trained to the end; no final figures, the adapter kept
+        assert summary["steps"] == 12 and (12, True) not in evals and run.adapter_dir.is_dir()
+
+
+def test_the_phases_a_run_goes_through_are_written_for_live_views(tmp_path, tiny_models, review_csv, monkeypatch):
+    store = RunStore(tmp_path)
+    phases: list[tuple[str, int | None]] = []
+    real = evaluation._batch_figures
+
+    def batch_figures(model, batch, task):
+        phase = next(store.runs()).summary["phase"]
+        phases.append((phase["name"], phase["step"], phase["total"]))
+        assert phase["started_at"] > 0
+        return real(model, batch, task)
+
+    monkeypatch.setattr(evaluation, "_batch_figures", batch_figures)
+    train(sentiment_config(tiny_models, review_csv), store)
+    # base: the whole validation set (the gain compares like with like), in training: the fixed
+    # subsample, final: validation and test
+    assert list(dict.fromkeys(phases)) == [
+        ("base evaluation", None, 40),
+        ("evaluation", 4, 16),
+        ("evaluation", 8, 16),
+        ("final evaluation", 12, 80),
+    ]
+
+
+def test_the_eta_counts_the_steps_and_evaluations_still_to_come():
+    summary = {
+        "planned_steps": 100,
+        "eval_steps": 20,
+        "eval_examples": 200,
+        "final_eval_examples": 1000,
+        "eval_s_per_example": 0.01,
+        "control_time_s": 5.0,
+        "phase": {"name": "training", "done": 30, "total": 100},
+    }
+    records = [{"kind": "train", "step": step, "step_time_s": 0.5} for step in range(1, 31)]
+    # 70 steps, evaluations at 40, 60 and 80 (200 examples each), the final one (1000) with its control
+    assert progress.eta_seconds(summary, records) == pytest.approx(70 * 0.5 + 3 * 2.0 + 10.0 + 5.0)
+    during = {**summary, "phase": {"name": "final evaluation", "done": 400, "total": 1000}}
+    assert progress.eta_seconds(during, records) == pytest.approx(6.0)
+    assert progress.eta_seconds({**summary, "eval_s_per_example": None}, records) is None
+
+
+@pytest.mark.parametrize(
+    "described, line",
+    [
+        ({"state": "queued", "queue_position": 2}, "Queued: position 2 in line"),
+        ({"state": "starting", "summary": {}}, "Loading the model and data"),
+        (
+            {"state": "running", "summary": {"phase": {"name": "base evaluation", "done": 64, "total": 1275}}},
+            "Evaluating the base model: 64 / 1275 examples",
+        ),
+        (
+            {"state": "running", "summary": {"phase": {"name": "evaluation", "step": 48, "done": 96, "total": 256}}},
+            "Evaluating at step 48: 96 / 256 examples",
+        ),
+        (
+            {"state": "running", "summary": {"phase": {"name": "training", "done": 12, "total": 120}}},
+            "Training: step 12 / 120",
+        ),
+        ({"state": "running", "stop_requested": True, "summary": {"phase": {"name": "evaluation"}}}, "Stopping…"),
+        ({"state": "finished", "status": "stopped", "summary": {}}, "Stopped"),
+    ],
+)
+def test_the_phase_line_says_what_the_run_is_doing(described, line):
+    assert progress.phase_line(described).startswith(line)
+
+
+def test_defaults_are_the_results_suites_tuned_rates_where_it_tuned_this_model():
+    # The suite swept LoRA on the bundled MiniLM and chose 4e-3; QLoRA and SparseLoRA train the same
+    # adapter and take LoRA's rate, HiRA on 4-bit takes HiRA's.
+    assert hparam_defaults("sentiment", BUNDLED_MINILM, "lora")["learning_rate"] == 4e-3
+    assert hparam_defaults("sentiment", BUNDLED_MINILM, "qlora")["learning_rate"] == 4e-3
+    assert hparam_defaults("sentiment", BUNDLED_MINILM, "hira-4bit")["learning_rate"] == 2e-2
+    assert "tuned" in note("sentiment", BUNDLED_MINILM, "lora")
+    untuned = hparam_defaults("sentiment", "distilbert/distilbert-base-uncased", "lora")
+    assert untuned["learning_rate"] == 1e-3 and "no tuned rate" in note("sentiment", "some/model", "lora")
+
+    config = TrainConfig(task="sentiment", method="lora", hparams={"rank": 4})
+    assert with_tuned_defaults(config, BUNDLED_MINILM).hparams["learning_rate"] == 4e-3
+    given = TrainConfig(task="sentiment", method="lora", hparams={"learning_rate": 1e-3})
+    assert with_tuned_defaults(given, BUNDLED_MINILM).hparams["learning_rate"] == 1e-3
+
+
+def test_a_browser_lists_only_its_own_runs_and_sees_the_queue(tmp_path, tiny_models, review_csv):
+    manager = JobManager(RunStore(tmp_path / "runs"), parallel=0)  # nothing starts: everything waits
+    alice = [manager.submit(sentiment_config(tiny_models, review_csv), owner_token="alice") for _ in range(2)]
+    bob = manager.submit(sentiment_config(tiny_models, review_csv, method="hira"), owner_token="bob")
+    listed = manager.owned_by("alice")
+    assert [run["id"] for run in listed] == [alice[1].id, alice[0].id]  # newest first
+    assert [run["queue_position"] for run in listed] == [2, 1] and listed[0]["method"] == "lora"
+    assert [run["id"] for run in manager.owned_by("bob")] == [bob.id] and manager.owned_by("carol") == []
+    assert [(job["position"], job["method"]) for job in manager.waiting()] == [(1, "lora"), (2, "lora"), (3, "hira")]
+
+
+def test_target_modules_the_model_lacks_are_refused_before_anything_is_queued(tmp_path, tiny_models, review_csv):
+    manager = JobManager(RunStore(tmp_path / "runs"), parallel=0)
+    bad = sentiment_config(tiny_models, review_csv, hparams={"target_modules": "nonexistent_layer"})
+    with pytest.raises(HParamError, match="nonexistent_layer not found in this bert model; available: "):
+        manager.submit(bad)
+    with pytest.raises(HParamError, match="rank 100 is larger than layer"):
+        manager.submit(sentiment_config(tiny_models, review_csv, hparams={"rank": 100}))
+    assert manager.waiting() == [] and not list(manager.store.runs())
