@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from training.colours import method_colour
+from training.memory import MB, MEMORY_PARTS
 
 MAX_POINTS = 400  # per trace: a long run's chart stays light to send and draw
 SMOOTHING = 0.9  # exponential moving average weight, as TensorBoard's default
@@ -45,46 +46,126 @@ def _empty(title: str, message: str) -> go.Figure:
 
 
 def loss_figure(records: list[dict], x: str = "step") -> go.Figure:
-    """Training loss (raw and smoothed) and, where evaluated, validation loss."""
+    """Training loss (raw and smoothed); validation loss on the fixed subsample, from the base
+    model's (step 0) on; and the final evaluation on the full split, marked apart."""
     train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval" and "loss" in r]
     if not train:
         return _empty("Loss", "waiting for the first step")
     key, label = X_AXES[x]
     shown = _thin(train)
-    figure = go.Figure(layout={**LAYOUT, "title": "Loss", "xaxis_title": label, "yaxis_title": "loss"})
+    layout = {**LAYOUT, "height": 420, "title": "Loss", "xaxis_title": label, "yaxis_title": "loss"}
+    figure = go.Figure(layout={**layout, "legend": {"orientation": "h", "y": -0.18}})
     xs = [r[key] for r in shown]
-    figure.add_scatter(x=xs, y=[r["loss"] for r in shown], name="training loss", line={"width": 1}, opacity=0.35)
-    figure.add_scatter(x=xs, y=smooth([r["loss"] for r in shown]), name="smoothed", line={"width": 2.5})
-    if evals:
-        figure.add_scatter(
-            x=[r[key] for r in evals],
-            y=[r["loss"] for r in evals],
-            name="validation loss",
-            mode="markers+lines",
-            marker={"size": 9, "symbol": "diamond"},
-        )
+    # The raw loss is the first trace: the browser test counts its points.
+    figure.add_scatter(
+        x=xs, y=[r["loss"] for r in shown], name="training loss", line={"width": 1, "color": TRAIN_COLOUR}, opacity=0.35
+    )
+    figure.add_scatter(
+        x=xs, y=smooth([r["loss"] for r in shown]), name="smoothed", line={"width": 2.5, "color": TRAIN_COLOUR}
+    )
+    _add_evaluations(figure, [r for r in records if r.get("kind") == "eval" and "loss" in r], key)
     return figure
 
 
-def resources_figure(records: list[dict]) -> go.Figure:
-    """Memory (resident set, or CUDA peak) and throughput over wall-clock time, on two rows."""
+TRAIN_COLOUR, EVAL_COLOUR, BASE_COLOUR, FINAL_COLOUR = "#4f46e5", "#ea580c", "#6b7280", "#16a34a"
+
+
+def _add_evaluations(figure: go.Figure, evals: list[dict], key: str) -> None:
+    """The subsample's evaluations as one line (the base model's point starts it, so the first
+    segment is what training changed), the base point and the final full-split one marked."""
+    subsample = [r for r in evals if not r.get("final")]
+    base = [r for r in subsample if r.get("base")]
+    final = [r for r in evals if r.get("final")]
+    if subsample:
+        figure.add_scatter(
+            x=[r[key] for r in subsample],
+            y=[r["loss"] for r in subsample],
+            name="validation loss (subsample)",
+            mode="markers+lines",
+            marker={"size": 8, "symbol": "diamond", "color": EVAL_COLOUR},
+            line={"color": EVAL_COLOUR},
+        )
+    if base:
+        figure.add_scatter(
+            x=[r[key] for r in base],
+            y=[r["loss"] for r in base],
+            name="base model (before training)",
+            mode="markers",
+            marker={"size": 12, "symbol": "square-open", "color": BASE_COLOUR, "line": {"width": 2}},
+        )
+    if final:
+        figure.add_scatter(
+            x=[r[key] for r in final],
+            y=[r["loss"] for r in final],
+            name="final validation (full split)",
+            mode="markers",
+            marker={"size": 16, "symbol": "star", "color": FINAL_COLOUR},
+        )
+
+
+def resources_figure(records: list[dict], x: str = "step") -> go.Figure:
+    """Training memory by part (stacked, MB = 1e6 bytes) with the process's resident set as a
+    dashed line on its own axis, and tokens/s below. Older runs without the parts draw RSS only."""
     train = _thin([r for r in records if r.get("kind") == "train"])
     if not train:
         return _empty("Memory and speed", "waiting for the first step")
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12)
-    times = [r["elapsed_s"] for r in train]
-    memory_key = "cuda_peak_bytes" if "cuda_peak_bytes" in train[-1] else "rss_bytes"
-    memory_name = "CUDA peak (MB)" if memory_key == "cuda_peak_bytes" else "process memory (MB)"
-    figure.add_scatter(x=times, y=[r.get(memory_key, 0) / 2**20 for r in train], name=memory_name, row=1, col=1)
+    key, label = X_AXES[x]
+    xs = [r[key] for r in train]
+    parts = [(name, title) for name, title in MEMORY_PARTS if any(name in r for r in train)]
+    figure = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.1,
+        row_heights=[0.62, 0.38],
+        specs=[[{"secondary_y": True}], [{}]],
+    )
+    for (name, title), colour in zip(parts, MEMORY_COLOURS):
+        megabytes = [r.get(name, 0) / MB for r in train]
+        figure.add_scatter(
+            x=xs, y=megabytes, name=title, stackgroup="memory", line={"width": 0.5, "color": colour}, row=1, col=1
+        )
+    # RSS is mostly the runtime (~1 GB of libraries): on its own axis it does not flatten the parts.
+    secondary = bool(parts)
+    for name, title, dash in (("rss_bytes", "process RSS", "dash"), ("cuda_peak_bytes", "CUDA allocator peak", "dot")):
+        if any(name in r for r in train):
+            figure.add_scatter(
+                x=xs,
+                y=[r[name] / MB if name in r else None for r in train],
+                name=title,
+                line={"dash": dash, "width": 1.5, "color": BASE_COLOUR},
+                row=1,
+                col=1,
+                secondary_y=secondary,
+            )
     speed = [r.get("tokens_per_s") or 0.0 for r in train]
-    figure.add_scatter(x=times, y=speed, name="tokens/s", line={"width": 1}, opacity=0.35, row=2, col=1)
-    figure.add_scatter(x=times, y=smooth(speed), name="tokens/s (smoothed)", row=2, col=1)
-    figure.update_layout(**{**LAYOUT, "height": 380}, title="Memory and speed")
-    figure.update_yaxes(title_text="MB", row=1, col=1)
-    figure.update_yaxes(title_text="tokens/s", row=2, col=1)
-    figure.update_xaxes(title_text="wall-clock time (s)", row=2, col=1)
+    figure.add_scatter(
+        x=xs, y=speed, line={"width": 1, "color": TRAIN_COLOUR}, opacity=0.35, showlegend=False, row=2, col=1
+    )
+    figure.add_scatter(x=xs, y=smooth(speed), name="tokens/s", line={"color": TRAIN_COLOUR}, row=2, col=1)
+    figure.update_layout(
+        **{**LAYOUT, "height": 420, "legend": {"orientation": "h", "y": -0.18, "traceorder": "normal"}},
+        title="Training memory by part, and speed" if parts else "Memory and speed",
+        hovermode="x unified",
+    )
+    # From zero: a flat series would otherwise autoscale to a 0.1 MB range.
+    figure.update_yaxes(title_text="MB", rangemode="tozero", row=1, col=1)
+    if parts:
+        grey = {"color": BASE_COLOUR}
+        figure.update_yaxes(
+            title_text="process RSS (MB)",
+            title_font=grey,
+            tickfont=grey,
+            rangemode="tozero",
+            showgrid=False,
+            secondary_y=True,
+        )
+    figure.update_yaxes(title_text="tokens/s", rangemode="tozero", row=2, col=1)
+    figure.update_xaxes(title_text=label, row=2, col=1)
     return figure
+
+
+MEMORY_COLOURS = ("#93c5fd", "#fca5a5", "#fcd34d", "#86efac")  # weights, gradients, optimizer, activations
 
 
 def curves_figure(curves: dict[str, list[dict]], methods: dict[str, str], x: str = "step") -> go.Figure:
