@@ -95,7 +95,7 @@ def test_train_watch_reload_stop_compare_and_classify(page, app_url, review_csv)
     # Train tab: LoRA is the default method and the bundled encoder the default model offline.
     page.get_by_text("Budget, seed and evaluation").click()
     page.locator("#max-steps input").fill("400")
-    page.locator("#eval-samples input").fill("64")
+    page.locator("#eval-samples textarea").fill("64")  # a textbox: empty means the default
     page.get_by_text("LoRA: Freezes the model").click()
     page.wait_for_function(
         "() => document.querySelector('.cm-content')?.innerText.includes('--max-steps 400')"
@@ -108,7 +108,8 @@ def test_train_watch_reload_stop_compare_and_classify(page, app_url, review_csv)
     first_seen = loss_points(page)
     page.wait_for_function(f"() => ({LOSS_POINTS})() > {first_seen} + 2", timeout=60_000)
     run_id = re.search(r"run (\S+)", page.locator("#job-status").inner_text()).group(1)
-    assert "Training" in page.locator("#job-status").inner_text()
+    # Between evaluations the status says Training (an evaluation may be under way at this instant).
+    page.wait_for_function("() => document.querySelector('#job-status')?.innerText.includes('Training')")
     shot(page, "1-training")
 
     # A reload re-attaches to the running job and shows its whole history from step 1.

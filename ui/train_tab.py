@@ -1,8 +1,9 @@
 """Train tab: choose task, model, data and method, start a run, watch it live.
 
 The form is generated from the catalogs and the methods' hyperparameter schemas. A run belongs to
-the job manager, not to the page: closing or reloading the tab changes nothing, and the page
-re-attaches to the running job (or the browser's last run) when it opens.
+the job manager, not to the page: closing or reloading the tab changes nothing. The page lists the
+runs this browser started (its owner token lives in the browser) and shows the one picked there,
+phase by phase, with its memory and speed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 import html
 import secrets
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,10 @@ import gradio as gr
 import pandas as pd
 
 from lora_methods import METHODS, TASKS, HParam
-from training import data, models
+from training import data, defaults, models, progress
 from training.cli import command_line
-from training.engine import TASK_DEFAULTS, TrainConfig
+from training.engine import TASK_DEFAULTS, ConfigError, TrainConfig
+from training.memory import MB, MEMORY_PARTS, TOTAL
 
 from . import charts
 from .arena import USER_ERRORS, Arena, check_dataset_choice, check_model_choice, user_errors
@@ -28,6 +31,19 @@ from .arena import USER_ERRORS, Arena, check_dataset_choice, check_model_choice,
 REFRESH_SECONDS = 2.0
 DEFAULT_METHOD = "lora"
 PREVIEW_ROWS = 5
+EVALUATIONS = ("base evaluation", "evaluation", "final evaluation")  # phases that count examples
+# Form fields that take whole numbers, by TrainConfig name: the label a refusal names.
+WHOLE_FIELDS = {
+    "seed": "seed",
+    "max_steps": "steps",
+    "batch_size": "batch size",
+    "seq_len": "sequence length",
+    "eval_steps": "evaluate every N steps",
+    "eval_samples": "validation subsample",
+}
+
+
+# -- the form ------------------------------------------------------------------------------------
 
 
 def _hparam_specs() -> dict[str, HParam]:
@@ -42,17 +58,25 @@ def _hparam_specs() -> dict[str, HParam]:
 HPARAMS = _hparam_specs()
 
 
-def _field(spec: HParam, initial_method: str) -> gr.components.Component:
-    """A form field, visible (with the method's default) when the initial method takes it."""
-    taken = {s.name: s for s in METHODS[initial_method].hparams}
-    visible, value = spec.name in taken, taken[spec.name].default if spec.name in taken else spec.default
+def _step(spec: HParam) -> float:
+    """The arrow keys' increment: a learning rate moves by 1e-4, a share by 0.05, not by 1."""
+    if spec.kind is int:
+        return 1
+    if spec.log_scale:
+        return 0.0001
+    return 0.05 if spec.maximum is not None and spec.maximum <= 1 else 1
+
+
+def _field(spec: HParam, values: dict[str, Any], info: str | None = None) -> gr.components.Component:
+    """A form field, visible (with its default from `values`) when the initial method takes it."""
+    visible, value, info = spec.name in values, values.get(spec.name, spec.default), info or spec.help
     label = f"{spec.name.replace('_', ' ')}" + (f"  ({spec.range_text()})" if spec.range_text() else "")
     if spec.choices:
-        return gr.Dropdown(list(spec.choices), value=value, label=label, info=spec.help, visible=visible)
+        return gr.Dropdown(list(spec.choices), value=value, label=label, info=info, visible=visible)
     if spec.kind is str:
-        return gr.Textbox(value=value, label=label, info=spec.help, visible=visible)
-    precision = 0 if spec.kind is int else None
-    return gr.Number(value=value, label=label, info=spec.help, precision=precision, visible=visible)
+        return gr.Textbox(value=value, label=label, info=info, visible=visible)
+    # precision=None: Gradio would round 2.5 to 2 silently; validation refuses it with a message.
+    return gr.Number(value=value, label=label, info=info, step=_step(spec), visible=visible)
 
 
 def model_choices(task: str, offline: bool) -> list[tuple[str, str]]:
@@ -95,20 +119,47 @@ def _whole(value: Any) -> Any:
     return value
 
 
+def whole_number(value: float | str | None, label: str) -> int | None:
+    """A budget field: empty means the default (None); a fraction or a word is refused with the
+    field's name, never rounded."""
+    if isinstance(value, str):
+        value = value.strip()
+        try:
+            value = float(value) if value else None
+        except ValueError:
+            raise ConfigError(f"{label} must be a whole number (got {value!r})") from None
+    if value is None:
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{label} must be a whole number (got {value:g})")
+    return _whole(value)
+
+
 def form_config(
     task: str,
     model: str,
     dataset: str,
     upload: str | None,
     method: str,
-    seed: float,
-    max_steps: float,
-    batch_size: float,
-    seq_len: float,
-    eval_steps: float | None,
-    eval_samples: float | None,
+    seed: float | None,
+    max_steps: float | None,
+    batch_size: float | None,
+    seq_len: float | None,
+    eval_steps: str | float | None,
+    eval_samples: str | float | None,
     *hparam_values: Any,
 ) -> TrainConfig:
+    """The run the form describes; raises ConfigError for a fractional budget field."""
+    budget = dict(
+        seed=seed,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        eval_steps=eval_steps,
+        eval_samples=eval_samples,
+    )
+    numbers = {name: whole_number(value, WHOLE_FIELDS[name]) for name, value in budget.items()}
+    numbers["seed"] = numbers["seed"] or 0
     values = dict(zip(HPARAMS, hparam_values))
     taken = {spec.name for spec in METHODS[method].hparams} if method in METHODS else set()
     return TrainConfig(
@@ -116,109 +167,291 @@ def form_config(
         method=method,
         model=model or None,
         dataset=upload or dataset or None,
-        hparams={name: _whole(value) for name, value in values.items() if name in taken},
-        max_steps=_whole(max_steps),
-        batch_size=_whole(batch_size),
-        seq_len=_whole(seq_len),
-        seed=_whole(seed) if seed is not None else 0,
-        eval_steps=_whole(eval_steps) or None,
-        eval_samples=_whole(eval_samples) or None,
+        hparams={name: _whole(value) for name, value in values.items() if name in taken and value is not None},
+        **numbers,
     )
 
 
-def _progress_html(step: int, planned: int | None, step_times: list[float], state: str) -> str:
-    if not planned:
-        return ""
-    share = min(1.0, step / planned)
-    recent = statistics.median(step_times[-20:]) if step_times else None
-    eta = f" · ETA {_duration((planned - step) * recent)}" if recent and state == "running" else ""
-    speed = f" · {recent:.2f} s/step" if recent else ""
-    return (
-        f'<div class="arena-progress"><div class="arena-progress-bar" style="width:{100 * share:.1f}%"></div></div>'
-        f'<div class="arena-progress-text">step {step} / {planned}{speed}{eta}</div>'
-    )
+# -- what the page shows of a run: pure functions of the job's description and its records ---------
 
 
 def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def _status_markdown(state: dict) -> str:
-    run_id = html.escape(state["id"])
-    messages = {
-        "queued": f"**Queued**: position {state['queue_position']} in line",
-        "starting": "**Starting**: loading the model and data",
-        "running": "**Training**",
-        "cancelled": "**Cancelled** before it started",
-    }
-    text = messages.get(state["state"])
-    if text is None:
-        status = state.get("status") or state["state"]
-        text = f"**{status.capitalize()}**"
+def _state_word(state: dict) -> str:
+    """One word for a run in the list: queued #2, loading, running, stopping, or how it ended."""
+    if state["state"] == "queued":
+        return f"queued #{state['queue_position']}" if state.get("queue_position") else "queued"
+    if state["state"] == "starting":
+        return "loading"
+    if state["state"] == "running":
+        return "stopping" if state.get("stop_requested") else "running"
+    return state.get("status") or state["state"]
+
+
+def run_choices(runs: list[dict]) -> list[tuple[str, str]]:
+    """The "Your runs" list: id, method and state of each run, newest first as given."""
+    return [(f"{run['id']} · {run.get('method') or '?'} · {_state_word(run)}", run["id"]) for run in runs]
+
+
+def queue_markdown(queue: list[dict], mine: set[str]) -> str:
+    """Every waiting job with its position (this browser's marked), or nothing when none waits."""
+    if not queue:
+        return ""
+    entries = [
+        f"{job['position']}. `{html.escape(job['id'])}` ({job['task']}, {job['method']}"
+        + (", yours)" if job["id"] in mine else ")")
+        for job in queue
+    ]
+    return "**Queue** (one run trains at a time): " + " · ".join(entries)
+
+
+def status_markdown(state: dict) -> str:
+    """The run's state in one line (the phase it is in while it runs), its head in bold."""
+    line = progress.phase_line(state)
+    head, colon, rest = line.partition(": ")
+    text = f"**{html.escape(head)}**{colon}{html.escape(rest)}"
     if state.get("error"):
         text += f": {html.escape(state['error'])}"
-    return f"{text} · run `{run_id}`"
+    return f"{text} · run `{html.escape(state['id'])}`"
 
 
-def _summary_markdown(summary: dict, records: list[dict]) -> str:
+def _bar(share: float, css: str) -> str:
+    return f'<div class="{css}"><div class="arena-progress-bar" style="width:{100 * min(1.0, share):.1f}%"></div></div>'
+
+
+def progress_html(state: dict, records: list[dict]) -> str:
+    """The steps trained against the plan, the current evaluation's own examples, and the ETA
+    (evaluations included) while the run goes on."""
+    summary = state.get("summary") or {}
+    planned = summary.get("planned_steps")
+    if not planned:
+        return ""
+    train = [r for r in records if r.get("kind") == "train"]
+    step = train[-1]["step"] if train else 0
+    parts = [f"step {step} / {planned}"]
+    recent = statistics.median(r["step_time_s"] for r in train[-20:]) if train else None
+    if recent:
+        parts.append(f"{recent:.2f} s/step")
+    phase = summary.get("phase") or {}
+    bars = [_bar(step / planned, "arena-progress")]
+    live = state["state"] == "running" and not state.get("stop_requested")
+    if live and phase.get("name") in EVALUATIONS and phase.get("total"):
+        bars.append(_bar(phase["done"] / phase["total"], "arena-progress arena-progress-phase"))
+        parts.append(f"{phase['name']} {phase['done']} / {phase['total']} examples")
+    eta = progress.eta_seconds(summary, records) if live else None
+    if eta is not None and eta >= 1:  # saving: nothing worth a countdown
+        parts.append(f"ETA {_duration(eta)} (evaluations included)")
+    return "".join(bars) + f'<div class="arena-progress-text">{html.escape(" · ".join(parts))}</div>'
+
+
+def _mb(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    megabytes = value / MB
+    return f"{megabytes:,.1f} MB" if megabytes < 100 else f"{megabytes:,.0f} MB"
+
+
+def _memory_rows(summary: dict, train: list[dict]) -> list[tuple[str, str]]:
+    """Base weights, the training memory's peak and its parts (the finished run's figures, or the
+    peak so far while it runs), then the process's resident set as a secondary figure."""
+    peak, parts = summary.get("training_memory_bytes"), summary.get("memory_breakdown") or {}
+    measured = [r for r in train if TOTAL in r]
+    if peak is None and measured:
+        top = max(measured, key=lambda r: r[TOTAL])
+        peak, parts = top[TOTAL], {key: top[key] for key, _ in MEMORY_PARTS if key in top}
+    rows = [
+        ("base weight memory", _mb(summary.get("base_weight_memory_bytes"))),
+        ("training memory (peak)", _mb(peak)),
+    ]
+    rows += [(f"↳ {label}", _mb(parts[key])) for key, label in MEMORY_PARTS if key in parts]
+    rss = summary.get("peak_rss_bytes") or summary.get("peak_memory_bytes")  # the latter: older runs
+    if rss is None and train:
+        rss = max((r.get("rss_bytes", 0) for r in train), default=None)
+    rows.append(("process memory (RSS peak, runtime included)", _mb(rss)))
+    if summary.get("cuda_peak_bytes"):
+        rows.append(("CUDA allocator peak", _mb(summary["cuda_peak_bytes"])))
+    return rows
+
+
+def _timing_rows(summary: dict) -> list[tuple[str, str]]:
+    """Where a finished run's wall time went (written when it ends; older runs lack them)."""
+    if summary.get("wall_time_s") is None:
+        return []
+    names = (
+        ("load_time_s", "loading"),
+        ("eval_time_s", "evaluation"),
+        ("train_time_s", "training"),
+        ("save_time_s", "saving"),
+    )
+    rows = [(f"time {label}", _duration(summary[key])) for key, label in names if summary.get(key) is not None]
+    rows.append(("wall time", _duration(summary["wall_time_s"])))
+    if summary.get("overhead_share") is not None:
+        rows.append(("loading + evaluation share of wall time", f"{100 * summary['overhead_share']:.0f}%"))
+    return rows
+
+
+def _metric_rows(summary: dict, records: list[dict]) -> list[tuple[str, str]]:
+    metric = summary.get("primary_metric")
+    if not metric:
+        return []
+    rows = []
+    base = (summary.get("base_metrics") or {}).get("validation", {})
+    if metric in base:
+        rows.append((f"base model validation {metric}", f"{base[metric]:.4f}"))
+    evals = [r for r in records if r.get("kind") == "eval" and metric in r and not r.get("base") and not r.get("final")]
+    if evals:
+        latest = evals[-1]
+        examples = f", {latest['examples']} examples" if latest.get("examples") else ""
+        rows.append((f"validation {metric} (step {latest['step']}{examples})", f"{latest[metric]:.4f}"))
+    final = summary.get("metrics") or {}
+    for split in ("validation", "test"):
+        if metric in final.get(split, {}):
+            rows.append((f"final {split} {metric} (full split)", f"{final[split][metric]:.4f}"))
+    if final.get("control_share") is not None:
+        rows.append(("sentiment-control share", f"{final['control_share']:.3f}"))
+    return rows
+
+
+def summary_markdown(summary: dict, records: list[dict]) -> str:
+    """The run's figures as a two-column table: size, memory, speed, timings and metrics."""
     train = [r for r in records if r.get("kind") == "train"]
     rows = []
     if "trainable_params" in summary:
         rows.append(("trainable parameters", f"{summary['trainable_params']:,} ({summary['trainable_percent']:.2f}%)"))
+    if "base_weight_memory_bytes" in summary or train:
+        rows += _memory_rows(summary, train)
     if train:
-        peak = max(r.get("cuda_peak_bytes", r.get("rss_bytes", 0)) for r in train)
-        rows.append(("peak memory", f"{peak / 2**20:,.0f} MB"))
         rows.append(("median step time", f"{statistics.median(r['step_time_s'] for r in train):.3f} s"))
-        rows.append(("latest loss", f"{train[-1]['loss']:.4f}"))
-    metric = summary.get("primary_metric")
-    if metric and summary.get("base_metrics"):
-        rows.append((f"base validation {metric}", f"{summary['base_metrics']['validation'][metric]:.4f}"))
-    evals = [r for r in records if r.get("kind") == "eval" and metric in r]
-    if evals:
-        rows.append((f"validation {metric} (step {evals[-1]['step']})", f"{evals[-1][metric]:.4f}"))
-    if summary.get("metrics"):
-        for split in ("validation", "test"):
-            rows.append((f"final {split} {metric}", f"{summary['metrics'][split][metric]:.4f}"))
-        if summary["metrics"].get("control_share") is not None:
-            rows.append(("sentiment-control share", f"{summary['metrics']['control_share']:.3f}"))
+        rows.append(("latest training loss", f"{train[-1]['loss']:.4f}"))
+    rows += _timing_rows(summary) + _metric_rows(summary, records)
     if not rows:
         return ""
     return "| this run | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
-def build(demo: gr.Blocks, arena: Arena) -> None:
-    offline = arena.offline
+# -- the page: components -------------------------------------------------------------------------
+
+
+@dataclass
+class Form:
+    """The form's components; `inputs` is the order `form_config` takes them in."""
+
+    task: gr.Radio
+    model: gr.Dropdown
+    dataset: gr.Dropdown
+    upload: gr.File
+    dataset_info: gr.Markdown
+    preview: gr.Dataframe
+    method: gr.Radio
+    fields: dict[str, gr.components.Component]
+    seed: gr.Number
+    max_steps: gr.Number
+    batch_size: gr.Number
+    seq_len: gr.Number
+    eval_steps: gr.Textbox
+    eval_samples: gr.Textbox
+    command: gr.Code | None = None
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        budget = [self.seed, self.max_steps, self.batch_size, self.seq_len, self.eval_steps, self.eval_samples]
+        return [self.task, self.model, self.dataset, self.upload, self.method, *budget, *self.fields.values()]
+
+
+@dataclass
+class Panel:
+    """What shows the runs: the picker, the buttons acting on the picked run, its live views, and
+    the browser-kept run id and owner token (only that token may stop, resume or delete its runs)."""
+
+    start: gr.Button
+    picker: gr.Dropdown
+    stop: gr.Button
+    resume: gr.Button
+    delete: gr.Button
+    queue: gr.Markdown
+    status: gr.Markdown
+    progress: gr.HTML
+    x_axis: gr.Radio
+    summary: gr.Markdown
+    loss_plot: gr.Plot
+    resources_plot: gr.Plot
+    current_run: gr.BrowserState
+    owner: gr.BrowserState
+    shown: gr.State  # what the page shows now, per part, so a tick redraws only what changed
+
+    @property
+    def views(self) -> list[gr.components.Component]:
+        return [self.status, self.progress, self.loss_plot, self.resources_plot, self.summary]
+
+
+def _data_inputs(offline: bool) -> tuple:
+    task = gr.Radio(list(TASKS), value="sentiment", label="Task", info="classify reviews, or write text")
     connectivity = (
         "**Offline**: bundled models and data only (the Hub is not reachable)"
         if offline
         else "**Online**: bundled models and the Hugging Face Hub"
     )
+    gr.Markdown(connectivity, elem_classes="arena-connectivity")
+    model = gr.Dropdown(
+        model_choices("sentiment", offline),
+        value=models.default_model("sentiment", offline),
+        label="Model",
+        info="a catalog model, or type a Hub id (owner/name) when online",
+        allow_custom_value=True,
+    )
+    dataset = gr.Dropdown(
+        dataset_choices("sentiment", offline),
+        value=data.default_dataset("sentiment", offline),
+        label="Dataset",
+        allow_custom_value=True,  # checked on start; lets a stale event through without an error
+    )
+    upload = gr.File(
+        label="...or upload a CSV / JSONL (sentiment: text,label; generation: text or prompt,completion)",
+        file_types=[".csv", ".jsonl"],
+        type="filepath",
+        elem_id="dataset-upload",
+    )
+    dataset_info = gr.Markdown(elem_id="dataset-info")
+    preview = gr.Dataframe(label="First rows of the training split", interactive=False, max_height=220)
+    return task, model, dataset, upload, dataset_info, preview
+
+
+def _budget_inputs() -> tuple:
+    # No precision: Gradio would round 2.5 silently; `whole_number` refuses it with the field's name.
+    with gr.Accordion("Budget, seed and evaluation", open=False):
+        with gr.Row():
+            max_steps = gr.Number(TASK_DEFAULTS["sentiment"]["max_steps"], label="steps", elem_id="max-steps")
+            seed = gr.Number(0, label="seed")
+        with gr.Row():
+            batch_size = gr.Number(TASK_DEFAULTS["sentiment"]["batch_size"], label="batch size")
+            seq_len = gr.Number(TASK_DEFAULTS["sentiment"]["seq_len"], label="sequence length")
+        with gr.Row():
+            # Textboxes: Gradio's Number shows (and sends) 0 for an empty value, and empty is the default here.
+            eval_steps = gr.Textbox(
+                "", label="evaluate every N steps", placeholder="empty: 5 times over the run", elem_id="eval-steps"
+            )
+            eval_samples = gr.Textbox(
+                "",
+                label="validation subsample for in-training evaluations",
+                info="the final evaluation uses the full validation and test splits",
+                placeholder="empty: the task's default",
+                elem_id="eval-samples",
+            )
+    return seed, max_steps, batch_size, seq_len, eval_steps, eval_samples
+
+
+def _form(offline: bool) -> Form:
     with gr.Row():
         with gr.Column(scale=5):
-            task = gr.Radio(list(TASKS), value="sentiment", label="Task", info="classify reviews, or write text")
-            gr.Markdown(connectivity, elem_classes="arena-connectivity")
-            model = gr.Dropdown(
-                model_choices("sentiment", offline),
-                value=models.default_model("sentiment", offline),
-                label="Model",
-                info="a catalog model, or type a Hub id (owner/name) when online",
-                allow_custom_value=True,
-            )
-            dataset = gr.Dropdown(
-                dataset_choices("sentiment", offline),
-                value=data.default_dataset("sentiment", offline),
-                label="Dataset",
-                allow_custom_value=True,  # checked on start; lets a stale event through without an error
-            )
-            upload = gr.File(
-                label="...or upload a CSV / JSONL (sentiment: text,label; generation: text or prompt,completion)",
-                file_types=[".csv", ".jsonl"],
-                type="filepath",
-                elem_id="dataset-upload",
-            )
-            dataset_info = gr.Markdown(elem_id="dataset-info")
-            preview = gr.Dataframe(label="First rows of the training split", interactive=False, max_height=220)
+            data_inputs = _data_inputs(offline)
         with gr.Column(scale=5):
             method = gr.Radio(
                 [(f"{m.title}: {m.summary}", m.name) for m in METHODS.values()],
@@ -226,196 +459,274 @@ def build(demo: gr.Blocks, arena: Arena) -> None:
                 label="Method",
                 elem_classes="arena-method-cards",
             )
+            task, model = data_inputs[0].value, data_inputs[1].value
+            initial = defaults.hparam_defaults(task, model, DEFAULT_METHOD)
+            rate_info = {"learning_rate": _rate_info(task, model, DEFAULT_METHOD)}
             with gr.Group():
-                fields = {name: _field(spec, DEFAULT_METHOD) for name, spec in HPARAMS.items()}
-            with gr.Accordion("Budget, seed and evaluation", open=False):
-                with gr.Row():
-                    max_steps = gr.Number(
-                        TASK_DEFAULTS["sentiment"]["max_steps"], label="steps", precision=0, elem_id="max-steps"
-                    )
-                    seed = gr.Number(0, label="seed", precision=0)
-                with gr.Row():
-                    batch_size = gr.Number(TASK_DEFAULTS["sentiment"]["batch_size"], label="batch size", precision=0)
-                    seq_len = gr.Number(TASK_DEFAULTS["sentiment"]["seq_len"], label="sequence length", precision=0)
-                with gr.Row():
-                    eval_steps = gr.Number(None, label="evaluate every N steps (empty: 5 times)", precision=0)
-                    eval_samples = gr.Number(
-                        None, label="validation examples (empty: task default)", precision=0, elem_id="eval-samples"
-                    )
-    command = gr.Code(label="The same run from a terminal", language="shell", interactive=False)
-    with gr.Row():
-        start = gr.Button("Start training", variant="primary", elem_id="start-button", scale=3)
+                fields = {name: _field(spec, initial, rate_info.get(name)) for name, spec in HPARAMS.items()}
+            budget = _budget_inputs()
+    form = Form(*data_inputs, method, fields, *budget)
+    form.command = gr.Code(label="The same run from a terminal", language="shell", interactive=False)
+    return form
+
+
+def _rate_info(task: str, model: str | None, method: str) -> str:
+    """The learning-rate field's help, with where its default comes from for this task and model."""
+    return f"{HPARAMS['learning_rate'].help}; default {defaults.note(task, model, method)}"
+
+
+def _panel() -> Panel:
+    start = gr.Button("Start training", variant="primary", elem_id="start-button")
+    with gr.Row(equal_height=True):
+        picker = gr.Dropdown(
+            [], value=None, label="Your runs (this browser's)", elem_id="run-picker", scale=4, interactive=True
+        )
         stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1)
         resume = gr.Button("Resume", elem_id="resume-button", scale=1)
         delete = gr.Button("Delete run", elem_id="delete-button", scale=1)
-    job_status = gr.Markdown(elem_id="job-status")
-    progress = gr.HTML(elem_id="job-progress")
+    queue = gr.Markdown(elem_id="run-queue")
+    status = gr.Markdown(elem_id="job-status")
+    progress_bar = gr.HTML(elem_id="job-progress")
+    # Charts stacked beside the figures table: the table is as tall as the two of them.
     with gr.Row():
-        loss_x = gr.Radio(["step", "time"], value="step", label="Loss x axis", scale=1)
-        summary = gr.Markdown(elem_id="job-summary")
-    with gr.Row():
-        loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
-        resources_plot = gr.Plot(label="Memory and speed", elem_id="resources-plot")
+        with gr.Column(scale=3):
+            x_axis = gr.Radio(["step", "time"], value="step", label="Charts' x axis", elem_id="charts-x")
+            loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
+            resources_plot = gr.Plot(label="Memory and speed", elem_id="resources-plot")
+        with gr.Column(scale=2):
+            summary = gr.Markdown(elem_id="job-summary")
+    return Panel(
+        start,
+        picker,
+        stop,
+        resume,
+        delete,
+        queue,
+        status,
+        progress_bar,
+        x_axis,
+        summary,
+        loss_plot,
+        resources_plot,
+        current_run=gr.BrowserState(None, storage_key="lora-arena-current-run"),
+        owner=gr.BrowserState("", storage_key="lora-arena-owner"),
+        shown=gr.State(None),
+    )
 
-    # The run this page shows, and this browser's owner token (only it may stop, resume or delete
-    # the runs it started); both kept in the browser so a reload finds them again.
-    current_run = gr.BrowserState(None, storage_key="lora-arena-current-run")
-    owner = gr.BrowserState("", storage_key="lora-arena-owner")
-    drawn = gr.State(None)  # what the charts show now: (records, state, status, x axis)
-    timer = gr.Timer(REFRESH_SECONDS)
 
-    form = [task, model, dataset, upload, method, seed, max_steps, batch_size, seq_len, eval_steps, eval_samples]
-    form += list(fields.values())
+# -- the page: events ------------------------------------------------------------------------------
 
-    def on_task(task_name: str):
-        defaults = TASK_DEFAULTS[task_name]
-        return (
-            gr.update(choices=model_choices(task_name, offline), value=models.default_model(task_name, offline)),
-            gr.update(choices=dataset_choices(task_name, offline), value=data.default_dataset(task_name, offline)),
-            defaults["max_steps"],
-            defaults["batch_size"],
-            defaults["seq_len"],
-            None,
-        )
+PRIVATE = {"api_visibility": "private", "show_progress": "hidden"}
 
-    def on_method(method_name: str):
-        taken = {spec.name: spec for spec in METHODS[method_name].hparams}
-        return [
-            gr.update(visible=name in taken, value=taken[name].default if name in taken else None) for name in HPARAMS
-        ]
 
-    def on_dataset(task_name: str, dataset_id: str, upload_path: str | None):
-        source = upload_path or dataset_id
-        if _stale(task_name, None, dataset_id):
-            return gr.skip(), gr.skip()
-        if not source:
-            return "", None
-        try:
-            if not upload_path:
-                check_dataset_choice(dataset_id, task_name)
-            text, rows = _dataset_overview(source, task_name, offline)
-        except USER_ERRORS as error:
-            return f"**Cannot use this dataset**: {html.escape(str(error))}", None
-        if upload_path:
-            text = f"**Upload** `{html.escape(Path(upload_path).name)}` · " + text
-        return text, rows
+def _on_task(offline: bool, task: str) -> tuple:
+    budget = TASK_DEFAULTS[task]
+    return (
+        gr.update(choices=model_choices(task, offline), value=models.default_model(task, offline)),
+        gr.update(choices=dataset_choices(task, offline), value=data.default_dataset(task, offline)),
+        budget["max_steps"],
+        budget["batch_size"],
+        budget["seq_len"],
+        None,
+    )
 
-    def on_form(*values):
-        if _stale(*values[:3]):
-            return gr.skip()
-        try:
-            config = form_config(*values)
-            check_model_choice(config.model, config.task, offline)
-            if not values[form.index(upload)]:
-                check_dataset_choice(config.dataset, config.task)
-            config.resolved()
-            return command_line(config)
-        except (*USER_ERRORS, KeyError, TypeError) as error:
-            return f"# cannot start yet: {error}"
 
+def _on_method(task: str, model: str | None, method: str) -> list:
+    """Show the method's own fields with its defaults (the tuned learning rate for this model)."""
+    values = defaults.hparam_defaults(task, model, method)
+    updates = {name: gr.update(visible=name in values, value=values.get(name)) for name in HPARAMS}
+    updates["learning_rate"]["info"] = _rate_info(task, model, method)
+    return list(updates.values())
+
+
+def _on_model(task: str, model: str | None, method: str) -> Any:
+    """A new task or model may have its own tuned learning rate; the other fields stay as set."""
+    if _stale(task, model, None):
+        return gr.skip()
+    rate = defaults.hparam_defaults(task, model, method).get("learning_rate")
+    return gr.update(value=rate, info=_rate_info(task, model, method))
+
+
+def _on_dataset(offline: bool, task: str, dataset_id: str, upload_path: str | None) -> tuple:
+    source = upload_path or dataset_id
+    if _stale(task, None, dataset_id):
+        return gr.skip(), gr.skip()
+    if not source:
+        return "", None
+    try:
+        if not upload_path:
+            check_dataset_choice(dataset_id, task)
+        text, rows = _dataset_overview(source, task, offline)
+    except USER_ERRORS as error:
+        return f"**Cannot use this dataset**: {html.escape(str(error))}", None
+    if upload_path:
+        text = f"**Upload** `{html.escape(Path(upload_path).name)}` · " + text
+    return text, rows
+
+
+def _on_form(offline: bool, *values: Any) -> Any:
+    """The equivalent command line, or why the form cannot start yet."""
+    if _stale(*values[:3]):
+        return gr.skip()
+    try:
+        config = form_config(*values)
+        check_model_choice(config.model, config.task, offline)
+        if not values[3]:  # no upload: the dataset must be a catalog one
+            check_dataset_choice(config.dataset, config.task)
+        config.resolved()
+        return command_line(config)
+    except (*USER_ERRORS, KeyError, TypeError) as error:
+        return f"# cannot start yet: {error}"
+
+
+def _wire_form(demo: gr.Blocks, form: Form, offline: bool) -> None:
     # Events chain explicitly (`.then`), and edits listen to `.input` (a person's change only): a
     # handler reading the form while another one's updates are still being applied in the browser
     # would see the other task's model against the new task's choices.
-    private = {"api_visibility": "private", "show_progress": "hidden"}
-    dataset_outputs = ([task, dataset, upload], [dataset_info, preview])
-    task.input(on_task, task, [model, dataset, max_steps, batch_size, seq_len, upload], **private).then(
-        on_form, form, command, **private
-    ).then(on_dataset, *dataset_outputs, **private)
-    method.input(on_method, method, list(fields.values()), **private).then(on_form, form, command, **private)
-    for trigger in (dataset.input, upload.upload, upload.clear):
-        trigger(on_dataset, *dataset_outputs, **private).then(on_form, form, command, **private)
-    for component in form:
-        if component not in (task, method, dataset, upload):
-            component.input(on_form, form, command, **private)
+    inputs = form.inputs
+    on_form = functools.partial(_on_form, offline)
+    on_dataset = functools.partial(_on_dataset, offline)
+    command = (on_form, inputs, form.command)
+    dataset = (on_dataset, [form.task, form.dataset, form.upload], [form.dataset_info, form.preview])
+    choice = [form.task, form.model, form.method]
+    rate = (_on_model, choice, form.fields["learning_rate"])
+    budget = [form.max_steps, form.batch_size, form.seq_len, form.upload]
+    form.task.input(
+        functools.partial(_on_task, offline), form.task, [form.model, form.dataset, *budget], **PRIVATE
+    ).then(*rate, **PRIVATE).then(*command, **PRIVATE).then(*dataset, **PRIVATE)
+    form.method.input(_on_method, choice, list(form.fields.values()), **PRIVATE).then(*command, **PRIVATE)
+    form.model.input(*rate, **PRIVATE).then(*command, **PRIVATE)
+    for trigger in (form.dataset.input, form.upload.upload, form.upload.clear):
+        trigger(*dataset, **PRIVATE).then(*command, **PRIVATE)
+    for component in inputs:
+        if component not in (form.task, form.method, form.model, form.dataset, form.upload):
+            component.input(*command, **PRIVATE)
+    demo.load(*command, api_visibility="private")
+    demo.load(*dataset, api_visibility="private")
 
-    def on_start(owner_token: str, *values):
-        with user_errors():
-            run_id = arena.start(form_config(*values), owner_token, upload=values[form.index(upload)])
-        gr.Info(f"Run {run_id} queued")
-        return run_id, None
 
-    start.click(on_start, [owner, *form], [current_run, drawn], api_visibility="private")
+def _picker_update(runs: list[dict], run_id: str | None, shown: dict) -> Any:
+    """The run list, sent only when a run was added, removed or changed state (an open list is
+    not redrawn under the person's pointer every tick)."""
+    key = [(run["id"], _state_word(run)) for run in runs]
+    if shown.get("runs") == key:
+        return gr.skip()
+    shown["runs"] = key
+    listed = run_id if any(run["id"] == run_id for run in runs) else None
+    return gr.update(choices=run_choices(runs), value=listed)
 
-    def on_stop(run_id: str | None, owner_token: str):
-        if not run_id:
-            raise gr.Error("There is no run on this page to stop.")
-        with user_errors():
-            gr.Info(arena.jobs.stop(run_id, owner_token))
 
-    stop.click(on_stop, [current_run, owner], None, api_visibility="private")
-
-    def on_resume(run_id: str | None, owner_token: str):
-        if not run_id:
-            raise gr.Error("There is no run on this page to resume.")
-        with user_errors():
-            arena.jobs.resume(run_id, owner_token)
-        gr.Info(f"Run {run_id} queued to resume from its last checkpoint")
-        return None  # redraw from the run's history
-
-    resume.click(on_resume, [current_run, owner], drawn, api_visibility="private")
-
-    def on_delete(run_id: str | None, owner_token: str):
-        if not run_id:
-            raise gr.Error("There is no run on this page to delete.")
-        with user_errors():
-            gr.Info(arena.delete(run_id, owner_token))
-        return None, None, "", "", charts.loss_figure([]), charts.resources_figure([]), ""
-
-    delete.click(
-        on_delete,
-        [current_run, owner],
-        [current_run, drawn, job_status, progress, loss_plot, resources_plot, summary],
-        api_visibility="private",
-    )
-
-    def refresh(run_id: str | None, shown: tuple | None, x_axis: str):
-        nothing = (gr.skip(),) * 6
-        if not run_id:
-            return nothing
-        try:
-            state = arena.jobs.describe(run_id)
-            records = arena.records(run_id) if state["summary"] else []
-        except USER_ERRORS:
-            return nothing
-        key = (len(records), state["state"], state.get("status"), x_axis)
-        if shown is not None and tuple(shown) == key:
-            return nothing  # nothing new since the last tick: leave the page as it is
-        summary = state["summary"]
-        train = [r for r in records if r.get("kind") == "train"]
-        step = train[-1]["step"] if train else 0
-        return (
-            _status_markdown(state),
-            _progress_html(step, summary.get("planned_steps"), [r["step_time_s"] for r in train], state["state"]),
+def _run_views(arena: Arena, run_id: str | None, shown: dict, x_axis: str) -> list:
+    """Status, progress, loss chart, memory chart and summary of the picked run; each part only
+    when what it draws from has changed since the last tick."""
+    views: list[Any] = [gr.skip()] * 5
+    if not run_id:
+        return views
+    try:
+        state = arena.describe(run_id)
+        records = arena.records(run_id) if state["summary"] else []
+    except USER_ERRORS:
+        return views
+    summary = state["summary"]
+    phase = summary.get("phase") or {}
+    lines = (state["state"], state.get("status"), state.get("stop_requested"), state.get("queue_position"))
+    status_key = [run_id, *lines, phase.get("name"), phase.get("step"), phase.get("done"), len(records)]
+    chart_key = [run_id, len(records), state["state"], state.get("status"), x_axis]
+    if shown.get("status") != status_key:
+        shown["status"] = status_key
+        views[0:2] = status_markdown(state), progress_html(state, records)
+    if shown.get("charts") != chart_key:
+        shown["charts"] = chart_key
+        views[2:5] = (
             charts.loss_figure(records, x_axis),
-            charts.resources_figure(records),
-            _summary_markdown(summary, records),
-            list(key),
+            charts.resources_figure(records, x_axis),
+            summary_markdown(summary, records),
         )
+    return views
 
-    outputs = [job_status, progress, loss_plot, resources_plot, summary, drawn]
-    timer.tick(
-        refresh,
-        [current_run, drawn, loss_x],
-        outputs,
-        api_visibility="private",
-        show_progress="hidden",
-        concurrency_limit=None,
+
+def _refresh(arena: Arena, run_id: str | None, shown: dict | None, x_axis: str, owner_token: str) -> tuple:
+    """One tick: this browser's runs, the queue, and the picked run's views."""
+    shown = dict(shown or {})
+    runs = arena.runs_of(owner_token) if owner_token else []
+    queue = queue_markdown(arena.queue(), {run["id"] for run in runs})
+    queue_update = gr.skip() if shown.get("queue") == queue else queue
+    shown["queue"] = queue
+    return (_picker_update(runs, run_id, shown), queue_update, *_run_views(arena, run_id, shown, x_axis), shown)
+
+
+def _attach(arena: Arena, run_id: str | None, owner_token: str) -> tuple:
+    """On page load: this browser's owner token (made once), and its last picked run if it is
+    still one of its own, else its newest run. Never anyone else's."""
+    owner_token = owner_token or secrets.token_urlsafe(16)
+    own = [run["id"] for run in arena.runs_of(owner_token)]
+    return (run_id if run_id in own else (own[0] if own else None)), None, owner_token
+
+
+def _start(arena: Arena, form: Form, owner_token: str, *values: Any) -> tuple:
+    with user_errors():
+        run_id = arena.start(form_config(*values), owner_token, upload=values[form.inputs.index(form.upload)])
+    gr.Info(f"Run {run_id} queued")
+    return run_id, None  # the new run is picked, and drawn from scratch
+
+
+def _picked(run_id: str | None, action: str) -> str:
+    if not run_id:
+        raise gr.Error(f"Pick one of your runs to {action} first.")
+    return run_id
+
+
+def _stop(arena: Arena, run_id: str | None, owner_token: str) -> None:
+    with user_errors():
+        gr.Info(arena.stop(_picked(run_id, "stop"), owner_token))
+
+
+def _resume(arena: Arena, run_id: str | None, owner_token: str) -> None:
+    """Queue the picked run to continue from its checkpoint; the page redraws it from scratch."""
+    with user_errors():
+        gr.Info(arena.resume(_picked(run_id, "resume"), owner_token))
+
+
+def _delete(arena: Arena, run_id: str | None, owner_token: str) -> tuple:
+    """Delete the picked run and empty the views it filled (the next tick lists the rest)."""
+    with user_errors():
+        gr.Info(arena.delete(_picked(run_id, "delete"), owner_token))
+    return None, None, "", "", charts.loss_figure([]), charts.resources_figure([]), ""
+
+
+def _wire_runs(demo: gr.Blocks, form: Form, panel: Panel, arena: Arena) -> None:
+    refresh = (
+        functools.partial(_refresh, arena),
+        [panel.current_run, panel.shown, panel.x_axis, panel.owner],
+        [panel.picker, panel.queue, *panel.views, panel.shown],
     )
-    loss_x.change(refresh, [current_run, drawn, loss_x], outputs, api_visibility="private", show_progress="hidden")
+    # Ticks and the redraw after an action skip the queue: they only read files.
+    now = {**PRIVATE, "concurrency_limit": None}
+    picked = [panel.current_run, panel.owner]
+    start = functools.partial(_start, arena, form)
+    panel.start.click(
+        start, [panel.owner, *form.inputs], [panel.current_run, panel.shown], api_visibility="private"
+    ).then(*refresh, **now)
+    panel.picker.input(lambda run_id: (run_id, None), panel.picker, [panel.current_run, panel.shown], **PRIVATE).then(
+        *refresh, **now
+    )
+    panel.stop.click(functools.partial(_stop, arena), picked, None, api_visibility="private").then(*refresh, **now)
+    resume = functools.partial(_resume, arena)
+    panel.resume.click(resume, picked, panel.shown, api_visibility="private").then(*refresh, **now)
+    delete = functools.partial(_delete, arena)
+    cleared = [panel.current_run, panel.shown, *panel.views]
+    panel.delete.click(delete, picked, cleared, api_visibility="private").then(*refresh, **now)
+    gr.Timer(REFRESH_SECONDS).tick(*refresh, **now)
+    panel.x_axis.change(*refresh, **now)
+    attach = functools.partial(_attach, arena)
+    demo.load(attach, picked, [panel.current_run, panel.shown, panel.owner], api_visibility="private").then(
+        *refresh, **now
+    )
 
-    def attach(run_id: str | None, owner_token: str):
-        """On page load: this browser's owner token (made once), and the running job if there is
-        one, else this browser's last run."""
-        owner_token = owner_token or secrets.token_urlsafe(16)
-        active = arena.jobs.active()
-        if active:
-            return active[0].id, None, owner_token
-        try:
-            arena.jobs.describe(run_id or "")
-        except USER_ERRORS:
-            return None, None, owner_token  # none yet, or a run deleted since
-        return run_id, None, owner_token
 
-    demo.load(attach, [current_run, owner], [current_run, drawn, owner], api_visibility="private")
-    demo.load(on_form, form, command, api_visibility="private")
-    demo.load(on_dataset, [task, dataset, upload], [dataset_info, preview], api_visibility="private")
+def build(demo: gr.Blocks, arena: Arena) -> None:
+    """The Train tab inside `demo`: the form, the run panel, and their events."""
+    form = _form(arena.offline)
+    panel = _panel()
+    _wire_form(demo, form, arena.offline)
+    _wire_runs(demo, form, panel, arena)
