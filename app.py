@@ -7,6 +7,7 @@ On a Hugging Face Space this file is the entry point (see the README's front mat
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -47,5 +48,15 @@ def build_app(arena: Arena | None = None) -> gr.Blocks:
     return demo
 
 
+def _log_to_stderr() -> None:
+    """One line per refused request (ui.arena.user_errors) in the server log, nothing more."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    logger = logging.getLogger("lora_arena")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 if __name__ == "__main__":
+    _log_to_stderr()
     build_app().queue(default_concurrency_limit=1).launch(theme=THEME, css=STYLE, max_file_size=MAX_UPLOAD_BYTES)

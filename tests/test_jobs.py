@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -47,14 +48,19 @@ def manager(tmp_path) -> JobManager:
     return JobManager(RunStore(tmp_path / "runs"))
 
 
-def test_jobs_queue_and_run_one_at_a_time_and_a_failure_does_not_block_the_next(manager, tiny_models, review_csv):
-    failing = manager.submit(config(tiny_models, review_csv, hparams={"rank": 128}))  # fails in its worker
+def test_jobs_queue_and_run_one_at_a_time_and_a_failure_does_not_block_the_next(
+    manager, tiny_models, review_csv, tmp_path
+):
+    # A model folder whose architecture checks out at submit but whose weights are gone: the worker fails.
+    weightless = tmp_path / "weightless"
+    shutil.copytree(tiny_models["bert"], weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    failing = manager.submit(config(tiny_models, review_csv, model=str(weightless)))
     first = manager.submit(config(tiny_models, review_csv))
     second = manager.submit(config(tiny_models, review_csv, seed=1))
     assert manager.position(second.id) in (1, 2)  # waiting behind the others
     wait_for(lambda: all(job.state in DONE for job in (failing, first, second)), what="three jobs")
 
-    assert failing.state == "failed" and "rank 128 is larger than layer" in failing.error
+    assert failing.state == "failed" and "weightless" in failing.error
     assert not (manager.store.root / failing.id).exists()  # refused before a run was created
     runs = [manager.store.get(job.id) for job in (first, second)]
     assert [run.status for run in runs] == ["completed", "completed"]

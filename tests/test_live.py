@@ -4,6 +4,7 @@ ETA with evaluations, defaults that learn, this browser's runs, checks before a 
 from __future__ import annotations
 
 import pytest
+from test_engine import sentiment_config
 
 from lora_methods import HParamError
 from training import evaluation, progress
@@ -12,23 +13,6 @@ from training.engine import TrainConfig, latest_checkpoint, train, with_tuned_de
 from training.jobs import JobManager
 from training.models import BUNDLED_MINILM
 from training.runs import RunStore
-
-
-def sentiment_config(tiny_models, review_csv, **overrides) -> TrainConfig:
-    settings = dict(
-        task="sentiment",
-        method="lora",
-        model=tiny_models["bert"],
-        dataset=str(review_csv),
-        max_steps=12,
-        batch_size=8,
-        seq_len=64,
-        eval_samples=40,
-        eval_subsample=16,
-        eval_steps=4,
-        offline=True,
-    )
-    return TrainConfig(**{**settings, **overrides})
 
 
 def stop_during(phase_name: str, store: RunStore, monkeypatch) -> list[str]:
@@ -169,3 +153,26 @@ def test_target_modules_the_model_lacks_are_refused_before_anything_is_queued(tm
     with pytest.raises(HParamError, match="rank 100 is larger than layer"):
         manager.submit(sentiment_config(tiny_models, review_csv, hparams={"rank": 100}))
     assert manager.waiting() == [] and not list(manager.store.runs())
+
+
+def test_a_base_measured_once_in_a_store_serves_every_later_run_of_the_same_base(
+    tmp_path, tiny_models, review_csv, monkeypatch
+):
+    store = RunStore(tmp_path)
+    first = train(sentiment_config(tiny_models, review_csv), store)
+    evaluated: list[str] = []
+    real = evaluation._batch_figures
+
+    def batch_figures(model, batch, task):
+        evaluated.append(next(run for run in store.runs() if run.status == "running").summary["phase"]["name"])
+        return real(model, batch, task)
+
+    monkeypatch.setattr(evaluation, "_batch_figures", batch_figures)
+    # HiRA starts as the identity on the same base: its base metrics are LoRA's, not measured again.
+    again = train(sentiment_config(tiny_models, review_csv, method="hira"), store)
+    assert "base evaluation" not in evaluated and again["base_metrics"] == first["base_metrics"]
+    assert again["base_metrics_from"] == next(run.id for run in store.runs() if run.summary == first)
+    # Another seed draws another classification head: measured anew.
+    evaluated.clear()
+    other = train(sentiment_config(tiny_models, review_csv, seed=1), store)
+    assert "base evaluation" in evaluated and "base_metrics_from" not in other

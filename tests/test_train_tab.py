@@ -94,6 +94,7 @@ def form(**changes) -> list:
         "seq_len": 128.0,
         "eval_steps": "",
         "eval_samples": "",
+        "eval_subsample": "",
     }
     values |= changes
     hparams = {name: None for name in train_tab.HPARAMS} | {"rank": 8.0}
@@ -111,13 +112,15 @@ def test_a_fractional_budget_is_refused_naming_the_field_not_rounded(field, labe
 @pytest.mark.parametrize("text", ["2.5", "many"])
 def test_the_evaluation_fields_refuse_what_is_not_a_whole_number(text):
     with pytest.raises(ConfigError, match="^validation subsample must be a whole number"):
+        train_tab.form_config(*form(eval_subsample=text))
+    with pytest.raises(ConfigError, match="^final evaluation examples must be a whole number"):
         train_tab.form_config(*form(eval_samples=text))
-    assert train_tab.form_config(*form(eval_samples=" 64 ")).eval_samples == 64
+    assert train_tab.form_config(*form(eval_subsample=" 64 ")).eval_subsample == 64
 
 
 def test_empty_evaluation_fields_and_learning_rate_mean_the_defaults():
     config = train_tab.form_config(*form())
-    assert config.eval_steps is None and config.eval_samples is None
+    assert config.eval_steps is None and config.eval_samples is None and config.eval_subsample is None
     assert config.max_steps == 20 and isinstance(config.max_steps, int)
     assert config.hparams == {"rank": 8}  # no learning rate: the engine fills the tuned default
 

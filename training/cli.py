@@ -14,11 +14,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import psutil
+
 from lora_methods import METHODS, TASKS, HParamError, get_method
 
 from . import suite
 from .data import DataError
-from .engine import ConfigError, TrainConfig, resume, train
+from .engine import TASK_DEFAULTS, ConfigError, TrainConfig, resume, train
 from .leaderboard import leaderboard
 from .models import ModelError
 from .runs import RunNotFound, RunStore
@@ -78,7 +80,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     trainer.add_argument(
         "--eval-subsample",
         type=int,
-        help="fixed validation examples each in-training evaluation reports (default: 256 sentiment, 64 generation)",
+        help="fixed validation examples each in-training evaluation reports (default: "
+        + ", ".join(f"{values['eval_subsample']} {task}" for task, values in TASK_DEFAULTS.items())
+        + ")",
     )
     trainer.add_argument(
         "--control-samples",
@@ -226,7 +230,12 @@ def _train(args: argparse.Namespace, store: RunStore, hparam_names: list[str]) -
         owner=args.owner,
         offline=args.offline,
     )
-    return train(config, store, should_stop=_stop_on_ctrl_c(), run_id=args.run_id)
+    return train(config, store, should_stop=_stop_on_ctrl_c(), run_id=args.run_id, started_at=_process_start())
+
+
+def _process_start() -> float:
+    """When this process began: a run's loading time counts starting Python and its libraries."""
+    return psutil.Process().create_time()
 
 
 def _stop_on_ctrl_c() -> Callable[[], bool]:
@@ -340,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             print(json.dumps(_train(args, store, hparam_names)))
         elif args.command == "resume":
-            print(json.dumps(resume(args.run, store, should_stop=_stop_on_ctrl_c())))
+            print(json.dumps(resume(args.run, store, should_stop=_stop_on_ctrl_c(), started_at=_process_start())))
         elif args.command == "bench":
             _bench(args)
         elif args.command == "probe":

@@ -7,6 +7,7 @@ The engine holds no global state and never imports a UI: a job manager, the CLI 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -36,14 +37,14 @@ from lora_methods import TASKS, FineTuningMethod, Task, get_method
 
 from . import data, defaults, evaluation, inference, memory, models
 from .offline import is_offline
-from .runs import Run, RunStore
+from .runs import Run, RunStore, write_json_atomic
 
 # eval_samples: examples per split in the final evaluation (None: all); eval_subsample: the fixed
 # validation examples that the base and in-training evaluations report, so watching a run costs
 # little of its time (the base evaluation also covers the final one's examples, for the gain).
 TASK_DEFAULTS: dict[Task, dict[str, Any]] = {
     "sentiment": {"batch_size": 16, "seq_len": 128, "max_steps": 300, "eval_samples": None, "eval_subsample": 256},
-    "generation": {"batch_size": 8, "seq_len": 128, "max_steps": 60, "eval_samples": 200, "eval_subsample": 64},
+    "generation": {"batch_size": 8, "seq_len": 128, "max_steps": 60, "eval_samples": 200, "eval_subsample": 32},
 }
 LIMITS = {  # name -> (minimum, maximum), inclusive
     "batch_size": (1, 512),
@@ -141,11 +142,13 @@ class Phases:
     evaluation, saving) with its progress, written to the summary for live views, and the time
     spent in each kind of phase."""
 
-    def __init__(self, timings: dict[str, float] | None = None) -> None:
+    def __init__(self, started_at: float | None = None) -> None:
+        """`started_at`: when the request began (epoch seconds), e.g. the worker process's start,
+        so that loading counts the interpreter and libraries too; default now."""
         self.run: Run | None = None
-        self.timings = {clock: 0.0 for clock in PHASE_CLOCKS.values()} | (timings or {})
+        self.timings = {clock: 0.0 for clock in PHASE_CLOCKS.values()}
         self.current: dict[str, Any] = {}
-        self._since = time.perf_counter()
+        self._since = time.perf_counter() - (time.time() - started_at if started_at else 0.0)
         self._written = 0.0
 
     def attach(self, run: Run | None) -> None:
@@ -344,13 +347,18 @@ def resumable(run: Run) -> tuple[TrainConfig, str]:
     return TrainConfig(**{key: value for key, value in run.config.items() if key in names}), checkpoint
 
 
-def resume(run_id: str, store: RunStore | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+def resume(
+    run_id: str,
+    store: RunStore | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    started_at: float | None = None,
+) -> dict:
     """Continue a stopped, interrupted or failed run from its latest checkpoint, same run id:
     its step count, loss curve and data order carry on where the checkpoint left them."""
     store = store or RunStore()
     run = store.get(run_id)
     config, checkpoint = resumable(run)
-    return train(config, store, should_stop, resume_from=(run, checkpoint))
+    return train(config, store, should_stop, resume_from=(run, checkpoint), started_at=started_at)
 
 
 def with_tuned_defaults(config: TrainConfig, model_id: str) -> TrainConfig:
@@ -367,15 +375,17 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     run_id: str | None = None,
     resume_from: tuple[Run, str] | None = None,
+    started_at: float | None = None,
 ) -> dict:
     """Run one training job to the end (or a stop request); return its summary.
 
     Invalid requests (options, model, dataset, a rank too large for the model) raise ConfigError,
     HParamError, ModelError or DataError before any run folder exists. A failure after that marks
     the run `failed` with its error, then re-raises. `resume_from` (a run and its checkpoint) is
-    how `resume` continues an existing run instead of creating one.
+    how `resume` continues an existing run instead of creating one. `started_at` (epoch seconds):
+    when the request began, if before this call (a worker's process start), for the loading time.
     """
-    phases = Phases()
+    phases = Phases(started_at)
     phases.begin("loading")
     offline = is_offline(config.offline)
     model_id = config.model or models.default_model(config.resolved().task, offline)
@@ -510,12 +520,48 @@ class _Job:
         return base_metrics
 
     def _evaluate_base(self) -> dict:
+        """The base model's metrics on the whole validation set (the subsample's go on the curve);
+        taken from the store's earlier measurement of the same base, data and settings if any:
+        every method starts as the identity on its base, so comparing methods on one model pays
+        for its base evaluation once."""
+        cached = self._base_cache()
+        if cached is not None and cached.exists():
+            known = json.loads(cached.read_text(encoding="utf-8"))
+            self._record_eval(0, known["subsample"], self.subsample, 0.0, base=True, reused=True)
+            self._update(base_metrics_from=known["run"])
+            return known["metrics"]
         validation = self._evaluate("base evaluation", ["validation"])["validation"]
         self._record_eval(0, validation.metrics(self.subsample), self.subsample, 0.0, base=True)
         metrics = {"validation": validation.metrics()}
         if self.judge_model is not None:
             metrics["control_share"] = self._control_share()
+        if cached is not None:
+            cached.parent.mkdir(exist_ok=True)
+            known = {"metrics": metrics, "subsample": validation.metrics(self.subsample), "run": self.run.id}
+            write_json_atomic(cached, known)
         return metrics
+
+    def _base_cache(self) -> Path | None:
+        """Where the store keeps the base metrics for everything they depend on: model, data, its
+        file's size and time, sequence length, evaluation sizes, 4-bit or not, seed (a new head's
+        initialisation, sampled reviews), judge and library versions."""
+        if self.run is None:
+            return None
+        config, recorded = self.config, self.run.config
+        dataset = Path(recorded["dataset"])
+        stat = dataset.stat() if dataset.is_file() else None
+        settings = {
+            "model": recorded["model_path"],
+            "dataset": [recorded["dataset"], stat and stat.st_size, stat and stat.st_mtime_ns],
+            "task": config.task,
+            "sizes": [config.seq_len, config.eval_samples, config.eval_subsample, config.control_samples],
+            "quantized": self.method.quantize_base,
+            "seed": config.seed,
+            "judge": self.judge.id if self.judge else None,
+            "versions": recorded["versions"],
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+        return self.run.dir.parent / ".base-metrics" / f"{digest}.json"
 
     # -- evaluation -------------------------------------------------------------------------
 

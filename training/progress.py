@@ -58,7 +58,8 @@ def phase_line(described: dict[str, Any]) -> str:
     examples', 'Training: step 12 / 120', 'Stopping…', 'Queued: position 2', or the final status."""
     state, summary = described["state"], described.get("summary") or {}
     if state == "queued":
-        return f"Queued: position {described.get('queue_position')} in line"
+        position = described.get("queue_position")
+        return f"Queued: position {position} in line" if position else "Queued"
     if state == "cancelled":
         return "Cancelled before it started"
     if state not in ("starting", "running"):

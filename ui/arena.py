@@ -8,6 +8,7 @@ unless the app runs with LORA_ARENA_ALLOW_LOCAL_PATHS=1 (a trusted, local deploy
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -32,13 +33,18 @@ from training.runs import RunNotFound, RunStore
 USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, InferenceError, OwnershipError)
 
 
+LOG = logging.getLogger("lora_arena")
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Show a fixable mistake as a readable message in the UI (and to API clients)."""
+    """Show a fixable mistake as a readable message in the UI (and to API clients), and log it as
+    one line: a traceback would make a user's typo look like a server fault."""
     try:
         yield
     except USER_ERRORS as error:
-        raise gr.Error(str(error), title="Please check the input") from None
+        LOG.info("refused: %s: %s", type(error).__name__, error)
+        raise gr.Error(str(error), title="Please check the input", print_exception=False) from None
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -74,33 +74,33 @@ def _add_evaluations(figure: go.Figure, evals: list[dict], key: str) -> None:
     """The subsample's evaluations as one line (the base model's point starts it, so the first
     segment is what training changed), the base point and the final full-split one marked."""
     subsample = [r for r in evals if not r.get("final")]
-    base = [r for r in subsample if r.get("base")]
-    final = [r for r in evals if r.get("final")]
-    if subsample:
-        figure.add_scatter(
-            x=[r[key] for r in subsample],
-            y=[r["loss"] for r in subsample],
-            name="validation loss (subsample)",
-            mode="markers+lines",
-            marker={"size": 8, "symbol": "diamond", "color": EVAL_COLOUR},
-            line={"color": EVAL_COLOUR},
-        )
-    if base:
-        figure.add_scatter(
-            x=[r[key] for r in base],
-            y=[r["loss"] for r in base],
-            name="base model (before training)",
-            mode="markers",
-            marker={"size": 12, "symbol": "square-open", "color": BASE_COLOUR, "line": {"width": 2}},
-        )
-    if final:
-        figure.add_scatter(
-            x=[r[key] for r in final],
-            y=[r["loss"] for r in final],
-            name="final validation (full split)",
-            mode="markers",
-            marker={"size": 16, "symbol": "star", "color": FINAL_COLOUR},
-        )
+    marks = (
+        (subsample, "validation loss (subsample)", "markers+lines", {"size": 8, "symbol": "diamond"}, EVAL_COLOUR),
+        (
+            [r for r in subsample if r.get("base")],
+            "base model (before training)",
+            "markers",
+            {"size": 12, "symbol": "square-open", "line": {"width": 2}},
+            BASE_COLOUR,
+        ),
+        (
+            [r for r in evals if r.get("final")],
+            "final validation (full split)",
+            "markers",
+            {"size": 16, "symbol": "star"},
+            FINAL_COLOUR,
+        ),
+    )
+    for points, name, mode, marker, colour in marks:
+        if points:
+            figure.add_scatter(
+                x=[r[key] for r in points],
+                y=[r["loss"] for r in points],
+                name=name,
+                mode=mode,
+                marker={**marker, "color": colour},
+                line={"color": colour},
+            )
 
 
 def resources_figure(records: list[dict], x: str = "step") -> go.Figure:

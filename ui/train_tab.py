@@ -39,7 +39,8 @@ WHOLE_FIELDS = {
     "batch_size": "batch size",
     "seq_len": "sequence length",
     "eval_steps": "evaluate every N steps",
-    "eval_samples": "validation subsample",
+    "eval_samples": "final evaluation examples",
+    "eval_subsample": "validation subsample",
 }
 
 
@@ -147,6 +148,7 @@ def form_config(
     seq_len: float | None,
     eval_steps: str | float | None,
     eval_samples: str | float | None,
+    eval_subsample: str | float | None,
     *hparam_values: Any,
 ) -> TrainConfig:
     """The run the form describes; raises ConfigError for a fractional budget field."""
@@ -157,6 +159,7 @@ def form_config(
         seq_len=seq_len,
         eval_steps=eval_steps,
         eval_samples=eval_samples,
+        eval_subsample=eval_subsample,
     )
     numbers = {name: whole_number(value, WHOLE_FIELDS[name]) for name, value in budget.items()}
     numbers["seed"] = numbers["seed"] or 0
@@ -358,11 +361,13 @@ class Form:
     seq_len: gr.Number
     eval_steps: gr.Textbox
     eval_samples: gr.Textbox
+    eval_subsample: gr.Textbox
     command: gr.Code | None = None
 
     @property
     def inputs(self) -> list[gr.components.Component]:
-        budget = [self.seed, self.max_steps, self.batch_size, self.seq_len, self.eval_steps, self.eval_samples]
+        budget = [self.seed, self.max_steps, self.batch_size, self.seq_len, self.eval_steps]
+        budget += [self.eval_samples, self.eval_subsample]
         return [self.task, self.model, self.dataset, self.upload, self.method, *budget, *self.fields.values()]
 
 
@@ -438,14 +443,22 @@ def _budget_inputs() -> tuple:
             eval_steps = gr.Textbox(
                 "", label="evaluate every N steps", placeholder="empty: 5 times over the run", elem_id="eval-steps"
             )
-            eval_samples = gr.Textbox(
+        with gr.Row():
+            eval_subsample = gr.Textbox(
                 "",
                 label="validation subsample for in-training evaluations",
-                info="the final evaluation uses the full validation and test splits",
-                placeholder="empty: the task's default",
+                info="the same examples every time, so the curve compares like with like",
+                placeholder="empty: " + ", ".join(f"{v['eval_subsample']} {t}" for t, v in TASK_DEFAULTS.items()),
+                elem_id="eval-subsample",
+            )
+            eval_samples = gr.Textbox(
+                "",
+                label="final evaluation: examples per split",
+                info="validation and test, once at the end",
+                placeholder="empty: all (sentiment), 200 (generation)",
                 elem_id="eval-samples",
             )
-    return seed, max_steps, batch_size, seq_len, eval_steps, eval_samples
+    return seed, max_steps, batch_size, seq_len, eval_steps, eval_samples, eval_subsample
 
 
 def _form(offline: bool) -> Form:

@@ -1,0 +1,141 @@
+"""What the Train tab tells while runs train, in a real headless chromium on the bundled encoder:
+the phases one after another, the live memory breakdown (QLoRA's weights below LoRA's), Stop
+during an evaluation, the run picker, and a second browser that sees no one else's runs on its
+Train tab but every run in Compare.
+
+Screenshots go to test-artifacts/ (or $LORA_ARENA_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no browser at {CHROMIUM}: `make test` installs chromium"),
+]
+STATUS = "() => document.querySelector('#job-status')?.innerText ?? ''"
+PHASES = (  # how the status line starts in each phase a run goes through after loading
+    ("Evaluating the base model", "base evaluation"),
+    ("Training", "training"),
+    ("Evaluating at step", "evaluation"),
+    ("Final evaluation", "final evaluation"),
+)
+WEIGHTS_MB = """() => {
+    const trace = (document.querySelector('#resources-plot .js-plotly-plot')?.data ?? [])
+        .find(t => (t.name ?? '').startsWith('weights'));
+    return trace ? trace.y[trace.y.length - 1] : null;
+}"""
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, app_launcher):
+    root = tmp_path_factory.mktemp("browser-live")
+    with app_launcher(root / "runs", root / "app.log") as server:
+        yield server.url
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"live-{name}.png"), full_page=True)
+
+
+def start_run(page, method_card: str, steps: int, eval_steps: int, examples: int) -> str:
+    """Default hyperparameters, a short budget; evaluations large enough to be seen (a few seconds each)."""
+    page.get_by_text(method_card).click()
+    page.locator("#max-steps input").fill(str(steps))
+    page.locator("#eval-steps textarea").fill(str(eval_steps))
+    page.locator("#eval-samples textarea").fill(str(examples))
+    page.locator("#eval-subsample textarea").fill(str(examples))
+    page.locator("#eval-subsample textarea").press("Tab")
+    page.wait_for_function(f"() => document.querySelector('.cm-content')?.innerText.includes('--max-steps {steps}')")
+    before = page.evaluate(STATUS)
+    page.locator("#start-button").click()
+    page.wait_for_function(f"() => ({STATUS})().includes('run ') && ({STATUS})() !== {before!r}", timeout=60_000)
+    return re.search(r"run (\S+)", page.evaluate(STATUS)).group(1)
+
+
+def watch_status(page, until: str, timeout: float) -> list[str]:
+    """Every status line the page shows until one contains `until`, in order."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = page.evaluate(STATUS)
+        if not seen or seen[-1] != text:
+            seen.append(text)
+        if until in text:
+            return seen
+        page.wait_for_timeout(250)
+    raise AssertionError(f"no status with {until!r} within {timeout} s; seen: {seen}")
+
+
+def phase_of(status: str) -> str | None:
+    for prefix, phase in PHASES:
+        if status.startswith(prefix):
+            return phase
+    return None
+
+
+def pick(page, run_id: str) -> None:
+    page.locator("#run-picker input").click()
+    page.locator("ul[role=listbox] li", has_text=run_id).click()
+    page.wait_for_function(f"() => ({STATUS})().includes({run_id!r})")
+
+
+def test_phases_memory_stop_picker_and_privacy_in_the_browser(app_url):
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(app_url)
+        page.get_by_text("Budget, seed and evaluation").click()
+
+        # LoRA to the end: the status goes through the base evaluation, training and the final one.
+        lora = start_run(page, "LoRA: Freezes the model", steps=30, eval_steps=15, examples=1000)
+        seen = watch_status(page, "Completed", timeout=300)
+        order = list(dict.fromkeys(phase for phase in map(phase_of, seen) if phase))
+        assert order[:3] == ["base evaluation", "training", "evaluation"], seen
+        assert order[-1] == "final evaluation", seen
+        shot(page, "1-lora-completed")
+        lora_weights = page.evaluate(WEIGHTS_MB)
+
+        # QLoRA, stopped during an in-training evaluation: "Stopped" within 10 s of the click.
+        qlora = start_run(page, "QLoRA: LoRA on a base model", steps=200, eval_steps=2, examples=1000)
+        watch_status(page, "Evaluating at step", timeout=300)
+        page.wait_for_function(f"() => ![null, {lora_weights}].includes(({WEIGHTS_MB})())")  # QLoRA's steps drawn
+        qlora_weights = page.evaluate(WEIGHTS_MB)
+        clicked = time.monotonic()
+        page.locator("#stop-button").click()
+        watch_status(page, "Stopped", timeout=10)
+        assert time.monotonic() - clicked <= 10
+        shot(page, "2-qlora-stopped")
+        # The live memory breakdown: QLoRA's stored weights (4-bit base) well below LoRA's.
+        assert 0 < qlora_weights < 0.75 * lora_weights, (qlora_weights, lora_weights)
+
+        # The picker switches between this browser's two runs.
+        pick(page, lora)
+        assert "Completed" in page.evaluate(STATUS) and page.evaluate(WEIGHTS_MB) == pytest.approx(lora_weights)
+        pick(page, qlora)
+        assert "Stopped" in page.evaluate(STATUS)
+
+        # Another browser: nothing of this one's on its Train tab, both runs in Compare.
+        other = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
+        other.goto(app_url)
+        other.wait_for_timeout(5000)  # several refresh ticks
+        train_tab = other.locator("#run-picker").inner_text() + other.evaluate(STATUS)
+        other.locator("#run-picker input").click()
+        offered = other.locator("ul[role=listbox] li").all_inner_texts()
+        assert not any(run in text for run in (lora, qlora) for text in [train_tab, *offered]), (train_tab, offered)
+        other.keyboard.press("Escape")
+        other.get_by_role("tab", name="Compare").click()
+        other.wait_for_function(
+            f"() => ['{lora}', '{qlora}'].every(id => document.querySelector('#leaderboard')?.innerText.includes(id))"
+        )
+        shot(other, "3-other-browser-compare")
+        browser.close()
