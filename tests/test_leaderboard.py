@@ -30,6 +30,11 @@ def test_best_run_first_per_task_and_unfinished_runs_last(tmp_path):
     assert frame["run"].tolist() == [low_ppl, high_ppl, strong, weak, running]  # perplexity: lower is better
     assert leaderboard(store, "generation")["run"].tolist() == [low_ppl, high_ppl]
     assert frame.loc[frame["run"] == running, "status"].item() == "running"
+    # A run stopped before its final evaluation has its row, without a quality figure.
+    stopped = store.create({"task": "sentiment", "method": "lora", "model": "m", "dataset": "d"})
+    stopped.update_summary(status="stopped", primary_metric="accuracy", metrics=None, steps=4)
+    row = leaderboard(store, "sentiment").set_index("run").loc[stopped.id]
+    assert row["status"] == "stopped" and row["steps"] == 4 and pd.isna(row["validation"])
 
 
 def test_exports_keep_user_text_inert(tmp_path):

@@ -21,7 +21,7 @@ TUNED = ("learning_rate",)  # what the suite sweeps
 
 @functools.cache
 def _tuned(results_file: Path = RESULTS_DIR / "results.json") -> dict[tuple[str, str, str], dict[str, Any]]:
-    """(task, model, method) -> {"learning_rate": rate, "dataset": tuned on, "plan": suite plan}.
+    """(task, model, method) -> {"learning_rate": rate, "dataset", "plan" and "steps" it was tuned on}.
     The first plan of a task and model wins (a later plan on the same model reuses its rates)."""
     try:
         results = json.loads(results_file.read_text(encoding="utf-8"))
@@ -35,7 +35,12 @@ def _tuned(results_file: Path = RESULTS_DIR / "results.json") -> dict[tuple[str,
             rate = rates.get(family_of.get(method, ""))
             key = (plan["task"], plan["model"], method)
             if rate is not None and key not in tuned:
-                tuned[key] = {"learning_rate": rate, "dataset": plan["dataset"], "plan": plan["name"]}
+                tuned[key] = {
+                    "learning_rate": rate,
+                    "dataset": plan["dataset"],
+                    "plan": plan["name"],
+                    "steps": plan["steps"],
+                }
     return tuned
 
 
@@ -59,4 +64,4 @@ def note(task: str, model: str | None, method: str) -> str:
     tuned = _tuned().get((task, model or "", method))
     if tuned is None:
         return "no tuned rate for this model: the method's default (try a short sweep)"
-    return f"tuned by the results suite on {tuned['dataset']} ({tuned['plan']} plan)"
+    return f"tuned by the results suite for {tuned['steps']} steps on {tuned['dataset']} ({tuned['plan']} plan)"

@@ -64,7 +64,7 @@ def _row(run_id: str, config: dict, summary: dict) -> dict:
     state, saved activations): runs recorded before it have only the process's resident set,
     which is mostly the runtime, so their training memory stays empty rather than wrong."""
     metric = summary.get("primary_metric") or TASK_METRICS.get(config.get("task"), "perplexity")
-    metrics = summary.get("metrics", {})
+    metrics = summary.get("metrics") or {}  # none for a run stopped before its final evaluation
     return {
         "run": run_id,
         "status": summary.get("status", "unknown"),
