@@ -82,10 +82,14 @@ def phase_of(status: str) -> str | None:
     return None
 
 
-def pick(page, run_id: str) -> None:
+def pick(page, run_id: str, status: str) -> None:
+    """Pick `run_id` in "Your runs"; its status shows within a refresh (a tick that began before
+    the pick may still draw the previous run once)."""
     page.locator("#run-picker input").click()
     page.locator("ul[role=listbox] li", has_text=run_id).click()
-    page.wait_for_function(f"() => ({STATUS})().includes({run_id!r})")
+    page.wait_for_function(
+        f"() => ({STATUS})().includes({run_id!r}) && ({STATUS})().includes({status!r})", timeout=10_000
+    )
 
 
 def test_phases_memory_stop_picker_and_privacy_in_the_browser(app_url):
@@ -119,10 +123,9 @@ def test_phases_memory_stop_picker_and_privacy_in_the_browser(app_url):
         assert 0 < qlora_weights < 0.75 * lora_weights, (qlora_weights, lora_weights)
 
         # The picker switches between this browser's two runs.
-        pick(page, lora)
-        assert "Completed" in page.evaluate(STATUS) and page.evaluate(WEIGHTS_MB) == pytest.approx(lora_weights)
-        pick(page, qlora)
-        assert "Stopped" in page.evaluate(STATUS)
+        pick(page, lora, "Completed")
+        page.wait_for_function(f"() => ({WEIGHTS_MB})() === {lora_weights}", timeout=10_000)
+        pick(page, qlora, "Stopped")
 
         # Another browser: nothing of this one's on its Train tab, both runs in Compare.
         other = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()

@@ -14,6 +14,7 @@ import pytest
 from lora_methods import METHODS, get_method
 from training.cli import build_parser, command_line
 from training.engine import TrainConfig
+from training.runs import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +81,8 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "completed"
-    (run_dir,) = runs.iterdir()
+    (run,) = RunStore(runs).runs()
+    run_dir = run.dir
     assert json.loads((run_dir / "config.json").read_text())["hparams"]["rank"] == 4
 
     listing = cli("list", runs_dir=runs)

@@ -139,8 +139,13 @@ def _pair(frame: pd.DataFrame, task: str, method: str, reference: str) -> str | 
         f"step {a['median_step_s']:.3f} s vs {b['median_step_s']:.3f} s "
         f"({b['median_step_s'] / a['median_step_s']:.2f}x speed); "
         f"base weights {a['base_weights_mb']:.0f} vs {b['base_weights_mb']:.0f} MB; "
-        f"training memory {a['training_memory_mb']:.0f} vs {b['training_memory_mb']:.0f} MB"
+        f"training memory {_megabytes(a['training_memory_mb'])} vs {_megabytes(b['training_memory_mb'])} MB"
     )
+
+
+def _megabytes(value: float) -> str:
+    """Runs recorded before training memory was counted from tensors have none."""
+    return f"{value:.0f}" if pd.notna(value) else "n/a"
 
 
 PAIRS = {
