@@ -98,6 +98,23 @@ class FineTuningMethod:
     # telemetry). One with a `summary()` method adds its figures to the run's summary.
     callbacks: Callable[[torch.nn.Module, Mapping[str, Any]], list] | None = None
     saves_full_model: bool = False  # the result is a whole model folder, not a PEFT adapter
+    # The trained adapter folds into the base weights exactly (PEFT's merge_and_unload), so a merged
+    # model can be exported and timed; on a 4-bit base it would be rounded into 4-bit weights instead.
+    merges: bool = False
+
+    @property
+    def merge_blocker(self) -> str | None:
+        """Why this method's result cannot be exported as a merged model; None when it can."""
+        if self.saves_full_model:
+            return f"{self.title} already saves the whole model: there is no adapter to merge into it"
+        if not self.merges:
+            return f"{self.title}'s adapter does not fold into the base weights"
+        if self.quantize_base:
+            return (
+                f"{self.title} trains on a 4-bit NF4 base: merging would round the update into 4-bit weights "
+                "(lossy); download the adapter and merge it into a full-precision copy of the base instead"
+            )
+        return None
 
     def hparam(self, name: str) -> HParam:
         for spec in self.hparams:

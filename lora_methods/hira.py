@@ -31,4 +31,5 @@ METHOD = FineTuningMethod(
         TARGET_MODULES,
     ),
     apply=apply,
+    merges=True,
 )

@@ -39,4 +39,5 @@ METHOD = FineTuningMethod(
         TARGET_MODULES,
     ),
     apply=apply,
+    merges=True,
 )

@@ -177,4 +177,5 @@ METHOD = FineTuningMethod(
     ),
     apply=apply,
     callbacks=callbacks,
+    merges=True,  # sparsity lives only in training forwards: the saved adapter is a plain LoRA one
 )

@@ -213,8 +213,8 @@ class AdapterPool:
     def serving(self, run: Run | None, task: Task, model_path: str | None = None, merged: bool = False):
         """The model and tokenizer for `run` (None: the base at `model_path`), exclusively.
 
-        `merged` folds the adapter into the base weights for the duration (LoRA and HiRA on a
-        full-precision base merge exactly; merging into 4-bit weights would re-quantize them)."""
+        `merged` folds the adapter into the base weights for the duration, for methods that merge
+        (FineTuningMethod.merge_blocker: exact on a full-precision base, lossy into 4-bit weights)."""
         with self._lock:
             if run is None:
                 model, tokenizer = self.base_for_task(task, model_path)
@@ -223,7 +223,7 @@ class AdapterPool:
                     yield model, tokenizer
                 return
             model, tokenizer, adapter = self._adapter(run)
-            if merged and adapter is not None and not get_method(run.config["method"]).quantize_base:
+            if merged and adapter is not None and get_method(run.config["method"]).merge_blocker is None:
                 model.merge_adapter([adapter])
                 try:
                     yield model, tokenizer
