@@ -42,6 +42,7 @@ class CatalogModel:
     task: Task
     description: str
     bundled: bool  # ships with the install; works offline
+    hub_id: str | None = None  # the Hub model a bundled copy comes from: what an exported model card names
 
 
 BUNDLED_MINILM = "bundled/all-MiniLM-L6-v2"
@@ -49,10 +50,22 @@ BUNDLED_SMOLLM2 = "bundled/SmolLM2-135M-Instruct"
 
 CATALOG: tuple[CatalogModel, ...] = (
     CatalogModel("distilbert/distilbert-base-uncased", "sentiment", "DistilBERT base, 66M parameters (Hub)", False),
-    CatalogModel(BUNDLED_MINILM, "sentiment", "all-MiniLM-L6-v2, 6-layer BERT encoder, 22M parameters (bundled)", True),
+    CatalogModel(
+        BUNDLED_MINILM,
+        "sentiment",
+        "all-MiniLM-L6-v2, 6-layer BERT encoder, 22M parameters (bundled)",
+        True,
+        "sentence-transformers/all-MiniLM-L6-v2",
+    ),
     CatalogModel("HuggingFaceTB/SmolLM2-135M", "generation", "SmolLM2-135M base, Llama architecture (Hub)", False),
     CatalogModel("distilbert/distilgpt2", "generation", "DistilGPT-2, 82M parameters, Conv1D layers (Hub)", False),
-    CatalogModel(BUNDLED_SMOLLM2, "generation", "SmolLM2-135M-Instruct, Llama architecture (bundled)", True),
+    CatalogModel(
+        BUNDLED_SMOLLM2,
+        "generation",
+        "SmolLM2-135M-Instruct, Llama architecture (bundled)",
+        True,
+        "HuggingFaceTB/SmolLM2-135M-Instruct",  # converted from a Q4_1 GGUF: close to, not equal to, these weights
+    ),
 )
 
 
