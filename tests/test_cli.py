@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,16 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
     assert missing.returncode == 2 and "not a valid run id" in missing.stderr
     empty = cli("predict", "--run", run_dir.name, "--text", "  ", runs_dir=runs)
     assert empty.returncode == 2 and "empty" in empty.stderr
+
+    # export: the folder, then the merged model as a .zip; printed where; never over something existing
+    exported = cli("export", "--run", run_dir.name, "--to", str(tmp_path / "home"), runs_dir=runs)
+    assert exported.returncode == 0 and exported.stdout.strip() == str((tmp_path / "home").resolve())
+    assert (tmp_path / "home" / "adapter_config.json").exists() and (tmp_path / "home" / "README.md").exists()
+    zipped = cli("export", "--run", run_dir.name, "--merged", "--to", str(tmp_path / "home.zip"), runs_dir=runs)
+    assert zipped.returncode == 0 and zipped.stdout.strip() == str((tmp_path / "home.zip").resolve())
+    assert "home/model.safetensors" in zipfile.ZipFile(tmp_path / "home.zip").namelist()
+    again = cli("export", "--run", run_dir.name, "--to", str(tmp_path / "home"), runs_dir=runs)
+    assert again.returncode == 2 and "already exists" in again.stderr
 
 
 @pytest.mark.parametrize(

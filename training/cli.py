@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -160,6 +161,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     predict = commands.add_parser("predict", help="classify text with a sentiment run")
     predict.add_argument("--run", required=True, help="run id or run folder")
     predict.add_argument("--text", required=True, action="append", help="text to classify (repeatable)")
+
+    exporter = commands.add_parser(
+        "export",
+        help="write a finished run's adapter (or model) with its tokenizer and a model card, as a folder or a .zip",
+    )
+    exporter.add_argument("--run", required=True, help="run id or run folder")
+    exporter.add_argument(
+        "--merged",
+        action="store_true",
+        help="the adapter merged into its base model (LoRA, HiRA, SparseLoRA on a full-precision base)",
+    )
+    exporter.add_argument("--to", help="a new folder, or a file ending in .zip (default: ./RUN_ID or ./RUN_ID-merged)")
 
     generate = commands.add_parser("generate", help="generate text with a generation run")
     generate.add_argument("--run", required=True, help="run id or run folder")
@@ -356,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
             _probe(args)
         elif args.command == "list":
             _list(store)
+        elif args.command == "export":
+            from . import export  # loads torch models; keep `list` and `--help` fast
+
+            run = store.resolve(args.run)
+            print(export.export_to(run, Path(args.to or export.export_name(run, args.merged)), args.merged).resolve())
         else:
             from . import inference  # loads torch models; keep `list` and `--help` fast
 
