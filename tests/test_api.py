@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from training import data, inference
+from training.runs import Run
 
 DONE = ("finished", "failed", "cancelled")
 
@@ -67,7 +75,7 @@ def runs(app, tiny_models, review_csv) -> dict[str, str]:
     assert generation["queue_position"] in (1, 2)  # waits: one run at a time
     for started in (sentiment, generation):
         assert wait_done(client, started["id"])["status"] == "completed"
-    return {"sentiment": sentiment["id"], "generation": generation["id"]}
+    return {"sentiment": sentiment["id"], "generation": generation["id"], "owner": sentiment["owner_token"]}
 
 
 def test_a_run_reports_its_status_metrics_and_appears_in_the_list(app, runs):
@@ -111,6 +119,9 @@ def test_while_a_run_trains_the_playground_and_leaderboard_answer_and_stop_ends_
     assert started["id"] in {row["run"] for row in client.predict(task="sentiment", api_name="/list_runs")}
     assert client.predict(run_id=started["id"], metrics_from_step=None, api_name="/run_status")["state"] == "running"
 
+    with pytest.raises(AppError, match="queued or training"):  # nothing to take home yet
+        client.predict(run_id=started["id"], api_name="/download_run")
+
     with pytest.raises(AppError, match="started by another session"):  # the owner token is needed
         client.predict(run_id=started["id"], api_name="/stop_run")
     assert "stopping" in client.predict(run_id=started["id"], owner_token=started["owner_token"], api_name="/stop_run")
@@ -119,6 +130,7 @@ def test_while_a_run_trains_the_playground_and_leaderboard_answer_and_stop_ends_
 
 
 LONG_TEXT = "x" * 2001
+HF_TOKEN = "hf_" + "dummy" * 6  # never valid: every request below is refused before an upload
 BAD_REQUESTS = [
     ("/start_run", {"task": "sentiment", "method": "lora", "hparams": {"rank": 0}}, "rank must satisfy"),
     ("/start_run", {"task": "sentiment", "method": "lora", "hparams": {"learning_rate": -1e-3}}, "learning_rate"),
@@ -166,6 +178,24 @@ BAD_REQUESTS = [
     ("/generate", {"prompt": "Hi", "run_ids": ["GENERATION"], "temperature": -1.0}, "temperature"),
     ("/generate", {"prompt": "Hi", "run_ids": ["GENERATION"], "top_p": 0.0}, "top_p"),
     ("/generate", {"prompt": "Hi", "run_ids": ["SENTIMENT"]}, "not a generation run"),
+    ("/download_run", {"run_id": "../x"}, "not a valid run id"),
+    ("/download_run", {"run_id": "20990101-000000-sentiment-lora-0000"}, "no run"),
+    ("/download_run", {"run_id": "SENTIMENT", "merged": True, "owner_token": "not-the-owner"}, "another session"),
+    ("/download_run", {"run_id": "GENERATION", "merged": True}, "started by another session"),
+    ("/push_run", {"run_id": "SENTIMENT", "repo_id": "me/model", "token": HF_TOKEN}, "started by another session"),
+    (
+        "/push_run",
+        {"run_id": "SENTIMENT", "repo_id": "no owner", "token": HF_TOKEN, "owner_token": "OWNER"},
+        "repository",
+    ),
+    (
+        "/push_run",
+        {"run_id": "SENTIMENT", "repo_id": "me/a--b", "token": HF_TOKEN, "owner_token": "OWNER"},
+        "repository",
+    ),
+    ("/push_run", {"run_id": "SENTIMENT", "repo_id": "me/model", "token": "", "owner_token": "OWNER"}, "access token"),
+    ("/push_run", {"run_id": "SENTIMENT", "repo_id": "me/model", "token": HF_TOKEN, "owner_token": "OWNER"}, "reach"),
+    ("/push_run", {"run_id": "../x", "repo_id": "me/model", "token": HF_TOKEN}, "not a valid run id"),
 ]
 
 
@@ -185,10 +215,43 @@ def test_bad_input_gets_a_readable_error_and_changes_nothing(app, runs, endpoint
         request_ = {**request_, "run_ids": [placeholders.get(r, r) for r in request_["run_ids"]]}
     if "run_id" in request_:
         request_ = {**request_, "run_id": placeholders.get(request_["run_id"], request_["run_id"])}
+    if request_.get("owner_token") == "OWNER":
+        request_ = {**request_, "owner_token": runs["owner"]}
     before = _store_state(store)
     with pytest.raises(AppError, match=message):
         client.predict(**request_, api_name=endpoint)
     assert _store_state(store) == before
+
+
+def test_a_finished_run_downloads_as_an_archive_that_peft_loads_to_the_runs_own_predictions(
+    app, runs, tiny_models, review_csv, tmp_path
+):
+    client, store = app
+    archive = Path(client.predict(run_id=runs["sentiment"], api_name="/download_run"))  # anyone may
+    assert archive.name == f"{runs['sentiment']}.zip"
+    with zipfile.ZipFile(archive) as bundle:
+        bundle.extractall(tmp_path)  # a fresh folder: nothing of the app's
+    folder = tmp_path / runs["sentiment"]
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2)
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    reviews = data.load_splits(str(review_csv), "sentiment", offline=True).validation["text"][:32]
+    taken_home = inference.class_probabilities(model, AutoTokenizer.from_pretrained(folder), reviews)
+    own = inference.load_run(Run(store / runs["sentiment"]))  # the run as the app serves it
+    served = inference.class_probabilities(own.model, own.tokenizer, reviews)
+    assert len(reviews) == 32 and taken_home.argmax(-1).tolist() == served.argmax(-1).tolist()
+    torch.testing.assert_close(taken_home, served)
+    card = (folder / "README.md").read_text()
+    test_accuracy = json.loads((store / runs["sentiment"] / "summary.json").read_text())["metrics"]["test"]["accuracy"]
+    assert "**LoRA** fine-tuning" in card and f"| test | {test_accuracy:.4f} |" in card
+
+
+def test_the_owner_downloads_the_merged_model(app, runs):
+    client, _ = app
+    merged = client.predict(run_id=runs["sentiment"], merged=True, owner_token=runs["owner"], api_name="/download_run")
+    with zipfile.ZipFile(merged) as bundle:
+        names = bundle.namelist()
+    assert f"{runs['sentiment']}-merged/model.safetensors" in names
+    assert not any(name.endswith("adapter_config.json") for name in names)
 
 
 def test_a_killed_app_restarts_with_the_run_interrupted_intact_and_resumable(

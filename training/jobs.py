@@ -144,7 +144,7 @@ class JobManager:
     def resume(self, run_id: str, owner_token: str | None = None) -> Job:
         """Queue a stopped, interrupted or failed run to continue from its latest checkpoint."""
         run = self.store.get(run_id)
-        self._check_owner(run_id, owner_token)
+        self.check_owner(run_id, owner_token)
         if self._pending(run_id):
             raise ConfigError(f"run {run_id} is already queued or running")
         config, _ = resumable(run)
@@ -164,7 +164,9 @@ class JobManager:
             self._changed.notify_all()
         return job
 
-    def _check_owner(self, run_id: str, owner_token: str | None) -> None:
+    def check_owner(self, run_id: str, owner_token: str | None) -> None:
+        """OwnershipError unless `owner_token` started the run (runs without an owner, started from
+        the command line, are anyone's); RunNotFound for an unknown id."""
         job = self._jobs.get(run_id)
         owner = job.config.owner if job else self.store.get(run_id).config.get("owner")
         if owner and (not owner_token or owner_hash(owner_token) != owner):
@@ -172,7 +174,7 @@ class JobManager:
 
     def stop(self, job_id: str, owner_token: str | None = None) -> str:
         """Cancel a queued job or stop a running one within one step (its adapter is kept)."""
-        self._check_owner(job_id, owner_token)  # raises RunNotFound for bad or unknown ids
+        self.check_owner(job_id, owner_token)  # raises RunNotFound for bad or unknown ids
         with self._changed:
             job = self._jobs.get(job_id)
             if job is None:
@@ -203,7 +205,7 @@ class JobManager:
     def delete(self, run_id: str, owner_token: str | None = None) -> str:
         """Remove a finished run's folder (adapter, metrics, checkpoints) from the store."""
         run = self.store.get(run_id)
-        self._check_owner(run_id, owner_token)
+        self.check_owner(run_id, owner_token)
         if self._pending(run_id) or run.status == "running":
             raise ConfigError(f"run {run_id} is queued or running; stop it before deleting it")
         shutil.rmtree(run.dir)

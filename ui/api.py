@@ -10,6 +10,7 @@ import secrets
 from typing import Any
 
 import gradio as gr
+from gradio.data_classes import FileData
 
 from training.cli import command_line
 from training.engine import ConfigError, TrainConfig
@@ -119,5 +120,21 @@ def register(arena: Arena) -> None:
                 arena.pool, arena.store, run_ids, prompt, include_base, False, max_new_tokens, temperature, top_p, seed
             )
 
-    for endpoint in (start_run, run_status, stop_run, resume_run, delete_run, list_runs, classify, generate):
+    def download_run(run_id: str, merged: bool = False, owner_token: str | None = None) -> FileData:
+        """A finished or stopped run as one .zip: its PEFT adapter (full fine-tuning: the model) with the
+        tokenizer, a model card (README.md) and run/config.json, run/summary.json. Anyone may download a
+        run; merged=true (the adapter merged into its base, LoRA/HiRA/SparseLoRA on a full-precision
+        base) needs the run's owner_token."""
+        with user_errors(), arena.inference_threads():
+            path = arena.download(run_id, merged, owner_token)
+            return FileData(path=str(path), orig_name=path.name).model_dump()
+
+    def push_run(run_id: str, repo_id: str, token: str, merged: bool = False, owner_token: str | None = None) -> dict:
+        """Upload the run's export and model card to the private Hub repository repo_id (owner/name),
+        with a Hugging Face write token used for this upload only. Needs the run's owner_token."""
+        with user_errors(), arena.inference_threads():
+            return arena.push(run_id, repo_id, token, merged, owner_token)
+
+    endpoints = (start_run, run_status, stop_run, resume_run, delete_run, list_runs, classify, generate)
+    for endpoint in (*endpoints, download_run, push_run):
         gr.api(endpoint, api_name=endpoint.__name__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,15 +21,15 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from lora_methods import HParamError
-from training import data, models
+from lora_methods import HParamError, get_method
+from training import data, export, models
 from training.data import DataError
 from training.engine import ConfigError, TrainConfig
 from training.inference import AdapterPool, InferenceError
 from training.jobs import JobManager, OwnershipError
 from training.models import ModelError
 from training.offline import is_offline
-from training.runs import RunNotFound, RunStore
+from training.runs import Run, RunNotFound, RunStore
 
 USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, InferenceError, OwnershipError)
 
@@ -86,6 +87,8 @@ class Arena:
         self._tails: dict[str, tuple[int, list[dict]]] = {}
         self._tail_lock = threading.Lock()
         self._cores = torch.get_num_threads()
+        # Archives for download live beside the store, never in it: the store holds what runs wrote.
+        self.exports = Path(tempfile.mkdtemp(prefix="lora-arena-downloads-"))
 
     def start(self, config: TrainConfig, owner_token: str | None, upload: str | None = None) -> str:
         """Queue a run; its id. `upload` is a file the UI received (it replaces the dataset); the
@@ -121,6 +124,33 @@ class Arena:
         with self._tail_lock:
             self._tails.pop(run_id, None)
         return message
+
+    def _finished(self, run_id: str) -> Run:
+        """The run, unless it is queued or training (a queued resume too: its adapter is about to change)."""
+        if self.jobs.describe(run_id)["state"] in ("queued", "starting", "running"):  # RunNotFound: unknown id
+            raise InferenceError(
+                f"run {run_id} is queued or training; it can be taken home once it has finished or been stopped"
+            )
+        return self.store.get(run_id)
+
+    def download(self, run_id: str, merged: bool = False, owner_token: str | None = None) -> Path:
+        """The run's archive (.zip). Anyone may download a run, as anyone sees it on the leaderboard;
+        the merged model costs a model load and a merge, so only the run's owner may ask for it."""
+        run = self._finished(run_id)
+        if merged:
+            self.jobs.check_owner(run_id, owner_token)
+        return export.archive(run, self.exports, merged)
+
+    def push(self, run_id: str, repo_id: str, token: str, merged: bool = False, owner_token: str | None = None) -> dict:
+        """Upload the run's export to a private Hub repository: the run's owner only. The token goes
+        to this one upload (training.export.push_run) and is kept nowhere."""
+        run = self._finished(run_id)
+        self.jobs.check_owner(run_id, owner_token)
+        return export.push_run(run, repo_id, token, merged)
+
+    def merge_note(self, run_id: str) -> str | None:
+        """Why the run cannot be exported merged (its method's reason), or None when it can."""
+        return get_method(self.store.get(run_id).config["method"]).merge_blocker
 
     def records(self, run_id: str) -> list[dict]:
         """All metrics of a run, reading only the lines appended since the last call."""
