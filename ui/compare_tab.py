@@ -14,7 +14,7 @@ from training import report
 from training.leaderboard import TASK_METRICS, leaderboard, presentation, to_csv, to_markdown
 from training.suite import RESULTS_DIR
 
-from . import charts
+from . import charts, export_panel
 from .arena import Arena, user_errors
 
 # One task at a time: accuracy and perplexity cannot share a column or an axis.
@@ -68,6 +68,7 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULT
     with gr.Row():
         export_csv = gr.DownloadButton("Download CSV", variant="secondary")
         export_md = gr.DownloadButton("Download Markdown", variant="secondary")
+    take_home = export_panel.download_row(arena, "Take a run home: its adapter as a .zip", "compare-take-home")
     with gr.Row():
         with gr.Column():
             selected = gr.Dropdown([], multiselect=True, label="Runs to overlay", elem_id="compare-runs")
@@ -77,7 +78,7 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULT
             tradeoff_x = gr.Radio(list(charts.TRADEOFF_AXES), value="trainable parameters", label="Cost axis")
             tradeoff = gr.Plot(label="Quality vs cost", show_label=False)
 
-    def show(task_name: str, sort_name: str, x_axis: str, chosen: list[str] | None):
+    def show(task_name: str, sort_name: str, x_axis: str, chosen: list[str] | None, home: str | None):
         frame = _table(arena, task_name, sort_name)
         runs = frame["run"].tolist()
         kept = [run for run in (chosen or []) if run in runs] or runs[:3]
@@ -88,10 +89,11 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULT
             _export(to_markdown(frame), ".md"),
             gr.update(choices=runs, value=kept),
             charts.tradeoff_figure(frame, x_axis),
+            gr.update(choices=runs, value=home if home in runs else None),
         )
 
-    outputs = [table, details, export_csv, export_md, selected, tradeoff]
-    inputs = [task, sort, tradeoff_x, selected]
+    outputs = [table, details, export_csv, export_md, selected, tradeoff, take_home]
+    inputs = [task, sort, tradeoff_x, selected, take_home]
     for trigger in (refresh.click, task.change, sort.change, tradeoff_x.change, demo.load, tab.select):
         trigger(show, inputs, outputs, api_visibility="private")
 

@@ -15,6 +15,7 @@ from training.leaderboard import leaderboard
 from training.models import LABELS
 from training.playground import classify_side_by_side, generate_side_by_side, review_prompt
 
+from . import export_panel
 from .arena import Arena, user_errors
 
 GENERATION_CAP = 128  # max new tokens offered in the UI: a CPU Space answers in seconds
@@ -111,6 +112,7 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
                 generation_merge = gr.Checkbox(False, label="also time merged adapters")
         generate_button = gr.Button("Generate", variant="primary")
         generation_output = gr.HTML()
+    take_home = export_panel.download_row(arena, "Take a run home: its adapter as a .zip", "playground-take-home")
 
     def show_classification(text_value: str, run_ids: list[str] | None, include_base: bool, merge: bool) -> str:
         with user_errors(), arena.inference_threads():
@@ -153,7 +155,7 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
         api_visibility="private",
     )
 
-    def run_lists(chosen_sentiment: list[str] | None, chosen_generation: list[str] | None):
+    def run_lists(chosen_sentiment: list[str] | None, chosen_generation: list[str] | None, home: str | None):
         sentiment_choices = _served_runs(arena, "sentiment")
         generation_choices = _served_runs(arena, "generation")
 
@@ -161,12 +163,13 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
             ids = [run_id for _, run_id in choices]
             return [run_id for run_id in chosen or [] if run_id in ids] or ids[:2]
 
+        every = sentiment_choices + generation_choices
         return (
             gr.update(choices=sentiment_choices, value=keep(chosen_sentiment, sentiment_choices)),
             gr.update(choices=generation_choices, value=keep(chosen_generation, generation_choices)),
+            gr.update(choices=every, value=home if home in [run_id for _, run_id in every] else None),
         )
 
+    lists = [sentiment_runs, generation_runs, take_home]
     for trigger in (demo.load, refresh_runs.click, tab.select):
-        trigger(
-            run_lists, [sentiment_runs, generation_runs], [sentiment_runs, generation_runs], api_visibility="private"
-        )
+        trigger(run_lists, lists, lists, api_visibility="private")

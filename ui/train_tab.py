@@ -25,7 +25,7 @@ from training.cli import command_line
 from training.engine import TASK_DEFAULTS, ConfigError, TrainConfig
 from training.memory import MB, MEMORY_PARTS, TOTAL
 
-from . import charts
+from . import charts, export_panel
 from .arena import USER_ERRORS, Arena, check_dataset_choice, check_model_choice, user_errors
 
 REFRESH_SECONDS = 2.0
@@ -381,6 +381,8 @@ class Panel:
     stop: gr.Button
     resume: gr.Button
     delete: gr.Button
+    download: gr.DownloadButton  # the picked run's archive, once it has finished or stopped
+    export_note: gr.Markdown  # why the download is not ready yet (training, failed), or nothing
     queue: gr.Markdown
     status: gr.Markdown
     progress: gr.HTML
@@ -497,6 +499,8 @@ def _panel() -> Panel:
         stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1)
         resume = gr.Button("Resume", elem_id="resume-button", scale=1)
         delete = gr.Button("Delete run", elem_id="delete-button", scale=1)
+        download = export_panel.download_button("download-button")
+    export_note = gr.Markdown(elem_id="export-note")
     queue = gr.Markdown(elem_id="run-queue")
     status = gr.Markdown(elem_id="job-status")
     progress_bar = gr.HTML(elem_id="job-progress")
@@ -514,6 +518,8 @@ def _panel() -> Panel:
         stop,
         resume,
         delete,
+        download,
+        export_note,
         queue,
         status,
         progress_bar,
@@ -741,5 +747,7 @@ def build(demo: gr.Blocks, arena: Arena) -> None:
     """The Train tab inside `demo`: the form, the run panel, and their events."""
     form = _form(arena.offline)
     panel = _panel()
+    home = export_panel.owner_panel(arena.offline)
     _wire_form(demo, form, arena.offline)
     _wire_runs(demo, form, panel, arena)
+    export_panel.wire(arena, home, panel.download, panel.export_note, panel.status, panel.current_run, panel.owner)
