@@ -87,9 +87,13 @@ def pick(page, run_id: str, status: str) -> None:
     the pick may still draw the previous run once)."""
     page.locator("#run-picker input").click()
     page.locator("ul[role=listbox] li", has_text=run_id).click()
-    page.wait_for_function(
-        f"() => ({STATUS})().includes({run_id!r}) && ({STATUS})().includes({status!r})", timeout=10_000
-    )
+    try:
+        page.wait_for_function(
+            f"() => ({STATUS})().includes({run_id!r}) && ({STATUS})().includes({status!r})", timeout=30_000
+        )
+    except playwright.TimeoutError:
+        shot(page, f"picked-{status}")
+        raise AssertionError(f"after picking {run_id} the status says {page.evaluate(STATUS)!r}") from None
 
 
 def test_phases_memory_stop_picker_and_privacy_in_the_browser(app_url):
