@@ -90,7 +90,7 @@ class OwnerPanel:
 def owner_panel(offline: bool) -> OwnerPanel:
     with gr.Accordion("Take it home: merged model and push to the Hub", open=False, elem_id="take-home"):
         gr.Markdown(CONTENTS)
-        merge_note = gr.Markdown(elem_id="merge-note")
+        merge_note = gr.Markdown("**Merged model**: pick one of your finished runs above.", elem_id="merge-note")
         with gr.Row(equal_height=True):
             merge = gr.Button("Build the merged model", interactive=False, elem_id="merge-button")
             merged = gr.DownloadButton(MERGED, value=None, interactive=False, elem_id="merged-download")
