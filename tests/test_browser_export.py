@@ -1,0 +1,68 @@
+"""Taking a run home in a real headless chromium on the bundled encoder: a short LoRA run trained
+from the Train tab, its archive downloaded from there once it has finished (and not while it
+trains), the merged model and the Hub push explained in place, and the same download in Compare.
+
+Screenshots go to test-artifacts/ (or $LORA_ARENA_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+
+# The live test's served app (a fresh store for this module) and its markers: e2e, chromium needed.
+from test_browser_live import app_url, pytestmark, start_run, watch_status  # noqa: F401
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+
+def download(page, button: str, folder) -> list[str]:
+    """Click a download button, save what the browser receives, and list the archive's files."""
+    playwright.expect(page.locator(button)).to_be_enabled(timeout=60_000)
+    with page.expect_download() as started:
+        page.locator(button).click()
+    path = folder / started.value.suggested_filename
+    started.value.save_as(path)
+    with zipfile.ZipFile(path) as archive:
+        return [path.name, *archive.namelist()]
+
+
+def test_download_the_picked_run_from_the_train_tab_and_from_compare(app_url, tmp_path):  # noqa: F811
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900}, accept_downloads=True)
+        page.set_default_timeout(60_000)
+        page.goto(app_url)
+        page.get_by_text("Budget, seed and evaluation").click()
+        run_id = start_run(page, "LoRA: Freezes the model", steps=20, eval_steps=10, examples=32)
+
+        # While the run trains there is nothing to take home, and the page says why.
+        page.wait_for_function("() => document.querySelector('#export-note')?.innerText.includes('training')")
+        assert page.locator("#download-button").is_disabled()
+        watch_status(page, "Completed", timeout=300)
+
+        names = download(page, "#download-button", tmp_path)
+        assert names[0] == f"{run_id}.zip"
+        assert {f"{run_id}/adapter_model.safetensors", f"{run_id}/README.md", f"{run_id}/run/summary.json"} <= set(
+            names
+        )
+        assert page.locator("#export-note").inner_text().strip() == ""
+
+        # The merged model applies to LoRA; offline, the push says why it cannot happen.
+        page.get_by_text("Take it home: merged model and push to the Hub").click()
+        playwright.expect(page.locator("#merge-button")).to_be_enabled()
+        assert "merge_and_unload" in page.locator("#merge-note").inner_text()
+        assert "cannot reach" in page.locator("#push-note").inner_text()
+        assert page.locator("#push-button").is_disabled()
+        page.screenshot(path=str(ARTIFACTS / "export-1-train-tab.png"), full_page=True)
+
+        # Compare offers every run's download, this one included.
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#compare-take-home input").click()
+        page.locator("ul[role=listbox] li", has_text=run_id).click()
+        assert download(page, "#compare-take-home-download", tmp_path)[0] == f"{run_id}.zip"
+        page.screenshot(path=str(ARTIFACTS / "export-2-compare.png"), full_page=True)
+        browser.close()
