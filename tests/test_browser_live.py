@@ -55,9 +55,11 @@ def start_run(page, method_card: str, steps: int, eval_steps: int, examples: int
     page.locator("#eval-subsample textarea").fill(str(examples))
     page.locator("#eval-subsample textarea").press("Tab")
     page.wait_for_function(f"() => document.querySelector('.cm-content')?.innerText.includes('--max-steps {steps}')")
-    before = page.evaluate(STATUS)
+    shown = re.search(r"run (\S+)", page.evaluate(STATUS))
     page.locator("#start-button").click()
-    page.wait_for_function(f"() => ({STATUS})().includes('run ') && ({STATUS})() !== {before!r}", timeout=60_000)
+    # The new run is picked once the status names a run other than the one shown before.
+    previous = f" && !({STATUS})().includes({shown.group(1)!r})" if shown else ""
+    page.wait_for_function(f"() => ({STATUS})().includes('run '){previous}", timeout=60_000)
     return re.search(r"run (\S+)", page.evaluate(STATUS)).group(1)
 
 
@@ -77,19 +79,19 @@ def watch_status(page, until: str, timeout: float) -> list[str]:
 
 def phase_of(status: str) -> str | None:
     for prefix, phase in PHASES:
-        if status.startswith(prefix):
+        if prefix in status:  # Gradio may put its own timer above the line while an event runs
             return phase
     return None
 
 
 def pick(page, run_id: str, status: str) -> None:
-    """Pick `run_id` in "Your runs"; its status shows within a refresh (a tick that began before
-    the pick may still draw the previous run once)."""
+    """Pick `run_id` in "Your runs"; its status shows within a refresh."""
     page.locator("#run-picker input").click()
-    page.locator("ul[role=listbox] li", has_text=run_id).click()
+    page.locator("#run-picker input").fill(run_id)  # the list filters to it; Enter picks it
+    page.locator("#run-picker input").press("Enter")
     try:
         page.wait_for_function(
-            f"() => ({STATUS})().includes({run_id!r}) && ({STATUS})().includes({status!r})", timeout=30_000
+            f"() => ({STATUS})().includes({run_id!r}) && ({STATUS})().includes({status!r})", timeout=10_000
         )
     except playwright.TimeoutError:
         shot(page, f"picked-{status}")
