@@ -64,7 +64,14 @@ def loss_figure(records: list[dict], x: str = "step") -> go.Figure:
         x=xs, y=smooth([r["loss"] for r in shown]), name="smoothed", line={"width": 2.5, "color": TRAIN_COLOUR}
     )
     _add_evaluations(figure, [r for r in records if r.get("kind") == "eval" and "loss" in r], key)
+    _whole_steps(figure, x, train[-1]["step"])
     return figure
+
+
+def _whole_steps(figure: go.Figure, x: str, last_step: int) -> None:
+    """Steps are whole: on a short run Plotly would otherwise tick at 0.5, 1.5, ..."""
+    if x == "step" and last_step <= 10:
+        figure.update_xaxes(dtick=1)
 
 
 TRAIN_COLOUR, EVAL_COLOUR, BASE_COLOUR, FINAL_COLOUR = "#4f46e5", "#ea580c", "#6b7280", "#16a34a"
@@ -162,6 +169,7 @@ def resources_figure(records: list[dict], x: str = "step") -> go.Figure:
         )
     figure.update_yaxes(title_text="tokens/s", rangemode="tozero", row=2, col=1)
     figure.update_xaxes(title_text=label, row=2, col=1)
+    _whole_steps(figure, x, train[-1]["step"])
     return figure
 
 
