@@ -364,7 +364,6 @@ def resume(
 def with_tuned_defaults(config: TrainConfig, model_id: str) -> TrainConfig:
     """`config` resolved, hyperparameters it leaves out taken from the results suite's tuned values
     for its task and model (training.defaults), else from the method."""
-    config.resolved()  # the task and method are known before their defaults are looked up
     tuned = defaults.hparam_defaults(config.task, model_id, config.method)
     return replace(config, hparams={**tuned, **config.hparams}).resolved()
 

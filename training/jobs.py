@@ -122,6 +122,7 @@ class JobManager:
         self.logs = store.root / ".jobs"  # not a run folder: run ids never start with a dot
         self.interrupted = store.mark_interrupted()  # runs an earlier app process left behind
         self._jobs: dict[str, Job] = {}
+        self._owners: dict[str, str | None] = {}  # run id -> owner hash, as its config.json says
         self._queue: deque[str] = deque()
         self._changed = threading.Condition()
         # Workers are started from this one long-lived thread: the parent-death signal fires when
@@ -210,6 +211,7 @@ class JobManager:
             raise ConfigError(f"run {run_id} is queued or running; stop it before deleting it")
         shutil.rmtree(run.dir)
         self._jobs.pop(run_id, None)
+        self._owners.pop(run_id, None)
         return f"{run_id}: deleted"
 
     # -- state ----------------------------------------------------------------------------
@@ -263,7 +265,9 @@ class JobManager:
         owner = owner_hash(owner_token)
         ids = {job.id: job.submitted_at for job in self._jobs.values() if job.config.owner == owner}
         for run in self.store.runs():
-            if run.id not in ids and run.config.get("owner") == owner:
+            if run.id not in self._owners:  # a run's config never changes: read it once, not every tick
+                self._owners[run.id] = run.config.get("owner")
+            if run.id not in ids and self._owners[run.id] == owner:
                 ids[run.id] = run.summary.get("created_at", 0.0)
         return [self.describe(run_id) for run_id in sorted(ids, key=ids.get, reverse=True)]
 

@@ -34,11 +34,16 @@ class ActivationMeter:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._model = model
+        self._parameters: set[int] | None = None
         self.bytes = 0
 
     @contextmanager
     def measuring(self) -> Iterator[None]:
-        parameters = {p.untyped_storage().data_ptr() for p in self._model.parameters()}
+        # Parameters are not activations. Their storages are read at the first step (after the
+        # Trainer has placed the model on its device) and stay put from then on.
+        if self._parameters is None:
+            self._parameters = {p.untyped_storage().data_ptr() for p in self._model.parameters()}
+        parameters = self._parameters
         saved: dict[int, int] = {}  # storage address -> bytes (views of one storage count once)
 
         # A detached alias, never the tensor itself: a tensor holding the graph that holds it is a
