@@ -15,7 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the
 
 import gradio as gr  # noqa: E402
 
-from training.data import MAX_UPLOAD_BYTES  # noqa: E402
+from training.core.data import MAX_UPLOAD_BYTES  # noqa: E402
 from ui import api, compare_tab, guide_tab, playground_tab, train_tab  # noqa: E402
 from ui.arena import Arena  # noqa: E402
 

@@ -31,8 +31,8 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
-from training.data import _rotten_tomatoes_snippets  # noqa: E402
-from training.models import package_dir  # noqa: E402
+from training.core.data import _rotten_tomatoes_snippets  # noqa: E402
+from training.core.models import package_dir  # noqa: E402
 
 MINILM_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

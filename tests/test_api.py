@@ -14,8 +14,8 @@ from gradio_client.exceptions import AppError
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from training import data, inference
-from training.runs import Run
+from training.core import data, inference
+from training.core.runs import Run
 
 DONE = ("finished", "failed", "cancelled")
 

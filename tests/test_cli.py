@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from lora_methods import METHODS, get_method
-from training.cli import build_parser, command_line
-from training.engine import TrainConfig
-from training.runs import RunStore
+from training.cli import build_parser
+from training.core.config import TrainConfig, command_line
+from training.core.runs import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.data import (
+from training.core.data import (
     BUNDLED_HAMLET,
     BUNDLED_HAMLET_CONTINUATION,
     BUNDLED_REVIEW_WRITING,
@@ -19,7 +19,7 @@ from training.data import (
     load_splits,
     load_user_file,
 )
-from training.models import load_tokenizer, package_dir
+from training.core.models import load_tokenizer, package_dir
 
 
 def test_bundled_review_splits_are_fixed_disjoint_and_balanced_enough():

@@ -6,10 +6,11 @@ import statistics
 
 import pytest
 
-from training import data, evaluation, inference
-from training.engine import TrainConfig, train
-from training.models import BUNDLED_SMOLLM2, load_model, load_tokenizer, resolve_model_path, weight_memory_bytes
-from training.runs import RunStore
+from training.core import data, evaluation, inference
+from training.core.config import TrainConfig
+from training.core.models import BUNDLED_SMOLLM2, load_model, load_tokenizer, resolve_model_path, weight_memory_bytes
+from training.core.runs import RunStore
+from training.engine import train
 
 pytestmark = pytest.mark.e2e
 

@@ -8,11 +8,12 @@ import pytest
 from peft import PeftModel
 
 from lora_methods import HParamError
-from training import data, evaluation, inference
-from training.engine import ConfigError, TrainConfig, latest_checkpoint, resume, train
-from training.memory import MEMORY_PARTS
-from training.models import ModelError, load_model, load_tokenizer
-from training.runs import RunStore
+from training.core import data, evaluation, inference
+from training.core.config import ConfigError, TrainConfig
+from training.core.memory import MEMORY_PARTS
+from training.core.models import ModelError, load_model, load_tokenizer
+from training.core.runs import RunStore, latest_checkpoint
+from training.engine import resume, train
 
 TRAIN_KEYS = {
     "kind",

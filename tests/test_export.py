@@ -21,10 +21,12 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from training import data, export, inference, offline
-from training.engine import ConfigError, TrainConfig, train
-from training.inference import InferenceError
-from training.runs import Run, RunStore
+from training.core import data, inference, offline
+from training.core.config import ConfigError, TrainConfig
+from training.core.inference import InferenceError
+from training.core.runs import Run, RunStore
+from training.engine import train
+from training.serving import export
 from ui.arena import Arena, user_errors
 
 REPO = "someone/tiny-adapter"

@@ -11,10 +11,10 @@ import time
 import pytest
 
 from lora_methods import HParamError
-from training.data import DataError
-from training.engine import ConfigError, TrainConfig
+from training.core.config import ConfigError, TrainConfig
+from training.core.data import DataError
+from training.core.runs import RunStore
 from training.jobs import JobManager, Limits, OwnershipError
-from training.runs import RunStore
 
 DONE = ("finished", "failed", "cancelled")
 

@@ -8,8 +8,8 @@ import io
 import pandas as pd
 
 from lora_methods import METHODS
-from training.leaderboard import leaderboard, presentation, to_csv, to_markdown
-from training.runs import RunStore
+from training.core.runs import RunStore
+from training.research.leaderboard import leaderboard, presentation, to_csv, to_markdown
 
 
 def _run(store: RunStore, task: str, method: str, metric: str, value: float | None) -> str:
@@ -68,7 +68,8 @@ def test_the_presentation_is_one_task_with_the_metric_in_its_headers(tmp_path):
 
 
 def test_one_colour_per_method_in_the_report_and_the_app():
-    from training import colours, report  # plotly: imported where needed, as the CLI does
+    from training.core import colours  # plotly: imported where needed, as the CLI does
+    from training.research import report  # plotly: imported where needed, as the CLI does
     from ui import charts
 
     results = {

@@ -7,12 +7,13 @@ import pytest
 from test_engine import sentiment_config
 
 from lora_methods import HParamError
-from training import evaluation, progress
-from training.defaults import hparam_defaults, note
-from training.engine import TrainConfig, latest_checkpoint, train, with_tuned_defaults
+from training.core import evaluation, progress
+from training.core.config import TrainConfig
+from training.core.defaults import hparam_defaults, note
+from training.core.models import BUNDLED_MINILM
+from training.core.runs import RunStore, latest_checkpoint
+from training.engine import train, with_tuned_defaults
 from training.jobs import JobManager
-from training.models import BUNDLED_MINILM
-from training.runs import RunStore
 
 
 def stop_during(phase_name: str, store: RunStore, monkeypatch) -> list[str]:

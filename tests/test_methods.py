@@ -10,7 +10,7 @@ import torch
 
 from lora_methods import METHODS, HParamError, get_method
 from lora_methods.targets import DEFAULT_TARGETS
-from training.models import keep_4bit_layers_trainable, load_model, load_tokenizer, weight_memory_bytes
+from training.core.models import keep_4bit_layers_trainable, load_model, load_tokenizer, weight_memory_bytes
 
 ARCH_TASK = {"bert": "sentiment", "distilbert": "sentiment", "gpt2": "generation", "llama": "generation"}
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training import inference
-from training.engine import TrainConfig, train
-from training.inference import AdapterPool, InferenceError
-from training.playground import MAX_RUNS, classify_side_by_side, generate_side_by_side
-from training.runs import RunNotFound, RunStore
+from training.core import inference
+from training.core.config import TrainConfig
+from training.core.inference import InferenceError
+from training.core.runs import RunNotFound, RunStore
+from training.engine import train
+from training.serving.playground import MAX_RUNS, classify_side_by_side, generate_side_by_side
+from training.serving.pool import AdapterPool
 
 REVIEW = "A gripping, beautifully acted film."
 

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from training import offline
-from training.models import BUNDLED_MINILM, BUNDLED_SMOLLM2, ModelError, default_model, resolve_model_path
-from training.runs import RunNotFound, RunStore
+from training.core import offline
+from training.core.models import BUNDLED_MINILM, BUNDLED_SMOLLM2, ModelError, default_model, resolve_model_path
+from training.core.runs import RunNotFound, RunStore
 
 
 def test_run_ids_cannot_reach_outside_the_store(tmp_path):

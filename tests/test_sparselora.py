@@ -11,10 +11,11 @@ import torch
 
 from lora_methods import HParamError, get_method, sparsity
 from lora_methods.sparselora import layer_schedule
-from training import inference
-from training.engine import TrainConfig, train
-from training.models import load_model, load_tokenizer
-from training.runs import RunStore
+from training.core import inference
+from training.core.config import TrainConfig
+from training.core.models import load_model, load_tokenizer
+from training.core.runs import RunStore
+from training.engine import train
 
 ARCH_TASK = {"bert": "sentiment", "distilbert": "sentiment", "gpt2": "generation", "llama": "generation"}
 

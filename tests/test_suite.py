@@ -8,9 +8,9 @@ import statistics
 import plotly.io
 import pytest
 
-from training import report, suite
 from training.cli import main
-from training.runs import RunStore
+from training.core.runs import RunStore
+from training.research import report, suite
 
 
 @pytest.fixture(scope="module")

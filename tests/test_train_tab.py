@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from training import defaults
-from training.engine import ConfigError
+from training.core import defaults
+from training.core.config import ConfigError
 from ui import charts, train_tab
 
 RUN = "20990101-000000-sentiment-lora-0001"

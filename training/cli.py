@@ -7,24 +7,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from lora_methods import METHODS, TASKS, HParamError, get_method
-
-from . import suite
-from .data import DataError
-from .engine import TASK_DEFAULTS, ConfigError, TrainConfig, resume, train
-from .leaderboard import leaderboard
-from .models import ModelError
-from .runs import RunNotFound, RunStore
+from lora_methods import METHODS, TASKS, HParamError
+from training.core.config import TASK_DEFAULTS, ConfigError, TrainConfig
+from training.core.data import DataError
+from training.core.models import ModelError
+from training.core.runs import RunNotFound, RunStore
+from training.engine import resume, train
+from training.research import suite
+from training.research.leaderboard import leaderboard
 
 USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, ValueError)
 FLAG_ALIASES = {"learning_rate": ["--lr"]}
@@ -184,43 +182,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     return parser, hparam_names
 
 
-def train_arguments(config: TrainConfig) -> list[str]:
-    """The `train` arguments that reproduce `config`: what the UI shows and what its worker runs.
-
-    Values equal to the CLI's own defaults are left out so the line stays readable."""
-    arguments = ["train", "--task", config.task, "--method", config.method]
-    options = {
-        "--model": config.model,
-        "--dataset": config.dataset,
-        "--max-steps": config.max_steps,
-        "--epochs": config.epochs,
-        "--batch-size": config.batch_size,
-        "--seq-len": config.seq_len,
-        "--seed": config.seed or None,
-        "--eval-steps": config.eval_steps,
-        "--eval-samples": config.eval_samples,
-        "--eval-subsample": config.eval_subsample,
-        "--control-samples": None if config.control_samples == 32 else config.control_samples,
-        "--judge-run": config.judge_run,
-        "--checkpoint-steps": config.checkpoint_steps,
-        "--owner": config.owner,
-    }
-    method = get_method(config.method)
-    for name, value in config.hparams.items():
-        # The learning rate's default depends on the model (training.defaults): always spelled out.
-        if value is not None and (name == "learning_rate" or value != method.hparam(name).default):
-            options[method.hparam(name).flag] = value
-    for flag, value in options.items():
-        if value is not None:
-            arguments += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    return arguments + (["--offline"] if config.offline else [])
-
-
-def command_line(config: TrainConfig) -> str:
-    """The shell command a person can paste to run the same training from a terminal."""
-    return shlex.join(["python", "-m", "training", *train_arguments(replace(config, owner=None))])
-
-
 def _train(args: argparse.Namespace, store: RunStore, hparam_names: list[str]) -> dict:
     hparams = {name: getattr(args, name) for name in hparam_names if getattr(args, name) is not None}
     config = TrainConfig(
@@ -272,8 +233,8 @@ def _list(store: RunStore) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from . import report  # plotly: only the suite's commands need it
-    from .bench import Entry, run_bench
+    from training.research import report  # plotly: only the suite's commands need it
+    from training.research.bench import Entry, run_bench
 
     runs_dir = args.runs_dir or suite.DEFAULT_RUNS_DIR
     if args.report or args.only:
@@ -329,7 +290,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from .probe import probe
+    from training.research.probe import probe
 
     try:
         sparsities = tuple(float(part) for part in args.sparsities.split(","))
@@ -370,12 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "list":
             _list(store)
         elif args.command == "export":
-            from . import export  # loads torch models; keep `list` and `--help` fast
+            from training.serving import export  # loads torch models; keep `list` and `--help` fast
 
             run = store.resolve(args.run)
             print(export.export_to(run, Path(args.to or export.export_name(run, args.merged)), args.merged).resolve())
         else:
-            from . import inference  # loads torch models; keep `list` and `--help` fast
+            from training.core import inference  # loads torch models; keep `list` and `--help` fast
 
             loaded = inference.load_run(store.resolve(args.run))
             if args.command == "predict":

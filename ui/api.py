@@ -12,10 +12,9 @@ from typing import Any
 import gradio as gr
 from gradio.data_classes import FileData
 
-from training.cli import command_line
-from training.engine import ConfigError, TrainConfig
-from training.leaderboard import leaderboard
-from training.playground import classify_side_by_side, generate_side_by_side
+from training.core.config import ConfigError, TrainConfig, command_line
+from training.research.leaderboard import leaderboard
+from training.serving.playground import classify_side_by_side, generate_side_by_side
 
 from .arena import Arena, user_errors
 

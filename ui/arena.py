@@ -22,14 +22,16 @@ import gradio as gr
 import torch
 
 from lora_methods import HParamError, get_method
-from training import data, export, models
-from training.data import DataError
-from training.engine import ConfigError, TrainConfig
-from training.inference import AdapterPool, InferenceError
+from training.core import data, models
+from training.core.config import ConfigError, TrainConfig
+from training.core.data import DataError
+from training.core.inference import InferenceError
+from training.core.models import ModelError
+from training.core.offline import is_offline
+from training.core.runs import Run, RunNotFound, RunStore
 from training.jobs import JobManager, OwnershipError
-from training.models import ModelError
-from training.offline import is_offline
-from training.runs import Run, RunNotFound, RunStore
+from training.serving import export
+from training.serving.pool import AdapterPool
 
 USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, InferenceError, OwnershipError)
 
@@ -143,7 +145,7 @@ class Arena:
 
     def push(self, run_id: str, repo_id: str, token: str, merged: bool = False, owner_token: str | None = None) -> dict:
         """Upload the run's export to a private Hub repository: the run's owner only. The token goes
-        to this one upload (training.export.push_run) and is kept nowhere."""
+        to this one upload (training.serving.export.push_run) and is kept nowhere."""
         run = self._finished(run_id)
         self.jobs.check_owner(run_id, owner_token)
         return export.push_run(run, repo_id, token, merged)

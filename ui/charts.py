@@ -6,8 +6,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from training.colours import method_colour
-from training.memory import MB, MEMORY_PARTS
+from training.core.colours import method_colour
+from training.core.memory import MB, MEMORY_PARTS
 
 MAX_POINTS = 400  # per trace: a long run's chart stays light to send and draw
 SMOOTHING = 0.9  # exponential moving average weight, as TensorBoard's default

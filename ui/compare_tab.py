@@ -10,9 +10,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from training import report
-from training.leaderboard import TASK_METRICS, leaderboard, presentation, to_csv, to_markdown
-from training.suite import RESULTS_DIR
+from training.research import report
+from training.research.leaderboard import TASK_METRICS, leaderboard, presentation, to_csv, to_markdown
+from training.research.suite import RESULTS_DIR
 
 from . import charts, export_panel
 from .arena import Arena, user_errors

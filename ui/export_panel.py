@@ -13,8 +13,8 @@ from typing import Any
 
 import gradio as gr
 
-from training.export import OFFLINE_PUSH, RUN_FOLDER
-from training.memory import MB
+from training.core.memory import MB
+from training.serving.export import OFFLINE_PUSH, RUN_FOLDER
 
 from .arena import USER_ERRORS, Arena, user_errors
 

@@ -14,11 +14,11 @@ from safetensors import safe_open
 
 from lora_methods import METHODS, get_method
 from lora_methods.sparselora import layer_schedule
-from training import report
-from training.colours import method_colour
-from training.leaderboard import leaderboard, to_markdown
-from training.models import ModelError, package_dir
-from training.suite import RESULTS_DIR
+from training.core.colours import method_colour
+from training.core.models import ModelError, package_dir
+from training.research import report
+from training.research.leaderboard import leaderboard, to_markdown
+from training.research.suite import RESULTS_DIR
 
 from .arena import Arena
 from .charts import LAYOUT

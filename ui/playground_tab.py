@@ -1,7 +1,7 @@
 """Playground tab: one input, every selected run and the base model side by side.
 
 All runs of a task are served from one base model in memory with their adapters swapped in
-(`training.inference.AdapterPool`); user text is escaped wherever it is shown as HTML.
+(`training.serving.pool.AdapterPool`); user text is escaped wherever it is shown as HTML.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import html
 
 import gradio as gr
 
-from training.inference import MAX_NEW_TOKENS
-from training.leaderboard import leaderboard
-from training.models import LABELS
-from training.playground import classify_side_by_side, generate_side_by_side, review_prompt
+from training.core.inference import MAX_NEW_TOKENS
+from training.core.models import LABELS
+from training.research.leaderboard import leaderboard
+from training.serving.playground import classify_side_by_side, generate_side_by_side, review_prompt
 
 from . import export_panel
 from .arena import Arena, user_errors

@@ -20,10 +20,9 @@ import gradio as gr
 import pandas as pd
 
 from lora_methods import METHODS, TASKS, HParam
-from training import data, defaults, models, progress
-from training.cli import command_line
-from training.engine import TASK_DEFAULTS, ConfigError, TrainConfig
-from training.memory import MB, MEMORY_PARTS, TOTAL
+from training.core import data, defaults, models, progress
+from training.core.config import TASK_DEFAULTS, ConfigError, TrainConfig, command_line
+from training.core.memory import MB, MEMORY_PARTS, TOTAL
 
 from . import charts, export_panel
 from .arena import USER_ERRORS, Arena, check_dataset_choice, check_model_choice, user_errors

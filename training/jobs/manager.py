@@ -24,12 +24,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from lora_methods.targets import check_rank, resolve_targets
-
-from . import data, models
-from .cli import train_arguments
-from .engine import ConfigError, TrainConfig, resumable
-from .offline import is_offline
-from .runs import FINISHED, Run, RunStore
+from training.core import data, models
+from training.core.config import ConfigError, TrainConfig, train_arguments
+from training.core.offline import is_offline
+from training.core.runs import FINISHED, Run, RunStore, resumable
 
 JOB_STATES = ("queued", "starting", "running", "finished", "failed", "cancelled")
 PARALLEL_JOBS = int(os.environ.get("LORA_ARENA_PARALLEL_JOBS", "1"))
@@ -312,7 +310,7 @@ class JobManager:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                cwd=Path(__file__).resolve().parent.parent,
+                cwd=Path(__file__).resolve().parents[2],  # the project root, where `-m training` resolves
             )
         threading.Thread(target=self._watch, args=(job, log_path), daemon=True).start()
 

@@ -31,12 +31,13 @@ import psutil
 import torch
 
 from lora_methods import get_method
-
-from .bench import Entry, run_bench
-from .defaults import RESULTS_DIR  # noqa: F401  (where its results go; the UI reads them there)
-from .engine import TrainConfig, _library_versions, train
-from .offline import is_offline
-from .runs import Run, RunNotFound, RunStore
+from training.core.config import TrainConfig
+from training.core.defaults import RESULTS_DIR  # noqa: F401  (where its results go; the UI reads them there)
+from training.core.environment import library_versions
+from training.core.offline import is_offline
+from training.core.runs import Run, RunNotFound, RunStore
+from training.engine import train
+from training.research.bench import Entry, run_bench
 
 DEFAULT_RUNS_DIR = Path("runs") / "bench-suite"
 
@@ -478,7 +479,7 @@ def run_suite(
         "duration_s": finished - started,
         "training": _training_record(store, {t["run"] for t in sweep} | {c["run"] for c in cells}, started),
         "hardware": _hardware(),
-        "versions": _library_versions(),
+        "versions": library_versions(),
         "offline": offline,
         "runs_dir": str(runs_dir),
         "plans": [asdict(plan) for plan in plans],

@@ -12,13 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from lora_methods import Task, get_method
-
-from .data import REVIEW_PROMPT
-from .engine import find_judge
-from .inference import MAX_NEW_TOKENS, AdapterPool, InferenceError, class_probabilities, sample
-from .models import LABELS, default_model, resolve_model_path
-from .offline import is_offline
-from .runs import Run, RunStore
+from training.core.data import REVIEW_PROMPT
+from training.core.inference import MAX_NEW_TOKENS, InferenceError, class_probabilities, sample
+from training.core.models import LABELS, default_model, resolve_model_path
+from training.core.offline import is_offline
+from training.core.runs import Run, RunStore, find_judge
+from training.serving.pool import AdapterPool
 
 MAX_TEXT_CHARS = 2000
 MAX_RUNS = 8

@@ -20,11 +20,11 @@ import torch
 from transformers import set_seed
 
 from lora_methods import Task, get_method
-
-from . import data, memory, models
-from .engine import TASK_DEFAULTS, TrainConfig, train
-from .offline import is_offline
-from .runs import RunStore
+from training.core import data, memory, models
+from training.core.config import TASK_DEFAULTS, TrainConfig
+from training.core.offline import is_offline
+from training.core.runs import RunStore
+from training.engine import train
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class _Contender:
             self.times.append(time.perf_counter() - started)
 
     def memory(self, batch: dict) -> dict[str, int]:
-        """Where a training step's memory goes (training.memory): weights, gradients, optimizer
+        """Where a training step's memory goes (training.core.memory): weights, gradients, optimizer
         state and the activations one forward on `batch` saves for the backward pass."""
         meter = memory.ActivationMeter(self.model)
         with meter.measuring():

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 import torch
 
 from lora_methods import Task, get_method, sparsity
-
-from . import models
-from .bench import Workload
+from training.core import models
+from training.research.bench import Workload
 
 
 def probe(

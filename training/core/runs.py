@@ -17,8 +17,11 @@ import secrets
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
+
+from training.core.config import ConfigError, TrainConfig
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATUSES = ("running", "completed", "stopped", "failed", "interrupted")
@@ -181,3 +184,50 @@ class RunStore:
         for directory in sorted(self.root.iterdir()):
             if (directory / "config.json").exists():
                 yield Run(directory)
+
+
+def find_judge(store: RunStore, judge_run: str | None) -> Run | None:
+    """The sentiment run that judges generated reviews: the one named, else the store's most accurate."""
+    if judge_run:
+        run = store.resolve(judge_run)
+        if run.config.get("task") != "sentiment":
+            raise ConfigError(f"judge run {judge_run} is not a sentiment run")
+        return run
+    candidates = [
+        run
+        for run in store.runs()
+        if run.config.get("task") == "sentiment"
+        and run.summary.get("status") == "completed"
+        and run.adapter_dir.exists()
+    ]
+    return max(candidates, key=lambda r: r.summary["metrics"]["validation"]["accuracy"], default=None)
+
+
+RESUMABLE = ("stopped", "interrupted", "failed")
+
+
+def latest_checkpoint(run: Run) -> str | None:
+    """The newest complete checkpoint: a process killed while saving leaves a folder without the
+    trainer state the Trainer writes last, and the previous checkpoint is the one to resume."""
+
+    def complete(path: Path) -> bool:
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return path.name.rsplit("-", 1)[1].isdigit()
+
+    saved = [path for path in (run.dir / "checkpoints").glob("checkpoint-*") if complete(path)]
+    return str(max(saved, key=lambda path: int(path.name.rsplit("-", 1)[1]))) if saved else None
+
+
+def resumable(run: Run) -> tuple[TrainConfig, str]:
+    """The config a run was started with and the checkpoint to continue from; ConfigError if the
+    run cannot be resumed (still running, completed, or stopped before its first checkpoint)."""
+    if run.status not in RESUMABLE:
+        raise ConfigError(f"run {run.id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed")
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        raise ConfigError(f"run {run.id} has no checkpoint to resume from (it stopped before the first one)")
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{key: value for key, value in run.config.items() if key in names}), checkpoint

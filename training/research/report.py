@@ -15,9 +15,9 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .colours import OTHER, method_colour
-from .memory import MB, MEMORY_PARTS
-from .runs import write_json_atomic
+from training.core.colours import OTHER, method_colour
+from training.core.memory import MB, MEMORY_PARTS
+from training.core.runs import write_json_atomic
 
 Results = Mapping[str, Any]
 LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 60, "b": 50}, "height": 420}

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .memory import MB
-from .runs import RunStore
+from training.core.memory import MB
+from training.core.runs import RunStore
 
 COLUMNS = (
     "run",

@@ -8,18 +8,15 @@ The engine holds no global state and never imports a UI: a job manager, the CLI 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,283 +25,19 @@ from transformers import (
     PreTrainedTokenizerBase,
     PrinterCallback,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 
-from lora_methods import TASKS, FineTuningMethod, Task, get_method
+from lora_methods import FineTuningMethod, get_method
+from training.core import data, defaults, evaluation, inference, memory, models
+from training.core.config import TrainConfig
+from training.core.environment import device, library_versions
+from training.core.offline import is_offline
+from training.core.runs import Run, RunStore, find_judge, resumable, write_json_atomic
+from training.engine.recorder import PHASE_CLOCKS, MeasuredTrainer, Phases, RunRecorder
 
-from . import data, defaults, evaluation, inference, memory, models
-from .offline import is_offline
-from .runs import Run, RunStore, write_json_atomic
-
-# eval_samples: examples per split in the final evaluation (None: all); eval_subsample: the fixed
-# validation examples that the base and in-training evaluations report, so watching a run costs
-# little of its time (the base evaluation also covers the final one's examples, for the gain).
-TASK_DEFAULTS: dict[Task, dict[str, Any]] = {
-    "sentiment": {"batch_size": 16, "seq_len": 128, "max_steps": 300, "eval_samples": None, "eval_subsample": 256},
-    "generation": {"batch_size": 8, "seq_len": 128, "max_steps": 60, "eval_samples": 200, "eval_subsample": 32},
-}
-LIMITS = {  # name -> (minimum, maximum), inclusive
-    "batch_size": (1, 512),
-    "seq_len": (8, 4096),
-    "max_steps": (1, 1_000_000),
-    "seed": (0, 2**31 - 1),
-    "eval_steps": (1, 1_000_000),
-    "eval_samples": (1, 1_000_000),
-    "eval_subsample": (1, 1_000_000),
-    "checkpoint_steps": (1, 1_000_000),
-    "control_samples": (0, 1024),
-}
 WARMUP_FRACTION = 0.05
-
-
-class ConfigError(ValueError):
-    """A training request that cannot run; nothing has been written when this is raised."""
-
-
-@dataclass
-class TrainConfig:
-    task: Task
-    method: str
-    model: str | None = None  # catalog id, local folder or Hub id; None: the task's default
-    dataset: str | None = None  # catalog id or a .csv/.jsonl path; None: the task's default
-    hparams: dict[str, Any] = field(default_factory=dict)  # the method's hyperparameters
-    max_steps: int | None = None
-    epochs: float | None = None  # instead of max_steps
-    batch_size: int | None = None
-    seq_len: int | None = None
-    seed: int = 0
-    eval_steps: int | None = None  # None: five evaluations over the run
-    eval_samples: int | None = None  # validation and test examples in the final evaluation; None: task default
-    eval_subsample: int | None = None  # validation examples each in-training evaluation reports; None: task default
-    control_samples: int = 32  # generations judged for sentiment control (controlled writing only)
-    judge_run: str | None = None  # sentiment run that judges generations; None: the best one in the store
-    checkpoint_steps: int | None = None  # save a resumable checkpoint every N steps; None: five per run
-    owner: str | None = None  # opaque hash of the app session that started the run (only it may stop it)
-    offline: bool = False
-
-    def resolved(self) -> TrainConfig:
-        """Defaults filled in and every value checked; raises ConfigError or HParamError."""
-        if self.task not in TASKS:
-            raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        method = get_method(self.method)
-        values = {**asdict(self), "hparams": method.resolve_hparams(self.hparams)}
-        defaults = TASK_DEFAULTS[self.task]
-        if self.max_steps is not None and self.epochs is not None:
-            raise ConfigError("give either max_steps or epochs, not both")
-        if self.epochs is not None:
-            if not 0 < float(self.epochs) <= 100:
-                raise ConfigError(f"epochs must be in (0, 100] (got {self.epochs})")
-        else:
-            values["max_steps"] = self.max_steps if self.max_steps is not None else defaults["max_steps"]
-        for name in ("batch_size", "seq_len"):
-            if values[name] is None:
-                values[name] = defaults[name]
-        for name in ("eval_samples", "eval_subsample"):
-            if values[name] is None:
-                values[name] = defaults[name]
-        for name, (low, high) in LIMITS.items():
-            value = values[name]
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"{name} must be a whole number from {low} to {high} (got {value!r})")
-        return TrainConfig(**values)
-
-
-def _library_versions() -> dict[str, str]:
-    packages = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
-    return {"python": platform.python_version(), **{name: importlib.metadata.version(name) for name in packages}}
-
-
-def _device() -> dict[str, Any]:
-    if torch.cuda.is_available():
-        return {"type": "cuda", "name": torch.cuda.get_device_name(), "count": torch.cuda.device_count()}
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-
-
-# What each phase's time counts as in the summary: loading and evaluation are the run's overhead.
-PHASE_CLOCKS = {
-    "loading": "load_time_s",
-    "base evaluation": "eval_time_s",
-    "training": "train_time_s",
-    "evaluation": "eval_time_s",
-    "final evaluation": "eval_time_s",
-    "saving": "save_time_s",
-}
-PHASE_WRITE_INTERVAL_S = 0.5
-
-
-class Phases:
-    """The run's current phase (loading, base evaluation, training, evaluation at step N, final
-    evaluation, saving) with its progress, written to the summary for live views, and the time
-    spent in each kind of phase."""
-
-    def __init__(self, started_at: float | None = None) -> None:
-        """`started_at`: when the request began (epoch seconds), e.g. the worker process's start,
-        so that loading counts the interpreter and libraries too; default now."""
-        self.run: Run | None = None
-        self.timings = {clock: 0.0 for clock in PHASE_CLOCKS.values()}
-        self.current: dict[str, Any] = {}
-        self._since = time.perf_counter() - (time.time() - started_at if started_at else 0.0)
-        self._written = 0.0
-
-    def attach(self, run: Run | None) -> None:
-        self.run = run
-        self._write()
-
-    def begin(self, name: str, total: int | None = None, step: int | None = None) -> None:
-        self._close()
-        self.current = {"name": name, "step": step, "done": 0, "total": total, "started_at": time.time()}
-        self._write()
-
-    def advance(self, done: int) -> None:
-        self.current["done"] = done
-        if time.perf_counter() - self._written >= PHASE_WRITE_INTERVAL_S:
-            self._write()
-
-    def _close(self) -> None:
-        now = time.perf_counter()
-        if self.current:
-            self.timings[PHASE_CLOCKS[self.current["name"]]] += now - self._since
-        self._since = now
-
-    def finish(self) -> dict[str, float]:
-        """The time spent per kind of phase, its total and the share spent loading and evaluating."""
-        self._close()
-        wall = sum(self.timings.values())
-        overhead = self.timings["load_time_s"] + self.timings["eval_time_s"]
-        return {**self.timings, "wall_time_s": wall, "overhead_share": overhead / wall if wall else None}
-
-    def _write(self) -> None:
-        if self.run is not None and self.current:
-            self._written = time.perf_counter()
-            self.run.update_summary(phase={**self.current, "updated_at": time.time()})
-
-
-class RunRecorder(TrainerCallback):
-    """Streams each logged step (with its memory) to metrics.jsonl, evaluates every `eval_steps`,
-    honours stop requests."""
-
-    def __init__(
-        self,
-        run: Run | None,
-        phases: Phases,
-        total_steps: int,
-        batch_size: int,
-        eval_steps: int,
-        evaluate: Callable[[torch.nn.Module, int], dict | None],
-        should_stop: Callable[[], bool],
-        memory_of: Callable[[torch.optim.Optimizer], dict[str, int]],
-    ) -> None:
-        self.run, self.phases, self.total_steps, self.batch_size = run, phases, total_steps, batch_size
-        self.eval_steps, self.evaluate, self.should_stop, self.memory_of = eval_steps, evaluate, should_stop, memory_of
-        self.step_times: list[float] = []
-        self.stopped = False
-        self.elapsed_before = 0.0
-        self.started = self._step_started = time.perf_counter()
-        self._time_since_log = 0.0
-        self._tokens_at_last_log = 0
-
-    def _write(self, record: dict) -> None:
-        if self.run is not None:
-            self.run.append_metrics(record)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        # A resumed run continues its clock and token count from the checkpoint.
-        self.started = time.perf_counter() - self.elapsed_before
-        self._tokens_at_last_log = state.num_input_tokens_seen
-        self.phases.begin("training", total=self.total_steps)
-        self.phases.advance(state.global_step)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step_started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        elapsed = time.perf_counter() - self._step_started
-        self.step_times.append(elapsed)
-        self._time_since_log += elapsed
-        self.phases.advance(state.global_step)
-        if state.global_step % self.eval_steps == 0 and state.global_step < self.total_steps:
-            figures = self.evaluate(model, state.global_step)  # None: stopped during it
-            if figures is not None:
-                self._write({"kind": "eval", "step": state.global_step, **figures, "elapsed_s": self._elapsed()})
-            self.phases.begin("training", total=self.total_steps)
-            self.phases.advance(state.global_step)
-        if self.should_stop():
-            self.stopped = True
-            control.should_training_stop = True
-            control.should_save = True  # a stopped run can be resumed from exactly here
-
-    def _elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
-        if not logs or "loss" not in logs:
-            return  # Trainer's end-of-training summary, not a step
-        step_time = self._time_since_log / max(args.logging_steps, 1)
-        tokens = state.num_input_tokens_seen - self._tokens_at_last_log
-        record = {
-            "kind": "train",
-            "step": state.global_step,
-            "epoch": logs.get("epoch"),
-            "loss": logs["loss"],
-            "learning_rate": logs.get("learning_rate"),
-            "grad_norm": logs.get("grad_norm"),
-            "step_time_s": step_time,
-            "samples_per_s": self.batch_size * args.world_size / step_time if step_time else None,
-            "tokens_per_s": tokens / self._time_since_log if self._time_since_log else None,
-            "elapsed_s": self._elapsed(),
-            **self.memory_of(optimizer),
-            **memory.process_figures(),
-            # whatever else was logged (tokens seen; a method's own telemetry), under its own name
-            **{k: v for k, v in logs.items() if k not in ("loss", "epoch", "learning_rate", "grad_norm")},
-        }
-        self._time_since_log, self._tokens_at_last_log = 0.0, state.num_input_tokens_seen
-        self._write(record)
-        self._report(state, record, step_time)
-
-    def _report(self, state, record: dict, step_time: float) -> None:
-        report_every = max(1, self.total_steps // 20)
-        if state.is_world_process_zero and (state.global_step % report_every == 0 or state.global_step == 1):
-            eta = (self.total_steps - state.global_step) * statistics.median(self.step_times)
-            print(
-                f"step {state.global_step}/{self.total_steps}  loss {record['loss']:.4f}  "
-                f"{step_time:.2f} s/step  eta {eta:.0f} s (training only)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-
-class _MeasuredTrainer(Trainer):
-    """The Trainer, counting the activations each training step saves for its backward pass."""
-
-    def __init__(self, *args: Any, meter: memory.ActivationMeter, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.meter = meter
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        with self.meter.measuring():
-            return super().training_step(model, inputs, num_items_in_batch)
-
-
-def find_judge(store: RunStore, judge_run: str | None) -> Run | None:
-    """The sentiment run that judges generated reviews: the one named, else the store's most accurate."""
-    if judge_run:
-        run = store.resolve(judge_run)
-        if run.config.get("task") != "sentiment":
-            raise ConfigError(f"judge run {judge_run} is not a sentiment run")
-        return run
-    candidates = [
-        run
-        for run in store.runs()
-        if run.config.get("task") == "sentiment"
-        and run.summary.get("status") == "completed"
-        and run.adapter_dir.exists()
-    ]
-    return max(candidates, key=lambda r: r.summary["metrics"]["validation"]["accuracy"], default=None)
 
 
 def _count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -315,36 +48,6 @@ def _count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def _dir_size(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-RESUMABLE = ("stopped", "interrupted", "failed")
-
-
-def latest_checkpoint(run: Run) -> str | None:
-    """The newest complete checkpoint: a process killed while saving leaves a folder without the
-    trainer state the Trainer writes last, and the previous checkpoint is the one to resume."""
-
-    def complete(path: Path) -> bool:
-        try:
-            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return path.name.rsplit("-", 1)[1].isdigit()
-
-    saved = [path for path in (run.dir / "checkpoints").glob("checkpoint-*") if complete(path)]
-    return str(max(saved, key=lambda path: int(path.name.rsplit("-", 1)[1]))) if saved else None
-
-
-def resumable(run: Run) -> tuple[TrainConfig, str]:
-    """The config a run was started with and the checkpoint to continue from; ConfigError if the
-    run cannot be resumed (still running, completed, or stopped before its first checkpoint)."""
-    if run.status not in RESUMABLE:
-        raise ConfigError(f"run {run.id} is {run.status}; only {', '.join(RESUMABLE)} runs can be resumed")
-    checkpoint = latest_checkpoint(run)
-    if checkpoint is None:
-        raise ConfigError(f"run {run.id} has no checkpoint to resume from (it stopped before the first one)")
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{key: value for key, value in run.config.items() if key in names}), checkpoint
 
 
 def resume(
@@ -363,7 +66,7 @@ def resume(
 
 def with_tuned_defaults(config: TrainConfig, model_id: str) -> TrainConfig:
     """`config` resolved, hyperparameters it leaves out taken from the results suite's tuned values
-    for its task and model (training.defaults), else from the method."""
+    for its task and model (training.core.defaults), else from the method."""
     tuned = defaults.hparam_defaults(config.task, model_id, config.method)
     return replace(config, hparams={**tuned, **config.hparams}).resolved()
 
@@ -426,8 +129,8 @@ def train(
             "model_path": model_path,
             "dataset_sizes": splits.sizes(),
             "offline": offline,
-            "versions": _library_versions(),
-            "device": _device(),
+            "versions": library_versions(),
+            "device": device(),
             "judge_run": judge.id if judge else None,
         }
         run, checkpoint = (store.create(record, run_id) if is_main else None), None
@@ -671,7 +374,7 @@ class _Job:
             memory_of,
         )
         self.method_callbacks = self.method.callbacks(self.model, config.hparams) if self.method.callbacks else []
-        trainer = _MeasuredTrainer(
+        trainer = MeasuredTrainer(
             model=self.model,
             args=args,
             train_dataset=self.tokenized["train"],

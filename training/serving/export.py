@@ -27,14 +27,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from lora_methods import FineTuningMethod, get_method
-
-from . import offline
-from .cli import command_line
-from .engine import ConfigError, TrainConfig
-from .inference import InferenceError, load_run
-from .memory import MB
-from .models import BUNDLED_SMOLLM2, CATALOG, LABELS
-from .runs import Run, write_json_atomic
+from training.core import offline
+from training.core.config import ConfigError, TrainConfig, command_line
+from training.core.inference import InferenceError, load_run
+from training.core.memory import MB
+from training.core.models import BUNDLED_SMOLLM2, CATALOG, LABELS
+from training.core.runs import Run, write_json_atomic
 
 EXPORTABLE = ("completed", "stopped")
 RUN_FOLDER = "run"

@@ -16,9 +16,8 @@ import datasets
 import torch
 
 from lora_methods import Task
-
-from .data import IGNORE_INDEX, REVIEW_PROMPT
-from .models import LABELS
+from training.core.data import IGNORE_INDEX, REVIEW_PROMPT
+from training.core.models import LABELS
 
 
 def macro_f1(predictions: list[int], labels: list[int], num_classes: int = len(LABELS)) -> float:

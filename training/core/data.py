@@ -20,8 +20,7 @@ import pandas as pd
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lora_methods import Task
-
-from .models import LABELS, package_dir
+from training.core.models import LABELS, package_dir
 
 SPLIT_SEED = 1234  # fixed: splits never depend on a run's seed
 IGNORE_INDEX = -100

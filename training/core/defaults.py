@@ -15,7 +15,7 @@ from typing import Any
 
 from lora_methods import METHODS, TASKS
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "assets" / "results"
 TUNED = ("learning_rate",)  # what the suite sweeps
 
 

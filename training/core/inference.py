@@ -1,0 +1,121 @@
+"""Using a trained run: load its adapter onto its base model, classify text, generate text."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from lora_methods import Task, get_method
+from training.core.models import LABELS, load_model, load_tokenizer, resolve_model_path
+from training.core.offline import is_offline
+from training.core.runs import Run
+
+MAX_NEW_TOKENS = 256
+
+
+class InferenceError(ValueError):
+    """A request that cannot be served (bad input, unusable run); the message says why."""
+
+
+@dataclass
+class LoadedRun:
+    run_id: str
+    task: Task
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+
+
+def load_run(run: Run) -> LoadedRun:
+    """The run's base model with its adapter applied (full fine-tuning: its saved model folder)."""
+    config = run.config
+    if not run.adapter_dir.exists():
+        status = run.summary.get("status", "unknown")
+        raise InferenceError(f"run {run.id} has no saved adapter (status: {status})")
+    method = get_method(config["method"])
+    task: Task = config["task"]
+    tokenizer = load_tokenizer(str(run.adapter_dir))
+    if method.saves_full_model:
+        model = load_model(str(run.adapter_dir), task, tokenizer)
+    else:
+        base_path = resolve_model_path(config["model"], offline=is_offline(config.get("offline", False)))
+        base = load_model(base_path, task, tokenizer, quantize_4bit=method.quantize_base)
+        model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    model.eval()
+    return LoadedRun(run.id, task, model, tokenizer)
+
+
+def _require_text(texts: list[str], what: str) -> None:
+    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise InferenceError(f"the {what} is empty; type some text")
+
+
+@torch.no_grad()
+def class_probabilities(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int = 256
+) -> torch.Tensor:
+    _require_text(texts, "text")
+    device = next(model.parameters()).device
+    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
+    return torch.softmax(model(**batch).logits.float(), dim=-1).cpu()
+
+
+def classify(loaded: LoadedRun, texts: list[str]) -> list[dict]:
+    """Label and per-class probability for each text, with the batch's latency."""
+    if loaded.task != "sentiment":
+        raise InferenceError(f"run {loaded.run_id} is a {loaded.task} run; classification needs a sentiment run")
+    start = time.perf_counter()
+    probabilities = class_probabilities(loaded.model, loaded.tokenizer, texts)
+    latency = time.perf_counter() - start
+    return [
+        {"label": LABELS[int(row.argmax())], "probabilities": dict(zip(LABELS, row.tolist())), "latency_s": latency}
+        for row in probabilities
+    ]
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> list[str]:
+    """Continuations of `prompts` (the prompt itself is not repeated). temperature 0 means greedy."""
+    _require_text(prompts, "prompt")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise InferenceError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_new_tokens})")
+    if not 0 <= temperature <= 5:
+        raise InferenceError(f"temperature must be between 0 and 5 (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise InferenceError(f"top_p must be in (0, 1] (got {top_p})")
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    # Generation continues from the last position of every row, so pad on the left; the tokenizer
+    # may be the one a training collator pads with, so its own setting is put back.
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    tokenizer.padding_side = padding_side
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
+    output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    model.train(was_training)
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def generate(loaded: LoadedRun, prompts: list[str], **sampling) -> list[dict]:
+    if loaded.task != "generation":
+        raise InferenceError(f"run {loaded.run_id} is a {loaded.task} run; generation needs a generation run")
+    start = time.perf_counter()
+    texts = sample(loaded.model, loaded.tokenizer, prompts, **sampling)
+    latency = time.perf_counter() - start
+    return [{"text": text, "latency_s": latency} for text in texts]
