@@ -70,10 +70,12 @@ def test_each_run_answers_as_if_loaded_alone(store):
 def test_adapters_of_one_kind_share_one_base_model(store):
     pool = AdapterPool()
     classify_side_by_side(pool, store, _ids(store, "sentiment"), REVIEW, include_base=True)
-    bases = {key[2:]: shared for key, shared in pool._bases.items()}
+    held = pool.loaded()
+    methods = {run.id: run.config["method"] for run in store.runs()}
+    bases = {(base["quantized"], base["adapter_type"]): [methods[r] for r in base["runs"]] for base in held["bases"]}
     # LoRA (both runs) and the base's answer share one model; HiRA and the 4-bit base have their own
-    assert sorted(len(shared.adapters) for shared in bases.values()) == [1, 1, 2]
-    assert set(bases) == {(False, "LORA"), (False, "HIRA"), (True, "LORA")}
+    assert bases == {(False, "LORA"): ["lora", "lora"], (False, "HIRA"): ["hira"], (True, "LORA"): ["qlora"]}
+    assert [methods[run] for run in held["full_models"]] == ["full"]  # a whole model, kept by itself
 
 
 def test_merged_adapters_answer_the_same_and_report_their_latency(store):
@@ -100,7 +102,16 @@ def test_generation_side_by_side_matches_a_run_loaded_alone_and_is_judged(store)
     assert [entry["run"] for entry in results] == [None, run_id]
     alone = inference.load_run(store.get(run_id))
     assert results[1]["text"] == inference.sample(alone.model, alone.tokenizer, ["To be, or not"], **settings)[0]
-    assert all(entry["judged"]["label"] in ("negative", "positive") for entry in results)  # a sentiment run judges
+    assert all(entry["text"].strip() for entry in results)
+    # the most accurate sentiment run judges each text, as it reads the text when loaded alone
+    judge = store.get(results[0]["judge_run"])
+    accuracy = lambda run: run.summary["metrics"]["validation"]["accuracy"]  # noqa: E731
+    assert accuracy(judge) == max(accuracy(run) for run in store.runs() if run.config["task"] == "sentiment")
+    assert all(entry["judge_run"] == judge.id for entry in results)
+    readings = inference.classify(inference.load_run(judge), [entry["text"] for entry in results])
+    for entry, reading in zip(results, readings):
+        assert entry["judged"]["label"] == reading["label"]
+        assert entry["judged"]["positive"] == pytest.approx(reading["probabilities"]["positive"], abs=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,22 @@ class AdapterPool:
         shared.model.set_adapter(run.id)
         return shared.model, shared.tokenizer, run.id
 
+    def loaded(self) -> dict[str, list]:
+        """What is in memory: each shared base model (task, model path, whether 4-bit, adapter type and
+        the runs whose adapters it carries, sorted) and the ids of the full fine-tuned models kept."""
+        with self._lock:
+            bases = [
+                {
+                    "task": task,
+                    "model": model_path,
+                    "quantized": quantized,
+                    "adapter_type": adapter_type,
+                    "runs": sorted(shared.adapters),
+                }
+                for (task, model_path, quantized, adapter_type), shared in self._bases.items()
+            ]
+            return {"bases": bases, "full_models": list(self._full)}
+
     def forget(self, run_id: str) -> None:
         """Unload a run's adapter (its run was deleted)."""
         with self._lock:
