@@ -6,6 +6,7 @@ import csv
 import io
 
 import pandas as pd
+import pytest
 
 from lora_methods import METHODS
 from training.core.runs import RunStore
@@ -72,11 +73,11 @@ def test_one_colour_per_method_in_the_report_and_the_app():
     from training.research import report  # plotly: imported where needed, as the CLI does
     from ui import charts
 
+    cell = {"test_accuracy": {"mean": 0.7, "std": None, "n": 1}, "trainable_params": 10, "base_weight_memory_bytes": 1}
     results = {
-        "aggregate": {
-            "sentiment": {v: {"test_accuracy": {"mean": 0.7, "std": None, "n": 1}} for v in ("lora", "hira")}
-        },
-        "speed": {"sentiment": [{"label": v, "median_step_s": 0.1} for v in ("lora", "hira")]},
+        "plans": [{"name": "sentiment", "task": "sentiment"}],
+        "aggregate": {"sentiment": {v: cell for v in ("lora", "hira")}},
+        "speed": {"sentiment": []},
     }
     dots = report.FIGURES["tasks"](results).data[0]
     drawn = dict(zip(dots.y, dots.marker.color))
@@ -88,3 +89,47 @@ def test_one_colour_per_method_in_the_report_and_the_app():
     assert colours.method_colour("sparselora-s50") != colours.method_colour("sparselora")  # a shade of its family
     assert colours.family("sparselora-4bit") == "sparselora-4bit" and colours.family("lora-r32") == "lora"
     assert set(METHODS) <= set(colours.METHOD_COLOURS)  # a new method needs its colour
+
+
+def _finished(store: RunStore, method: str, accuracy: float, steps: int) -> None:
+    run = store.create({"task": "sentiment", "method": method, "model": "m", "dataset": "d"})
+    run.update_summary(
+        status="completed",
+        steps=steps,
+        primary_metric="accuracy",
+        metrics={"validation": {"accuracy": accuracy}},
+        trainable_params=100,
+        median_step_time_s=0.2 if method == "lora" else 0.4,
+    )
+
+
+def test_the_stores_runs_answer_the_research_questions_on_equal_work_only(tmp_path):
+    from training.research import report  # plotly: imported where needed, as the CLI does
+
+    store = RunStore(tmp_path)
+    for accuracy in (0.70, 0.80):
+        _finished(store, "lora", accuracy, steps=20)
+    _finished(store, "hira", 0.90, steps=20)
+    _finished(store, "hira", 0.99, steps=40)  # no LoRA run of this budget: compared with nothing
+    table = report.store_rows(store)
+    assert [row.plan for row in table][0] == "sentiment: `m` on `d`, 40 steps"  # the largest budget first
+    assert {(row.plan, row.variant, row.n) for row in table} == {
+        ("sentiment: `m` on `d`, 40 steps", "hira", 1),
+        ("sentiment: `m` on `d`, 20 steps", "lora", 2),
+        ("sentiment: `m` on `d`, 20 steps", "hira", 1),
+    }
+    said = report.answers(table)["hira"]
+    assert said.startswith("sentiment: `m` on `d`, 20 steps, rank 8") and "40 steps" not in said
+    assert "HiRA 90.0% (n=1) vs LoRA 75.0% ± 7.1 (n=2) (+15.0 points), step 0.50x LoRA's speed" in said
+    assert report.answers(table)["sparselora"] == ""  # not measured: the Guide says so
+
+
+def test_one_smoothing_for_the_live_charts_and_the_report():
+    from training.core.presentation import smooth
+    from ui import charts
+
+    assert smooth([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])  # debiased: not pulled towards 0
+    assert smooth([0.0, 1.0], 0.5) == pytest.approx([0.0, 2 / 3])
+    records = [{"kind": "train", "step": step, "loss": loss} for step, loss in enumerate((3.0, 1.0, 2.0), 1)]
+    drawn = charts.loss_figure(records).data[1].y
+    assert list(drawn) == pytest.approx(smooth([3.0, 1.0, 2.0], charts.SMOOTHING))

@@ -119,10 +119,11 @@ def test_the_report_and_the_answers_quote_the_jsons_numbers(published):
     assert set(results["answers"]) == {"sparselora", "qlora", "hira", "tasks", "combinations"}
     for key in ("sparselora", "qlora", "hira", "tasks"):
         assert results["answers"][key] and results["answers"][key] in text
-    headlines = report.headlines(results)
+    table = report.rows(results)
+    headlines = report.headlines(table)
     for key, _ in report.QUESTIONS:  # each answer in one sentence, above its table
         if headlines[key]:
-            assert f"**{headlines[key]}**" in text and report.question_table(results, key) in text
+            assert f"**{headlines[key]}**" in text and report.question_table(table, key) in text
     figures = {name: plotly.io.from_json((out / "figures" / f"{name}.json").read_text()) for name in report.FIGURES}
     assert all(figure.data and figure.layout.title.text for figure in figures.values())
 
@@ -178,7 +179,13 @@ def test_the_guide_and_compare_tabs_show_the_published_results(published):
 
     runs, out, results = published
     arena = Arena(str(runs))
-    assert "**1. What does SparseLoRA" in guide_tab.store_markdown(arena)  # the store's runs, question by question
+    from_store = guide_tab.store_markdown(arena)  # the store's runs, question by question
+    assert "**1. What does SparseLoRA" in from_store
+    store_rows = report.store_rows(arena.store)  # the suite's runs: one plan per task and budget
+    assert {(row.plan.split(":")[0], row.variant) for row in store_rows} >= {("sentiment", "lora"), ("generation", "lora")}
+    for key, said in report.answers(store_rows).items():  # the report's functions, fed the store's rows
+        if key != "tasks":
+            assert said in from_store and report.question_table(store_rows, key) in from_store
     with gr.Blocks() as demo:
         with gr.Tab("Compare") as compare:
             compare_tab.build(demo, arena, compare, out)
@@ -189,9 +196,10 @@ def test_the_guide_and_compare_tabs_show_the_published_results(published):
     assert sum(report.headline_tables(results).strip() in text for text in texts) == 2  # Compare and Guide
     assert any(text == (out / "report.md").read_text().strip() for text in texts)
     assert sum(isinstance(block, gr.Plot) for block in shown) >= 2 + len(report.FIGURES)
-    headlines = report.headlines(results)  # the report's sentences and tables, the same functions
+    table = report.rows(results)
+    headlines = report.headlines(table)  # the report's sentences and tables, the same functions
     for key in ("sparselora", "qlora", "hira", "tasks"):
         assert any(headlines[key] in text for text in texts)
-        assert any(report.question_table(results, key).strip() == text for text in texts)
+        assert any(report.question_table(table, key).strip() == text for text in texts)
     plots = [block for block in shown if isinstance(block, gr.Plot)]
     assert all(plot.label and plot.label != "Plot" and not plot.show_label for plot in plots)  # titled by the figure

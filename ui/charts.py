@@ -8,6 +8,7 @@ from plotly.subplots import make_subplots
 
 from training.core.colours import method_colour
 from training.core.memory import MB, MEMORY_PARTS
+from training.core.presentation import smooth
 
 MAX_POINTS = 400  # per trace: a long run's chart stays light to send and draw
 SMOOTHING = 0.9  # exponential moving average weight, as TensorBoard's default
@@ -26,15 +27,6 @@ def _thin(records: list[dict]) -> list[dict]:
     if records and thinned[-1] is not records[-1]:
         thinned.append(records[-1])  # always show the latest point
     return thinned
-
-
-def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
-    """Debiased exponential moving average: the first points are not pulled towards zero."""
-    smoothed, average = [], 0.0
-    for count, value in enumerate(values, start=1):
-        average = weight * average + (1 - weight) * value
-        smoothed.append(average / (1 - weight**count))
-    return smoothed
 
 
 def _empty(title: str, message: str) -> go.Figure:
@@ -61,7 +53,10 @@ def loss_figure(records: list[dict], x: str = "step") -> go.Figure:
         x=xs, y=[r["loss"] for r in shown], name="training loss", line={"width": 1, "color": TRAIN_COLOUR}, opacity=0.35
     )
     figure.add_scatter(
-        x=xs, y=smooth([r["loss"] for r in shown]), name="smoothed", line={"width": 2.5, "color": TRAIN_COLOUR}
+        x=xs,
+        y=smooth([r["loss"] for r in shown], SMOOTHING),
+        name="smoothed",
+        line={"width": 2.5, "color": TRAIN_COLOUR},
     )
     _add_evaluations(figure, [r for r in records if r.get("kind") == "eval" and "loss" in r], key)
     _whole_steps(figure, x, train[-1]["step"])
@@ -149,7 +144,7 @@ def resources_figure(records: list[dict], x: str = "step") -> go.Figure:
     figure.add_scatter(
         x=xs, y=speed, line={"width": 1, "color": TRAIN_COLOUR}, opacity=0.35, showlegend=False, row=2, col=1
     )
-    figure.add_scatter(x=xs, y=smooth(speed), name="tokens/s", line={"color": TRAIN_COLOUR}, row=2, col=1)
+    figure.add_scatter(x=xs, y=smooth(speed, SMOOTHING), name="tokens/s", line={"color": TRAIN_COLOUR}, row=2, col=1)
     figure.update_layout(
         **{**LAYOUT, "height": 420, "legend": {"orientation": "h", "y": -0.18, "traceorder": "normal"}},
         title="Training memory by part, and speed" if parts else "Memory and speed",
@@ -190,7 +185,9 @@ def curves_figure(curves: dict[str, list[dict]], methods: dict[str, str], x: str
         seen[method] = seen.get(method, 0) + 1
         train = _thin([r for r in records if r.get("kind") == "train"])
         line = {"color": method_colour(method), "dash": dash}
-        figure.add_scatter(x=[r[key] for r in train], y=smooth([r["loss"] for r in train]), name=name, line=line)
+        figure.add_scatter(
+            x=[r[key] for r in train], y=smooth([r["loss"] for r in train], SMOOTHING), name=name, line=line
+        )
     figure.update_yaxes(title_text="training loss")
     return figure
 

@@ -10,15 +10,16 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from training.core.metrics import PRIMARY_METRICS
 from training.research import report
-from training.research.leaderboard import TASK_METRICS, leaderboard, presentation, to_csv, to_markdown
+from training.research.leaderboard import leaderboard, presentation, to_csv, to_markdown
 from training.research.suite import RESULTS_DIR
 
 from . import charts, export_panel
 from .arena import Arena, user_errors
 
 # One task at a time: accuracy and perplexity cannot share a column or an axis.
-TASKS = list(TASK_METRICS)
+TASKS = list(PRIMARY_METRICS)
 SORTS = {
     "best quality first": None,  # the leaderboard's own order
     "newest first": ("run", False),

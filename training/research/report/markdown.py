@@ -1,0 +1,214 @@
+"""The benchmark report as Markdown: how it was measured, the answers with their tables, each
+plan's headline and speed tables, the sweep, and how to reproduce it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from training.core.memory import MEMORY_PARTS
+from training.core.presentation import markdown_table
+
+from .answers import QUESTIONS, answers, headlines, megabytes_text, question_table, ratio_text
+from .queries import Results, Row, plan_rows, ranking, rows, speed_ratio, speedup, timings
+
+METHOD_TEXT = (
+    "**How it was measured.** Each plan trains every variant on the same model, data, split, "
+    "steps, batch, sequence length and seeds (AdamW, linear decay, 5% warm-up). Quality comes from "
+    "those runs: sentiment test accuracy on the held-out test split (mean ± standard deviation over "
+    "seeds), generation perplexity on validation and test. Step time and memory come from one process "
+    "per plan that steps every variant in turn (A B C ... A B C) on the same batches after a warm-up; "
+    "the ratios are between medians of that one process. Memory is counted from the tensors "
+    "(weights as stored, gradients, optimizer state, the activations autograd saves for one batch). "
+)
+SWEEP_TEXT = (
+    "Learning rates: a sweep on the validation split (first seed) for full fine-tuning and for "
+    "LoRA and HiRA at each rank; LoRA's rate also serves QLoRA and SparseLoRA, HiRA's serves HiRA "
+    "on 4-bit. Quality is therefore read on the test split.\n"
+)
+REPRODUCE_TEXT = (
+    "## Reproduce\n\n`make bench` reruns everything (completed cells in `runs/bench-suite` are "
+    "reused; delete that folder to start over). One cell: "
+    "`python -m training bench --only sentiment/lora --seed 0` trains it again from the recorded "
+    "configuration and prints the new figures beside these.\n"
+)
+
+
+def _spread_text(figure: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
+    if figure is None:
+        return "n/a"
+    text = f"{scale * figure['mean']:.{digits}f}"
+    return text + (f" ± {scale * figure['std']:.{digits}f}" if figure["std"] is not None else "")
+
+
+def _quality_columns(cell: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """A cell's quality headers and figures: accuracy in %, or perplexity and the control share."""
+    if "test_accuracy" in cell:
+        header = ["test accuracy %", "validation accuracy %"]
+        return header, [_spread_text(cell["test_accuracy"], 100, 1), _spread_text(cell["validation_accuracy"], 100, 1)]
+    header = ["test perplexity", "validation perplexity"]
+    figures = [_spread_text(cell["test_perplexity"], digits=2), _spread_text(cell["validation_perplexity"], digits=2)]
+    if "control_share" in cell:
+        header.append("sentiment control share")
+        figures.append(_spread_text(cell["control_share"], digits=2))
+    return header, figures
+
+
+def _headline_row(table: Sequence[Row], cell: Mapping[str, Any], row: Row) -> list[str]:
+    return [
+        f"`{row.variant}`",
+        f"{cell['learning_rate']:g}",
+        f"{cell['trainable_params']:,} ({cell['trainable_percent']:.2f}%)",
+        *_quality_columns(cell)[1],
+        f"{row.step_s:.3f}" if row.step_s is not None else "n/a",
+        ratio_text(speedup(table, row.plan, row.variant)),
+        megabytes_text(cell["base_weight_memory_bytes"]),
+        megabytes_text(row.training_memory_bytes),
+    ]
+
+
+def headline_table(results: Results, plan: str) -> str:
+    """Quality, size, speed and memory of every variant of one plan, best first (the README quotes it)."""
+    table, cells = rows(results), results["aggregate"][plan]
+    measured = plan_rows(table, plan)
+    shown = [_headline_row(table, cells[variant], measured[variant]) for variant in ranking(table, plan)]
+    quality_header = _quality_columns(next(iter(cells.values())))[0]
+    header = ["variant", "learning rate", "trainable", *quality_header, "step s", "speed vs LoRA"]
+    return markdown_table([*header, "base weights MB", "training memory MB"], shown)
+
+
+def headline_tables(results: Results) -> str:
+    """Every plan's headline table under a line naming its model and budget."""
+    return "\n".join(
+        f"**{plan['name']}**: `{plan['model']}` on `{plan['dataset']}`, {plan['steps']} steps, "
+        f"seeds {', '.join(str(s) for s in plan['seeds'])}\n\n" + headline_table(results, plan["name"])
+        for plan in results["plans"]
+        if plan["name"] in results["aggregate"]
+    )
+
+
+def speed_table(results: Results, plan: str) -> str:
+    """Every timed entry of one plan (extra SparseLoRA settings too): step, throughput, memory parts."""
+    timed = timings(results, plan)
+    lora_s = timed.get("lora", {}).get("median_step_s")
+    shown = [
+        [
+            f"`{entry['label']}`",
+            f"{entry['median_step_s']:.3f}",
+            f"{entry['tokens_per_s']:,.0f}",
+            ratio_text(speed_ratio(entry["median_step_s"], lora_s)),
+            f"{entry['flops_ratio_vs_lora']:.2f}" if entry["flops_ratio_vs_lora"] is not None else "",
+            f"{entry['estimator_recall']:.2f}" if entry["estimator_recall"] is not None else "",
+            *(megabytes_text(entry["memory"][key]) for key, _ in MEMORY_PARTS),
+        ]
+        for entry in timed.values()
+    ]
+    header = ["entry", "median step s", "tokens/s", "speed vs LoRA", "FLOPs vs LoRA", "recall"]
+    return markdown_table(header + [f"{label} MB" for _, label in MEMORY_PARTS], shown)
+
+
+def _training_text(results: Results) -> str:
+    training = results["training"]
+    reused = training["runs"] - training["trained_now"]
+    return (
+        f"It trained {training['trained_now']} of the {training['runs']} runs behind these figures"
+        + (
+            f" and reused {reused} that an earlier invocation had completed with the same configuration"
+            if reused
+            else ""
+        )
+        + f"; the {training['runs']} runs took {training['run_time_s'] / 60:.0f} minutes in all, between "
+        f"{training['first_started_at']} and {training['last_finished_at']}. Library versions:"
+    )
+
+
+def _answers_markdown(results: Results) -> list[str]:
+    """Each question as the Guide shows it: one sentence, (the figure's file), the table, then the detail."""
+    table = rows(results)
+    said, short = answers(table), headlines(table)
+    parts = []
+    for key, question in QUESTIONS:
+        parts.append(f"### {question}\n")
+        if not said[key]:
+            parts.append("_Not measured in this suite._\n")
+            continue
+        parts.append(f"**{short[key]}** (figure: `figures/{key}.json`)\n\n{question_table(table, key)}")
+        parts.append(f"In detail: {said[key]}\n")
+    return parts
+
+
+def _preamble(results: Results) -> list[str]:
+    """The title, where and how the figures were produced."""
+    hardware, versions = results["hardware"], results["versions"]
+    return [
+        "# LoRA Arena benchmark results\n",
+        f"Produced by `{results['command']}` ({results['suite']} suite) on {results['started_at']}, "
+        f"in {results['duration_s'] / 60:.0f} minutes on {hardware['cores']} cores of {hardware['cpu']} "
+        f"({hardware['device']}, {hardware['memory_bytes'] / 2**30:.0f} GiB). {_training_text(results)} "
+        + ", ".join(f"{name} {version}" for name, version in versions.items())
+        + ". Every figure below is in `results.json` beside this file; the figures the app's Guide "
+        "tab draws are in `figures/`.\n",
+        METHOD_TEXT
+        + (SWEEP_TEXT if results["sweep"] else "Learning rates: each method's default (this suite has no sweep).\n"),
+    ]
+
+
+def _plan_section(results: Results, plan: Mapping[str, Any]) -> list[str]:
+    """One plan's budget, headline table, base model figures and speed table."""
+    name = plan["name"]
+    parts = [
+        f"## {name}: `{plan['model']}` on `{plan['dataset']}`\n\n"
+        f"{plan['steps']} steps, batch {plan['batch_size']}, sequence {plan['seq_len']}, "
+        f"seeds {', '.join(str(s) for s in plan['seeds'])}"
+        + (f", {plan['eval_samples']} evaluation examples" if plan["eval_samples"] else "")
+        + (f", {plan['control_samples']} judged reviews" if plan["control_samples"] else "")
+        + ".\n",
+        headline_table(results, name),
+    ]
+    cell = next(iter(results["aggregate"][name].values()))
+    control = (
+        f"; sentiment control share {cell['base_control_share']['mean']:.2f}" if "base_control_share" in cell else ""
+    )
+    base = ", ".join(f"{k} {v:.3f}" for k, v in cell["base_validation"].items())
+    parts.append(f"Base model (no training), validation: {base}{control}.\n")
+    if results["speed"].get(name):
+        first = results["speed"][name][0]
+        parts.append(f"Speed and memory, {first['steps']} interleaved steps after {first['warmup']} warm-up steps:\n")
+        parts.append(speed_table(results, name))
+    return parts
+
+
+def _sweep_section(results: Results) -> list[str]:
+    """The learning-rate trials and which one each family chose."""
+    shown = []
+    for trial in results["sweep"]:
+        metric = next(k for k in trial if k.startswith("validation_"))
+        shown.append(
+            [
+                trial["plan"],
+                trial["family"],
+                f"{trial['learning_rate']:g}",
+                f"{metric.removeprefix('validation_')} {trial[metric]:.4f}",
+                "chosen" if trial.get("chosen") else "",
+            ]
+        )
+    header = ["plan", "family", "learning rate", "validation", ""]
+    return ["## Learning-rate sweep (validation split, first seed)\n", markdown_table(header, shown)]
+
+
+def markdown(results: Results) -> str:
+    """The whole report: preamble, answers, one section per plan, the sweep, the judge, how to reproduce."""
+    parts = [*_preamble(results), "## Answers\n", *_answers_markdown(results)]
+    for plan in results["plans"]:
+        if plan["name"] in results["aggregate"]:
+            parts += _plan_section(results, plan)
+    if results["sweep"]:
+        parts += _sweep_section(results)
+    if results.get("judge"):
+        judge = results["judge"]
+        parts.append(
+            f"Generated reviews were judged by `{judge['cell']}` (run `{judge['run']}`, validation "
+            f"accuracy {judge['validation_accuracy']:.3f}).\n"
+        )
+    parts.append(REPRODUCE_TEXT)
+    return "\n".join(parts)
