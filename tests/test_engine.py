@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from peft import PeftModel
 
 from lora_methods import HParamError
 from training.core import data, evaluation, inference
 from training.core.config import ConfigError, TrainConfig
 from training.core.memory import MEMORY_PARTS
-from training.core.models import ModelError, load_model, load_tokenizer
+from training.core.models import LABELS, ModelError, load_model, load_tokenizer
 from training.core.runs import RunStore, latest_checkpoint
 from training.engine import resume, train
 
@@ -28,6 +29,7 @@ TRAIN_KEYS = {
     "elapsed_s",
     "rss_bytes",
 }
+CLEAR_REVIEWS = ["An utterly wonderful, moving film", "A dull, boring, awful mess"]
 
 
 def sentiment_config(tiny_models, review_csv, **overrides) -> TrainConfig:
@@ -58,6 +60,14 @@ def sentiment_run(store, tiny_models, review_csv):
     return next(run for run in store.runs() if run.summary == summary)
 
 
+def _reevaluated_test_metrics(run) -> dict:
+    """The run's test metrics measured again on its saved adapter (or model), loaded afresh."""
+    loaded = inference.load_run(run)
+    splits = data.load_splits(run.config["dataset"], "sentiment", offline=True)
+    test = data.tokenize(splits.test, loaded.tokenizer, "sentiment", run.config["seq_len"])
+    return evaluation.evaluate(loaded.model, test, data.collator(loaded.tokenizer, "sentiment"), "sentiment")
+
+
 def test_a_run_records_config_metrics_summary_and_adapter(sentiment_run):
     run = sentiment_run
     config, summary, records = run.config, run.summary, run.metrics()
@@ -80,8 +90,10 @@ def test_a_run_records_config_metrics_summary_and_adapter(sentiment_run):
     assert evals[-1]["accuracy"] == summary["metrics"]["validation"]["accuracy"]
 
     assert summary["status"] == "completed" and summary["steps"] == 12
-    for key in ("accuracy", "macro_f1", "loss"):
-        assert 0 <= summary["metrics"]["validation"][key] and key in summary["base_metrics"]["validation"]
+    assert summary["metrics"]["validation"] == {key: evals[-1][key] for key in ("accuracy", "macro_f1", "loss")}
+    for metrics in (summary["metrics"], summary["base_metrics"]):  # counted over all 40 validation examples
+        assert metrics["validation"]["accuracy"] * 40 == pytest.approx(round(metrics["validation"]["accuracy"] * 40))
+        assert metrics["validation"]["loss"] > 0
     assert summary["gain"] == pytest.approx(
         summary["metrics"]["validation"]["accuracy"] - summary["base_metrics"]["validation"]["accuracy"]
     )
@@ -103,12 +115,15 @@ def test_the_adapter_reloads_to_the_same_predictions(sentiment_run, tiny_models)
     # Standard PEFT format: loadable without this project's code paths.
     tokenizer = load_tokenizer(str(run.adapter_dir))
     base = load_model(tiny_models["bert"], "sentiment", tokenizer)
-    assert isinstance(PeftModel.from_pretrained(base, str(run.adapter_dir)), PeftModel)
-
+    plain = PeftModel.from_pretrained(base, str(run.adapter_dir)).eval()
     loaded = inference.load_run(run)
-    splits = data.load_splits(run.config["dataset"], "sentiment", offline=True)
-    test = data.tokenize(splits.test, loaded.tokenizer, "sentiment", 64)
-    again = evaluation.evaluate(loaded.model, test, data.collator(loaded.tokenizer, "sentiment"), "sentiment")
+    assert torch.allclose(
+        inference.class_probabilities(plain, tokenizer, CLEAR_REVIEWS),
+        inference.class_probabilities(loaded.model, loaded.tokenizer, CLEAR_REVIEWS),
+        atol=1e-6,
+    )
+
+    again = _reevaluated_test_metrics(run)
     recorded = run.summary["metrics"]["test"]
     assert again["accuracy"] == recorded["accuracy"]
     assert again["loss"] == pytest.approx(recorded["loss"], abs=1e-5)
@@ -131,7 +146,16 @@ def test_a_stop_request_ends_within_one_step_and_keeps_a_usable_adapter(store, t
     summary = train(sentiment_config(tiny_models, review_csv, max_steps=50), store, should_stop=stop_after_three)
     assert summary["status"] == "stopped" and summary["steps"] == 3
     run = next(run for run in store.runs() if run.summary == summary)
-    assert inference.classify(inference.load_run(run), ["a wonderful film"])[0]["label"] in ("negative", "positive")
+    # the adapter saved at the stop is the trained state of step 3, the one its checkpoint holds
+    checkpoint = latest_checkpoint(run)
+    assert checkpoint.endswith("checkpoint-3")
+    loaded = inference.load_run(run)
+    at_stop = PeftModel.from_pretrained(load_model(tiny_models["bert"], "sentiment", loaded.tokenizer), checkpoint)
+    answers = inference.classify(loaded, CLEAR_REVIEWS)
+    expected = inference.class_probabilities(at_stop.eval(), loaded.tokenizer, CLEAR_REVIEWS)
+    for answer, row in zip(answers, expected):
+        assert torch.allclose(torch.tensor(list(answer["probabilities"].values())), row, atol=1e-6)
+        assert answer["label"] == LABELS[int(row.argmax())]
 
 
 def test_a_stop_file_in_the_run_folder_stops_the_run(store, tiny_models, review_csv):
@@ -185,7 +209,9 @@ def test_full_fine_tuning_saves_a_model_folder(store, tiny_models, review_csv):
     summary = train(sentiment_config(tiny_models, review_csv, method="full", max_steps=3), store)
     run = next(run for run in store.runs() if run.summary == summary)
     assert (run.adapter_dir / "config.json").exists() and summary["trainable_params"] == summary["total_params"]
-    assert inference.classify(inference.load_run(run), ["fine"])[0]["label"] in ("negative", "positive")
+    again = _reevaluated_test_metrics(run)  # the saved model folder is the model that was evaluated
+    assert again["accuracy"] == summary["metrics"]["test"]["accuracy"]
+    assert again["loss"] == pytest.approx(summary["metrics"]["test"]["loss"], abs=1e-5)
 
 
 def test_generation_run_is_scored_for_sentiment_control_by_a_judge(store, sentiment_run, tiny_models):
@@ -204,18 +230,24 @@ def test_generation_run_is_scored_for_sentiment_control_by_a_judge(store, sentim
     )
     summary = train(config, store)
     assert summary["judge_run"] == sentiment_run.id
-    assert 0 <= summary["metrics"]["control_share"] <= 1 and 0 <= summary["base_metrics"]["control_share"] <= 1
     assert summary["metrics"]["validation"]["perplexity"] > 1
     run = next(run for run in store.runs() if run.summary == summary)
-    (result,) = inference.generate(
-        inference.load_run(run), ["Write a positive movie review.\nReview:"], max_new_tokens=5
-    )
-    assert isinstance(result["text"], str) and result["latency_s"] > 0
+    loaded, judge = inference.load_run(run), inference.load_run(sentiment_run)
+    # the recorded share again: the reloaded adapter writes the control reviews, the judge reads them
+    prompts, wanted = evaluation.control_prompts(4)
+    reviews = [text if text.strip() else "." for text in inference.sample(loaded.model, loaded.tokenizer, prompts)]
+    judged = [LABELS.index(answer["label"]) for answer in inference.classify(judge, reviews)]
+    assert summary["metrics"]["control_share"] == sum(j == w for j, w in zip(judged, wanted)) / 4
+    (result,) = inference.generate(loaded, [prompts[1]], max_new_tokens=5)
+    assert result["text"].strip() and result["latency_s"] > 0
 
 
 def test_metrics_lines_are_whole_json(sentiment_run):
     lines = (sentiment_run.dir / "metrics.jsonl").read_text().splitlines()
-    assert all(isinstance(json.loads(line), dict) for line in lines)
+    records = [json.loads(line) for line in lines]
+    # 12 steps and 4 evaluations (the base's, every 4 steps, the final one), one object a line
+    assert [record["step"] for record in records if record["kind"] == "eval"] == [0, 4, 8, 12]
+    assert sum(record["kind"] == "train" for record in records) == 12 and len(records) == 16
 
 
 def test_sampling_leaves_the_tokenizer_padding_for_training(tiny_models):
