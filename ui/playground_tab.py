@@ -12,8 +12,7 @@ import gradio as gr
 
 from training.core.inference import MAX_NEW_TOKENS
 from training.core.models import LABELS
-from training.research.leaderboard import leaderboard
-from training.serving.playground import classify_side_by_side, generate_side_by_side, review_prompt
+from training.serving.playground import review_prompt
 
 from . import export_panel
 from .arena import Arena, user_errors
@@ -23,10 +22,10 @@ GENERATION_CAP = 128  # max new tokens offered in the UI: a CPU Space answers in
 
 def _served_runs(arena: Arena, task: str) -> list[tuple[str, str]]:
     """(label, run id) of every run of `task` with a saved adapter, best first."""
-    frame = leaderboard(arena.store, task)
+    frame = arena.leaderboard(task)
     if frame.empty:
         return []
-    frame = frame[frame["run"].map(lambda run_id: arena.store.get(run_id).adapter_dir.exists())]
+    frame = frame[frame["run"].map(arena.has_adapter)]
     return [
         (
             f"{row.run} · {row.method} · {row.metric} {row.validation if row.validation == row.validation else '-'}",
@@ -83,18 +82,32 @@ def generation_cards(results: list[dict]) -> str:
     return f'<div class="arena-cards" id="generate-results">{"".join(cards)}</div>'
 
 
-def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
+def _sentiment_panel(arena: Arena) -> gr.Dropdown:
+    """The Sentiment sub-tab: a review classified by every chosen run; returns its runs list."""
     with gr.Tab("Sentiment"):
         text = gr.Textbox(
             "A gripping, beautifully acted film that stays with you.", label="Review", lines=2, elem_id="classify-text"
         )
         with gr.Row():
-            sentiment_runs = gr.Dropdown([], multiselect=True, label="Runs", scale=4, elem_id="classify-runs")
+            runs = gr.Dropdown([], multiselect=True, label="Runs", scale=4, elem_id="classify-runs")
             with gr.Column(scale=1):
-                sentiment_base = gr.Checkbox(True, label="include the base model")
-                sentiment_merge = gr.Checkbox(False, label="also time merged adapters")
+                include_base = gr.Checkbox(True, label="include the base model")
+                merge = gr.Checkbox(False, label="also time merged adapters")
         classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
-        sentiment_output = gr.HTML()
+        output = gr.HTML()
+
+    def show_classification(text_value: str, run_ids: list[str] | None, base: bool, merged: bool) -> str:
+        with user_errors(), arena.inference_threads():
+            results = arena.classify(run_ids or [], text_value, base, merged)
+        return sentiment_cards(results)
+
+    classify_button.click(show_classification, [text, runs, include_base, merge], output, api_visibility="private")
+    return runs
+
+
+def _generation_panel(arena: Arena) -> tuple[gr.Dropdown, gr.Button]:
+    """The Generation sub-tab: a prompt continued by every chosen run; returns its runs list and
+    the button that refreshes both tabs' lists."""
     with gr.Tab("Generation"):
         with gr.Row():
             wanted = gr.Radio(["free prompt", *LABELS], value="positive", label="Review sentiment", scale=2)
@@ -106,46 +119,31 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
             top_p = gr.Slider(0.05, 1, 0.95, step=0.05, label="top-p")
             seed = gr.Number(0, label="seed", precision=0)
         with gr.Row():
-            generation_runs = gr.Dropdown([], multiselect=True, label="Runs", scale=4)
+            runs = gr.Dropdown([], multiselect=True, label="Runs", scale=4)
             with gr.Column(scale=1):
-                generation_base = gr.Checkbox(True, label="include the base model")
-                generation_merge = gr.Checkbox(False, label="also time merged adapters")
+                include_base = gr.Checkbox(True, label="include the base model")
+                merge = gr.Checkbox(False, label="also time merged adapters")
         generate_button = gr.Button("Generate", variant="primary")
-        generation_output = gr.HTML()
-    take_home = export_panel.download_row(arena, "Take a run home: its adapter as a .zip", "playground-take-home")
+        output = gr.HTML()
 
-    def show_classification(text_value: str, run_ids: list[str] | None, include_base: bool, merge: bool) -> str:
+    def show_generations(prompt_value, run_ids, base, merged, tokens, temp, nucleus, seed_value) -> str:
         with user_errors(), arena.inference_threads():
-            results = classify_side_by_side(arena.pool, arena.store, run_ids or [], text_value, include_base, merge)
-        return sentiment_cards(results)
-
-    classify_button.click(
-        show_classification,
-        [text, sentiment_runs, sentiment_base, sentiment_merge],
-        sentiment_output,
-        api_visibility="private",
-    )
-
-    def show_generations(prompt_value, run_ids, include_base, merge, tokens, temp, nucleus, seed_value) -> str:
-        with user_errors(), arena.inference_threads():
-            results = generate_side_by_side(
-                arena.pool,
-                arena.store,
+            results = arena.generate(
                 run_ids or [],
                 prompt_value,
-                include_base,
-                merge,
-                int(tokens),
-                float(temp),
-                float(nucleus),
-                int(seed_value or 0),
+                base,
+                merged,
+                max_new_tokens=int(tokens),
+                temperature=float(temp),
+                top_p=float(nucleus),
+                seed=int(seed_value or 0),
             )
         return generation_cards(results)
 
     generate_button.click(
         show_generations,
-        [prompt, generation_runs, generation_base, generation_merge, max_new_tokens, temperature, top_p, seed],
-        generation_output,
+        [prompt, runs, include_base, merge, max_new_tokens, temperature, top_p, seed],
+        output,
         api_visibility="private",
     )
     wanted.change(
@@ -154,21 +152,33 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
         prompt,
         api_visibility="private",
     )
+    return runs, refresh_runs
+
+
+def _run_lists(arena: Arena, chosen_sentiment: list[str] | None, chosen_generation: list[str] | None, home: str | None):
+    """Both tabs' run lists and the take-home choice, keeping what is still served (else the best two)."""
+    sentiment_choices = _served_runs(arena, "sentiment")
+    generation_choices = _served_runs(arena, "generation")
+
+    def keep(chosen: list[str] | None, choices: list[tuple[str, str]]) -> list[str]:
+        ids = [run_id for _, run_id in choices]
+        return [run_id for run_id in chosen or [] if run_id in ids] or ids[:2]
+
+    every = sentiment_choices + generation_choices
+    return (
+        gr.update(choices=sentiment_choices, value=keep(chosen_sentiment, sentiment_choices)),
+        gr.update(choices=generation_choices, value=keep(chosen_generation, generation_choices)),
+        gr.update(choices=every, value=home if home in [run_id for _, run_id in every] else None),
+    )
+
+
+def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
+    sentiment_runs = _sentiment_panel(arena)
+    generation_runs, refresh_runs = _generation_panel(arena)
+    take_home = export_panel.download_row(arena, "Take a run home: its adapter as a .zip", "playground-take-home")
 
     def run_lists(chosen_sentiment: list[str] | None, chosen_generation: list[str] | None, home: str | None):
-        sentiment_choices = _served_runs(arena, "sentiment")
-        generation_choices = _served_runs(arena, "generation")
-
-        def keep(chosen, choices):
-            ids = [run_id for _, run_id in choices]
-            return [run_id for run_id in chosen or [] if run_id in ids] or ids[:2]
-
-        every = sentiment_choices + generation_choices
-        return (
-            gr.update(choices=sentiment_choices, value=keep(chosen_sentiment, sentiment_choices)),
-            gr.update(choices=generation_choices, value=keep(chosen_generation, generation_choices)),
-            gr.update(choices=every, value=home if home in [run_id for _, run_id in every] else None),
-        )
+        return _run_lists(arena, chosen_sentiment, chosen_generation, home)
 
     lists = [sentiment_runs, generation_runs, take_home]
     for trigger in (demo.load, refresh_runs.click, tab.select):
