@@ -7,14 +7,16 @@ import os
 import shlex
 import subprocess
 import sys
+import typing
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from lora_methods import METHODS, get_method
 from training.cli import build_parser
-from training.core.config import TrainConfig, command_line
+from training.core.config import RUN_FIELDS, RunField, TrainConfig, command_line, config_from_flags, train_arguments
 from training.core.runs import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +117,13 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def same_request(parsed: TrainConfig, config: TrainConfig) -> bool:
+    """Equal, with hyperparameters compared after defaults (the argv leaves default ones out)."""
+    method = get_method(config.method)
+    hparams = method.resolve_hparams(parsed.hparams) == method.resolve_hparams(config.hparams)
+    return hparams and replace(parsed, hparams={}) == replace(config, hparams={})
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -131,23 +140,79 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
             seed=7,
             eval_steps=10,
             eval_samples=50,
+            eval_subsample=20,
             control_samples=0,
+            checkpoint_steps=5,
+            owner="a1b2",
             offline=True,
         ),
         TrainConfig(task="sentiment", method="hira", epochs=1.5, hparams={"dropout": 0.1}, judge_run="x"),
+        TrainConfig(task="generation", method="full", eval_samples=1, control_samples=1024, offline=True),
     ],
 )
-def test_the_command_line_shown_for_a_form_reproduces_its_config(config):
-    """The Train tab shows `command_line(config)`; parsed back it must be the same request."""
-    parser, hparam_names = build_parser()
-    args = parser.parse_args(shlex.split(command_line(config))[3:])
-    parsed = {name: getattr(args, name) for name in hparam_names if getattr(args, name) is not None}
-    method = get_method(config.method)
-    assert method.resolve_hparams(parsed) == method.resolve_hparams(config.hparams)
-    for name in ("task", "method", "model", "dataset", "max_steps", "epochs", "batch_size", "seq_len", "seed"):
-        assert getattr(args, name) == getattr(config, name), name
-    for name in ("eval_steps", "eval_samples", "control_samples", "judge_run", "offline"):
-        assert getattr(args, name) == getattr(config, name), name
+def test_the_workers_argv_and_the_shown_command_parse_back_to_the_config(config):
+    """The job manager starts a worker with `train_arguments(config)` and the Train tab shows
+    `command_line(config)` (without the owner); parsed by the CLI, each is the same request."""
+    parser = build_parser()
+    assert same_request(config_from_flags(parser.parse_args(train_arguments(config))), config)
+    shown = shlex.split(command_line(config))[3:]
+    assert same_request(config_from_flags(parser.parse_args(shown)), replace(config, owner=None))
+
+
+def example_value(field: RunField) -> object:
+    """A value other than the default that `field` accepts."""
+    if field.setting.choices:
+        return field.setting.choices[-1]
+    return {int: lambda: int(field.setting.minimum) + 1, float: lambda: 1.5, str: lambda: "x", bool: lambda: True}[
+        field.kind
+    ]()
+
+
+@pytest.mark.parametrize("field", [field for field in RUN_FIELDS if field.kind is not dict], ids=lambda f: f.name)
+def test_a_field_declared_once_reaches_every_surface_it_names(field, capsys):
+    """One declaration in TrainConfig is a documented flag, a worker argument that comes back,
+    a typed start_run parameter and a form field, as its Setting says."""
+    from ui import api, train_tab
+
+    shown = field.setting.shown
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert (field.flag in help_text) == ("cli" in shown)
+    config = replace(TrainConfig(task="sentiment", method="lora"), **{field.name: example_value(field)})
+    config.resolved()  # the example is a valid value
+    if "worker" in shown:
+        parsed = config_from_flags(build_parser().parse_args(train_arguments(config)))
+        assert getattr(parsed, field.name) == getattr(config, field.name)
+    parameter = api.START_RUN.parameters.get(field.name)
+    assert (parameter is not None) == ("api" in shown)
+    if parameter is not None:
+        assert field.kind in (parameter.annotation, *typing.get_args(parameter.annotation))
+    generated = field in train_tab.FORM_SETTINGS
+    assert generated == ("form" in shown and field.kind is int)
+
+
+def test_start_run_keeps_its_documented_parameters_in_order():
+    """The README's gradio_client example and existing clients name these parameters."""
+    from ui import api
+
+    assert list(api.START_RUN.parameters) == [
+        "task",
+        "method",
+        "hparams",
+        "model",
+        "dataset",
+        "max_steps",
+        "batch_size",
+        "seq_len",
+        "seed",
+        "eval_steps",
+        "eval_samples",
+        "eval_subsample",
+        "checkpoint_steps",
+        "owner_token",
+    ]
+    assert api.START_RUN.parameters["seed"].default == 0 and api.START_RUN.parameters["task"].annotation is str
 
 
 def test_bench_times_one_method_twice_under_two_labels(tmp_path, tiny_models, review_csv, capsys):

@@ -98,7 +98,8 @@ def form(**changes) -> list:
     }
     values |= changes
     hparams = {name: None for name in train_tab.HPARAMS} | {"rank": 8.0}
-    return [*values.values(), *hparams.values()]
+    choices = [values[name] for name in ("task", "model", "dataset", "upload", "method")]
+    return [*choices, *(values[field.name] for field in train_tab.FORM_SETTINGS), *hparams.values()]
 
 
 @pytest.mark.parametrize(

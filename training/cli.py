@@ -15,8 +15,8 @@ from typing import Any
 
 import psutil
 
-from lora_methods import METHODS, TASKS, HParamError
-from training.core.config import TASK_DEFAULTS, ConfigError, TrainConfig
+from lora_methods import TASKS, HParamError
+from training.core.config import ConfigError, add_train_flags, config_from_flags
 from training.core.data import DataError
 from training.core.models import ModelError
 from training.core.runs import RunNotFound, RunStore
@@ -25,79 +25,25 @@ from training.research import suite
 from training.research.leaderboard import leaderboard
 
 USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, ValueError)
-FLAG_ALIASES = {"learning_rate": ["--lr"]}
 
 
-def _method_flags(parser: argparse.ArgumentParser) -> list[str]:
-    """One flag per hyperparameter name across all methods; help says which methods take it."""
-    group = parser.add_argument_group("method hyperparameters (defaults depend on the method)")
-    specs: dict[str, list] = {}
-    for method in METHODS.values():
-        for spec in method.hparams:
-            specs.setdefault(spec.name, []).append((method.name, spec))
-    for name, users in specs.items():
-        spec = users[0][1]
-        defaults = ", ".join(f"{method}: {s.default}" for method, s in users)
-        group.add_argument(
-            spec.flag,
-            *FLAG_ALIASES.get(name, []),
-            dest=name,
-            type=spec.kind,
-            default=None,
-            help=f"{spec.help}. {spec.range_text()}. Defaults: {defaults}",
-        )
-    return list(specs)
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description="LoRA Arena: train and use adapters.")
     parser.add_argument("--runs-dir", help="run store folder (default: $LORA_ARENA_RUNS or ./runs)")
     commands = parser.add_subparsers(dest="command", required=True)
-
     trainer = commands.add_parser("train", help="train one run; prints its summary JSON as the last line")
-    trainer.add_argument("--task", required=True, choices=TASKS)
-    trainer.add_argument(
-        "--method",
-        required=True,
-        choices=list(METHODS),
-        help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()),
-    )
-    trainer.add_argument("--model", help="catalog id, local folder or Hub id (default: per task, bundled when offline)")
-    trainer.add_argument("--dataset", help="catalog id or a .csv/.jsonl file (default: per task)")
-    budget = trainer.add_mutually_exclusive_group()
-    budget.add_argument("--max-steps", type=int, help="optimizer steps (default: 300 sentiment, 60 generation)")
-    budget.add_argument("--epochs", type=float, help="passes over the training split, instead of --max-steps")
-    trainer.add_argument("--batch-size", type=int, help="examples per step (default: 16 sentiment, 8 generation)")
-    trainer.add_argument("--seq-len", type=int, help="maximum tokens per example (default: 128)")
-    trainer.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and sampling")
-    trainer.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: five times per run)")
-    trainer.add_argument(
-        "--eval-samples",
-        type=int,
-        help="validation/test examples in the final evaluation (default: all for sentiment, 200 for generation)",
-    )
-    trainer.add_argument(
-        "--eval-subsample",
-        type=int,
-        help="fixed validation examples each in-training evaluation reports (default: "
-        + ", ".join(f"{values['eval_subsample']} {task}" for task, values in TASK_DEFAULTS.items())
-        + ")",
-    )
-    trainer.add_argument(
-        "--control-samples",
-        type=int,
-        default=32,
-        help="generations judged for sentiment control in review writing (0: skip)",
-    )
-    trainer.add_argument("--judge-run", help="sentiment run that judges generated reviews (default: most accurate one)")
-    trainer.add_argument("--offline", action="store_true", help="never use the Hub: bundled models and data only")
-    trainer.add_argument(
-        "--checkpoint-steps", type=int, help="save a resumable checkpoint every N steps (default: 5 per run)"
-    )
+    add_train_flags(trainer)
     trainer.add_argument("--run-id", help="name the run (default: time, task, method and a random suffix)")
-    trainer.add_argument("--owner", help=argparse.SUPPRESS)  # the app's session hash: who may stop the run
-    hparam_names = _method_flags(trainer)
+    _add_bench(commands)
+    _add_probe(commands)
+    resumer = commands.add_parser("resume", help="continue a stopped, interrupted or failed run from its checkpoint")
+    resumer.add_argument("--run", required=True, help="run id")
+    commands.add_parser("list", help="list the runs in the store")
+    _add_use(commands)
+    return parser
 
+
+def _add_bench(commands: Any) -> None:
     bench = commands.add_parser(
         "bench",
         help="time methods side by side in one process; or run the results suite (--suite, --only, --report)",
@@ -134,6 +80,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     bench.add_argument("--out", default=str(suite.RESULTS_DIR), help="suite results folder (default: assets/results)")
     bench.add_argument("--offline", action="store_true")
 
+
+def _add_probe(commands: Any) -> None:
     prober = commands.add_parser(
         "probe",
         help="how sparse each FFN is: per layer and sparsity, the FFN output lost with only the top channels",
@@ -151,11 +99,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     prober.add_argument("--estimator-rank", type=int, help="default: SparseLoRA's")
     prober.add_argument("--offline", action="store_true")
 
-    resumer = commands.add_parser("resume", help="continue a stopped, interrupted or failed run from its checkpoint")
-    resumer.add_argument("--run", required=True, help="run id")
 
-    commands.add_parser("list", help="list the runs in the store")
-
+def _add_use(commands: Any) -> None:
+    """The commands that use a finished run: predict, export, generate."""
     predict = commands.add_parser("predict", help="classify text with a sentiment run")
     predict.add_argument("--run", required=True, help="run id or run folder")
     predict.add_argument("--text", required=True, action="append", help="text to classify (repeatable)")
@@ -179,31 +125,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     generate.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--seed", type=int, default=0)
-    return parser, hparam_names
 
 
-def _train(args: argparse.Namespace, store: RunStore, hparam_names: list[str]) -> dict:
-    hparams = {name: getattr(args, name) for name in hparam_names if getattr(args, name) is not None}
-    config = TrainConfig(
-        task=args.task,
-        method=args.method,
-        model=args.model,
-        dataset=args.dataset,
-        hparams=hparams,
-        max_steps=args.max_steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        eval_steps=args.eval_steps,
-        eval_samples=args.eval_samples,
-        eval_subsample=args.eval_subsample,
-        control_samples=args.control_samples,
-        judge_run=args.judge_run,
-        checkpoint_steps=args.checkpoint_steps,
-        owner=args.owner,
-        offline=args.offline,
-    )
+def _train(args: argparse.Namespace, store: RunStore) -> dict:
+    config = config_from_flags(args)
     return train(config, store, should_stop=_stop_on_ctrl_c(), run_id=args.run_id, started_at=_process_start())
 
 
@@ -316,12 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
 
     datasets.disable_progress_bars()  # one progress line per step report is enough on a terminal
-    parser, hparam_names = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     store = RunStore(args.runs_dir)
     try:
         if args.command == "train":
-            print(json.dumps(_train(args, store, hparam_names)))
+            print(json.dumps(_train(args, store)))
         elif args.command == "resume":
             print(json.dumps(resume(args.run, store, should_stop=_stop_on_ctrl_c(), started_at=_process_start())))
         elif args.command == "bench":

@@ -6,65 +6,69 @@ nothing (models and datasets are checked by `Arena.start`).
 
 from __future__ import annotations
 
+import inspect
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
 from gradio.data_classes import FileData
 
-from training.core.config import ConfigError, TrainConfig, command_line
-from training.research.leaderboard import leaderboard
-from training.serving.playground import classify_side_by_side, generate_side_by_side
+from training.core.config import ConfigError, command_line, config_from, shown_on
 
 from .arena import Arena, user_errors
 
 
 def register(arena: Arena) -> None:
     """Add the endpoints to the Blocks being built."""
+    for endpoint in (*_run_endpoints(arena), *_use_endpoints(arena)):
+        gr.api(endpoint, api_name=endpoint.__name__)
 
-    def start_run(
-        task: str,
-        method: str,
-        hparams: dict | None = None,
-        model: str | None = None,
-        dataset: str | None = None,
-        max_steps: int | None = None,
-        batch_size: int | None = None,
-        seq_len: int | None = None,
-        seed: int = 0,
-        eval_steps: int | None = None,
-        eval_samples: int | None = None,
-        eval_subsample: int | None = None,
-        checkpoint_steps: int | None = None,
-        owner_token: str | None = None,
-    ) -> dict:
+
+KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+
+
+def _start_run_signature() -> inspect.Signature:
+    """`start_run`'s parameters: the API's run settings as TrainConfig declares them, then the owner
+    token. A setting left out by default (None, or no hyperparameters) is optional and None here."""
+    parameters = []
+    for field in shown_on("api"):
+        if field.required:
+            annotation, default = field.kind, inspect.Parameter.empty
+        elif field.default is None or field.kind is dict:
+            annotation, default = field.kind | None, None
+        else:
+            annotation, default = field.kind, field.default
+        parameters.append(inspect.Parameter(field.name, KEYWORD, default=default, annotation=annotation))
+    parameters.append(inspect.Parameter("owner_token", KEYWORD, default=None, annotation=str | None))
+    return inspect.Signature(parameters, return_annotation=dict)
+
+
+START_RUN = _start_run_signature()
+
+
+def _run_endpoints(arena: Arena) -> tuple[Callable, ...]:
+    """Start a run, follow it, and stop, resume or delete it."""
+
+    def start_run(*arguments: Any, **named: Any) -> dict:
         """Queue a training run. Returns its run id, state, queue position, the equivalent CLI command
         and the owner token (given, or made up) that stop_run, resume_run and delete_run need."""
         with user_errors():
-            if not isinstance(hparams, dict | None):
-                raise ConfigError("hparams must be a JSON object of hyperparameter names and values")
-            config = TrainConfig(
-                task=task,
-                method=method,
-                model=model or None,
-                dataset=dataset or None,
-                hparams=hparams or {},
-                max_steps=max_steps,
-                batch_size=batch_size,
-                seq_len=seq_len,
-                seed=seed,
-                eval_steps=eval_steps,
-                eval_samples=eval_samples,
-                eval_subsample=eval_subsample,
-                checkpoint_steps=checkpoint_steps,
-            )
-            owner_token = owner_token or secrets.token_urlsafe(16)
+            request = START_RUN.bind(*arguments, **named)
+            request.apply_defaults()
+            values = dict(request.arguments)
+            owner_token = values.pop("owner_token") or secrets.token_urlsafe(16)
+            config = config_from(values)
             run_id = arena.start(config, owner_token)
             return {
                 **run_status(run_id, metrics_from_step=None),
-                "command": command_line(config),
+                "command": command_line(config.resolved()),  # as given (no owner), defaults filled in
                 "owner_token": owner_token,
             }
+
+    # Gradio reads an endpoint's parameters from its signature and their JSON types from its annotations.
+    start_run.__signature__ = START_RUN
+    start_run.__annotations__ = {p.name: p.annotation for p in START_RUN.parameters.values()} | {"return": dict}
 
     def run_status(run_id: str, metrics_from_step: int | None = 0) -> dict:
         """State of a run (queued, starting, running, finished, failed, cancelled), its summary and,
@@ -91,18 +95,24 @@ def register(arena: Arena) -> None:
         with user_errors():
             return arena.delete(run_id, owner_token)
 
+    return start_run, run_status, stop_run, resume_run, delete_run
+
+
+def _use_endpoints(arena: Arena) -> tuple[Callable, ...]:
+    """List the runs, and use finished ones: classify, generate, download, push to the Hub."""
+
     def list_runs(task: str | None = None) -> list[dict[str, Any]]:
         """Every run in the store as leaderboard rows (optionally of one task)."""
         with user_errors():
             if task and task not in ("sentiment", "generation"):
                 raise ConfigError(f"unknown task {task!r}; choose sentiment or generation")
-            frame = leaderboard(arena.store, task or None)
+            frame = arena.leaderboard(task or None)
             return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
     def classify(text: str, run_ids: list[str], include_base: bool = True) -> list[dict]:
         """Classify one text with each sentiment run (and the base model) side by side."""
         with user_errors(), arena.inference_threads():
-            return classify_side_by_side(arena.pool, arena.store, run_ids, text, include_base)
+            return arena.classify(run_ids, text, include_base)
 
     def generate(
         prompt: str,
@@ -115,8 +125,14 @@ def register(arena: Arena) -> None:
     ) -> list[dict]:
         """Continue one prompt with each generation run (and the base model) side by side."""
         with user_errors(), arena.inference_threads():
-            return generate_side_by_side(
-                arena.pool, arena.store, run_ids, prompt, include_base, False, max_new_tokens, temperature, top_p, seed
+            return arena.generate(
+                run_ids,
+                prompt,
+                include_base,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
             )
 
     def download_run(run_id: str, merged: bool = False, owner_token: str | None = None) -> FileData:
@@ -134,6 +150,4 @@ def register(arena: Arena) -> None:
         with user_errors(), arena.inference_threads():
             return arena.push(run_id, repo_id, token, merged, owner_token)
 
-    endpoints = (start_run, run_status, stop_run, resume_run, delete_run, list_runs, classify, generate)
-    for endpoint in (*endpoints, download_run, push_run):
-        gr.api(endpoint, api_name=endpoint.__name__)
+    return list_runs, classify, generate, download_run, push_run

@@ -21,7 +21,7 @@ import pandas as pd
 
 from lora_methods import METHODS, TASKS, HParam
 from training.core import data, defaults, models, progress
-from training.core.config import TASK_DEFAULTS, ConfigError, TrainConfig, command_line
+from training.core.config import TASK_DEFAULTS, ConfigError, RunField, TrainConfig, command_line, config_from, shown_on
 from training.core.memory import MB, MEMORY_PARTS, TOTAL
 
 from . import charts, export_panel
@@ -31,16 +31,12 @@ REFRESH_SECONDS = 2.0
 DEFAULT_METHOD = "lora"
 PREVIEW_ROWS = 5
 EVALUATIONS = ("base evaluation", "evaluation", "final evaluation")  # phases that count examples
-# Form fields that take whole numbers, by TrainConfig name: the label a refusal names.
-WHOLE_FIELDS = {
-    "seed": "seed",
-    "max_steps": "steps",
-    "batch_size": "batch size",
-    "seq_len": "sequence length",
-    "eval_steps": "evaluate every N steps",
-    "eval_samples": "final evaluation examples",
-    "eval_subsample": "validation subsample",
-}
+# The run settings the form shows as generated fields (task, model, data and method have their own).
+FORM_SETTINGS = tuple(field for field in shown_on("form") if field.kind is int)
+# Number fields holding a task default: a new task puts its own defaults there.
+TASK_FILLED = tuple(
+    field for field in FORM_SETTINGS if not field.setting.form_blank and field.name in TASK_DEFAULTS["sentiment"]
+)
 
 
 # -- the form ------------------------------------------------------------------------------------
@@ -135,43 +131,16 @@ def whole_number(value: float | str | None, label: str) -> int | None:
     return _whole(value)
 
 
-def form_config(
-    task: str,
-    model: str,
-    dataset: str,
-    upload: str | None,
-    method: str,
-    seed: float | None,
-    max_steps: float | None,
-    batch_size: float | None,
-    seq_len: float | None,
-    eval_steps: str | float | None,
-    eval_samples: str | float | None,
-    eval_subsample: str | float | None,
-    *hparam_values: Any,
-) -> TrainConfig:
-    """The run the form describes; raises ConfigError for a fractional budget field."""
-    budget = dict(
-        seed=seed,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        eval_steps=eval_steps,
-        eval_samples=eval_samples,
-        eval_subsample=eval_subsample,
-    )
-    numbers = {name: whole_number(value, WHOLE_FIELDS[name]) for name, value in budget.items()}
-    numbers["seed"] = numbers["seed"] or 0
-    values = dict(zip(HPARAMS, hparam_values))
+def form_config(task: str, model: str, dataset: str, upload: str | None, method: str, *values: Any) -> TrainConfig:
+    """The run the form describes from its values: the run settings in FORM_SETTINGS order, then the
+    hyperparameter fields in HPARAMS order. Raises ConfigError for a fractional setting."""
+    settings, hparam_values = values[: len(FORM_SETTINGS)], values[len(FORM_SETTINGS) :]
+    numbers = {field.name: whole_number(value, field.setting.label) for field, value in zip(FORM_SETTINGS, settings)}
     taken = {spec.name for spec in METHODS[method].hparams} if method in METHODS else set()
-    return TrainConfig(
-        task=task,
-        method=method,
-        model=model or None,
-        dataset=upload or dataset or None,
-        hparams={name: _whole(value) for name, value in values.items() if name in taken and value is not None},
-        **numbers,
-    )
+    given = zip(HPARAMS, hparam_values)
+    hparams = {name: _whole(value) for name, value in given if name in taken and value is not None}
+    choices = {"task": task, "method": method, "model": model, "dataset": upload or dataset}
+    return config_from({**choices, "hparams": hparams, **numbers})
 
 
 # -- what the page shows of a run: pure functions of the job's description and its records ---------
@@ -353,21 +322,14 @@ class Form:
     dataset_info: gr.Markdown
     preview: gr.Dataframe
     method: gr.Radio
-    fields: dict[str, gr.components.Component]
-    seed: gr.Number
-    max_steps: gr.Number
-    batch_size: gr.Number
-    seq_len: gr.Number
-    eval_steps: gr.Textbox
-    eval_samples: gr.Textbox
-    eval_subsample: gr.Textbox
+    fields: dict[str, gr.components.Component]  # the hyperparameters, by name
+    settings: dict[str, gr.components.Component]  # the FORM_SETTINGS, by name
     command: gr.Code | None = None
 
     @property
     def inputs(self) -> list[gr.components.Component]:
-        budget = [self.seed, self.max_steps, self.batch_size, self.seq_len, self.eval_steps]
-        budget += [self.eval_samples, self.eval_subsample]
-        return [self.task, self.model, self.dataset, self.upload, self.method, *budget, *self.fields.values()]
+        choices = [self.task, self.model, self.dataset, self.upload, self.method]
+        return [*choices, *self.settings.values(), *self.fields.values()]
 
 
 @dataclass
@@ -430,36 +392,26 @@ def _data_inputs(offline: bool) -> tuple:
     return task, model, dataset, upload, dataset_info, preview
 
 
-def _budget_inputs() -> tuple:
-    # No precision: Gradio would round 2.5 silently; `whole_number` refuses it with the field's name.
+def _setting_inputs(task: str) -> dict[str, gr.components.Component]:
+    """The run settings' fields, two to a row, with `task`'s defaults."""
+    settings = {}
     with gr.Accordion("Budget, seed and evaluation", open=False):
-        with gr.Row():
-            max_steps = gr.Number(TASK_DEFAULTS["sentiment"]["max_steps"], label="steps", elem_id="max-steps")
-            seed = gr.Number(0, label="seed")
-        with gr.Row():
-            batch_size = gr.Number(TASK_DEFAULTS["sentiment"]["batch_size"], label="batch size")
-            seq_len = gr.Number(TASK_DEFAULTS["sentiment"]["seq_len"], label="sequence length")
-        with gr.Row():
-            # Textboxes: Gradio's Number shows (and sends) 0 for an empty value, and empty is the default here.
-            eval_steps = gr.Textbox(
-                "", label="evaluate every N steps", placeholder="empty: 5 times over the run", elem_id="eval-steps"
-            )
-        with gr.Row():
-            eval_subsample = gr.Textbox(
-                "",
-                label="validation subsample for in-training evaluations",
-                info="the same examples every time, so the curve compares like with like",
-                placeholder="empty: " + ", ".join(f"{v['eval_subsample']} {t}" for t, v in TASK_DEFAULTS.items()),
-                elem_id="eval-subsample",
-            )
-            eval_samples = gr.Textbox(
-                "",
-                label="final evaluation: examples per split",
-                info="validation and test, once at the end",
-                placeholder="empty: all (sentiment), 200 (generation)",
-                elem_id="eval-samples",
-            )
-    return seed, max_steps, batch_size, seq_len, eval_steps, eval_samples, eval_subsample
+        for start in range(0, len(FORM_SETTINGS), 2):
+            with gr.Row():
+                for field in FORM_SETTINGS[start : start + 2]:
+                    settings[field.name] = _setting_field(field, task)
+    return settings
+
+
+def _setting_field(field: RunField, task: str) -> gr.components.Component:
+    label, info, elem_id = field.setting.label, field.setting.help, field.name.replace("_", "-")
+    if field.setting.form_blank:
+        # A textbox: Gradio's Number shows (and sends) 0 for an empty value, and empty is the default here.
+        placeholder = f"empty: {field.default_text()}"
+        return gr.Textbox("", label=label, info=info, placeholder=placeholder, elem_id=elem_id)
+    # No precision: Gradio would round 2.5 silently; `whole_number` refuses it with the field's label.
+    value = TASK_DEFAULTS[task].get(field.name, field.default)
+    return gr.Number(value, label=label, info=info, elem_id=elem_id)
 
 
 def _form(offline: bool) -> Form:
@@ -478,8 +430,8 @@ def _form(offline: bool) -> Form:
             rate_info = {"learning_rate": _rate_info(task, model, DEFAULT_METHOD)}
             with gr.Group():
                 fields = {name: _field(spec, initial, rate_info.get(name)) for name, spec in HPARAMS.items()}
-            budget = _budget_inputs()
-    form = Form(*data_inputs, method, fields, *budget)
+            settings = _setting_inputs(task)
+    form = Form(*data_inputs, method, fields, settings)
     form.command = gr.Code(label="The same run from a terminal", language="shell", interactive=False)
     return form
 
@@ -538,14 +490,11 @@ PRIVATE = {"api_visibility": "private", "show_progress": "hidden"}
 
 
 def _on_task(offline: bool, task: str) -> tuple:
-    budget = TASK_DEFAULTS[task]
     return (
         gr.update(choices=model_choices(task, offline), value=models.default_model(task, offline)),
         gr.update(choices=dataset_choices(task, offline), value=data.default_dataset(task, offline)),
-        budget["max_steps"],
-        budget["batch_size"],
-        budget["seq_len"],
-        None,
+        *(TASK_DEFAULTS[task][field.name] for field in TASK_FILLED),
+        None,  # the upload was for the other task
     )
 
 
@@ -608,7 +557,7 @@ def _wire_form(demo: gr.Blocks, form: Form, offline: bool) -> None:
     dataset = (on_dataset, [form.task, form.dataset, form.upload], [form.dataset_info, form.preview])
     choice = [form.task, form.model, form.method]
     rate = (_on_model, choice, form.fields["learning_rate"])
-    budget = [form.max_steps, form.batch_size, form.seq_len, form.upload]
+    budget = [*(form.settings[field.name] for field in TASK_FILLED), form.upload]
     form.task.input(
         functools.partial(_on_task, offline), form.task, [form.model, form.dataset, *budget], **PRIVATE
     ).then(*rate, **PRIVATE).then(*command, **PRIVATE).then(*dataset, **PRIVATE)
