@@ -47,6 +47,12 @@ def test_lora_learns_sentiment_on_the_bundled_encoder(tmp_path):
     assert summary["metrics"]["validation"]["accuracy"] > summary["base_metrics"]["validation"]["accuracy"] + 0.1
     assert summary["trainable_percent"] < 1.0
 
+    # clear reviews get the label a reader would give them
+    answers = inference.classify(
+        inference.load_run(run), ["An utterly wonderful, moving film", "A dull, boring, awful mess"]
+    )
+    assert [answer["label"] for answer in answers] == ["positive", "negative"]
+
     again = _reevaluate(run, "test", 200)
     assert again["accuracy"] == summary["metrics"]["test"]["accuracy"]
     assert again["loss"] == pytest.approx(summary["metrics"]["test"]["loss"], abs=1e-5)
