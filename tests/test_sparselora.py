@@ -196,13 +196,15 @@ def test_a_sparselora_run_reports_flops_and_recall_and_saves_a_lora_adapter(tmp_
     telemetry = summary["sparsity"]
     assert telemetry["dense_warmup_steps"] == 2 and telemetry["sparse_layers"] == [0]
     assert telemetry["outputs_only_layer"] == 1  # the last layer: its FFN for the output tokens only
-    assert 0.5 < telemetry["flops_ratio_vs_lora"] < 1.0 and 0.0 <= telemetry["estimator_recall"] <= 1.0
+    assert 0.5 < telemetry["flops_ratio_vs_lora"] < 1.0
+    assert telemetry["estimator_recall"] > 0.5, telemetry  # better than keeping half the channels at random
     (run,) = store.runs()
     logged = [r for r in run.metrics() if r["kind"] == "train"]
     assert logged[0]["flops_ratio_vs_lora"] == pytest.approx(1.0)  # dense warm-up step
     assert logged[-1]["flops_ratio_vs_lora"] < 1.0
     assert json.loads((run.adapter_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    assert inference.generate(inference.load_run(run), ["To be"], max_new_tokens=3)[0]["text"] is not None
+    (generated,) = inference.generate(inference.load_run(run), ["To be"], max_new_tokens=3)
+    assert generated["text"].strip(), generated
 
 
 def test_svd_estimator_is_the_best_rank_r_map_and_exact_at_full_rank():
