@@ -17,24 +17,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
+import pandas as pd
 import torch
 
-from lora_methods import HParamError, get_method
-from training.core import data, models
+from lora_methods import get_method
+from training.core import data, environment, models
 from training.core.config import ConfigError, TrainConfig
-from training.core.data import DataError
 from training.core.inference import InferenceError
-from training.core.models import ModelError
 from training.core.offline import is_offline
-from training.core.runs import Run, RunNotFound, RunStore
-from training.jobs import JobManager, OwnershipError
+from training.core.runs import Run, RunStore
+from training.jobs import USER_ERRORS, JobManager
+from training.research.leaderboard import leaderboard
 from training.serving import export
+from training.serving.playground import classify_side_by_side, generate_side_by_side
 from training.serving.pool import AdapterPool
-
-USER_ERRORS = (ConfigError, HParamError, ModelError, DataError, RunNotFound, InferenceError, OwnershipError)
-
 
 LOG = logging.getLogger("lora_arena")
 
@@ -74,7 +73,7 @@ def check_model_choice(model: str | None, task: str, offline: bool) -> None:
 def check_dataset_choice(dataset: str | None, task: str) -> None:
     if not dataset or any(entry.id == dataset for entry in data.catalog(task)):
         return
-    if local_paths_allowed() and Path(dataset).is_file() and Path(dataset).suffix.lower() in (".csv", ".jsonl"):
+    if local_paths_allowed() and data.is_user_file(dataset) and Path(dataset).is_file():
         return  # validated by the job manager before anything is queued
     choices = ", ".join(entry.id for entry in data.catalog(task))
     raise ConfigError(f"dataset {dataset!r} is not in the catalog; choose one of {choices} (upload files in the UI)")
@@ -88,7 +87,7 @@ class Arena:
         self.pool = AdapterPool()
         self._tails: dict[str, tuple[int, list[dict]]] = {}
         self._tail_lock = threading.Lock()
-        self._cores = torch.get_num_threads()
+        self._cores = environment.cpu_threads()
         # Archives for download live beside the store, never in it: the store holds what runs wrote.
         self.exports = Path(tempfile.mkdtemp(prefix="lora-arena-downloads-"))
 
@@ -150,9 +149,33 @@ class Arena:
         self.jobs.check_owner(run_id, owner_token)
         return export.push_run(run, repo_id, token, merged)
 
+    def leaderboard(self, task: str | None = None) -> pd.DataFrame:
+        """Every run in the store (of one task) as a row of figures, best first."""
+        return leaderboard(self.store, task)
+
+    def method_of(self, run_id: str) -> str:
+        return self.store.get(run_id).config["method"]
+
+    def has_adapter(self, run_id: str) -> bool:
+        """Whether the run has saved an adapter the Playground can serve."""
+        return self.store.get(run_id).adapter_dir.exists()
+
+    def classify(
+        self, run_ids: list[str], text: str, include_base: bool = True, compare_merged: bool = False
+    ) -> list[dict]:
+        """`text` classified by each run (and the base model) side by side (playground.classify_side_by_side)."""
+        return classify_side_by_side(self.pool, self.store, run_ids, text, include_base, compare_merged)
+
+    def generate(
+        self, run_ids: list[str], prompt: str, include_base: bool = True, compare_merged: bool = False, **sampling: Any
+    ) -> list[dict]:
+        """`prompt` continued by each run (and the base model) with the same sampling settings
+        (playground.generate_side_by_side)."""
+        return generate_side_by_side(self.pool, self.store, run_ids, prompt, include_base, compare_merged, **sampling)
+
     def merge_note(self, run_id: str) -> str | None:
         """Why the run cannot be exported merged (its method's reason), or None when it can."""
-        return get_method(self.store.get(run_id).config["method"]).merge_blocker
+        return get_method(self.method_of(run_id)).merge_blocker
 
     def records(self, run_id: str) -> list[dict]:
         """All metrics of a run, reading only the lines appended since the last call."""

@@ -12,7 +12,7 @@ import pandas as pd
 
 from training.core.metrics import PRIMARY_METRICS
 from training.research import report
-from training.research.leaderboard import leaderboard, presentation, to_csv, to_markdown
+from training.research.leaderboard import presentation, to_csv, to_markdown
 from training.research.suite import RESULTS_DIR
 
 from . import charts, export_panel
@@ -32,7 +32,7 @@ SORTS = {
 
 
 def _table(arena: Arena, task: str, sort: str) -> pd.DataFrame:
-    frame = leaderboard(arena.store, task)
+    frame = arena.leaderboard(task)
     if SORTS.get(sort) and not frame.empty:
         column, ascending = SORTS[sort]
         frame = frame.sort_values(column, ascending=ascending, na_position="last", kind="stable")
@@ -100,12 +100,8 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULT
 
     def draw_curves(chosen: list[str] | None, x_axis: str):
         with user_errors():
-            runs = [arena.store.get(run_id) for run_id in chosen or []]
-            return charts.curves_figure(
-                {run.id: arena.records(run.id) for run in runs},
-                {run.id: run.config.get("method") for run in runs},
-                x_axis,
-            )
+            methods = {run_id: arena.method_of(run_id) for run_id in chosen or []}  # RunNotFound: unknown id
+            return charts.curves_figure({run_id: arena.records(run_id) for run_id in methods}, methods, x_axis)
 
     for trigger in (selected.change, curve_x.change):
         trigger(draw_curves, [selected, curve_x], curves, api_visibility="private")

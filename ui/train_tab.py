@@ -383,7 +383,7 @@ def _data_inputs(offline: bool) -> tuple:
     )
     upload = gr.File(
         label="...or upload a CSV / JSONL (sentiment: text,label; generation: text or prompt,completion)",
-        file_types=[".csv", ".jsonl"],
+        file_types=list(data.USER_FILE_SUFFIXES),
         type="filepath",
         elem_id="dataset-upload",
     )

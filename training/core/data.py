@@ -20,10 +20,11 @@ import pandas as pd
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lora_methods import Task
+from lora_methods.base import IGNORE_INDEX
+from training.core.catalog import CatalogEntry, for_task
 from training.core.models import LABELS, package_dir
 
 SPLIT_SEED = 1234  # fixed: splits never depend on a run's seed
-IGNORE_INDEX = -100
 # Deployment limits for a user's file (environment variables, for a shared Space).
 MAX_UPLOAD_BYTES = int(os.environ.get("LORA_ARENA_MAX_UPLOAD_MB", "50")) * 1024 * 1024
 MAX_UPLOAD_ROWS = int(os.environ.get("LORA_ARENA_MAX_UPLOAD_ROWS", "200000"))
@@ -31,6 +32,8 @@ MAX_UPLOAD_ROWS = int(os.environ.get("LORA_ARENA_MAX_UPLOAD_ROWS", "200000"))
 # dangerous in a CSV someone opens later. Leading '-' or '+' alone are ordinary text.
 FORMULA = re.compile(r"^\s*[=@+\-]\s*[A-Za-z_][A-Za-z0-9_.]*\s*\(")
 MIN_UPLOAD_ROWS = 30
+# A user's own file is told from a catalog id by its suffix; .json holds a list of records.
+USER_FILE_SUFFIXES = (".csv", ".jsonl", ".json")
 REVIEW_PROMPT = "Write a {sentiment} movie review.\nReview:"
 LABEL_ALIASES = {"0": 0, "1": 1, "negative": 0, "positive": 1, "neg": 0, "pos": 1, "rotten": 0, "fresh": 1}
 
@@ -39,31 +42,23 @@ class DataError(ValueError):
     """A dataset that cannot be used; the message says what is wrong and how to fix it."""
 
 
-@dataclass(frozen=True)
-class CatalogDataset:
-    id: str
-    task: Task
-    description: str
-    bundled: bool
-
-
 BUNDLED_REVIEWS = "bundled/rotten-tomatoes"
 BUNDLED_REVIEW_WRITING = "bundled/review-writing"
 BUNDLED_HAMLET = "bundled/hamlet"
 BUNDLED_HAMLET_CONTINUATION = "bundled/hamlet-continuation"
 
-CATALOG: tuple[CatalogDataset, ...] = (
-    CatalogDataset("stanfordnlp/sst2", "sentiment", "SST-2 movie-review sentences (Hub)", False),
-    CatalogDataset(BUNDLED_REVIEWS, "sentiment", "Rotten Tomatoes review snippets, fresh vs rotten (bundled)", True),
-    CatalogDataset(
+CATALOG: tuple[CatalogEntry, ...] = (
+    CatalogEntry("stanfordnlp/sst2", "sentiment", "SST-2 movie-review sentences (Hub)", False),
+    CatalogEntry(BUNDLED_REVIEWS, "sentiment", "Rotten Tomatoes review snippets, fresh vs rotten (bundled)", True),
+    CatalogEntry(
         BUNDLED_REVIEW_WRITING,
         "generation",
         "Sentiment-controlled review writing: the prompt names the sentiment (bundled)",
         True,
     ),
-    CatalogDataset("karpathy/tiny_shakespeare", "generation", "Tiny Shakespeare, plain continuation (Hub)", False),
-    CatalogDataset(BUNDLED_HAMLET, "generation", "Hamlet, plain continuation (bundled)", True),
-    CatalogDataset(
+    CatalogEntry("karpathy/tiny_shakespeare", "generation", "Tiny Shakespeare, plain continuation (Hub)", False),
+    CatalogEntry(BUNDLED_HAMLET, "generation", "Hamlet, plain continuation (bundled)", True),
+    CatalogEntry(
         BUNDLED_HAMLET_CONTINUATION,
         "generation",
         "Hamlet: continue a passage from its first lines; long context, loss on the last quarter (bundled)",
@@ -72,8 +67,8 @@ CATALOG: tuple[CatalogDataset, ...] = (
 )
 
 
-def catalog(task: Task) -> list[CatalogDataset]:
-    return [entry for entry in CATALOG if entry.task == task]
+def catalog(task: Task) -> list[CatalogEntry]:
+    return for_task(CATALOG, task)
 
 
 def default_dataset(task: Task, offline: bool) -> str:
@@ -168,9 +163,14 @@ def _tiny_shakespeare() -> Splits:
     return Splits(**parts)
 
 
+def is_user_file(dataset: str) -> bool:
+    """Whether `dataset` names a user's own file (by its suffix) rather than a catalog id."""
+    return Path(dataset).suffix.lower() in USER_FILE_SUFFIXES
+
+
 def load_splits(dataset_id: str, task: Task, offline: bool) -> Splits:
     """The three splits of a catalog dataset or of a user's CSV/JSONL file."""
-    if Path(dataset_id).suffix.lower() in (".csv", ".jsonl", ".json"):
+    if is_user_file(dataset_id):
         return load_user_file(Path(dataset_id), task)
     entry = next((e for e in CATALOG if e.id == dataset_id), None)
     if entry is None:

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from lora_methods import Task, get_method
@@ -20,6 +21,33 @@ class InferenceError(ValueError):
     """A request that cannot be served (bad input, unusable run); the message says why."""
 
 
+def check_adapter(run: Run) -> None:
+    """InferenceError unless the run has saved its adapter (a run that failed early has none)."""
+    if not run.adapter_dir.exists():
+        raise InferenceError(f"run {run.id} has no saved adapter yet (status: {run.status})")
+
+
+def check_texts(texts: list[str], what: str, max_chars: int | None = None) -> None:
+    """InferenceError if a text is empty (or, with `max_chars`, too long); `what` names it in the message."""
+    if not isinstance(texts, list) or not texts:
+        raise InferenceError(f"the {what} is empty; type some text")
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise InferenceError(f"the {what} is empty; type some text")
+        if max_chars is not None and len(text) > max_chars:
+            raise InferenceError(f"the {what} has {len(text)} characters; at most {max_chars} are accepted")
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """InferenceError naming the first sampling setting out of its range."""
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise InferenceError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_new_tokens})")
+    if not 0 <= temperature <= 5:
+        raise InferenceError(f"temperature must be between 0 and 5 (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise InferenceError(f"top_p must be in (0, 1] (got {top_p})")
+
+
 @dataclass
 class LoadedRun:
     run_id: str
@@ -31,31 +59,25 @@ class LoadedRun:
 def load_run(run: Run) -> LoadedRun:
     """The run's base model with its adapter applied (full fine-tuning: its saved model folder)."""
     config = run.config
-    if not run.adapter_dir.exists():
-        status = run.summary.get("status", "unknown")
-        raise InferenceError(f"run {run.id} has no saved adapter (status: {status})")
+    check_adapter(run)
     method = get_method(config["method"])
     task: Task = config["task"]
     tokenizer = load_tokenizer(str(run.adapter_dir))
-    model = method.load_trained(
-        run.adapter_dir,
-        lambda: resolve_model_path(config["model"], offline=is_offline(config.get("offline", False))),
-        lambda path, quantize_4bit: load_model(path, task, tokenizer, quantize_4bit=quantize_4bit),
-    )
+    if method.saves_full_model:
+        model = load_model(str(run.adapter_dir), task, tokenizer)
+    else:
+        base_path = resolve_model_path(config["model"], offline=is_offline(config.get("offline", False)))
+        base = load_model(base_path, task, tokenizer, quantize_4bit=method.quantize_base)
+        model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     model.eval()
     return LoadedRun(run.id, task, model, tokenizer)
-
-
-def _require_text(texts: list[str], what: str) -> None:
-    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-        raise InferenceError(f"the {what} is empty; type some text")
 
 
 @torch.no_grad()
 def class_probabilities(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int = 256
 ) -> torch.Tensor:
-    _require_text(texts, "text")
+    check_texts(texts, "text")
     device = next(model.parameters()).device
     batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
     return torch.softmax(model(**batch).logits.float(), dim=-1).cpu()
@@ -86,13 +108,8 @@ def sample(
     seed: int = 0,
 ) -> list[str]:
     """Continuations of `prompts` (the prompt itself is not repeated). temperature 0 means greedy."""
-    _require_text(prompts, "prompt")
-    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-        raise InferenceError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_new_tokens})")
-    if not 0 <= temperature <= 5:
-        raise InferenceError(f"temperature must be between 0 and 5 (got {temperature})")
-    if not 0 < top_p <= 1:
-        raise InferenceError(f"top_p must be in (0, 1] (got {top_p})")
+    check_texts(prompts, "prompt")
+    check_sampling(max_new_tokens, temperature, top_p)
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()

@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +27,8 @@ from transformers import (
 
 from lora_methods import Task
 from lora_methods.base import cache_dir
+from training.core import environment
+from training.core.catalog import CatalogEntry, for_task
 
 LABELS = ("negative", "positive")  # sentiment label ids 0 and 1
 
@@ -36,30 +37,21 @@ class ModelError(ValueError):
     """A model that cannot be used; the message says why and what to choose instead."""
 
 
-@dataclass(frozen=True)
-class CatalogModel:
-    id: str
-    task: Task
-    description: str
-    bundled: bool  # ships with the install; works offline
-    hub_id: str | None = None  # the Hub model a bundled copy comes from: what an exported model card names
-
-
 BUNDLED_MINILM = "bundled/all-MiniLM-L6-v2"
 BUNDLED_SMOLLM2 = "bundled/SmolLM2-135M-Instruct"
 
-CATALOG: tuple[CatalogModel, ...] = (
-    CatalogModel("distilbert/distilbert-base-uncased", "sentiment", "DistilBERT base, 66M parameters (Hub)", False),
-    CatalogModel(
+CATALOG: tuple[CatalogEntry, ...] = (
+    CatalogEntry("distilbert/distilbert-base-uncased", "sentiment", "DistilBERT base, 66M parameters (Hub)", False),
+    CatalogEntry(
         BUNDLED_MINILM,
         "sentiment",
         "all-MiniLM-L6-v2, 6-layer BERT encoder, 22M parameters (bundled)",
         True,
         "sentence-transformers/all-MiniLM-L6-v2",
     ),
-    CatalogModel("HuggingFaceTB/SmolLM2-135M", "generation", "SmolLM2-135M base, Llama architecture (Hub)", False),
-    CatalogModel("distilbert/distilgpt2", "generation", "DistilGPT-2, 82M parameters, Conv1D layers (Hub)", False),
-    CatalogModel(
+    CatalogEntry("HuggingFaceTB/SmolLM2-135M", "generation", "SmolLM2-135M base, Llama architecture (Hub)", False),
+    CatalogEntry("distilbert/distilgpt2", "generation", "DistilGPT-2, 82M parameters, Conv1D layers (Hub)", False),
+    CatalogEntry(
         BUNDLED_SMOLLM2,
         "generation",
         "SmolLM2-135M-Instruct, Llama architecture (bundled)",
@@ -69,8 +61,8 @@ CATALOG: tuple[CatalogModel, ...] = (
 )
 
 
-def catalog(task: Task) -> list[CatalogModel]:
-    return [entry for entry in CATALOG if entry.task == task]
+def catalog(task: Task) -> list[CatalogEntry]:
+    return for_task(CATALOG, task)
 
 
 def default_model(task: Task, offline: bool) -> str:
@@ -139,7 +131,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 def quantization_config(task: Task) -> BitsAndBytesConfig:
     """NF4 with double quantization; classification heads stay in full precision (PEFT trains them)."""
-    compute_dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    compute_dtype = torch.bfloat16 if environment.bf16_supported() else torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -157,7 +149,7 @@ def load_model(
     kwargs: dict = {"trust_remote_code": False, "use_safetensors": True, "dtype": torch.float32}
     if quantize_4bit:
         kwargs["quantization_config"] = quantization_config(task)
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if environment.has_cuda() else "cpu"
     if task == "sentiment":
         model = AutoModelForSequenceClassification.from_pretrained(
             path,

@@ -27,7 +27,7 @@ from lora_methods.targets import check_rank, resolve_targets
 from training.core import data, models
 from training.core.config import ConfigError, TrainConfig, train_arguments
 from training.core.offline import is_offline
-from training.core.runs import FINISHED, Run, RunStore, resumable
+from training.core.runs import FINISHED, Run, RunNotFound, RunStore, resumable
 
 JOB_STATES = ("queued", "starting", "running", "finished", "failed", "cancelled")
 PARALLEL_JOBS = int(os.environ.get("LORA_ARENA_PARALLEL_JOBS", "1"))
@@ -134,7 +134,7 @@ class JobManager:
         nothing. With `owner_token`, only the same token may later stop, resume or delete the run."""
         resolved = config.resolved()
         self.limits.check(resolved)
-        if resolved.dataset and Path(resolved.dataset).suffix.lower() in (".csv", ".jsonl", ".json"):
+        if resolved.dataset and data.is_user_file(resolved.dataset):
             data.load_user_file(Path(resolved.dataset), resolved.task)  # a bad upload fails now, not in a worker
         _check_layers(resolved)
         config = replace(config, owner=owner_hash(owner_token) if owner_token else None)
@@ -185,9 +185,9 @@ class JobManager:
                 return f"{job_id}: cancelled before it started"
             if job.state in ("finished", "failed", "cancelled"):
                 return f"{job_id}: already {job.state}"
-            run_dir = self.store.root / job_id
-            if (run_dir / "config.json").exists():
-                Run(run_dir).request_stop()
+            run = self._created(job_id)
+            if run is not None:
+                run.request_stop()
                 return f"{job_id}: stopping (within seconds: the current step or evaluation ends first)"
             job.process.terminate()  # still loading the model: nothing to keep
             job.error = "stopped before training began"
@@ -237,14 +237,14 @@ class JobManager:
         """The job's state for a UI or API client, merged with its run's summary once it exists."""
         job = self._jobs.get(job_id)
         if job is not None:  # its run may not exist yet
-            summary, task, method = self._summary(job.id), job.config.task, job.config.method
+            run = self._created(job_id)
+            summary, task, method = (run.summary if run else {}), job.config.task, job.config.method
         else:  # a run of an earlier app process or the CLI; an unknown id raises RunNotFound
             run = self.store.get(job_id)
             summary, task, method = run.summary, run.config.get("task"), run.config.get("method")
         state = job.state if job else ("running" if summary.get("status") == "running" else "finished")
         if job and job.state == "starting" and self._run_started(job, summary):
             state = "running"
-        run_dir = self.store.root / job_id
         return {
             "id": job_id,
             "state": state,
@@ -253,7 +253,7 @@ class JobManager:
             "error": (job.error if job else None) or summary.get("error"),
             "summary": summary,
             # a stop asked for and not yet done: a live view says "stopping" at once
-            "stop_requested": state in ("starting", "running") and (run_dir / "stop").exists(),
+            "stop_requested": state in ("starting", "running") and run is not None and run.stop_requested(),
             "task": task,
             "method": method,
         }
@@ -283,9 +283,12 @@ class JobManager:
             for index, job_id in enumerate(queued, start=1)
         ]
 
-    def _summary(self, run_id: str) -> dict:
-        run_dir = self.store.root / run_id
-        return Run(run_dir).summary if (run_dir / "config.json").exists() else {}
+    def _created(self, job_id: str) -> Run | None:
+        """The job's run once its worker has created it in the store; None before."""
+        try:
+            return self.store.get(job_id)
+        except RunNotFound:
+            return None
 
     # -- the worker loop --------------------------------------------------------------------
 
@@ -324,12 +327,13 @@ class JobManager:
     def _watch(self, job: Job, log_path: Path) -> None:
         # `running` as soon as the worker has created (or reopened) the run: loading passed.
         while job.process.poll() is None:
-            if job.state == "starting" and self._run_started(job, self._summary(job.id)):
-                job.state = "running"
+            if job.state == "starting":
+                run = self._created(job.id)
+                if run is not None and self._run_started(job, run.summary):
+                    job.state = "running"
             time.sleep(0.2)
         code = job.process.returncode
-        run_dir = self.store.root / job.id
-        run = Run(run_dir) if (run_dir / "config.json").exists() else None
+        run = self._created(job.id)
         with self._changed:
             if run is not None and run.status not in FINISHED:
                 # killed (out of memory, a signal) before the engine could record it

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import platform
 import shutil
 import statistics
 import time
@@ -27,13 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-import torch
-
 from lora_methods import get_method
 from training.core.config import TrainConfig
 from training.core.defaults import RESULTS_DIR  # noqa: F401  (where its results go; the UI reads them there)
-from training.core.environment import library_versions
+from training.core.environment import hardware, library_versions
 from training.core.offline import is_offline
 from training.core.runs import Run, RunNotFound, RunStore
 from training.engine import train
@@ -387,23 +382,6 @@ def _utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def _hardware() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "memory_bytes": psutil.virtual_memory().total,
-        "platform": platform.platform(),
-    }
-
-
 def _speed(plan: Plan, offline: bool) -> list[dict]:
     """Every variant (and the plan's timed-only extras), at the methods' default rates: a rate does
     not change what a step costs."""
@@ -478,7 +456,7 @@ def run_suite(
         "started_at": _utc(started),
         "duration_s": finished - started,
         "training": _training_record(store, {t["run"] for t in sweep} | {c["run"] for c in cells}, started),
-        "hardware": _hardware(),
+        "hardware": hardware(),
         "versions": library_versions(),
         "offline": offline,
         "runs_dir": str(runs_dir),

@@ -29,7 +29,7 @@ from pathlib import Path
 from lora_methods import FineTuningMethod, get_method
 from training.core import offline
 from training.core.config import ConfigError, TrainConfig, command_line
-from training.core.inference import InferenceError, load_run
+from training.core.inference import InferenceError, check_adapter, load_run
 from training.core.memory import MB
 from training.core.models import BUNDLED_SMOLLM2, CATALOG, LABELS
 from training.core.runs import Run, write_json_atomic
@@ -63,8 +63,7 @@ def check_exportable(run: Run) -> None:
         raise InferenceError(
             f"run {run.id} ended {status}: only completed or stopped runs can be exported (resume it first)"
         )
-    if not run.adapter_dir.is_dir():
-        raise InferenceError(f"run {run.id} has no saved adapter")
+    check_adapter(run)
 
 
 def check_mergeable(run: Run) -> None:

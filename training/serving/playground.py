@@ -13,7 +13,14 @@ from typing import Any
 
 from lora_methods import Task, get_method
 from training.core.data import REVIEW_PROMPT
-from training.core.inference import MAX_NEW_TOKENS, InferenceError, class_probabilities, sample
+from training.core.inference import (
+    InferenceError,
+    check_adapter,
+    check_sampling,
+    check_texts,
+    class_probabilities,
+    sample,
+)
 from training.core.models import LABELS, default_model, resolve_model_path
 from training.core.offline import is_offline
 from training.core.runs import Run, RunStore, find_judge
@@ -22,14 +29,6 @@ from training.serving.pool import AdapterPool
 MAX_TEXT_CHARS = 2000
 MAX_RUNS = 8
 TIMING_REPEATS = 3  # classification is fast: a median of a few calls after a warm-up call
-
-
-def _check_text(text: str, what: str) -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise InferenceError(f"the {what} is empty; type some text")
-    if len(text) > MAX_TEXT_CHARS:
-        raise InferenceError(f"the {what} has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted")
-    return text
 
 
 def _targets(
@@ -45,8 +44,7 @@ def _targets(
     for run in runs:
         if run.config.get("task") != task:
             raise InferenceError(f"run {run.id} is a {run.config.get('task')} run, not a {task} run")
-        if not run.adapter_dir.exists():
-            raise InferenceError(f"run {run.id} has no saved adapter yet (status: {run.status})")
+        check_adapter(run)
     if not runs and not include_base:
         raise InferenceError("select at least one run, or include the base model")
     targets: list[tuple[dict, Run | None, str | None]] = []
@@ -79,7 +77,7 @@ def classify_side_by_side(
 ) -> list[dict]:
     """Label, class probabilities and latency of `text` for every run (and the base, whose
     classification head is untrained: its answer is chance and shows what training added)."""
-    text = _check_text(text, "text")
+    check_texts([text], "text", MAX_TEXT_CHARS)
     results = []
     for entry, run, base_path in _targets(store, run_ids, "sentiment", include_base):
         with pool.serving(run, "sentiment", base_path) as (model, tokenizer):
@@ -97,7 +95,8 @@ def classify_side_by_side(
 
 def _merged_latency(pool: AdapterPool, run: Run, call: Callable) -> float | None:
     """The same call with the adapter merged into the base weights; None where it cannot merge."""
-    if get_method(run.config["method"]).merge_blocker is not None:
+    method = get_method(run.config["method"])
+    if method.saves_full_model or method.quantize_base:
         return None
     with pool.serving(run, run.config["task"], merged=True) as (model, tokenizer):
         call(model, tokenizer)
@@ -125,9 +124,8 @@ def generate_side_by_side(
 ) -> list[dict]:
     """Each run's (and the base's) continuation of `prompt` with the same sampling settings and
     seed, its latency, and, where a sentiment run exists, the judged sentiment of the text."""
-    prompt = _check_text(prompt, "prompt")
-    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-        raise InferenceError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_new_tokens})")
+    check_texts([prompt], "prompt", MAX_TEXT_CHARS)
+    check_sampling(max_new_tokens, temperature, top_p)  # before any model loads
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     results = []
     for entry, run, base_path in _targets(store, run_ids, "generation", include_base):

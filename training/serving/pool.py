@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from lora_methods import Task, get_method
-from training.core.inference import InferenceError, LoadedRun, load_run
+from training.core.inference import LoadedRun, check_adapter, load_run
 from training.core.models import load_model, load_tokenizer, resolve_model_path
 from training.core.offline import is_offline
 from training.core.runs import Run
@@ -70,8 +70,7 @@ class AdapterPool:
         """(model, tokenizer, adapter name) ready to serve `run`; full fine-tuning has no adapter name."""
         config = run.config
         method = get_method(config["method"])
-        if not run.adapter_dir.exists():
-            raise InferenceError(f"run {run.id} has no saved adapter yet (status: {run.status})")
+        check_adapter(run)
         if method.saves_full_model:
             if run.id not in self._full:
                 while len(self._full) >= self.FULL_MODELS_KEPT:
