@@ -89,7 +89,10 @@ def test_every_cell_trained_to_the_same_budget_and_the_aggregate_is_their_mean(p
     assert figure["std"] == pytest.approx(statistics.stdev(lora))
     assert results["judge"]["cell"].startswith("sentiment/")  # the generated reviews' judge
     generated = results["aggregate"]["generation"]["lora"]
-    assert 0 <= generated["control_share"]["mean"] <= 1 and "validation_perplexity" in generated
+    shares = [c["control_share"] for c in cells if c["cell"] == "generation/lora"]
+    assert all(share * 4 == round(share * 4) for share in shares)  # each judged its 4 sampled reviews
+    assert generated["control_share"]["mean"] == pytest.approx(statistics.fmean(shares))
+    assert "validation_perplexity" in generated
 
 
 def test_speed_is_timed_side_by_side_with_memory_counted_from_the_tensors(published):
