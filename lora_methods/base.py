@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from peft import PeftModel
 
 Task = Literal["sentiment", "generation"]
 TASKS: tuple[Task, ...] = ("sentiment", "generation")
@@ -83,9 +84,25 @@ class HParam:
         return number
 
 
+# load(folder or model id, in 4-bit NF4) -> the transformers model for the run's task, in eval or
+# train mode as the caller needs: training.core.models knows how, this layer does not.
+ModelLoader = Callable[[str, bool], torch.nn.Module]
+
+
+def no_callbacks(model: torch.nn.Module, hparams: Mapping[str, Any]) -> list:
+    return []
+
+
+def no_telemetry(model: torch.nn.Module) -> dict[str, float | None]:
+    return {}
+
+
 @dataclass(frozen=True)
 class FineTuningMethod:
-    """A fine-tuning method as the registry, engine, CLI and UI see it."""
+    """A fine-tuning method as the registry, engine, CLI and UI see it.
+
+    Generic code asks the method (`optimizer_name`, `callbacks`, `telemetry`, `load_trained`,
+    `merge_blocker`) rather than reading its flags; a new method overrides only what differs."""
 
     name: str
     title: str
@@ -97,11 +114,26 @@ class FineTuningMethod:
     paged_optimizer: bool = False  # use paged 8-bit AdamW where CUDA is present
     # callbacks(model, hparams) -> Trainer callbacks for the model `apply` returned (schedules,
     # telemetry). One with a `summary()` method adds its figures to the run's summary.
-    callbacks: Callable[[torch.nn.Module, Mapping[str, Any]], list] | None = None
+    callbacks: Callable[[torch.nn.Module, Mapping[str, Any]], list] = no_callbacks
+    # telemetry(model) -> figures of the model `apply` returned, by name, for the benchmark's record
+    # (the same names the method's callbacks log during training).
+    telemetry: Callable[[torch.nn.Module], dict[str, float | None]] = no_telemetry
     saves_full_model: bool = False  # the result is a whole model folder, not a PEFT adapter
     # The trained adapter folds into the base weights exactly (PEFT's merge_and_unload), so a merged
     # model can be exported and timed; on a 4-bit base it would be rounded into 4-bit weights instead.
     merges: bool = False
+
+    def optimizer_name(self, cuda: bool) -> str:
+        """The Trainer's `optim`: paged 8-bit AdamW (bitsandbytes) needs CUDA, AdamW otherwise."""
+        return "paged_adamw_8bit" if self.paged_optimizer and cuda else "adamw_torch"
+
+    def load_trained(self, saved: Path, base_path: Callable[[], str], load: ModelLoader) -> torch.nn.Module:
+        """The trained model, for inference, from the folder training saved: that folder itself
+        for a method that saves the whole model, else its base (at `base_path()`, loaded as this
+        method trains it) with the saved PEFT adapter attached."""
+        if self.saves_full_model:
+            return load(str(saved), False)
+        return PeftModel.from_pretrained(load(base_path(), self.quantize_base), str(saved))
 
     @property
     def merge_blocker(self) -> str | None:

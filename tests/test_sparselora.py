@@ -9,8 +9,12 @@ import json
 import pytest
 import torch
 
-from lora_methods import HParamError, get_method, sparsity
+from lora_methods import HParamError, get_method, sparselora
 from lora_methods.sparselora import layer_schedule
+from lora_methods.sparselora.controller import IGNORE_INDEX, dense_positions, routing
+from lora_methods.sparselora.estimator import SparseAttention, SparseLayer, svd_factors
+from lora_methods.sparselora.layouts import ATTENTION_LAYOUTS, FFN_LAYOUTS, resolve
+from lora_methods.sparselora.slicing import output_columns
 from training.core import inference
 from training.core.config import TrainConfig
 from training.core.models import load_model, load_tokenizer
@@ -52,7 +56,7 @@ def test_nothing_skipped_means_exactly_lora(tiny_models, arch):
     dense, sparse, inputs = _pair(tiny_models[arch], ARCH_TASK[arch], "1e-9,1e-9", output_tokens="sparse")
     dense_logits, dense_grads = _run(dense, inputs)
     sparse_logits, sparse_grads = _run(sparse, inputs)
-    assert sparse.sparsity_controller.recall == 1.0  # the sliced path ran (it measures recall), keeping all
+    assert sparselora.controller(sparse).recall == 1.0  # the sliced path ran (it measures recall), keeping all
     assert torch.allclose(dense_logits, sparse_logits, atol=1e-6)
     for name, grad in dense_grads.items():
         assert torch.allclose(grad, sparse_grads[name], atol=1e-7), name
@@ -61,36 +65,36 @@ def test_nothing_skipped_means_exactly_lora(tiny_models, arch):
 @pytest.mark.parametrize("arch", list(ARCH_TASK))
 def test_sliced_ffn_equals_the_dense_ffn_on_the_kept_channels(tiny_models, arch, monkeypatch):
     dense, sparse, inputs = _pair(tiny_models[arch], ARCH_TASK[arch], "0.5,0.5", output_tokens="sparse")
-    layout = sparsity.FFN_LAYOUTS[dense.get_base_model().config.model_type]
-    width = sparse.sparsity_controller.layers[0].width
+    layout = FFN_LAYOUTS[dense.get_base_model().config.model_type]
+    width = sparselora.controller(sparse).layers[0].width
     keep = torch.arange(0, width, 2)  # every other channel
-    monkeypatch.setattr(sparsity.SparseLayer, "choose", lambda self, context, sample_tokens: keep)
+    monkeypatch.setattr(SparseLayer, "choose", lambda self, context, sample_tokens: keep)
     mask = torch.zeros(width)
     mask[keep] = 1.0
-    for block in sparsity.resolve(dense.get_base_model(), layout.layers):  # reference: dense, then masked
-        sparsity.resolve(block, layout.output).register_forward_pre_hook(lambda module, args: (args[0] * mask,))
+    for block in resolve(dense.get_base_model(), layout.layers):  # reference: dense, then masked
+        resolve(block, layout.output).register_forward_pre_hook(lambda module, args: (args[0] * mask,))
     dense_logits, dense_grads = _run(dense, inputs)
     sparse_logits, sparse_grads = _run(sparse, inputs)
     assert torch.allclose(dense_logits, sparse_logits, atol=1e-5)
     for name, grad in dense_grads.items():
         assert torch.allclose(grad, sparse_grads[name], atol=1e-6), name
-    assert sparse.sparsity_controller.flops_ratio < 1.0
+    assert sparselora.controller(sparse).flops_ratio < 1.0
 
 
 @pytest.mark.parametrize("arch", list(ARCH_TASK))
 def test_the_last_layer_skipping_its_context_tokens_changes_nothing_the_loss_reads(tiny_models, arch):
     lora_model, outputs_only, inputs = _pair(tiny_models[arch], ARCH_TASK[arch], "0,0")  # no sparse layer
     if ARCH_TASK[arch] == "generation":
-        inputs["labels"][:, :3] = sparsity.IGNORE_INDEX  # a prompt
+        inputs["labels"][:, :3] = IGNORE_INDEX  # a prompt
     for module in [*lora_model.modules(), *outputs_only.modules()]:  # fewer tokens, other dropout draws
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     lora_logits, lora_grads = _run(lora_model, inputs)
     logits, grads = _run(outputs_only, inputs)
-    controller = outputs_only.sparsity_controller
+    controller = sparselora.controller(outputs_only)
     assert controller.outputs_only_layer == 1 and controller.flops_ratio < 1.0  # the FFN ran for outputs only
     if ARCH_TASK[arch] == "generation":  # the positions that predict a label; the prompt's are not read
-        read = sparsity.dense_positions(inputs["labels"], inputs["input_ids"].shape)
+        read = dense_positions(inputs["labels"], inputs["input_ids"].shape)
         lora_logits, logits = lora_logits[read], logits[read]
         assert read.sum() < read.numel()
     assert torch.allclose(lora_logits, logits, atol=1e-5)
@@ -100,9 +104,9 @@ def test_the_last_layer_skipping_its_context_tokens_changes_nothing_the_loss_rea
 
 def test_a_value_channel_feeds_every_query_head_of_its_group():
     # 4 query heads share 2 kv heads of 4 dimensions: heads 0-1 read kv head 0, heads 2-3 kv head 1.
-    columns = sparsity.output_columns(torch.tensor([1, 6]), head_dim=4, heads=4, kv_heads=2)
+    columns = output_columns(torch.tensor([1, 6]), head_dim=4, heads=4, kv_heads=2)
     assert columns.tolist() == [1, 5, 10, 14]  # (kv 0, d 1) -> heads 0, 1; (kv 1, d 2) -> heads 2, 3
-    plain = sparsity.output_columns(torch.tensor([0, 5, 7]), head_dim=4, heads=2, kv_heads=2)
+    plain = output_columns(torch.tensor([0, 5, 7]), head_dim=4, heads=2, kv_heads=2)
     assert plain.tolist() == [0, 5, 7]  # without grouping a value channel is its own column
 
 
@@ -111,16 +115,16 @@ def test_sliced_attention_equals_dense_attention_on_the_kept_value_channels(tiny
     dense, sparse, inputs = _pair(
         tiny_models[arch], ARCH_TASK[arch], "1e-9,1e-9", output_tokens="sparse", attention_sparsity=0.5
     )
-    attention = sparse.sparsity_controller.attention[0]
-    assert len(sparse.sparsity_controller.attention) == 2 and attention.kept == attention.width // 2
+    attention = sparselora.controller(sparse).attention[0]
+    assert len(sparselora.controller(sparse).attention) == 2 and attention.kept == attention.width // 2
     keep = torch.arange(1, attention.width, 2)  # every other value channel, across heads
-    monkeypatch.setattr(sparsity.SparseAttention, "choose", lambda self, context, sample_tokens: keep)
+    monkeypatch.setattr(SparseAttention, "choose", lambda self, context, sample_tokens: keep)
     mask = torch.zeros(attention.width)
     mask[keep] = 1.0
-    value_path = sparsity.ATTENTION_LAYOUTS[dense.get_base_model().config.model_type][0]
-    layers = sparsity.resolve(dense.get_base_model(), sparsity.FFN_LAYOUTS[arch].layers)
+    value_path = ATTENTION_LAYOUTS[dense.get_base_model().config.model_type][0]
+    layers = resolve(dense.get_base_model(), FFN_LAYOUTS[arch].layers)
     for block in layers:  # reference: dense attention over values whose skipped channels are zero
-        sparsity.resolve(block, value_path).register_forward_hook(lambda module, args, out: out * mask)
+        resolve(block, value_path).register_forward_hook(lambda module, args, out: out * mask)
     dense_logits, dense_grads = _run(dense, inputs)
     sparse_logits, sparse_grads = _run(sparse, inputs)
     assert torch.allclose(dense_logits, sparse_logits, atol=1e-5)
@@ -142,13 +146,13 @@ def test_evaluation_is_dense(tiny_models):
 
 def test_each_rows_prompt_runs_sparse_and_its_output_positions_dense():
     labels = torch.tensor([[-100, -100, -100, 5, 6, -100], [-100, -100, -100, -100, 7, 8]])
-    dense = sparsity.dense_positions(labels, labels.shape)
+    dense = dense_positions(labels, labels.shape)
     # position t predicts token t + 1: row 0's outputs come from positions 2-3, row 1's from 3-4
     assert dense.tolist() == [[False, False, True, True, False, False], [False, False, False, True, True, False]]
-    order, restore, sparse_count = sparsity.routing(dense)
+    order, restore, sparse_count = routing(dense)
     assert sparse_count == 8 and order[:sparse_count].tolist() == [0, 1, 4, 5, 6, 7, 8, 11]
     assert torch.equal(order[restore], torch.arange(12))
-    classifier = sparsity.dense_positions(torch.tensor([1, 0]), torch.Size([2, 5]))
+    classifier = dense_positions(torch.tensor([1, 0]), torch.Size([2, 5]))
     assert classifier[:, 0].all() and not classifier[:, 1:].any()  # [CLS] dense, the rest sparse
 
 
@@ -170,10 +174,13 @@ def test_estimator_factors_are_cached(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_ARENA_CACHE", str(tmp_path))
     _pair(tiny_models["gpt2"], "generation", "0.5,0.5")
     (cached,) = (tmp_path / "svd").iterdir()
-    calls = []
-    monkeypatch.setattr(sparsity, "svd_factors", lambda *a: calls.append(a))
+    calls, locations = [], []
+    monkeypatch.setattr("lora_methods.sparselora.estimator.svd_factors", lambda *a: calls.append(a))
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: locations.append(k.get("map_location")) or load(*a, **k))
     _pair(tiny_models["gpt2"], "generation", "0.5,0.5")
     assert calls == [] and list((tmp_path / "svd").iterdir()) == [cached]
+    assert locations == ["cpu"]  # a cache written on a GPU machine loads on a CPU-only one
 
 
 @pytest.mark.parametrize("method", ["sparselora", "sparselora-4bit"])
@@ -196,29 +203,31 @@ def test_a_sparselora_run_reports_flops_and_recall_and_saves_a_lora_adapter(tmp_
     telemetry = summary["sparsity"]
     assert telemetry["dense_warmup_steps"] == 2 and telemetry["sparse_layers"] == [0]
     assert telemetry["outputs_only_layer"] == 1  # the last layer: its FFN for the output tokens only
-    assert 0.5 < telemetry["flops_ratio_vs_lora"] < 1.0 and 0.0 <= telemetry["estimator_recall"] <= 1.0
+    assert 0.5 < telemetry["flops_ratio_vs_lora"] < 1.0
+    assert telemetry["estimator_recall"] > 0.5, telemetry  # better than keeping half the channels at random
     (run,) = store.runs()
     logged = [r for r in run.metrics() if r["kind"] == "train"]
     assert logged[0]["flops_ratio_vs_lora"] == pytest.approx(1.0)  # dense warm-up step
     assert logged[-1]["flops_ratio_vs_lora"] < 1.0
     assert json.loads((run.adapter_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    assert inference.generate(inference.load_run(run), ["To be"], max_new_tokens=3)[0]["text"] is not None
+    (generated,) = inference.generate(inference.load_run(run), ["To be"], max_new_tokens=3)
+    assert generated["text"].strip(), generated
 
 
 def test_svd_estimator_is_the_best_rank_r_map_and_exact_at_full_rank():
     torch.manual_seed(0)
     weight = torch.randn(48, 16)  # (out, in), as a Linear stores it
-    a, b = sparsity.svd_factors(weight, 4)
+    a, b = svd_factors(weight, 4)
     tail = torch.linalg.svdvals(weight)[4:]
     assert torch.linalg.norm(a @ b - weight.t()) == pytest.approx(float(tail.norm()), rel=1e-4)  # Eckart-Young
-    exact, none = sparsity.svd_factors(weight, 16)  # rank = input width: nothing to gain by factoring
+    exact, none = svd_factors(weight, 16)  # rank = input width: nothing to gain by factoring
     assert none is None and torch.equal(exact, weight.t())
 
 
 def test_an_exact_estimator_scoring_every_token_picks_the_oracle_channels(tiny_models):
     _, sparse, inputs = _pair(tiny_models["llama"], "generation", "0.5,0.5", output_tokens="sparse")
     sparse(**inputs).loss.backward()  # rank 384 >= width 64 and 128 sampled >= tokens: exact scores
-    assert sparse.sparsity_controller.recall == pytest.approx(1.0)
+    assert sparselora.controller(sparse).recall == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -251,9 +260,9 @@ def test_a_trained_sparselora_model_is_freed_without_the_cyclic_garbage_collecto
         tiny_models[arch], ARCH_TASK[arch], "0.5,0.5", attention_sparsity=0.0 if arch == "gpt2" else 0.5
     )
     _run(sparse, inputs)
-    layout = sparsity.FFN_LAYOUTS[arch]
-    patched = weakref.ref(sparsity.resolve(sparsity.resolve(sparse.get_base_model(), layout.layers)[0], layout.output))
-    controller = weakref.ref(sparse.sparsity_controller)
+    layout = FFN_LAYOUTS[arch]
+    patched = weakref.ref(resolve(resolve(sparse.get_base_model(), layout.layers)[0], layout.output))
+    controller = weakref.ref(sparselora.controller(sparse))
     gc.collect()
     gc.disable()  # reference counting alone must free it, as it frees a LoRA model
     try:

@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from lora_methods import Task, get_method
@@ -63,12 +62,11 @@ def load_run(run: Run) -> LoadedRun:
     method = get_method(config["method"])
     task: Task = config["task"]
     tokenizer = load_tokenizer(str(run.adapter_dir))
-    if method.saves_full_model:
-        model = load_model(str(run.adapter_dir), task, tokenizer)
-    else:
-        base_path = resolve_model_path(config["model"], offline=is_offline(config.get("offline", False)))
-        base = load_model(base_path, task, tokenizer, quantize_4bit=method.quantize_base)
-        model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    model = method.load_trained(
+        run.adapter_dir,
+        lambda: resolve_model_path(config["model"], offline=is_offline(config.get("offline", False))),
+        lambda path, quantize_4bit: load_model(path, task, tokenizer, quantize_4bit=quantize_4bit),
+    )
     model.eval()
     return LoadedRun(run.id, task, model, tokenizer)
 

@@ -327,9 +327,7 @@ class _Job:
     def fit(self, checkpoint: str | None) -> tuple[Trainer, RunRecorder]:
         """Train with the Trainer from the start or from `checkpoint`, to the end or a stop."""
         config, run = self.config, self.run
-        self.optimizer_name = (
-            "paged_adamw_8bit" if self.method.paged_optimizer and torch.cuda.is_available() else "adamw_torch"
-        )
+        self.optimizer_name = self.method.optimizer_name(torch.cuda.is_available())
         # Only the recording process has a run; another one (a replica under `accelerate launch`)
         # writes its checkpoints nowhere.
         output_dir = str(run.dir / "checkpoints") if run is not None else tempfile.mkdtemp(prefix="lora-arena-")
@@ -373,7 +371,7 @@ class _Job:
             self.should_stop,
             memory_of,
         )
-        self.method_callbacks = self.method.callbacks(self.model, config.hparams) if self.method.callbacks else []
+        self.method_callbacks = self.method.callbacks(self.model, config.hparams)
         trainer = MeasuredTrainer(
             model=self.model,
             args=args,

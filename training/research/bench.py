@@ -146,68 +146,82 @@ def run_bench(
     tokenizer = models.load_tokenizer(workload.model_path)
     batches = workload.batches(tokenizer, steps + warmup)
     contenders = [_Contender(entry, task, workload.model_path, tokenizer, seed) for entry in entries]
-
     for round_index in range(warmup + steps):
         batch = batches[round_index % len(batches)]
         for contender in contenders:
             contender.step(batch, record=round_index >= warmup)
-
     tokens = statistics.mean(int(batch["attention_mask"].sum()) for batch in batches)
-    baseline = statistics.median(contenders[0].times)
     for contender in contenders:
-        median = statistics.median(contender.times)
-        controller = getattr(contender.model, "sparsity_controller", None)
-        yield {
-            "task": task,
-            "model": workload.model,
-            "dataset": workload.dataset,
-            "label": contender.entry.label,
-            "method": contender.entry.method,
-            "batch_size": workload.batch_size,
-            "seq_len": workload.seq_len,
-            "steps": steps,
-            "warmup": warmup,
-            "median_step_s": median,
-            "quartiles_step_s": statistics.quantiles(contender.times, n=4) if len(contender.times) > 1 else None,
-            "tokens_per_s": tokens / median,
-            "baseline": contenders[0].entry.label,
-            "speedup_vs_baseline": baseline / median,
-            "flops_ratio_vs_lora": controller.flops_ratio if controller else None,
-            "estimator_recall": controller.recall if controller else None,
-            "memory": contender.memory(batches[0]),
-            "process_rss_bytes": psutil.Process().memory_info().rss,
-            "cuda_peak_bytes": torch.cuda.max_memory_allocated() if environment.has_cuda() else None,
-            "hparams": contender.hparams,
-        }
+        yield _speed_record(workload, contender, contenders[0], tokens, batches[0], steps, warmup)
     del contenders  # free the timed models before the training runs load theirs
-
     if train_steps:
         store = RunStore(runs_dir)
         for entry in entries:
-            summary = train(
-                TrainConfig(
-                    task=task,
-                    method=entry.method,
-                    model=workload.model,
-                    dataset=workload.dataset,
-                    hparams=dict(entry.hparams),
-                    max_steps=train_steps,
-                    batch_size=workload.batch_size,
-                    seq_len=workload.seq_len,
-                    seed=seed,
-                    offline=workload.offline,
-                    control_samples=0,
-                ),
-                store,
-            )
-            yield {
-                "task": task,
-                "label": entry.label,
-                "method": entry.method,
-                "train_steps": train_steps,
-                "status": summary["status"],
-                "validation": summary["metrics"]["validation"],
-                "test": summary["metrics"]["test"],
-                "median_step_time_s": summary["median_step_time_s"],
-                "sparsity": summary.get("sparsity"),
-            }
+            yield _trained_record(workload, entry, train_steps, seed, store)
+
+
+def _speed_record(
+    workload: Workload,
+    contender: _Contender,
+    baseline: _Contender,
+    tokens: float,
+    batch: dict,
+    steps: int,
+    warmup: int,
+) -> dict:
+    """One contender's timing and memory; `tokens` is the batches' mean real tokens."""
+    median = statistics.median(contender.times)
+    telemetry = contender.method.telemetry(contender.model)
+    return {
+        "task": workload.task,
+        "model": workload.model,
+        "dataset": workload.dataset,
+        "label": contender.entry.label,
+        "method": contender.entry.method,
+        "batch_size": workload.batch_size,
+        "seq_len": workload.seq_len,
+        "steps": steps,
+        "warmup": warmup,
+        "median_step_s": median,
+        "quartiles_step_s": statistics.quantiles(contender.times, n=4) if len(contender.times) > 1 else None,
+        "tokens_per_s": tokens / median,
+        "baseline": baseline.entry.label,
+        "speedup_vs_baseline": statistics.median(baseline.times) / median,
+        "flops_ratio_vs_lora": telemetry.get("flops_ratio_vs_lora"),
+        "estimator_recall": telemetry.get("estimator_recall"),
+        "memory": contender.memory(batch),
+        "process_rss_bytes": psutil.Process().memory_info().rss,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if environment.has_cuda() else None,
+        "hparams": contender.hparams,
+    }
+
+
+def _trained_record(workload: Workload, entry: Entry, train_steps: int, seed: int, store: RunStore) -> dict:
+    """Train `entry` to `train_steps` through the engine, on the benchmark's workload."""
+    summary = train(
+        TrainConfig(
+            task=workload.task,
+            method=entry.method,
+            model=workload.model,
+            dataset=workload.dataset,
+            hparams=dict(entry.hparams),
+            max_steps=train_steps,
+            batch_size=workload.batch_size,
+            seq_len=workload.seq_len,
+            seed=seed,
+            offline=workload.offline,
+            control_samples=0,
+        ),
+        store,
+    )
+    return {
+        "task": workload.task,
+        "label": entry.label,
+        "method": entry.method,
+        "train_steps": train_steps,
+        "status": summary["status"],
+        "validation": summary["metrics"]["validation"],
+        "test": summary["metrics"]["test"],
+        "median_step_time_s": summary["median_step_time_s"],
+        "sparsity": summary.get("sparsity"),
+    }

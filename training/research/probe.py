@@ -14,9 +14,15 @@ from collections.abc import Iterator
 
 import torch
 
-from lora_methods import Task, get_method, sparsity
+from lora_methods import Task, get_method
+from lora_methods.sparselora.controller import dense_positions
+from lora_methods.sparselora.estimator import SparseLayer, estimator_factors
+from lora_methods.sparselora.layouts import ffn_layout, resolve
 from training.core import models
 from training.research.bench import Workload
+
+# (layer, sparsity) -> one (oracle error, estimator error, estimator recall) per batch
+Figures = dict[tuple[int, float], list[tuple[float, float, float]]]
 
 
 def probe(
@@ -34,59 +40,13 @@ def probe(
     is SparseLoRA's at its default settings unless `estimator_rank` says otherwise."""
     defaults = get_method("sparselora").resolve_hparams()
     estimator_rank = estimator_rank or defaults["estimator_rank"]
-    sample_tokens = defaults["estimator_tokens"]
     if not sparsities or not all(0 <= s < 1 for s in sparsities):
         raise ValueError(f"sparsities must be numbers in [0, 1) (got {list(sparsities)})")
     workload = Workload.resolve(task, model, dataset, batch_size, seq_len, offline)
     tokenizer = models.load_tokenizer(workload.model_path)
     network = models.load_model(workload.model_path, task, tokenizer).eval()
-    layout = sparsity.FFN_LAYOUTS.get(network.config.model_type)
-    if layout is None:
-        raise ValueError(
-            f"no FFN layout for {network.config.model_type!r} models; supported: {', '.join(sparsity.FFN_LAYOUTS)}"
-        )
-
-    # The FFN input of every layer, caught on its way into the (first) input projection.
-    blocks = list(sparsity.resolve(network, layout.layers))
-    ffn_inputs: dict[int, torch.Tensor] = {}
-    hooks = [
-        sparsity.resolve(block, layout.inputs[0]).register_forward_pre_hook(
-            lambda module, args, index=index: ffn_inputs.__setitem__(index, args[0])
-        )
-        for index, block in enumerate(blocks)
-    ]
-    layers = []
-    for index, block in enumerate(blocks):
-        inputs = [sparsity.resolve(block, name) for name in layout.inputs]
-        output, activation = sparsity.resolve(block, layout.output), sparsity.resolve(block, layout.activation)
-        estimator = sparsity.estimator_factors(inputs, estimator_rank)
-        layers.append(
-            [sparsity.SparseLayer(index, ratio, inputs, output, activation, estimator) for ratio in sparsities]
-        )
-
-    figures: dict[tuple[int, float], list[tuple[float, float, float]]] = {}
-    tokens_seen = 0
-    for batch in workload.batches(tokenizer, batches):
-        with torch.no_grad():
-            network(**batch)
-        # SparseLoRA's context: real tokens that produce no output (padding and outputs run otherwise).
-        context = batch["attention_mask"].bool()
-        context &= ~sparsity.dense_positions(batch["labels"], batch["input_ids"].shape)
-        tokens_seen += int(context.sum())
-        for index, variants in enumerate(layers):
-            tokens = ffn_inputs[index][context]
-            for layer in variants:
-                chosen, oracle = layer.choose(tokens, sample_tokens), layer.oracle(tokens)
-                figures.setdefault((index, layer.sparsity), []).append(
-                    (
-                        layer.output_error(tokens, oracle),
-                        layer.output_error(tokens, chosen),
-                        float(torch.isin(chosen, oracle).float().mean()),
-                    )
-                )
-    for hook in hooks:
-        hook.remove()
-
+    layers = _layer_variants(network, sparsities, estimator_rank)
+    figures, tokens_seen = _measure(network, layers, workload.batches(tokenizer, batches), defaults["estimator_tokens"])
     for (index, ratio), values in sorted(figures.items()):
         oracle_error, estimator_error, recall = (statistics.fmean(column) for column in zip(*values))
         yield {
@@ -102,3 +62,54 @@ def probe(
             "batches": len(values),
             "context_tokens": tokens_seen,
         }
+
+
+def _layer_variants(
+    network: torch.nn.Module, sparsities: tuple[float, ...], estimator_rank: int
+) -> list[list[SparseLayer]]:
+    """Per transformer layer, its FFN as SparseLoRA sees it, once per sparsity (one estimator)."""
+    layout = ffn_layout(network.config.model_type)
+    layers = []
+    for index, block in enumerate(resolve(network, layout.layers)):
+        inputs = [resolve(block, name) for name in layout.inputs]
+        output, activation = resolve(block, layout.output), resolve(block, layout.activation)
+        estimator = estimator_factors(inputs, estimator_rank)
+        layers.append([SparseLayer(index, ratio, inputs, output, activation, estimator) for ratio in sparsities])
+    return layers
+
+
+def _measure(
+    network: torch.nn.Module, layers: list[list[SparseLayer]], batches: list[dict], sample_tokens: int
+) -> tuple[Figures, int]:
+    """Each layer's figures on each batch's context tokens, and how many context tokens there were."""
+    # The FFN input of every layer, caught on its way into the (first) input projection.
+    ffn_inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        variants[0]
+        .inputs[0]
+        .register_forward_pre_hook(lambda module, args, index=index: ffn_inputs.__setitem__(index, args[0]))
+        for index, variants in enumerate(layers)
+    ]
+    figures: Figures = {}
+    tokens_seen = 0
+    for batch in batches:
+        with torch.no_grad():
+            network(**batch)
+        # SparseLoRA's context: real tokens that produce no output (padding and outputs run otherwise).
+        context = batch["attention_mask"].bool()
+        context &= ~dense_positions(batch["labels"], batch["input_ids"].shape)
+        tokens_seen += int(context.sum())
+        for index, variants in enumerate(layers):
+            tokens = ffn_inputs[index][context]
+            for layer in variants:
+                chosen, oracle = layer.choose(tokens, sample_tokens), layer.oracle(tokens)
+                figures.setdefault((index, layer.sparsity), []).append(
+                    (
+                        layer.output_error(tokens, oracle),
+                        layer.output_error(tokens, chosen),
+                        float(torch.isin(chosen, oracle).float().mean()),
+                    )
+                )
+    for hook in hooks:
+        hook.remove()
+    return figures, tokens_seen

@@ -95,8 +95,7 @@ def classify_side_by_side(
 
 def _merged_latency(pool: AdapterPool, run: Run, call: Callable) -> float | None:
     """The same call with the adapter merged into the base weights; None where it cannot merge."""
-    method = get_method(run.config["method"])
-    if method.saves_full_model or method.quantize_base:
+    if get_method(run.config["method"]).merge_blocker is not None:
         return None
     with pool.serving(run, run.config["task"], merged=True) as (model, tokenizer):
         call(model, tokenizer)

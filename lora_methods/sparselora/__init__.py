@@ -1,0 +1,150 @@
+"""SparseLoRA (Khaki et al., ICML 2025): LoRA whose frozen FFN computation is sliced to the
+channels a training-free SVD estimator predicts for each batch. The LoRA branch stays dense and
+the saved adapter is an ordinary LoRA adapter; sparsity exists only in training forwards.
+
+Per training step and per sparse layer, a rank-r SVD estimator of the frozen input projection
+predicts which intermediate channels matter for this batch; the FFN then runs as smaller dense
+products: the kept rows of the input projection(s) (and bias) and the kept columns of the output
+projection. Nothing is computed dense and masked. One index set per layer per step, shared by all
+tokens of the batch, keeps the products dense.
+
+The package: `layouts` (where each architecture keeps its FFN), `slicing` (a projection on some
+channels), `estimator` (SVD factors, their cache, the channel choice), `controller` (shared state,
+token routing, FLOP accounting), `forwards` (the patched forwards), `install` (patching a model),
+`schedule` (per-layer sparsity, dense warm-up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .. import lora
+from ..base import FineTuningMethod, HParam, Task, cache_dir
+from .controller import SparsityController
+from .install import SparsitySettings, install
+from .layouts import attention_layout, ffn_layout, layer_blocks
+from .schedule import SparsitySchedule, layer_schedule
+
+
+def settings(model: torch.nn.Module, hparams: Mapping[str, Any]) -> SparsitySettings:
+    """The sparsity `hparams` ask for on this transformers model; HParamError if it cannot have it."""
+    model_type = model.config.model_type
+    ffn_layout(model_type)
+    ratios = layer_schedule(len(layer_blocks(model)), hparams)
+    attention = hparams["attention_sparsity"]
+    if attention > 0:
+        attention_layout(model_type)
+    return SparsitySettings(
+        ffn=tuple(ratios),
+        attention=tuple(attention if ratio > 0 else 0.0 for ratio in ratios),  # the same layers as the FFN
+        estimator_rank=hparams["estimator_rank"],
+        sample_tokens=hparams["estimator_tokens"],
+        dense_outputs=hparams["output_tokens"] == "dense",
+        outputs_only_last=hparams["last_layer"] == "outputs",
+        cache_dir=cache_dir(),
+    )
+
+
+def apply(model: torch.nn.Module, task: Task, hparams: Mapping[str, Any]) -> torch.nn.Module:
+    sparsity = settings(model, hparams)  # refused before wrapping: a bad setting leaves no half-made model
+    wrapped = lora.apply(model, task, hparams)
+    wrapped.sparsity_controller = install(wrapped, sparsity)
+    return wrapped
+
+
+def controller(model: torch.nn.Module) -> SparsityController:
+    """The controller `apply` installed on this model."""
+    return model.sparsity_controller
+
+
+def callbacks(model: torch.nn.Module, hparams: Mapping[str, Any]) -> list:
+    return [SparsitySchedule(controller(model), hparams["dense_warmup"])]
+
+
+def telemetry(model: torch.nn.Module) -> dict[str, float | None]:
+    return controller(model).telemetry()
+
+
+METHOD = FineTuningMethod(
+    name="sparselora",
+    title="SparseLoRA",
+    summary="LoRA that skips most frozen FFN channels each step, picked per batch by an SVD estimator: "
+    "fewer FLOPs, faster steps.",
+    hparams=(
+        *lora.METHOD.hparams,
+        HParam(
+            "ffn_sparsity",
+            float,
+            0.75,
+            "share of FFN channels skipped in sparse layers",
+            minimum=0.0,
+            maximum=1.0,
+            maximum_exclusive=True,
+        ),
+        HParam(
+            "attention_sparsity",
+            float,
+            0.0,
+            "share of value channels (and the output projection's matching columns) skipped in sparse layers",
+            minimum=0.0,
+            maximum=1.0,
+            maximum_exclusive=True,
+        ),
+        HParam(
+            "estimator_rank",
+            int,
+            384,
+            "rank of the SVD estimator that picks the channels (at or above the model width: exact)",
+            minimum=1,
+            maximum=4096,
+        ),
+        HParam(
+            "estimator_tokens",
+            int,
+            128,
+            "context tokens the estimator scores per step (evenly spaced)",
+            minimum=1,
+            maximum=65536,
+        ),
+        HParam(
+            "dense_first_layers",
+            int,
+            1,
+            "leading layers kept dense (the last layer is not sparse either: see last_layer)",
+            minimum=0,
+            maximum=1000,
+        ),
+        HParam("layer_sparsity", str, "auto", "'auto', or one FFN sparsity per layer, comma-separated"),
+        HParam(
+            "dense_warmup",
+            float,
+            0.05,
+            "share of the first steps trained dense",
+            minimum=0.0,
+            maximum=1.0,
+            maximum_exclusive=True,
+        ),
+        HParam(
+            "output_tokens",
+            str,
+            "dense",
+            "output tokens (generation: labelled tokens; classification: [CLS]) dense or sparse",
+            choices=("dense", "sparse"),
+        ),
+        HParam(
+            "last_layer",
+            str,
+            "outputs",
+            "the last layer's FFN for the output tokens only (exact: no loss reads the context's; "
+            "needs dense output tokens) or for all tokens",
+            choices=("outputs", "all"),
+        ),
+    ),
+    apply=apply,
+    callbacks=callbacks,
+    telemetry=telemetry,
+    merges=True,  # sparsity lives only in training forwards: the saved adapter is a plain LoRA one
+)

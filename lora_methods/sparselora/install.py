@@ -1,0 +1,145 @@
+"""Installing SparseLoRA's sliced forwards on a model, as its settings say."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig
+
+from .controller import SparsityController, dense_positions, routing
+from .estimator import FactorCache, SparseAttention, SparseLayer
+from .forwards import (
+    outputs_only_forward,
+    patch,
+    sliced_projection,
+    sparse_container_forward,
+    sparse_output_forward,
+    sparse_value_forward,
+)
+from .layouts import FFNLayout, attention_heads, attention_layout, ffn_layout, layer_blocks, resolve
+from .slicing import base_weight
+
+
+@dataclass(frozen=True)
+class SparsitySettings:
+    """What `install` makes sparse, one ratio per transformer layer (0: that layer stays dense)."""
+
+    ffn: tuple[float, ...]  # share of FFN channels skipped
+    attention: tuple[float, ...]  # share of value channels (and output-projection columns) skipped
+    estimator_rank: int  # rank of the SVD estimator that picks the channels
+    sample_tokens: int  # context tokens the estimator scores per step
+    dense_outputs: bool  # output tokens (labelled, or [CLS]) run dense; only the context is sparse
+    outputs_only_last: bool  # the last layer's FFN runs for the output tokens only (with dense_outputs)
+    cache_dir: Path  # where the estimator's SVD factors are kept between runs
+
+
+def install(model: torch.nn.Module, settings: SparsitySettings) -> SparsityController:
+    """Patch the FFNs and value/output projections of `model` (a transformers model, before or
+    after PEFT wrapping) as `settings` say and return the controller they share."""
+    transformers_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = transformers_model.config.model_type
+    layout = ffn_layout(model_type)
+    blocks = layer_blocks(transformers_model)
+    if len(settings.ffn) != len(blocks) or len(settings.attention) != len(blocks):
+        raise ValueError(f"{len(settings.ffn)} sparsity ratios for {len(blocks)} layers")
+    if any(settings.attention):
+        attention_layout(model_type)
+
+    controller = SparsityController(
+        [], _linear_flops_per_token(transformers_model), sample_tokens=settings.sample_tokens
+    )
+    cache = FactorCache(settings.cache_dir, transformers_model, blocks, layout, settings.estimator_rank)
+    ffn = list(settings.ffn)
+    if settings.outputs_only_last and settings.dense_outputs:
+        _skip_context_in_last_ffn(controller, blocks, layout)
+        ffn[-1] = 0.0
+    for index, (block, ratio, attention_ratio) in enumerate(zip(blocks, ffn, settings.attention)):
+        if attention_ratio > 0:
+            _sparsify_attention(controller, cache, block, index, attention_ratio, transformers_model.config)
+        if ratio > 0:
+            _sparsify_ffn(controller, cache, block, layout, index, ratio)
+    cache.save()
+    transformers_model.register_forward_pre_hook(_router(controller, settings.dense_outputs), with_kwargs=True)
+    return controller
+
+
+def _linear_flops_per_token(model: torch.nn.Module) -> int:
+    """Multiply-adds per token of every Linear/Conv1D of the model, dense (adapters aside)."""
+    return sum(
+        base_weight(m)[0].numel()
+        for m in model.modules()
+        if type(m).__name__ in ("Linear", "Linear4bit", "Conv1D") and not hasattr(m, "base_layer")
+    )
+
+
+def _patch_ffn_entry(block: torch.nn.Module, layout: FFNLayout, make_forward: Callable[[Callable], Callable]) -> None:
+    container = resolve(block, layout.container)
+    if isinstance(container, torch.nn.Module):
+        patch(container, "forward", make_forward)
+    else:  # BERT's feed_forward_chunk is a method of the layer
+        patch(block, layout.container, make_forward)
+
+
+def _skip_context_in_last_ffn(controller: SparsityController, blocks: list, layout: FFNLayout) -> None:
+    width = base_weight(resolve(blocks[-1], layout.inputs[0]))[0].shape[0]
+    projections = len(layout.inputs) + 1
+    _patch_ffn_entry(
+        blocks[-1], layout, lambda original: outputs_only_forward(controller, width, projections, original)
+    )
+    controller.outputs_only_layer = len(blocks) - 1
+
+
+def _sparsify_attention(
+    controller: SparsityController,
+    cache: FactorCache,
+    block: torch.nn.Module,
+    index: int,
+    ratio: float,
+    config: PretrainedConfig,
+) -> None:
+    value_path, output_path = attention_layout(config.model_type)
+    value, output = resolve(block, value_path), resolve(block, output_path)
+    estimator = cache.get(("value", index), [value])[0]
+    attention = SparseAttention(index, ratio, value, output, estimator, *attention_heads(config))
+    controller.attention.append(attention)
+    patch(value, "forward", lambda original: sparse_value_forward(controller, attention, original))
+    patch(output, "forward", lambda original: sparse_output_forward(controller, attention, original))
+
+
+def _sparsify_ffn(
+    controller: SparsityController,
+    cache: FactorCache,
+    block: torch.nn.Module,
+    layout: FFNLayout,
+    index: int,
+    ratio: float,
+) -> None:
+    inputs = [resolve(block, path) for path in layout.inputs]
+    output, activation = resolve(block, layout.output), resolve(block, layout.activation)
+    layer = SparseLayer(index, ratio, inputs, output, activation, cache.get(index, inputs))
+    controller.layers.append(layer)
+    for module in layer.inputs:
+        patch(module, "forward", lambda original: sliced_projection(layer, original, rows=True))
+    patch(layer.output, "forward", lambda original: sliced_projection(layer, original, rows=False))
+    _patch_ffn_entry(block, layout, lambda original: sparse_container_forward(controller, layer, original))
+
+
+def _router(controller: SparsityController, dense_outputs: bool) -> Callable[[torch.nn.Module, tuple, dict], None]:
+    """The hook that, before each training forward, splits the batch's tokens into the sparse
+    context and the dense outputs, and counts the step's dense FLOPs."""
+
+    def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        dense = dense_positions(kwargs.get("labels"), input_ids.shape) if dense_outputs else None
+        if dense is None:
+            controller.order = controller.restore = None
+        else:
+            controller.order, controller.restore, controller.sparse_count = routing(dense)
+        controller.account_forward(input_ids.numel())
+
+    return before_forward

@@ -1,0 +1,64 @@
+"""When and where SparseLoRA is sparse: the per-layer sparsity, and the dense warm-up before the
+sparse steps, with the training logs' and the summary's figures."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ..base import HParamError
+from .controller import SparsityController
+
+
+def layer_schedule(layers: int, hparams: Mapping[str, Any]) -> list[float]:
+    """Channel sparsity per layer: none in the first `dense_first_layers` and the last layer (whose
+    FFN `last_layer` may instead run for output tokens only), `ffn_sparsity` in the rest; or the
+    explicit comma-separated `layer_sparsity` list."""
+    if hparams["layer_sparsity"] != "auto":
+        try:
+            ratios = [float(part) for part in hparams["layer_sparsity"].split(",")]
+        except ValueError:
+            raise HParamError("layer_sparsity must be 'auto' or comma-separated numbers") from None
+        if len(ratios) != layers or not all(0 <= r < 1 for r in ratios):
+            raise HParamError(f"layer_sparsity needs {layers} numbers in [0, 1), one per layer (got {len(ratios)})")
+        return ratios
+    first = hparams["dense_first_layers"]
+    if first >= layers - 1:
+        raise HParamError(
+            f"dense_first_layers must be below {layers - 1} for this {layers}-layer model "
+            "(the last layer is not channel-sparse either), or nothing would be sparse"
+        )
+    return [0.0] * first + [hparams["ffn_sparsity"]] * (layers - first - 1) + [0.0]
+
+
+class SparsitySchedule(TrainerCallback):
+    """Dense warm-up for the first steps, then sparse; reports FLOPs ratio and estimator recall."""
+
+    def __init__(self, controller: SparsityController, warmup_fraction: float) -> None:
+        self.controller, self.warmup_fraction = controller, warmup_fraction
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.warmup_steps = math.ceil(self.warmup_fraction * state.max_steps)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.controller.active = state.global_step >= self.warmup_steps
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            logs.update(self.controller.telemetry())
+
+    def summary(self) -> dict:
+        layers = self.controller.layers
+        return {
+            "sparsity": {
+                **self.controller.telemetry(),
+                "sparse_layers": [layer.index for layer in layers],
+                "kept_channels": {layer.index: layer.kept for layer in layers},
+                "kept_value_channels": {a.index: a.kept for a in self.controller.attention},
+                "outputs_only_layer": self.controller.outputs_only_layer,
+                "dense_warmup_steps": getattr(self, "warmup_steps", None),
+            }
+        }
