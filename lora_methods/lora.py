@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -12,11 +12,22 @@ from .base import TARGET_MODULES, FineTuningMethod, HParam, Task, dropout, learn
 from .peft_adapter import wrap_with_adapter
 
 
-def apply(model: torch.nn.Module, task: Task, hparams: Mapping[str, Any]) -> torch.nn.Module:
-    def make_config(**common: Any) -> LoraConfig:
-        return LoraConfig(r=hparams["rank"], lora_alpha=hparams["alpha"], lora_dropout=hparams["dropout"], **common)
+def apply_with(**options: Any) -> Callable[[torch.nn.Module, Task, Mapping[str, Any]], torch.nn.Module]:
+    """LoRA's `apply` with extra LoraConfig options, so a LoRA variant that PEFT implements
+    (DoRA: use_dora=True) reuses LoRA's hyperparameters and wrapping instead of copying them."""
 
-    return wrap_with_adapter(model, task, hparams, make_config)
+    def apply(model: torch.nn.Module, task: Task, hparams: Mapping[str, Any]) -> torch.nn.Module:
+        def make_config(**common: Any) -> LoraConfig:
+            return LoraConfig(
+                r=hparams["rank"], lora_alpha=hparams["alpha"], lora_dropout=hparams["dropout"], **options, **common
+            )
+
+        return wrap_with_adapter(model, task, hparams, make_config)
+
+    return apply
+
+
+apply = apply_with()
 
 
 METHOD = FineTuningMethod(

@@ -157,3 +157,56 @@ def test_4bit_methods_quantize_the_base_and_train(tiny_models, method_name, arch
 def _first_target(model, arch: str) -> str:
     suffix = DEFAULT_TARGETS[arch][0]
     return next(name for name, _ in model.named_modules() if name.endswith(suffix))
+
+
+def test_a_method_names_its_optimizer_callbacks_and_telemetry(tiny_models):
+    assert get_method("qlora").optimizer_name(cuda=True) == "paged_adamw_8bit"
+    assert get_method("qlora").optimizer_name(cuda=False) == "adamw_torch"  # bitsandbytes' paged AdamW needs CUDA
+    assert get_method("lora").optimizer_name(cuda=True) == "adamw_torch"
+
+    lora = get_method("lora")
+    hparams = lora.resolve_hparams({})
+    plain = lora.apply(_load(tiny_models["bert"], "sentiment")[0], "sentiment", hparams)
+    assert lora.callbacks(plain, hparams) == [] and lora.telemetry(plain) == {}
+
+    sparselora = get_method("sparselora")
+    hparams = sparselora.resolve_hparams({"dense_first_layers": 0})
+    sparse = sparselora.apply(_load(tiny_models["bert"], "sentiment")[0], "sentiment", hparams)
+    (schedule,) = sparselora.callbacks(sparse, hparams)
+    assert set(sparselora.telemetry(sparse)) == {"flops_ratio_vs_lora", "estimator_recall"}
+    assert set(sparselora.telemetry(sparse)) <= set(schedule.summary()["sparsity"])  # the names training logs
+
+
+def test_a_trained_model_loads_as_its_method_saved_it(tiny_models, tmp_path):
+    path = tiny_models["bert"]
+    model, tokenizer = _load(path, "sentiment")
+    lora = get_method("lora")
+    adapter = lora.apply(model, "sentiment", lora.resolve_hparams({}))
+    torch.manual_seed(1)
+    for param in adapter.parameters():
+        if param.requires_grad:
+            param.data.normal_(0, 0.1)  # a trained update, not the identity
+    adapter.save_pretrained(tmp_path / "adapter")
+
+    def load(location: str, quantize_4bit: bool) -> torch.nn.Module:
+        return load_model(location, "sentiment", tokenizer, quantize_4bit=quantize_4bit)
+
+    inputs = _inputs(tokenizer, "sentiment")
+    loaded = lora.load_trained(tmp_path / "adapter", lambda: path, load).eval()
+    assert torch.allclose(loaded(**inputs).logits, adapter.eval()(**inputs).logits, atol=1e-6)
+
+    whole = get_method("full").apply(_load(path, "sentiment")[0], "sentiment", {})
+    whole.save_pretrained(tmp_path / "model")
+    unused_base = lambda: pytest.fail("a whole saved model needs no base")  # noqa: E731
+    loaded = get_method("full").load_trained(tmp_path / "model", unused_base, load).eval()
+    assert torch.allclose(loaded(**inputs).logits, whole.eval()(**inputs).logits, atol=1e-6)
+
+
+def test_a_lora_variant_reuses_lora_with_one_more_peft_option(tiny_models):
+    from lora_methods import lora
+
+    stabilised = lora.apply_with(use_rslora=True)  # rank-stabilised LoRA: alpha / sqrt(r)
+    model, _ = _load(tiny_models["bert"], "sentiment")
+    wrapped = stabilised(model, "sentiment", get_method("lora").resolve_hparams({"rank": 4, "alpha": 8}))
+    query = wrapped.get_submodule("base_model.model.bert.encoder.layer.0.attention.self.query")
+    assert query.scaling["default"] == pytest.approx(8 / 4**0.5)
