@@ -33,6 +33,7 @@ from lora_methods import FineTuningMethod, get_method
 from training.core import data, defaults, evaluation, inference, memory, models
 from training.core.config import TrainConfig
 from training.core.environment import device, library_versions
+from training.core.metrics import primary_metric
 from training.core.offline import is_offline
 from training.core.runs import Run, RunStore, find_judge, resumable, write_json_atomic
 from training.engine.recorder import PHASE_CLOCKS, MeasuredTrainer, Phases, RunRecorder
@@ -206,7 +207,7 @@ class _Job:
             eval_steps=self.eval_steps,
             eval_examples=self.subsample,
             final_eval_examples=len(self.tokenized["validation"]) + len(self.tokenized["test"]),
-            primary_metric="accuracy" if config.task == "sentiment" else "perplexity",
+            primary_metric=primary_metric(config.task),
             trainable_params=trainable,
             total_params=total,
             trainable_percent=100.0 * trainable / total,
