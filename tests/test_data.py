@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from training.core.data import (
@@ -11,11 +12,14 @@ from training.core.data import (
     BUNDLED_HAMLET_CONTINUATION,
     BUNDLED_REVIEW_WRITING,
     BUNDLED_REVIEWS,
+    CATALOG,
     IGNORE_INDEX,
     MAX_UPLOAD_ROWS,
+    USER_FILE_SUFFIXES,
     DataError,
     _passages,
     encode_prompt_target,
+    is_user_file,
     load_splits,
     load_user_file,
 )
@@ -71,6 +75,29 @@ def test_a_valid_upload_is_split(review_csv):
     splits = load_user_file(review_csv, "sentiment")
     assert splits.sizes() == {"train": 320, "validation": 40, "test": 40}
     assert set(splits.train["label"]) == {0, 1}
+
+
+WRITERS = {  # one per accepted suffix: a suffix added without a way to write it fails the test below
+    ".csv": lambda frame, path: frame.to_csv(path, index=False),
+    ".jsonl": lambda frame, path: frame.to_json(path, orient="records", lines=True),
+    ".json": lambda frame, path: frame.to_json(path, orient="records"),
+}
+
+
+@pytest.mark.parametrize("suffix", USER_FILE_SUFFIXES)
+def test_every_accepted_suffix_loads_and_the_ui_takes_it(tmp_path, review_csv, monkeypatch, suffix):
+    from ui.arena import check_dataset_choice
+
+    path = tmp_path / f"reviews{suffix.upper()}"  # suffixes are matched whatever their case
+    WRITERS[suffix](pd.read_csv(review_csv), path)
+    assert is_user_file(str(path))
+    assert load_user_file(path, "sentiment").sizes() == {"train": 320, "validation": 40, "test": 40}
+    monkeypatch.setenv("LORA_ARENA_ALLOW_LOCAL_PATHS", "1")
+    check_dataset_choice(str(path), "sentiment")  # the form refused .json while the CLI took it
+
+
+def test_catalog_ids_are_not_user_files():
+    assert not any(is_user_file(entry.id) for entry in CATALOG)
 
 
 def _rows(n: int, label=lambda i: i % 2) -> list[dict]:

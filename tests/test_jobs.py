@@ -14,7 +14,7 @@ from lora_methods import HParamError
 from training.core.config import ConfigError, TrainConfig
 from training.core.data import DataError
 from training.core.runs import RunStore
-from training.jobs import JobManager, Limits, OwnershipError
+from training.jobs import USER_ERRORS, JobManager, Limits, OwnershipError
 
 DONE = ("finished", "failed", "cancelled")
 
@@ -115,8 +115,9 @@ def test_bad_requests_are_refused_at_submit_and_queue_nothing(
     manager, tiny_models, review_csv, overrides, error, message
 ):
     manager.parallel = 0
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as refused:
         manager.submit(config(tiny_models, review_csv, **overrides))
+    assert isinstance(refused.value, USER_ERRORS)  # shown as a message in the UI, one line in the CLI
     assert manager.latest() is None and not list(manager.store.runs())
 
 
