@@ -109,10 +109,9 @@ def test_the_card_names_hub_models_and_datasets_and_the_adapter_points_at_its_hu
     bundled = fake_run(fakes, "lora", "completed", dataset="bundled/rotten-tomatoes")
     assert "datasets:" not in export.model_card(bundled)
 
-    copied = tmp_path / "adapter"
-    shutil.copytree(run_of(store, "lora").adapter_dir, copied)
-    export._point_at_hub_base(copied, "bundled/all-MiniLM-L6-v2")
-    base = json.loads((copied / "adapter_config.json").read_text())["base_model_name_or_path"]
+    shutil.copytree(run_of(store, "lora").adapter_dir, bundled.adapter_dir, dirs_exist_ok=True)
+    exported = export.write_export(bundled, tmp_path / "adapter")  # trained on the bundled MiniLM
+    base = json.loads((exported / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base == "sentence-transformers/all-MiniLM-L6-v2"
 
 

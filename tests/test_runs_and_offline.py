@@ -43,19 +43,29 @@ def test_offline_defaults_to_bundled_models(monkeypatch):
         resolve_model_path("distilbert/distilbert-base-uncased", offline=True)
 
 
-def test_the_hub_probe_gives_up_quickly(monkeypatch):
+@pytest.fixture
+def hub_probe():
+    """offline.hub_reachable, asked afresh (it decides once per process)."""
+    offline.hub_reachable.cache_clear()
+    yield offline.hub_reachable
+    offline.hub_reachable.cache_clear()
+
+
+def test_the_hub_probe_gives_up_quickly(monkeypatch, hub_probe):
     def hang(*args, **kwargs):
         time.sleep(30)
 
     monkeypatch.setattr(offline.socket, "create_connection", hang)
     monkeypatch.setattr(offline, "PROBE_TIMEOUT_S", 0.5)
+    monkeypatch.setenv("HF_ENDPOINT", "https://example.invalid")
     started = time.perf_counter()
-    assert offline._tcp_connects("example.invalid", 443, 0.5) is False
+    assert hub_probe() is False
     assert time.perf_counter() - started < 2
 
 
-def test_the_hub_probe_sees_a_refused_connection(unused_port):
-    assert offline._tcp_connects("127.0.0.1", unused_port, 2.0) is False
+def test_the_hub_probe_sees_a_refused_connection(monkeypatch, hub_probe, unused_port):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{unused_port}")
+    assert hub_probe() is False
 
 
 @pytest.fixture
