@@ -31,6 +31,7 @@ from training.core.offline import is_offline
 from training.core.runs import Run, RunStore
 from training.jobs import USER_ERRORS, JobManager
 from training.research.leaderboard import leaderboard
+from training.research.report import Row, store_rows
 from training.serving import export
 from training.serving.playground import classify_side_by_side, generate_side_by_side
 from training.serving.pool import AdapterPool
@@ -152,6 +153,10 @@ class Arena:
     def leaderboard(self, task: str | None = None) -> pd.DataFrame:
         """Every run in the store (of one task) as a row of figures, best first."""
         return leaderboard(self.store, task)
+
+    def result_rows(self) -> list[Row]:
+        """The store's finished runs as the results report's rows: the Guide answers from them."""
+        return store_rows(self.store)
 
     def method_of(self, run_id: str) -> str:
         return self.store.get(run_id).config["method"]

@@ -79,7 +79,7 @@ def sparsity_schedule_figure() -> go.Figure:
 def store_markdown(arena: Arena) -> str:
     """What this store's finished runs say about each question: the report's answers and tables,
     computed by the same functions from the store's rows (runs compared on equal work)."""
-    table = report.store_rows(arena.store)
+    table = arena.result_rows()
     said = report.answers(table)
     parts = []
     for key, question in report.QUESTIONS:
