@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import psutil
 import torch
 
+from training.core import environment
+
 MB = 1e6  # every "MB" in the app, the CLI and the report
 MEMORY_PARTS = (
     ("weights_bytes", "weights (frozen + trained)"),
@@ -79,7 +81,7 @@ def process_figures() -> dict[str, int]:
     """The secondary figures: the process's resident set, and on CUDA the allocator's peak since
     the previous call."""
     figures = {"rss_bytes": psutil.Process().memory_info().rss}
-    if torch.cuda.is_available():
+    if environment.has_cuda():
         figures["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     return figures

@@ -32,7 +32,7 @@ from transformers import (
 from lora_methods import FineTuningMethod, get_method
 from training.core import data, defaults, evaluation, inference, memory, models
 from training.core.config import TrainConfig
-from training.core.environment import device, library_versions
+from training.core.environment import device, has_cuda, library_versions
 from training.core.metrics import primary_metric
 from training.core.offline import is_offline
 from training.core.runs import Run, RunStore, find_judge, resumable, write_json_atomic
@@ -328,7 +328,7 @@ class _Job:
     def fit(self, checkpoint: str | None) -> tuple[Trainer, RunRecorder]:
         """Train with the Trainer from the start or from `checkpoint`, to the end or a stop."""
         config, run = self.config, self.run
-        self.optimizer_name = self.method.optimizer_name(torch.cuda.is_available())
+        self.optimizer_name = self.method.optimizer_name(has_cuda())
         # Only the recording process has a run; another one (a replica under `accelerate launch`)
         # writes its checkpoints nowhere.
         output_dir = str(run.dir / "checkpoints") if run is not None else tempfile.mkdtemp(prefix="lora-arena-")
@@ -352,7 +352,7 @@ class _Job:
             seed=config.seed,
             data_seed=config.seed,
             include_num_input_tokens_seen="non_padding",
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=not has_cuda(),
             dataloader_num_workers=0,
         )
         meter = memory.ActivationMeter(self.model)
