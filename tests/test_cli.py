@@ -16,6 +16,7 @@ import pytest
 
 from lora_methods import METHODS, get_method
 from training.cli import build_parser
+from training.core import inference
 from training.core.config import RUN_FIELDS, RunField, TrainConfig, command_line, config_from_flags, train_arguments
 from training.core.runs import RunStore
 
@@ -93,7 +94,10 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
 
     predicted = cli("predict", "--run", run_dir.name, "--text", "a triumph", "--text", "a mess", runs_dir=runs)
     rows = [json.loads(line) for line in predicted.stdout.splitlines()]
-    assert len(rows) == 2 and all(sum(r["probabilities"].values()) == pytest.approx(1) for r in rows)
+    in_process = inference.classify(inference.load_run(run), ["a triumph", "a mess"])  # the run's own answers
+    assert [r["label"] for r in rows] == [r["label"] for r in in_process]
+    for row, expected in zip(rows, in_process):
+        assert row["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
 
     wrong_task = cli("generate", "--run", run_dir.name, "--prompt", "Once", runs_dir=runs)
     assert (
