@@ -3,6 +3,8 @@ ETA with evaluations, defaults that learn, this browser's runs, checks before a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from test_engine import sentiment_config
 
@@ -16,21 +18,34 @@ from training.engine import train, with_tuned_defaults
 from training.jobs import JobManager
 
 
-def stop_during(phase_name: str, store: RunStore, monkeypatch) -> list[str]:
-    """Request a stop through the run store (as the UI does) from inside the first batch of the
-    first evaluation in `phase_name`; the phases seen on the way, for the test to check."""
-    seen: list[str] = []
-    real = evaluation._batch_figures
+def after_each_batch(monkeypatch, observe: Callable[[], None]) -> None:
+    """Call `observe` after every evaluation batch, before the engine takes in the batch's progress."""
+    real = evaluation.evaluate_examples
 
-    def batch_figures(model, batch, task):
+    def evaluate_examples(model, records, collate, task, batch_size=None, on_batch=None):
+        def observed(done: int) -> None:
+            observe()
+            if on_batch is not None:
+                on_batch(done)
+
+        return real(model, records, collate, task, batch_size, observed)
+
+    monkeypatch.setattr(evaluation, "evaluate_examples", evaluate_examples)
+
+
+def stop_during(phase_name: str, store: RunStore, monkeypatch) -> list[str]:
+    """Request a stop through the run store (as the UI does) at the first batch of the first
+    evaluation in `phase_name`; the phases seen on the way, for the test to check."""
+    seen: list[str] = []
+
+    def observe() -> None:
         run = next(store.runs())
         phase = run.summary.get("phase", {}).get("name")
         seen.append(phase)
         if phase == phase_name:
             run.request_stop()
-        return real(model, batch, task)
 
-    monkeypatch.setattr(evaluation, "_batch_figures", batch_figures)
+    after_each_batch(monkeypatch, observe)
     return seen
 
 
@@ -56,15 +71,13 @@ def test_a_stop_during_an_evaluation_ends_the_run_at_once(tmp_path, tiny_models,
 def test_the_phases_a_run_goes_through_are_written_for_live_views(tmp_path, tiny_models, review_csv, monkeypatch):
     store = RunStore(tmp_path)
     phases: list[tuple[str, int | None]] = []
-    real = evaluation._batch_figures
 
-    def batch_figures(model, batch, task):
+    def observe() -> None:
         phase = next(store.runs()).summary["phase"]
         phases.append((phase["name"], phase["step"], phase["total"]))
         assert phase["started_at"] > 0
-        return real(model, batch, task)
 
-    monkeypatch.setattr(evaluation, "_batch_figures", batch_figures)
+    after_each_batch(monkeypatch, observe)
     train(sentiment_config(tiny_models, review_csv), store)
     # base: the whole validation set (the gain compares like with like), in training: the fixed
     # subsample, final: validation and test
@@ -162,13 +175,10 @@ def test_a_base_measured_once_in_a_store_serves_every_later_run_of_the_same_base
     store = RunStore(tmp_path)
     first = train(sentiment_config(tiny_models, review_csv), store)
     evaluated: list[str] = []
-    real = evaluation._batch_figures
-
-    def batch_figures(model, batch, task):
-        evaluated.append(next(run for run in store.runs() if run.status == "running").summary["phase"]["name"])
-        return real(model, batch, task)
-
-    monkeypatch.setattr(evaluation, "_batch_figures", batch_figures)
+    after_each_batch(
+        monkeypatch,
+        lambda: evaluated.append(next(run for run in store.runs() if run.status == "running").summary["phase"]["name"]),
+    )
     # HiRA starts as the identity on the same base: its base metrics are LoRA's, not measured again.
     again = train(sentiment_config(tiny_models, review_csv, method="hira"), store)
     assert "base evaluation" not in evaluated and again["base_metrics"] == first["base_metrics"]
