@@ -127,19 +127,19 @@ def test_empty_evaluation_fields_and_learning_rate_mean_the_defaults():
 
 
 def test_the_learning_rate_follows_task_model_and_method_and_says_where_it_comes_from():
-    tuned = train_tab._on_model("sentiment", "bundled/all-MiniLM-L6-v2", "lora")
+    tuned = train_tab.on_model("sentiment", "bundled/all-MiniLM-L6-v2", "lora")
     assert tuned["value"] == defaults.hparam_defaults("sentiment", "bundled/all-MiniLM-L6-v2", "lora")["learning_rate"]
     assert "default " + defaults.note("sentiment", "bundled/all-MiniLM-L6-v2", "lora") in tuned["info"]
-    fields = dict(zip(train_tab.HPARAMS, train_tab._on_method("sentiment", "bundled/all-MiniLM-L6-v2", "full")))
+    fields = dict(zip(train_tab.HPARAMS, train_tab.on_method("sentiment", "bundled/all-MiniLM-L6-v2", "full")))
     assert fields["rank"]["visible"] is False and fields["learning_rate"]["visible"] is True
     assert "default" in fields["learning_rate"]["info"]
 
 
 def test_float_fields_step_finely_and_whole_ones_by_one():
     specs = train_tab.HPARAMS
-    assert train_tab._step(specs["learning_rate"]) == 0.0001
-    assert train_tab._step(specs["dropout"]) == 0.05
-    assert train_tab._step(specs["rank"]) == 1
+    assert train_tab.arrow_step(specs["learning_rate"]) == 0.0001
+    assert train_tab.arrow_step(specs["dropout"]) == 0.05
+    assert train_tab.arrow_step(specs["rank"]) == 1
 
 
 # -- runs, queue and status ------------------------------------------------------------------------
@@ -304,25 +304,25 @@ class FakeArena:
 
 def test_a_fresh_browser_shows_no_one_elses_run():
     arena = FakeArena({"someone": [describe("running", running("training")["summary"])]})
-    run_id, shown, token = train_tab._attach(arena, None, "")
+    run_id, shown, token = train_tab.attach_browser(arena, None, "")
     assert run_id is None and shown is None and token and token != "someone"
 
 
 def test_a_reload_shows_the_last_picked_run_if_it_is_still_this_browsers():
     older = describe("finished", FINISHED) | {"id": "older"}
     arena = FakeArena({"me": [describe("running", running("training")["summary"]), older]})
-    assert train_tab._attach(arena, "older", "me")[0] == "older"
-    assert train_tab._attach(arena, "deleted-since", "me")[0] == RUN  # else the newest
-    assert train_tab._attach(arena, "older", "someone else")[0] is None
+    assert train_tab.attach_browser(arena, "older", "me")[0] == "older"
+    assert train_tab.attach_browser(arena, "deleted-since", "me")[0] == RUN  # else the newest
+    assert train_tab.attach_browser(arena, "older", "someone else")[0] is None
 
 
 def test_a_tick_lists_the_runs_and_redraws_only_what_changed():
     arena = FakeArena({"me": [describe("finished", FINISHED)]})
-    picker, queue, status, progress, loss, resources, summary, shown = train_tab._refresh(
+    picker, queue, status, progress, loss, resources, summary, shown = train_tab.refresh_views(
         arena, RUN, None, "step", "me"
     )
     assert picker["choices"] == [(f"{RUN} · lora · completed", RUN)] and picker["value"] == RUN
     assert "1. `other` (sentiment, hira)" in queue and status.startswith("**Completed**")
     assert loss.data and resources.data and "training memory" in summary
-    again = train_tab._refresh(arena, RUN, shown, "step", "me")
+    again = train_tab.refresh_views(arena, RUN, shown, "step", "me")
     assert all(isinstance(part, dict) and part.get("__type__") == "update" and len(part) == 1 for part in again[:-1])

@@ -54,7 +54,7 @@ def _hparam_specs() -> dict[str, HParam]:
 HPARAMS = _hparam_specs()
 
 
-def _step(spec: HParam) -> float:
+def arrow_step(spec: HParam) -> float:
     """The arrow keys' increment: a learning rate moves by 1e-4, a share by 0.05, not by 1."""
     if spec.kind is int:
         return 1
@@ -72,7 +72,7 @@ def _field(spec: HParam, values: dict[str, Any], info: str | None = None) -> gr.
     if spec.kind is str:
         return gr.Textbox(value=value, label=label, info=info, visible=visible)
     # precision=None: Gradio would round 2.5 to 2 silently; validation refuses it with a message.
-    return gr.Number(value=value, label=label, info=info, step=_step(spec), visible=visible)
+    return gr.Number(value=value, label=label, info=info, step=arrow_step(spec), visible=visible)
 
 
 def model_choices(task: str, offline: bool) -> list[tuple[str, str]]:
@@ -498,7 +498,7 @@ def _on_task(offline: bool, task: str) -> tuple:
     )
 
 
-def _on_method(task: str, model: str | None, method: str) -> list:
+def on_method(task: str, model: str | None, method: str) -> list:
     """Show the method's own fields with its defaults (the tuned learning rate for this model)."""
     values = defaults.hparam_defaults(task, model, method)
     updates = {name: gr.update(visible=name in values, value=values.get(name)) for name in HPARAMS}
@@ -506,7 +506,7 @@ def _on_method(task: str, model: str | None, method: str) -> list:
     return list(updates.values())
 
 
-def _on_model(task: str, model: str | None, method: str) -> Any:
+def on_model(task: str, model: str | None, method: str) -> Any:
     """A new task or model may have its own tuned learning rate; the other fields stay as set."""
     if _stale(task, model, None):
         return gr.skip()
@@ -556,12 +556,12 @@ def _wire_form(demo: gr.Blocks, form: Form, offline: bool) -> None:
     command = (on_form, inputs, form.command)
     dataset = (on_dataset, [form.task, form.dataset, form.upload], [form.dataset_info, form.preview])
     choice = [form.task, form.model, form.method]
-    rate = (_on_model, choice, form.fields["learning_rate"])
+    rate = (on_model, choice, form.fields["learning_rate"])
     budget = [*(form.settings[field.name] for field in TASK_FILLED), form.upload]
     form.task.input(
         functools.partial(_on_task, offline), form.task, [form.model, form.dataset, *budget], **PRIVATE
     ).then(*rate, **PRIVATE).then(*command, **PRIVATE).then(*dataset, **PRIVATE)
-    form.method.input(_on_method, choice, list(form.fields.values()), **PRIVATE).then(*command, **PRIVATE)
+    form.method.input(on_method, choice, list(form.fields.values()), **PRIVATE).then(*command, **PRIVATE)
     form.model.input(*rate, **PRIVATE).then(*command, **PRIVATE)
     for trigger in (form.dataset.input, form.upload.upload, form.upload.clear):
         trigger(*dataset, **PRIVATE).then(*command, **PRIVATE)
@@ -612,7 +612,7 @@ def _run_views(arena: Arena, run_id: str | None, shown: dict, x_axis: str) -> li
     return views
 
 
-def _refresh(arena: Arena, run_id: str | None, shown: dict | None, x_axis: str, owner_token: str) -> tuple:
+def refresh_views(arena: Arena, run_id: str | None, shown: dict | None, x_axis: str, owner_token: str) -> tuple:
     """One tick: this browser's runs, the queue, and the picked run's views."""
     shown = dict(shown or {})
     runs = arena.runs_of(owner_token) if owner_token else []
@@ -622,7 +622,7 @@ def _refresh(arena: Arena, run_id: str | None, shown: dict | None, x_axis: str, 
     return (_picker_update(runs, run_id, shown), queue_update, *_run_views(arena, run_id, shown, x_axis), shown)
 
 
-def _attach(arena: Arena, run_id: str | None, owner_token: str) -> tuple:
+def attach_browser(arena: Arena, run_id: str | None, owner_token: str) -> tuple:
     """On page load: this browser's owner token (made once), and its last picked run if it is
     still one of its own, else its newest run. Never anyone else's."""
     owner_token = owner_token or secrets.token_urlsafe(16)
@@ -663,7 +663,7 @@ def _delete(arena: Arena, run_id: str | None, owner_token: str) -> tuple:
 
 def _wire_runs(demo: gr.Blocks, form: Form, panel: Panel, arena: Arena) -> None:
     refresh = (
-        functools.partial(_refresh, arena),
+        functools.partial(refresh_views, arena),
         [panel.current_run, panel.shown, panel.x_axis, panel.owner],
         [panel.picker, panel.queue, *panel.views, panel.shown],
     )
@@ -685,7 +685,7 @@ def _wire_runs(demo: gr.Blocks, form: Form, panel: Panel, arena: Arena) -> None:
     panel.delete.click(delete, picked, cleared, api_visibility="private").then(*refresh, **now)
     gr.Timer(REFRESH_SECONDS).tick(*refresh, **now)
     panel.x_axis.change(*refresh, **now)
-    attach = functools.partial(_attach, arena)
+    attach = functools.partial(attach_browser, arena)
     demo.load(attach, picked, [panel.current_run, panel.shown, panel.owner], api_visibility="private").then(
         *refresh, **now
     )
