@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import shlex
 import types
@@ -45,7 +46,7 @@ class Setting:
     label: str  # its name for a person: the form's label and the form's refusals
     help: str  # CLI help and the form's hint
     shown: frozenset[Surface]
-    minimum: float | None = None
+    minimum: float | None = None  # a whole-number or decimal setting has both bounds, inclusive
     maximum: float | None = None
     minimum_exclusive: bool = False
     choices: tuple[str, ...] | None = None
@@ -55,9 +56,11 @@ class Setting:
 
 
 def setting(default: Any = dataclasses.MISSING, **spec: Any) -> Any:
-    """A dataclass field with its `Setting`; a dict default becomes a fresh empty dict per config."""
+    """A dataclass field with its `Setting`; a dict default is copied for each config, never shared."""
     if isinstance(default, dict):
-        return dataclasses.field(default_factory=dict, metadata={"setting": Setting(**spec)})
+        return dataclasses.field(
+            default_factory=functools.partial(dict, default), metadata={"setting": Setting(**spec)}
+        )
     return dataclasses.field(default=default, metadata={"setting": Setting(**spec)})
 
 
@@ -70,7 +73,9 @@ class TrainConfig:
         shown=EVERYWHERE,
         choices=tuple(METHODS),
     )
-    hparams: dict[str, Any] = setting({}, label="hyperparameters", help="the method's, by name", shown=EVERYWHERE)
+    hparams: dict[str, Any] = setting(
+        {}, label="hyperparameters", help="the method's hyperparameters by name", shown=EVERYWHERE
+    )
     model: str | None = setting(
         None,
         label="model",
@@ -169,10 +174,10 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """Defaults filled in and every value checked; raises ConfigError or HParamError."""
+        method = get_method(self.method)  # an unknown method is the registry's HParamError, naming the methods
         values = asdict(self)
         for field in RUN_FIELDS:
             field.check(values[field.name])
-        method = get_method(self.method)
         values["hparams"] = method.resolve_hparams(self.hparams)
         given = {field.name for field in RUN_FIELDS if values[field.name] is not None}
         for group in {field.setting.exclusive for field in RUN_FIELDS} - {None}:
@@ -258,15 +263,19 @@ def _value_type(hint: Any) -> type:
 
 def _run_fields() -> tuple[RunField, ...]:
     hints = typing.get_type_hints(TrainConfig)
-    return tuple(
+    run_fields = tuple(
         RunField(
             spec.name,
             _value_type(hints[spec.name]),
-            {} if spec.default_factory is not dataclasses.MISSING else spec.default,
+            spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default,
             spec.metadata["setting"],
         )
         for spec in dataclasses.fields(TrainConfig)
     )
+    for field in run_fields:
+        if field.kind in (int, float) and (field.setting.minimum is None or field.setting.maximum is None):
+            raise TypeError(f"TrainConfig.{field.name} is a number: its Setting needs a minimum and a maximum")
+    return run_fields
 
 
 RUN_FIELDS = _run_fields()
