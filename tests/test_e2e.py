@@ -82,6 +82,15 @@ def test_lora_lowers_perplexity_on_the_bundled_causal_lm(tmp_path):
     again = _reevaluate(run, "validation", 48)
     assert again["loss"] == pytest.approx(summary["metrics"]["validation"]["loss"], abs=1e-5)
 
+    # the adapter changes what the model writes: greedy continuations with and without it differ
+    loaded = inference.load_run(run)
+    prompts, _ = evaluation.control_prompts(2)
+    greedy = dict(max_new_tokens=16, temperature=0.0)
+    tuned = inference.sample(loaded.model, loaded.tokenizer, prompts, **greedy)
+    with loaded.model.disable_adapter():
+        base = inference.sample(loaded.model, loaded.tokenizer, prompts, **greedy)
+    assert all(text.strip() for text in tuned) and tuned != base, (tuned, base)
+
 
 def test_nf4_stores_the_causal_lm_in_about_a_third_of_the_memory():
     path = resolve_model_path(BUNDLED_SMOLLM2, offline=True)
