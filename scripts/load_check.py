@@ -71,7 +71,7 @@ def main() -> int:
     args = parser.parse_args()
     with own_app() if args.url is None else _given(args.url) as url:
         client = Client(url, verbose=False)
-        adapter = client.predict(task="sentiment", method="lora", max_steps=30, eval_samples=64, api_name="/start_run")
+        adapter = client.predict(task="sentiment", method="lora", max_steps=30, api_name="/start_run")
         if wait_for(client, adapter["id"], ("finished", "failed", "cancelled"))["status"] != "completed":
             raise SystemExit(f"the adapter run {adapter['id']} did not complete")
         training = client.predict(task="sentiment", method="lora", max_steps=2000, api_name="/start_run")

@@ -85,8 +85,8 @@ class Plan:
     variants: tuple[str, ...]
     sweep: Mapping[str, tuple[float, ...]]  # family -> rates tried; empty: the rates of `rates_from`
     rates_from: str | None = None
-    eval_samples: int | None = None  # None: the whole validation and test splits
-    control_samples: int = 0  # sampled reviews judged for sentiment control (controlled writing)
+    # TrainConfig fields this plan sets beyond the budget above, e.g. a smaller evaluation, judged reviews
+    run_settings: Mapping[str, Any] = field(default_factory=lambda: {"control_samples": 0})
     speed_steps: int = 10
     speed_extra: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)  # timed only
     # variant (or, for the timed-only extras, method) name -> hparams that fit this plan's model
@@ -143,8 +143,7 @@ SUITES: dict[str, tuple[Plan, ...]] = {
                 "hira": (1e-2, 3e-2),
                 "hira-r32": (1e-2, 3e-2),
             },
-            eval_samples=100,
-            control_samples=32,
+            run_settings={"eval_samples": 100, "control_samples": 32},
             speed_steps=8,
         ),
         Plan(
@@ -159,7 +158,7 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             variants=("lora", "sparselora"),
             sweep={},
             rates_from="generation",
-            eval_samples=100,
+            run_settings={"eval_samples": 100, "control_samples": 0},
             speed_steps=8,
             speed_extra={
                 "sparselora-s50": ("sparselora", {"ffn_sparsity": 0.5}),
@@ -210,11 +209,10 @@ def _config(plan: Plan, variant: Variant, rate: float, seed: int, offline: bool,
         seq_len=plan.seq_len,
         seed=seed,
         eval_steps=plan.steps,  # validation once, at the end: the loss curve comes from training
-        eval_samples=plan.eval_samples,
-        control_samples=plan.control_samples,
-        judge_run=judge if plan.control_samples else None,
         checkpoint_steps=plan.steps,
         offline=offline,
+        **plan.run_settings,
+        judge_run=judge if plan.run_settings["control_samples"] else None,
     )
 
 
@@ -484,9 +482,9 @@ def rerun_cell(
     variant = Variant(**results["variants"][published["variant"]])
     store = RunStore(runs_dir)
     judge = (results.get("judge") or {}).get("run")
-    judged = plan.control_samples and judge and _exists(store, judge)
-    if plan.control_samples and not judged:  # the review judge is a run of the suite's own store
-        plan = Plan(**{**asdict(plan), "control_samples": 0})
+    judged = plan.run_settings["control_samples"] and judge and _exists(store, judge)
+    if plan.run_settings["control_samples"] and not judged:  # the review judge is a run of the suite's own store
+        plan = Plan(**{**asdict(plan), "run_settings": {**plan.run_settings, "control_samples": 0}})
     config = _config(plan, variant, published["hparams"]["learning_rate"], seed, offline, judge)
     config.hparams = dict(published["hparams"])
     run_id = f"{cell_run_id(plan, variant, config)}-rerun-{time.strftime('%Y%m%d-%H%M%S')}"

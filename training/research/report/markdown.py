@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from training.core.config import FIELDS
 from training.core.memory import MEMORY_PARTS
 from training.core.presentation import markdown_table
 
@@ -160,8 +161,7 @@ def _plan_section(results: Results, plan: Mapping[str, Any]) -> list[str]:
         f"## {name}: `{plan['model']}` on `{plan['dataset']}`\n\n"
         f"{plan['steps']} steps, batch {plan['batch_size']}, sequence {plan['seq_len']}, "
         f"seeds {', '.join(str(s) for s in plan['seeds'])}"
-        + (f", {plan['eval_samples']} evaluation examples" if plan["eval_samples"] else "")
-        + (f", {plan['control_samples']} judged reviews" if plan["control_samples"] else "")
+        + "".join(f", {value} {FIELDS[name].setting.label}" for name, value in plan["run_settings"].items() if value)
         + ".\n",
         headline_table(results, name),
     ]
