@@ -210,3 +210,28 @@ def test_a_lora_variant_reuses_lora_with_one_more_peft_option(tiny_models):
     wrapped = stabilised(model, "sentiment", get_method("lora").resolve_hparams({"rank": 4, "alpha": 8}))
     query = wrapped.get_submodule("base_model.model.bert.encoder.layer.0.attention.self.query")
     assert query.scaling["default"] == pytest.approx(8 / 4**0.5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_dora_trains_a_magnitude_per_adapted_layer_and_merges_exactly(tiny_models, arch):
+    task = ARCH_TASK[arch]
+    torch.manual_seed(0)
+    model, tokenizer = _load(tiny_models[arch], task)
+    inputs = _inputs(tokenizer, task)
+    before = model.eval()(**inputs).logits.detach()
+    method = get_method("dora")
+    wrapped = method.apply(model, task, method.resolve_hparams({"rank": 4, "dropout": 0.0}))
+    assert torch.allclose(wrapped.eval()(**inputs).logits, before, atol=1e-5)  # identity at start
+    magnitudes = {n for n, p in wrapped.named_parameters() if p.requires_grad and "lora_magnitude_vector" in n}
+    assert len(magnitudes) == len({n for n, _ in wrapped.named_modules() if n.endswith(".lora_A")})
+
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=5e-2)
+    labels = torch.tensor([1, 0]) if task == "sentiment" else inputs["input_ids"]
+    for _ in range(3):
+        wrapped.train()(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapted = wrapped.eval()(**inputs).logits.detach()
+    assert not torch.allclose(adapted, before, atol=1e-4)  # it trained
+    assert method.merge_blocker is None
+    assert torch.allclose(wrapped.merge_and_unload()(**inputs).logits, adapted, atol=1e-4)

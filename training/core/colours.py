@@ -10,6 +10,7 @@ METHOD_COLOURS = {
     "full": "#4d4d4d",
     "lora": "#1f77b4",
     "qlora": "#17becf",
+    "dora": "#8c564b",
     "hira": "#ff7f0e",
     "hira-4bit": "#d62728",
     "sparselora": "#2ca02c",

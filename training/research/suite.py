@@ -56,6 +56,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("lora", "lora", "lora", {"rank": 8, "alpha": 16}),
         Variant("lora-r32", "lora", "lora-r32", {"rank": 32, "alpha": 64}),
         Variant("qlora", "qlora", "lora", {"rank": 8, "alpha": 16}),
+        Variant("dora", "dora", "lora", {"rank": 8, "alpha": 16}),
         Variant("sparselora", "sparselora", "lora", {"rank": 8, "alpha": 16}),
         Variant("sparselora-4bit", "sparselora-4bit", "lora", {"rank": 8, "alpha": 16}),
         # what sparsity costs: the default 0.75 of the FFN channels skipped, and half, and 90%
@@ -96,7 +97,18 @@ class Plan:
         return {**variant.hparams, **self.overrides.get(variant.name, {}), "learning_rate": rate}
 
 
-METHODS = ("full", "lora", "lora-r32", "qlora", "sparselora", "sparselora-4bit", "hira", "hira-r32", "hira-4bit")
+METHODS = (
+    "full",
+    "lora",
+    "lora-r32",
+    "qlora",
+    "dora",
+    "sparselora",
+    "sparselora-4bit",
+    "hira",
+    "hira-r32",
+    "hira-4bit",
+)
 SPARSITIES = ("sparselora-s50", "sparselora-s90", "sparselora-deep")
 LAYERS = {  # SparseLoRA's layer schedules, timed against LoRA (not trained)
     "sparselora-all-layers": ("sparselora", {"dense_first_layers": 0}),  # every layer sparse but the last
