@@ -382,7 +382,7 @@ def _data_inputs(offline: bool) -> tuple:
         allow_custom_value=True,  # checked on start; lets a stale event through without an error
     )
     upload = gr.File(
-        label="...or upload a CSV / JSONL (sentiment: text,label; generation: text or prompt,completion)",
+        label="...or upload a CSV, JSONL or JSON file (sentiment: text,label; generation: text or prompt,completion)",
         file_types=list(data.USER_FILE_SUFFIXES),
         type="filepath",
         elem_id="dataset-upload",

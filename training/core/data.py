@@ -170,7 +170,7 @@ def is_user_file(dataset: str) -> bool:
 
 
 def load_splits(dataset_id: str, task: Task, offline: bool) -> Splits:
-    """The three splits of a catalog dataset or of a user's CSV/JSONL file."""
+    """The three splits of a catalog dataset or of a user's CSV, JSONL or JSON file."""
     if is_user_file(dataset_id):
         return load_user_file(Path(dataset_id), task)
     entry = next((e for e in CATALOG if e.id == dataset_id), None)

@@ -1,5 +1,5 @@
 """The results suite behind `make bench`: every method on both tasks under equal budgets, so the
-seed's five research questions get measured answers (written by report.py).
+seed's five research questions get measured answers (written by research/report).
 
 For each plan (a task with its model, data and budget), in this order:
 1. speed and memory: every variant timed interleaved in one process (bench.run_bench);
