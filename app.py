@@ -32,7 +32,7 @@ def build_app(arena: Arena | None = None) -> gr.Blocks:
     arena = arena or Arena()
     with gr.Blocks(title="LoRA Arena") as demo:
         gr.Markdown(
-            "# LoRA Arena\nTrain full fine-tuning, LoRA, QLoRA, HiRA and SparseLoRA on the same model and data, "
+            "# LoRA Arena\nTrain full fine-tuning, LoRA, QLoRA, DoRA, HiRA and SparseLoRA on the same model and data, "
             "watch them live, and compare what each one buys."
         )
         with gr.Tabs():

@@ -25,6 +25,7 @@ METHOD_NOTES = """
 | Full fine-tuning | every weight | the reference: most memory, a whole model to save |
 | LoRA | `B A` (rank r) beside a frozen `W` | `W + (alpha/r) B A`: a rank-r update, ~0.3% of the weights |
 | QLoRA | LoRA's factors | the frozen `W` is stored in 4-bit NF4: about a third of the weight memory |
+| DoRA | LoRA's factors, a length per column | `W + B A` rescaled per column to a trained length `m` |
 | HiRA | `B A` | `W + W * (B A)` element-wise: a high-rank update for LoRA's parameter count |
 | SparseLoRA | LoRA's factors, dense | the frozen FFN runs only on channels an SVD estimator picks per batch |
 | ...on 4-bit | as above | SparseLoRA or HiRA over an NF4 base: the seed's "do they combine?" |
