@@ -243,9 +243,10 @@ def test_a_finished_run_downloads_as_an_archive_that_peft_loads_to_the_runs_own_
     base = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2)
     model = PeftModel.from_pretrained(base, str(folder)).eval()
     reviews = data.load_splits(str(review_csv), "sentiment", offline=True).validation["text"][:32]
-    taken_home = inference.class_probabilities(model, AutoTokenizer.from_pretrained(folder), reviews)
-    own = inference.load_run(Run(store / runs["sentiment"]))  # the run as the app serves it
-    served = inference.class_probabilities(own.model, own.tokenizer, reviews)
+    taken_home = inference.class_probabilities(model, AutoTokenizer.from_pretrained(folder), reviews, "fp32")
+    # The run as the app serves it, in the fp32 that plain transformers computes in at home.
+    own = inference.load_run(Run(store / runs["sentiment"]), precision="fp32")
+    served = inference.class_probabilities(own.model, own.tokenizer, reviews, own.precision)
     assert len(reviews) == 32 and taken_home.argmax(-1).tolist() == served.argmax(-1).tolist()
     torch.testing.assert_close(taken_home, served)
     card = (folder / "README.md").read_text()

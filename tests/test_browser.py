@@ -93,7 +93,7 @@ def test_train_watch_reload_stop_compare_and_classify(page, app_url, review_csv)
     )
 
     # Train tab: LoRA is the default method and the bundled encoder the default model offline.
-    page.get_by_text("Budget, seed and evaluation").click()
+    page.get_by_text("Budget, precision, seed and evaluation").click()
     page.locator("#max-steps input").fill("400")
     page.locator("#eval-samples textarea").fill("64")  # a textbox: empty means the default
     page.get_by_text("LoRA: Freezes the model").click()

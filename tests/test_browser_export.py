@@ -36,7 +36,7 @@ def test_download_the_picked_run_from_the_train_tab_and_from_compare(app_url, tm
         page = browser.new_page(viewport={"width": 1440, "height": 900}, accept_downloads=True)
         page.set_default_timeout(60_000)
         page.goto(app_url)
-        page.get_by_text("Budget, seed and evaluation").click()
+        page.get_by_text("Budget, precision, seed and evaluation").click()
         run_id = start_run(page, "LoRA: Freezes the model", steps=20, eval_steps=10, examples=32)
 
         # While the run trains there is nothing to take home, and the page says why.

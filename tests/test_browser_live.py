@@ -104,7 +104,7 @@ def test_phases_memory_stop_picker_and_privacy_in_the_browser(app_url):
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.set_default_timeout(60_000)
         page.goto(app_url)
-        page.get_by_text("Budget, seed and evaluation").click()
+        page.get_by_text("Budget, precision, seed and evaluation").click()
 
         # LoRA to the end: the status goes through the base evaluation, training and the final one.
         lora = start_run(page, "LoRA: Freezes the model", steps=30, eval_steps=15, examples=1000)

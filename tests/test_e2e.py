@@ -18,6 +18,10 @@ pytestmark = pytest.mark.e2e
 def _losses(run) -> list[float]:
     return [r["loss"] for r in run.metrics() if r["kind"] == "train"]
 
+# A bf16 run re-evaluated from its saved adapter: the same weights, but bf16 products of a fresh
+# model can round differently from the trained one's (relative differences of about 6e-5 seen).
+BF16_RELOAD_TOLERANCE = 2e-4
+
 
 def _reevaluate(run, split: str, eval_samples: int) -> dict:
     config = run.config
@@ -25,7 +29,8 @@ def _reevaluate(run, split: str, eval_samples: int) -> dict:
     splits = data.load_splits(config["dataset"], config["task"], offline=True)
     records = data.tokenize(getattr(splits, split), loaded.tokenizer, config["task"], config["seq_len"])
     records = records.select(range(min(eval_samples, len(records))))
-    return evaluation.evaluate(loaded.model, records, data.collator(loaded.tokenizer, config["task"]), config["task"])
+    collate = data.collator(loaded.tokenizer, config["task"])
+    return evaluation.evaluate(loaded.model, records, collate, config["task"], loaded.precision)
 
 
 def test_lora_learns_sentiment_on_the_bundled_encoder(tmp_path):
@@ -55,7 +60,7 @@ def test_lora_learns_sentiment_on_the_bundled_encoder(tmp_path):
 
     again = _reevaluate(run, "test", 200)
     assert again["accuracy"] == summary["metrics"]["test"]["accuracy"]
-    assert again["loss"] == pytest.approx(summary["metrics"]["test"]["loss"], abs=1e-5)
+    assert again["loss"] == pytest.approx(summary["metrics"]["test"]["loss"], rel=BF16_RELOAD_TOLERANCE)
 
 
 def test_lora_lowers_perplexity_on_the_bundled_causal_lm(tmp_path):
@@ -80,15 +85,15 @@ def test_lora_lowers_perplexity_on_the_bundled_causal_lm(tmp_path):
     assert summary["metrics"]["validation"]["perplexity"] < summary["base_metrics"]["validation"]["perplexity"]
 
     again = _reevaluate(run, "validation", 48)
-    assert again["loss"] == pytest.approx(summary["metrics"]["validation"]["loss"], abs=1e-5)
+    assert again["loss"] == pytest.approx(summary["metrics"]["validation"]["loss"], rel=BF16_RELOAD_TOLERANCE)
 
     # the adapter changes what the model writes: greedy continuations with and without it differ
     loaded = inference.load_run(run)
     prompts, _ = evaluation.control_prompts(2)
     greedy = dict(max_new_tokens=16, temperature=0.0)
-    tuned = inference.sample(loaded.model, loaded.tokenizer, prompts, **greedy)
+    tuned = inference.sample(loaded.model, loaded.tokenizer, prompts, precision=loaded.precision, **greedy)
     with loaded.model.disable_adapter():
-        base = inference.sample(loaded.model, loaded.tokenizer, prompts, **greedy)
+        base = inference.sample(loaded.model, loaded.tokenizer, prompts, precision=loaded.precision, **greedy)
     assert all(text.strip() for text in tuned) and tuned != base, (tuned, base)
 
 

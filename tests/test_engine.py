@@ -65,7 +65,8 @@ def _reevaluated_test_metrics(run) -> dict:
     loaded = inference.load_run(run)
     splits = data.load_splits(run.config["dataset"], "sentiment", offline=True)
     test = data.tokenize(splits.test, loaded.tokenizer, "sentiment", run.config["seq_len"])
-    return evaluation.evaluate(loaded.model, test, data.collator(loaded.tokenizer, "sentiment"), "sentiment")
+    collate = data.collator(loaded.tokenizer, "sentiment")
+    return evaluation.evaluate(loaded.model, test, collate, "sentiment", loaded.precision)
 
 
 def test_a_run_records_config_metrics_summary_and_adapter(sentiment_run):
@@ -116,10 +117,10 @@ def test_the_adapter_reloads_to_the_same_predictions(sentiment_run, tiny_models)
     tokenizer = load_tokenizer(str(run.adapter_dir))
     base = load_model(tiny_models["bert"], "sentiment", tokenizer)
     plain = PeftModel.from_pretrained(base, str(run.adapter_dir)).eval()
-    loaded = inference.load_run(run)
+    loaded = inference.load_run(run, precision="fp32")  # plain transformers computes in fp32
     assert torch.allclose(
-        inference.class_probabilities(plain, tokenizer, CLEAR_REVIEWS),
-        inference.class_probabilities(loaded.model, loaded.tokenizer, CLEAR_REVIEWS),
+        inference.class_probabilities(plain, tokenizer, CLEAR_REVIEWS, "fp32"),
+        inference.class_probabilities(loaded.model, loaded.tokenizer, CLEAR_REVIEWS, loaded.precision),
         atol=1e-6,
     )
 
@@ -149,10 +150,10 @@ def test_a_stop_request_ends_within_one_step_and_keeps_a_usable_adapter(store, t
     # the adapter saved at the stop is the trained state of step 3, the one its checkpoint holds
     checkpoint = latest_checkpoint(run)
     assert checkpoint.endswith("checkpoint-3")
-    loaded = inference.load_run(run)
+    loaded = inference.load_run(run, precision="fp32")
     at_stop = PeftModel.from_pretrained(load_model(tiny_models["bert"], "sentiment", loaded.tokenizer), checkpoint)
     answers = inference.classify(loaded, CLEAR_REVIEWS)
-    expected = inference.class_probabilities(at_stop.eval(), loaded.tokenizer, CLEAR_REVIEWS)
+    expected = inference.class_probabilities(at_stop.eval(), loaded.tokenizer, CLEAR_REVIEWS, "fp32")
     for answer, row in zip(answers, expected):
         assert torch.allclose(torch.tensor(list(answer["probabilities"].values())), row, atol=1e-6)
         assert answer["label"] == LABELS[int(row.argmax())]
@@ -235,7 +236,10 @@ def test_generation_run_is_scored_for_sentiment_control_by_a_judge(store, sentim
     loaded, judge = inference.load_run(run), inference.load_run(sentiment_run)
     # the recorded share again: the reloaded adapter writes the control reviews, the judge reads them
     prompts, wanted = evaluation.control_prompts(4)
-    reviews = [text if text.strip() else "." for text in inference.sample(loaded.model, loaded.tokenizer, prompts)]
+    reviews = [
+        text if text.strip() else "."
+        for text in inference.sample(loaded.model, loaded.tokenizer, prompts, precision=loaded.precision)
+    ]
     judged = [LABELS.index(answer["label"]) for answer in inference.classify(judge, reviews)]
     assert summary["metrics"]["control_share"] == sum(j == w for j, w in zip(judged, wanted)) / 4
     (result,) = inference.generate(loaded, [prompts[1]], max_new_tokens=5)
@@ -254,7 +258,7 @@ def test_sampling_leaves_the_tokenizer_padding_for_training(tiny_models):
     tokenizer = load_tokenizer(tiny_models["llama"])
     model = load_model(tiny_models["llama"], "generation", tokenizer)
     side = tokenizer.padding_side
-    inference.sample(model, tokenizer, ["a", "a longer prompt"], max_new_tokens=2)
+    inference.sample(model, tokenizer, ["a", "a longer prompt"], precision="fp32", max_new_tokens=2)
     assert tokenizer.padding_side == side
 
 

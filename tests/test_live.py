@@ -22,13 +22,13 @@ def after_each_batch(monkeypatch, observe: Callable[[], None]) -> None:
     """Call `observe` after every evaluation batch, before the engine takes in the batch's progress."""
     real = evaluation.evaluate_examples
 
-    def evaluate_examples(model, records, collate, task, batch_size=None, on_batch=None):
+    def evaluate_examples(model, records, collate, task, precision="fp32", batch_size=None, on_batch=None):
         def observed(done: int) -> None:
             observe()
             if on_batch is not None:
                 on_batch(done)
 
-        return real(model, records, collate, task, batch_size, observed)
+        return real(model, records, collate, task, precision, batch_size, observed)
 
     monkeypatch.setattr(evaluation, "evaluate_examples", evaluate_examples)
 

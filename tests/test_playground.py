@@ -59,7 +59,7 @@ def test_each_run_answers_as_if_loaded_alone(store):
     assert [entry["run"] for entry in results] == [None, *run_ids]
     for entry in results[1:]:
         alone = inference.load_run(store.get(entry["run"]))
-        expected = inference.class_probabilities(alone.model, alone.tokenizer, [REVIEW])[0]
+        expected = inference.class_probabilities(alone.model, alone.tokenizer, [REVIEW], alone.precision)[0]
         assert torch.allclose(torch.tensor(list(entry["probabilities"].values())), expected, atol=1e-5), entry["name"]
         assert entry["latency_s"] > 0
     # the two LoRA runs differ (different seeds), so adapters really are swapped, not shared
@@ -101,7 +101,10 @@ def test_generation_side_by_side_matches_a_run_loaded_alone_and_is_judged(store)
     results = generate_side_by_side(pool, store, [run_id], "To be, or not", include_base=True, **settings)
     assert [entry["run"] for entry in results] == [None, run_id]
     alone = inference.load_run(store.get(run_id))
-    assert results[1]["text"] == inference.sample(alone.model, alone.tokenizer, ["To be, or not"], **settings)[0]
+    assert (
+        results[1]["text"]
+        == inference.sample(alone.model, alone.tokenizer, ["To be, or not"], precision=alone.precision, **settings)[0]
+    )
     assert all(entry["text"].strip() for entry in results)
     # the most accurate sentiment run judges each text, as it reads the text when loaded alone
     judge = store.get(results[0]["judge_run"])

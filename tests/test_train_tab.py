@@ -89,6 +89,7 @@ def form(**changes) -> list:
         "upload": None,
         "method": "lora",
         "seed": 0.0,
+        "precision": "auto",
         "max_steps": 20.0,
         "batch_size": 16.0,
         "seq_len": 128.0,

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from lora_methods import TASKS
+from training.core.compute import PRECISIONS
 from training.core.config import ConfigError, add_train_flags, config_from_flags
 from training.core.runs import RunStore
 from training.engine import resume, train
@@ -63,6 +64,18 @@ def _add_bench(commands: Any) -> None:
         "--set values; the first is the baseline of the ratios",
     )
     bench.add_argument("--steps", type=int, default=20, help="timed steps per method, interleaved")
+    bench.add_argument(
+        "--precision",
+        default="auto",
+        help="comma-separated precisions to time each method at (auto, fp32, bf16, fp16), e.g. fp32,bf16; "
+        "the first method at the first precision is the baseline",
+    )
+    bench.add_argument(
+        "--logits",
+        default="read",
+        help="generation: where a step computes logits, comma-separated: read (where the loss reads them, "
+        "as training does) or all (every position, the model's default), e.g. all,read",
+    )
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
     bench.add_argument("--batch-size", type=int)
     bench.add_argument("--seq-len", type=int)
@@ -180,6 +193,7 @@ def _bench(args: argparse.Namespace) -> None:
             log=lambda line: print(line, file=sys.stderr, flush=True),
             name=args.suite,
             command=command,
+            previous=report.read(args.out),
         )
         print(report.write(results, args.out))
     else:
@@ -211,8 +225,19 @@ def _bench(args: argparse.Namespace) -> None:
             args.dataset,
             args.train_steps,
             args.runs_dir,
+            _choices(args.precision, "precision", PRECISIONS),
+            _choices(args.logits, "logits", ("read", "all")),
         ):
             print(json.dumps(result, default=str), flush=True)
+
+
+def _choices(text: str, name: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of `allowed` values; ConfigError naming what is not one."""
+    values = tuple(part.strip() for part in text.split(","))
+    unknown = [part for part in values if part not in allowed]
+    if unknown:
+        raise ConfigError(f"unknown {name} {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return values
 
 
 def _probe(args: argparse.Namespace) -> None:

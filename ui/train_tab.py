@@ -31,8 +31,13 @@ REFRESH_SECONDS = 2.0
 DEFAULT_METHOD = "lora"
 PREVIEW_ROWS = 5
 EVALUATIONS = ("base evaluation", "evaluation", "final evaluation")  # phases that count examples
-# The run settings the form shows as generated fields (task, model, data and method have their own).
-FORM_SETTINGS = tuple(field for field in shown_on("form") if field.kind is int)
+OWN_WIDGETS = ("task", "model", "dataset", "hparams", "method")  # form settings with widgets of their own
+# The run settings the form shows as generated fields: whole numbers, and choices (a dropdown).
+FORM_SETTINGS = tuple(
+    field
+    for field in shown_on("form")
+    if field.name not in OWN_WIDGETS and (field.kind is int or field.setting.choices)
+)
 # Number fields holding a task default: a new task puts its own defaults there.
 TASK_FILLED = tuple(
     field for field in FORM_SETTINGS if not field.setting.form_blank and field.name in TASK_DEFAULTS["sentiment"]
@@ -135,7 +140,10 @@ def form_config(task: str, model: str, dataset: str, upload: str | None, method:
     """The run the form describes from its values: the run settings in FORM_SETTINGS order, then the
     hyperparameter fields in HPARAMS order. Raises ConfigError for a fractional setting."""
     settings, hparam_values = values[: len(FORM_SETTINGS)], values[len(FORM_SETTINGS) :]
-    numbers = {field.name: whole_number(value, field.setting.label) for field, value in zip(FORM_SETTINGS, settings)}
+    numbers = {
+        field.name: whole_number(value, field.setting.label) if field.kind is int else value
+        for field, value in zip(FORM_SETTINGS, settings)
+    }
     taken = {spec.name for spec in METHODS[method].hparams} if method in METHODS else set()
     given = zip(HPARAMS, hparam_values)
     hparams = {name: _whole(value) for name, value in given if name in taken and value is not None}
@@ -295,6 +303,8 @@ def summary_markdown(summary: dict, records: list[dict]) -> str:
     """The run's figures as a two-column table: size, memory, speed, timings and metrics."""
     train = [r for r in records if r.get("kind") == "train"]
     rows = []
+    if summary.get("precision"):
+        rows.append(("precision", f"{summary['precision']} ({summary.get('precision_source', 'given')})"))
     if "trainable_params" in summary:
         rows.append(("trainable parameters", f"{summary['trainable_params']:,} ({summary['trainable_percent']:.2f}%)"))
     if "base_weight_memory_bytes" in summary or train:
@@ -395,7 +405,7 @@ def _data_inputs(offline: bool) -> tuple:
 def _setting_inputs(task: str) -> dict[str, gr.components.Component]:
     """The run settings' fields, two to a row, with `task`'s defaults."""
     settings = {}
-    with gr.Accordion("Budget, seed and evaluation", open=False):
+    with gr.Accordion("Budget, precision, seed and evaluation", open=False):
         for start in range(0, len(FORM_SETTINGS), 2):
             with gr.Row():
                 for field in FORM_SETTINGS[start : start + 2]:
@@ -405,6 +415,8 @@ def _setting_inputs(task: str) -> dict[str, gr.components.Component]:
 
 def _setting_field(field: RunField, task: str) -> gr.components.Component:
     label, info, elem_id = field.setting.label, field.setting.help, field.name.replace("_", "-")
+    if field.setting.choices:
+        return gr.Dropdown(list(field.setting.choices), value=field.default, label=label, info=info, elem_id=elem_id)
     if field.setting.form_blank:
         # A textbox: Gradio's Number shows (and sends) 0 for an empty value, and empty is the default here.
         placeholder = f"empty: {field.default_text()}"

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from lora_methods import METHODS, TASKS, Task, get_method
+from training.core.compute import PRECISIONS, precision_refusal
 
 # eval_samples: examples per split in the final evaluation (None: all); eval_subsample: the fixed
 # validation examples that the base and in-training evaluations report, so watching a run costs
@@ -166,6 +167,15 @@ class TrainConfig:
         minimum=1,
         maximum=1_000_000,
     )
+    precision: str = setting(
+        "auto",
+        label="precision",
+        help="what the matrix products compute in: bf16 (frozen weights stored in it, trained weights "
+        "float32) where the hardware has it fast, else fp32; fp16 on GPUs without bf16",
+        unset="auto: bf16 where a CUDA GPU or the CPU (AMX-BF16, AVX512-BF16) has it, else fp32",
+        shown=EVERYWHERE,
+        choices=PRECISIONS,
+    )
     # An opaque hash of the app session that started the run: only it may stop the run.
     owner: str | None = setting(None, label="owner", help="the starting session's hash", shown=frozenset(("worker",)))
     offline: bool = setting(
@@ -179,6 +189,9 @@ class TrainConfig:
         for field in RUN_FIELDS:
             field.check(values[field.name])
         values["hparams"] = method.resolve_hparams(self.hparams)
+        refusal = precision_refusal(self.precision)
+        if refusal:
+            raise ConfigError(refusal)
         given = {field.name for field in RUN_FIELDS if values[field.name] is not None}
         for group in {field.setting.exclusive for field in RUN_FIELDS} - {None}:
             both = [field.name for field in RUN_FIELDS if field.setting.exclusive == group and field.name in given]

@@ -21,9 +21,29 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def bf16_supported() -> bool:
-    """Whether the accelerator computes in bfloat16 (4-bit layers then compute in it)."""
-    return has_cuda() and torch.cuda.is_bf16_supported()
+# CPU instruction sets that compute bfloat16 matrix products natively (Linux's /proc/cpuinfo names):
+# without one, PyTorch emulates bf16 on the CPU, slower than float32.
+CPU_BF16_FEATURES = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where it does not)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            line = next((line for line in file if line.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def fast_bf16() -> str | None:
+    """What computes bfloat16 fast on this machine, in words ("a CPU with AMX-BF16"), or None:
+    a CUDA GPU that supports it natively, else the CPU's bf16 instructions, detected."""
+    if has_cuda():
+        return f"{torch.cuda.get_device_name()} computes bf16" if torch.cuda.is_bf16_supported() else None
+    flags = cpu_flags()
+    found = [name for flag, name in CPU_BF16_FEATURES.items() if flag in flags]
+    return f"the CPU has {' and '.join(found)}" if found else None
 
 
 def cpu_threads() -> int:

@@ -16,6 +16,8 @@ import datasets
 import torch
 
 from lora_methods import Task
+from training.core import compute
+from training.core.compute import Precision, read_columns
 from training.core.data import IGNORE_INDEX, REVIEW_PROMPT
 from training.core.models import LABELS
 
@@ -70,16 +72,12 @@ def _batch_figures(model: torch.nn.Module, batch: dict, task: Task) -> tuple[lis
         losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
         return losses.tolist(), [1] * len(losses), logits.argmax(-1).tolist()
     # The causal LM loss: position t predicts token t + 1, unlabelled tokens carry none. Logits are
-    # computed from the position before the batch's first labelled token on (the model's own
-    # `logits_to_keep`): a prompt's logits, a 49k-way softmax per position, are never read.
-    labels = batch["labels"]
-    columns = (labels != IGNORE_INDEX).any(0).nonzero()
-    keep = labels.shape[1] - int(columns[0]) + 1 if len(columns) else 1
-    keep = min(keep, labels.shape[1])
-    logits = model(**inputs, logits_to_keep=keep).logits.float()
-    targets = labels[:, labels.shape[1] - keep + 1 :]
+    # computed only at the columns whose next token some row labels: a prompt's logits, a 49k-way
+    # softmax per position, are never read.
+    columns, targets = read_columns(batch["labels"])
+    logits = model(**inputs, logits_to_keep=columns).logits.float()
     losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
     )
     return losses.sum(-1).tolist(), (targets != IGNORE_INDEX).sum(-1).tolist(), [-1] * len(losses)
 
@@ -94,10 +92,11 @@ def evaluate_examples(
     records: datasets.Dataset,
     collate: Callable,
     task: Task,
+    precision: Precision = "fp32",
     batch_size: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> PerExample:
-    """Per-example figures of `model` on tokenized `records` in inference mode; the model's
+    """Per-example figures of `model` on tokenized `records` in inference mode at `precision`; the model's
     train/eval mode is restored after. `on_batch(examples done)` runs after every batch and may
     raise EvaluationStopped to end the evaluation early."""
     was_training = model.training
@@ -107,7 +106,7 @@ def evaluate_examples(
     loss_sums, items, predictions = [0.0] * count, [0] * count, [0] * count
     done = 0
     try:
-        with torch.inference_mode():
+        with compute.inference(precision, model):
             for indices in _length_batches(records, batch_size or BATCH_SIZES[task]):
                 batch = {key: value.to(device) for key, value in collate([records[i] for i in indices]).items()}
                 for index, loss, item, prediction in zip(indices, *_batch_figures(model, batch, task), strict=True):
@@ -122,11 +121,16 @@ def evaluate_examples(
 
 
 def evaluate(
-    model: torch.nn.Module, records: datasets.Dataset, collate: Callable, task: Task, batch_size: int | None = None
+    model: torch.nn.Module,
+    records: datasets.Dataset,
+    collate: Callable,
+    task: Task,
+    precision: Precision = "fp32",
+    batch_size: int | None = None,
 ) -> dict[str, float]:
     """Metrics of `model` on tokenized `records` (sentiment: accuracy, macro-F1, loss; generation:
     token-weighted loss and perplexity)."""
-    return evaluate_examples(model, records, collate, task, batch_size).metrics()
+    return evaluate_examples(model, records, collate, task, precision, batch_size).metrics()
 
 
 def control_prompts(samples: int) -> tuple[list[str], list[int]]:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from lora_methods import Task, get_method
+from training.core import compute
+from training.core.compute import Precision
 from training.core.models import LABELS, load_model, load_tokenizer, resolve_model_path
 from training.core.offline import is_offline
 from training.core.runs import Run
@@ -53,32 +56,53 @@ class LoadedRun:
     task: Task
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
+    precision: Precision
 
 
-def load_run(run: Run) -> LoadedRun:
-    """The run's base model with its adapter applied (full fine-tuning: its saved model folder)."""
+def run_precision(run: Run) -> Precision:
+    """The precision a run trained in, which its answers are computed in (runs recorded before
+    precision was a setting trained in fp32)."""
+    return run.config.get("precision", "fp32")
+
+
+def load_run(run: Run, precision: Precision | None = None) -> LoadedRun:
+    """The run's base model with its adapter applied (full fine-tuning: its saved model folder),
+    ready for inference in `precision` (default: the run's own)."""
     config = run.config
     check_adapter(run)
     method = get_method(config["method"])
     task: Task = config["task"]
+    precision = precision or run_precision(run)
     tokenizer = load_tokenizer(str(run.adapter_dir))
+
+    def load(path: str, quantize_4bit: bool) -> torch.nn.Module:
+        model = load_model(path, task, tokenizer, quantize_4bit, precision)
+        if Path(path) != run.adapter_dir:  # the base under a saved adapter: frozen in training, stored as then
+            compute.prepare_for_inference(model, precision)
+        return model  # a saved whole model: every weight trained, float32 as then
+
     model = method.load_trained(
         run.adapter_dir,
         lambda: resolve_model_path(config["model"], offline=is_offline(config.get("offline", False))),
-        lambda path, quantize_4bit: load_model(path, task, tokenizer, quantize_4bit=quantize_4bit),
+        load,
     )
+    model.requires_grad_(False)
     model.eval()
-    return LoadedRun(run.id, task, model, tokenizer)
+    return LoadedRun(run.id, task, model, tokenizer, precision)
 
 
-@torch.no_grad()
 def class_probabilities(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int = 256
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    precision: Precision,
+    max_length: int = 256,
 ) -> torch.Tensor:
     check_texts(texts, "text")
     device = next(model.parameters()).device
     batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
-    return torch.softmax(model(**batch).logits.float(), dim=-1).cpu()
+    with compute.inference(precision, model):
+        return torch.softmax(model(**batch).logits.float(), dim=-1).cpu()
 
 
 def classify(loaded: LoadedRun, texts: list[str]) -> list[dict]:
@@ -86,7 +110,7 @@ def classify(loaded: LoadedRun, texts: list[str]) -> list[dict]:
     if loaded.task != "sentiment":
         raise InferenceError(f"run {loaded.run_id} is a {loaded.task} run; classification needs a sentiment run")
     start = time.perf_counter()
-    probabilities = class_probabilities(loaded.model, loaded.tokenizer, texts)
+    probabilities = class_probabilities(loaded.model, loaded.tokenizer, texts, loaded.precision)
     latency = time.perf_counter() - start
     return [
         {"label": LABELS[int(row.argmax())], "probabilities": dict(zip(LABELS, row.tolist())), "latency_s": latency}
@@ -94,12 +118,12 @@ def classify(loaded: LoadedRun, texts: list[str]) -> list[dict]:
     ]
 
 
-@torch.no_grad()
 def sample(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     *,
+    precision: Precision,
     max_new_tokens: int = 48,
     temperature: float = 0.8,
     top_p: float = 0.95,
@@ -120,7 +144,8 @@ def sample(
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    with compute.inference(precision, model):
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
     model.train(was_training)
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -129,6 +154,6 @@ def generate(loaded: LoadedRun, prompts: list[str], **sampling) -> list[dict]:
     if loaded.task != "generation":
         raise InferenceError(f"run {loaded.run_id} is a {loaded.task} run; generation needs a generation run")
     start = time.perf_counter()
-    texts = sample(loaded.model, loaded.tokenizer, prompts, **sampling)
+    texts = sample(loaded.model, loaded.tokenizer, prompts, precision=loaded.precision, **sampling)
     latency = time.perf_counter() - start
     return [{"text": text, "latency_s": latency} for text in texts]

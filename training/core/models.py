@@ -29,6 +29,7 @@ from lora_methods import Task
 from lora_methods.base import cache_dir
 from training.core import environment
 from training.core.catalog import CatalogEntry, for_task
+from training.core.compute import DTYPES, Precision
 
 LABELS = ("negative", "positive")  # sentiment label ids 0 and 1
 
@@ -129,14 +130,14 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def quantization_config(task: Task) -> BitsAndBytesConfig:
-    """NF4 with double quantization; classification heads stay in full precision (PEFT trains them)."""
-    compute_dtype = torch.bfloat16 if environment.bf16_supported() else torch.float32
+def quantization_config(task: Task, precision: Precision) -> BitsAndBytesConfig:
+    """NF4 with double quantization, dequantized to the run's compute dtype; classification heads
+    stay in full precision (PEFT trains them)."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_compute_dtype=DTYPES[precision],
         llm_int8_skip_modules=["classifier", "pre_classifier", "score", "lm_head"]
         if task == "sentiment"
         else ["lm_head"],
@@ -144,11 +145,18 @@ def quantization_config(task: Task) -> BitsAndBytesConfig:
 
 
 def load_model(
-    path: str, task: Task, tokenizer: PreTrainedTokenizerBase, quantize_4bit: bool = False
+    path: str,
+    task: Task,
+    tokenizer: PreTrainedTokenizerBase,
+    quantize_4bit: bool = False,
+    precision: Precision = "fp32",
 ) -> PreTrainedModel:
+    """The model in float32 (weights that will train must be; compute.store_frozen_weights stores
+    the frozen ones in the run's precision once a method has chosen them), or in 4-bit NF4 that
+    computes in `precision`."""
     kwargs: dict = {"trust_remote_code": False, "use_safetensors": True, "dtype": torch.float32}
     if quantize_4bit:
-        kwargs["quantization_config"] = quantization_config(task)
+        kwargs["quantization_config"] = quantization_config(task, precision)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if environment.has_cuda() else "cpu"
     if task == "sentiment":
         model = AutoModelForSequenceClassification.from_pretrained(

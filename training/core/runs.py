@@ -230,4 +230,6 @@ def resumable(run: Run) -> tuple[TrainConfig, str]:
     if checkpoint is None:
         raise ConfigError(f"run {run.id} has no checkpoint to resume from (it stopped before the first one)")
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{key: value for key, value in run.config.items() if key in names}), checkpoint
+    recorded = {key: value for key, value in run.config.items() if key in names}
+    # Runs recorded before precision was a setting trained in fp32: they continue in it.
+    return TrainConfig(**{"precision": "fp32", **recorded}), checkpoint

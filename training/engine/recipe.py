@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from transformers import (
 )
 
 from lora_methods import FineTuningMethod, get_method
-from training.core import data, defaults, evaluation, inference, memory, models
+from training.core import compute, data, defaults, evaluation, inference, memory, models
 from training.core.config import TrainConfig
 from training.core.environment import device, has_cuda, library_versions
 from training.core.metrics import primary_metric
@@ -94,6 +95,9 @@ def train(
     model_id = config.model or models.default_model(config.resolved().task, offline)
     given_rate = "learning_rate" in config.hparams
     config = with_tuned_defaults(config, model_id)
+    precision, precision_source = compute.resolve_precision(config.precision)
+    config = replace(config, precision=precision)  # what config.json records: a resumed run keeps it
+    print(f"computing in {precision} ({precision_source})", file=sys.stderr, flush=True)
     method = get_method(config.method)
     store = store or RunStore()
     dataset_id = config.dataset or data.default_dataset(config.task, offline)
@@ -105,13 +109,16 @@ def train(
 
     set_seed(config.seed)  # before loading: a new classification head is initialised randomly
     tokenizer = models.load_tokenizer(model_path)
-    model = models.load_model(model_path, config.task, tokenizer, quantize_4bit=method.quantize_base)
+    model = models.load_model(model_path, config.task, tokenizer, method.quantize_base, precision)
     models.keep_4bit_layers_trainable(model)
-    base_weight_memory = models.weight_memory_bytes(model)
+    base_parameters = {id(parameter) for parameter in model.parameters()}
     # Every method starts as the identity on the base (LoRA/HiRA zero-initialise one factor), so the
     # wrapped model evaluated before the first step *is* the base model; wrapping first lets a rank
     # or target that does not fit this model fail before a run is created.
     model = method.apply(model, config.task, config.hparams)
+    compute.store_frozen_weights(model, precision)
+    added = sum(p.nbytes for p in model.parameters() if id(p) not in base_parameters)  # adapters, head copies
+    base_weight_memory = models.weight_memory_bytes(model) - added  # the base as stored for training
 
     is_main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, one process records
     if resume_from is not None:
@@ -133,6 +140,7 @@ def train(
             "versions": library_versions(),
             "device": device(),
             "judge_run": judge.id if judge else None,
+            "precision_source": precision_source,
         }
         run, checkpoint = (store.create(record, run_id) if is_main else None), None
     phases.attach(run)
@@ -143,7 +151,9 @@ def train(
     rate_source = "given" if given_rate else defaults.source(config.task, model_id, config.method)
     if run is not None:
         run.update_summary(
-            defaults={"learning_rate": {"value": config.hparams["learning_rate"], "source": rate_source}}
+            defaults={"learning_rate": {"value": config.hparams["learning_rate"], "source": rate_source}},
+            precision=precision,
+            precision_source=run.config.get("precision_source", precision_source),
         )
     job = _Job(config, method, run, model, tokenizer, base_weight_memory, splits, judge, phases, stop_requested)
     try:
@@ -259,6 +269,7 @@ class _Job:
             "task": config.task,
             "sizes": [config.seq_len, config.eval_samples, config.eval_subsample, config.control_samples],
             "quantized": self.method.quantize_base,
+            "precision": config.precision,
             "seed": config.seed,
             "judge": self.judge.id if self.judge else None,
             "versions": recorded["versions"],
@@ -285,7 +296,7 @@ class _Job:
                     raise evaluation.EvaluationStopped
 
             results[name] = evaluation.evaluate_examples(
-                self.model, split, self.collate, self.config.task, 32, progress
+                self.model, split, self.collate, self.config.task, self.config.precision, 32, progress
             )
             done += len(split)
         self._update(eval_s_per_example=(time.perf_counter() - started) / max(total, 1))
@@ -305,10 +316,14 @@ class _Job:
 
         def classify(texts: list[str]) -> list[int]:
             texts = [t if t.strip() else "." for t in texts]
-            return inference.class_probabilities(judge.model, judge.tokenizer, texts).argmax(-1).tolist()
+            return (
+                inference.class_probabilities(judge.model, judge.tokenizer, texts, judge.precision).argmax(-1).tolist()
+            )
 
         def generate(prompts: list[str]) -> list[str]:
-            return inference.sample(self.model, self.tokenizer, prompts, seed=self.config.seed)
+            return inference.sample(
+                self.model, self.tokenizer, prompts, precision=self.config.precision, seed=self.config.seed
+            )
 
         share = evaluation.control_share(generate, classify, self.config.control_samples)
         self._update(control_time_s=time.perf_counter() - started)
@@ -340,6 +355,10 @@ class _Job:
             lr_scheduler_type="linear",
             warmup_steps=math.ceil(WARMUP_FRACTION * self.total_steps),
             optim=self.optimizer_name,
+            # Mixed precision: the Trainer computes under autocast (fp16 with loss scaling); the
+            # weights that train stay float32, the frozen ones were stored in the compute dtype.
+            bf16=config.precision == "bf16",
+            fp16=config.precision == "fp16",
             weight_decay=0.0,
             logging_steps=1,
             # Resumable checkpoints (the latest only); a completed run deletes them, see finish().
@@ -380,6 +399,7 @@ class _Job:
             data_collator=self.collate,
             callbacks=[*self.method_callbacks, recorder],  # method callbacks first: they may add to the logs
             meter=meter,
+            task=config.task,
         )
         trainer.remove_callback(PrinterCallback)  # the recorder reports progress; keep stdout for the summary
         previous = run.metrics() if checkpoint is not None else []

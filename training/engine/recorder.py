@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from training.core import memory
+from lora_methods import Task
+from training.core import compute, memory
 from training.core.runs import Run
 
 # What each phase's time counts as in the summary: loading and evaluation are the run's overhead.
@@ -169,11 +170,17 @@ class RunRecorder(TrainerCallback):
 
 
 class MeasuredTrainer(Trainer):
-    """The Trainer, counting the activations each training step saves for its backward pass."""
+    """The Trainer, counting the activations each training step saves for its backward pass; a
+    causal LM computes its logits only where the loss reads them (compute.logits_where_read)."""
 
-    def __init__(self, *args: Any, meter: memory.ActivationMeter, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, meter: memory.ActivationMeter, task: Task, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.meter = meter
+        self.meter, self.task = meter, task
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.task == "generation":
+            inputs = compute.logits_where_read(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         with self.meter.measuring():

@@ -1,5 +1,7 @@
-"""Speed benchmark: several methods on the same model, data, batches and seed, in one process,
-steps interleaved (A B A B ...) after a warm-up, so machine noise hits every method alike.
+"""Speed benchmark: several methods (each at one or more precisions) on the same model, data,
+batches and seed, in one process, steps interleaved (A B A B ...) after a warm-up, so machine noise
+hits every contender alike. A step is the engine's: the same precision handling (frozen weights
+stored in the compute dtype, autocast) and, for a causal LM, logits only where the loss reads them.
 
 Yields one record per entry (median step time, tokens/s, speed ratio against the first entry,
 and where its memory goes: weights, trainable parameters, gradients, optimizer state, the
@@ -20,7 +22,8 @@ import torch
 from transformers import set_seed
 
 from lora_methods import Task, get_method
-from training.core import data, environment, memory, models
+from training.core import compute, data, environment, memory, models
+from training.core.compute import Precision
 from training.core.config import TASK_DEFAULTS, TrainConfig
 from training.core.offline import is_offline
 from training.core.runs import RunStore
@@ -85,15 +88,19 @@ class Entry:
 
 
 class _Contender:
-    """One entry's model and optimizer, stepping on shared batches."""
+    """One entry's model and optimizer at one precision, stepping on shared batches."""
 
-    def __init__(self, entry: Entry, task: Task, model_path: str, tokenizer, seed: int):
-        self.entry, self.method = entry, get_method(entry.method)
+    def __init__(
+        self, entry: Entry, precision: Precision, logits: str, task: Task, model_path: str, tokenizer, seed: int
+    ):
+        self.entry, self.method, self.precision, self.logits = entry, get_method(entry.method), precision, logits
+        self.trims_logits = task == "generation" and logits == "read"
         self.hparams = self.method.resolve_hparams(entry.hparams)
         set_seed(seed)
-        model = models.load_model(model_path, task, tokenizer, quantize_4bit=self.method.quantize_base)
+        model = models.load_model(model_path, task, tokenizer, self.method.quantize_base, precision)
         models.keep_4bit_layers_trainable(model)
         self.model = self.method.apply(model, task, self.hparams)
+        compute.store_frozen_weights(self.model, precision)
         self.weight_bytes = models.weight_memory_bytes(self.model)  # adapters included
         self.model.train()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -102,14 +109,18 @@ class _Contender:
 
     def _inputs(self, batch: dict) -> dict:
         device = next(self.model.parameters()).device
-        return {key: value.to(device) for key, value in batch.items()}
+        batch = {key: value.to(device) for key, value in batch.items()}
+        return compute.logits_where_read(batch) if self.trims_logits else batch
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        with compute.autocast(self.precision, self.model):
+            return self.model(**self._inputs(batch)).loss
 
     def step(self, batch: dict, record: bool) -> None:
         synchronize = torch.cuda.synchronize if environment.has_cuda() else (lambda: None)
-        batch = self._inputs(batch)
         synchronize()
         started = time.perf_counter()
-        self.model(**batch).loss.backward()
+        self._loss(batch).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         synchronize()
@@ -121,7 +132,7 @@ class _Contender:
         state and the activations one forward on `batch` saves for the backward pass."""
         meter = memory.ActivationMeter(self.model)
         with meter.measuring():
-            loss = self.model(**self._inputs(batch)).loss
+            loss = self._loss(batch)
         del loss
         figures = memory.breakdown(self.model, self.weight_bytes, self.optimizer, meter.bytes)
         return {key: figures[key] for key, _ in memory.MEMORY_PARTS}
@@ -140,12 +151,27 @@ def run_bench(
     dataset: str | None = None,
     train_steps: int | None = None,
     runs_dir: str | None = None,
+    precisions: tuple[str, ...] = ("auto",),
+    logits: tuple[str, ...] = ("read",),
 ) -> Iterator[dict]:
-    """Time `entries` side by side; the first is the baseline of the speed ratios."""
+    """Time `entries` side by side, each at every one of `precisions` (`auto` resolved for this
+    machine) and, for a causal LM, with its logits computed where the loss reads them (`read`, what
+    training does) or at every position (`all`, what the model does by default); the first
+    combination is the baseline of the speed ratios."""
+    for precision in precisions:
+        refusal = compute.precision_refusal(precision)
+        if refusal:
+            raise ValueError(refusal)
+    resolved = list(dict.fromkeys(compute.resolve_precision(precision)[0] for precision in precisions))
     workload = Workload.resolve(task, model, dataset, batch_size, seq_len, offline)
     tokenizer = models.load_tokenizer(workload.model_path)
     batches = workload.batches(tokenizer, steps + warmup)
-    contenders = [_Contender(entry, task, workload.model_path, tokenizer, seed) for entry in entries]
+    contenders = [
+        _Contender(entry, precision, mode, task, workload.model_path, tokenizer, seed)
+        for entry in entries
+        for precision in resolved
+        for mode in logits
+    ]
     for round_index in range(warmup + steps):
         batch = batches[round_index % len(batches)]
         for contender in contenders:
@@ -157,7 +183,8 @@ def run_bench(
     if train_steps:
         store = RunStore(runs_dir)
         for entry in entries:
-            yield _trained_record(workload, entry, train_steps, seed, store)
+            for precision in resolved:
+                yield _trained_record(workload, entry, precision, train_steps, seed, store)
 
 
 def _speed_record(
@@ -178,6 +205,8 @@ def _speed_record(
         "dataset": workload.dataset,
         "label": contender.entry.label,
         "method": contender.entry.method,
+        "precision": contender.precision,
+        "logits": contender.logits if workload.task == "generation" else None,
         "batch_size": workload.batch_size,
         "seq_len": workload.seq_len,
         "steps": steps,
@@ -186,6 +215,8 @@ def _speed_record(
         "quartiles_step_s": statistics.quantiles(contender.times, n=4) if len(contender.times) > 1 else None,
         "tokens_per_s": tokens / median,
         "baseline": baseline.entry.label,
+        "baseline_precision": baseline.precision,
+        "baseline_logits": baseline.logits if workload.task == "generation" else None,
         "speedup_vs_baseline": statistics.median(baseline.times) / median,
         "flops_ratio_vs_lora": telemetry.get("flops_ratio_vs_lora"),
         "estimator_recall": telemetry.get("estimator_recall"),
@@ -196,8 +227,10 @@ def _speed_record(
     }
 
 
-def _trained_record(workload: Workload, entry: Entry, train_steps: int, seed: int, store: RunStore) -> dict:
-    """Train `entry` to `train_steps` through the engine, on the benchmark's workload."""
+def _trained_record(
+    workload: Workload, entry: Entry, precision: Precision, train_steps: int, seed: int, store: RunStore
+) -> dict:
+    """Train `entry` to `train_steps` at `precision` through the engine, on the benchmark's workload."""
     summary = train(
         TrainConfig(
             task=workload.task,
@@ -208,6 +241,7 @@ def _trained_record(workload: Workload, entry: Entry, train_steps: int, seed: in
             max_steps=train_steps,
             batch_size=workload.batch_size,
             seq_len=workload.seq_len,
+            precision=precision,
             seed=seed,
             offline=workload.offline,
             control_samples=0,
@@ -218,6 +252,7 @@ def _trained_record(workload: Workload, entry: Entry, train_steps: int, seed: in
         "task": workload.task,
         "label": entry.label,
         "method": entry.method,
+        "precision": precision,
         "train_steps": train_steps,
         "status": summary["status"],
         "validation": summary["metrics"]["validation"],

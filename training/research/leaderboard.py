@@ -1,4 +1,4 @@
-"""The run store as one table: every run's task, method, quality, size, memory and time.
+"""The run store as one table: every run's task, method, precision, quality, size, memory and time.
 
 The Compare tab, its CSV/Markdown export, the `/list_runs` endpoint and `python -m training list`
 all read this table; `presentation` is the few columns a talk needs, for one task.
@@ -19,6 +19,7 @@ COLUMNS = (
     "task",
     "model",
     "method",
+    "precision",
     "dataset",
     "steps",
     "metric",
@@ -39,6 +40,7 @@ COLUMNS = (
 # What a presentation shows, in this order; the rest stays in the details view and the exports.
 KEY_COLUMNS = (
     "method",
+    "precision",
     "validation",
     "test",
     "trainable %",
@@ -70,6 +72,7 @@ def _row(run_id: str, config: dict, summary: dict) -> dict:
         "task": config.get("task"),
         "model": config.get("model"),
         "method": config.get("method"),
+        "precision": config.get("precision", "fp32"),  # runs recorded before the setting trained in fp32
         "dataset": config.get("dataset"),
         "steps": summary.get("steps"),
         "metric": metric,

@@ -261,6 +261,7 @@ def cell_record(plan: Plan, variant: Variant, run: Run) -> dict[str, Any]:
         "variant": variant.name,
         "method": variant.method,
         "seed": config["seed"],
+        "precision": config.get("precision", "fp32"),  # cells trained before the setting ran in fp32
         "run": run.id,
         "hparams": config["hparams"],
         "validation": summary["metrics"]["validation"],
@@ -425,8 +426,11 @@ def run_suite(
     log: Callable[[str], None] = print,
     name: str = "custom",
     command: str | None = None,
+    previous: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run every plan (speed, sweep, quality) and return the results (report.write saves them)."""
+    """Run every plan (speed, sweep, quality) and return the results (report.write saves them).
+    `previous`: the results this suite replaces; where they were measured at another precision,
+    their quality and speed figures are kept beside the new ones (see `precision_reference`)."""
     plans = list(plans)
     offline = is_offline(offline)
     store = RunStore(runs_dir)
@@ -460,8 +464,11 @@ def run_suite(
                 run = _train_cell(store, cell_run_id(plan, variant, config), config, log)
                 cells.append(cell_record(plan, variant, run))
     finished = time.time()
+    precision = "+".join(sorted({cell["precision"] for cell in cells})) or None
     return {
         "suite": name,
+        "precision": precision,
+        "reference": precision_reference(previous, precision),
         "command": command,
         "started_at": _utc(started),
         "duration_s": finished - started,
@@ -479,6 +486,19 @@ def run_suite(
         "aggregate": aggregate(cells),
         "speed": speed,
     }
+
+
+def precision_reference(previous: Mapping[str, Any] | None, precision: str | None) -> dict[str, Any] | None:
+    """The figures of the last suite measured at a precision other than `precision`: the previous
+    results themselves when they were, else the reference they kept. Results from before the
+    precision setting were measured in fp32."""
+    if previous is None:
+        return None
+    measured_at = previous.get("precision") or "fp32"
+    if measured_at == precision:
+        return previous.get("reference")
+    keep = ("started_at", "hardware", "versions", "learning_rates", "aggregate", "speed")
+    return {"precision": measured_at, **{key: previous[key] for key in keep if key in previous}}
 
 
 def rerun_cell(

@@ -343,7 +343,7 @@ def _write_model(run: Run, folder: Path, merged: bool) -> None:
         shutil.copytree(run.adapter_dir, folder, dirs_exist_ok=True)
         _point_at_hub_base(folder, run.config.get("model"))
         return
-    loaded = load_run(run)
+    loaded = load_run(run, precision="fp32")  # the merged weights in full precision, whatever it trained in
     model = loaded.model.merge_and_unload()  # the base weights with the update folded in, no PEFT left
     model.save_pretrained(folder)  # safetensors
     loaded.tokenizer.save_pretrained(folder)

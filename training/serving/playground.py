@@ -80,13 +80,14 @@ def classify_side_by_side(
     check_texts([text], "text", MAX_TEXT_CHARS)
     results = []
     for entry, run, base_path in _targets(store, run_ids, "sentiment", include_base):
-        with pool.serving(run, "sentiment", base_path) as (model, tokenizer):
-            class_probabilities(model, tokenizer, [text])  # warm-up: first call pays one-off costs
+        with pool.serving(run, "sentiment", base_path) as (model, tokenizer, precision):
+            class_probabilities(model, tokenizer, [text], precision)  # warm-up: first call pays one-off costs
             probabilities, entry["latency_s"] = _timed(
-                lambda: class_probabilities(model, tokenizer, [text])[0], TIMING_REPEATS
+                lambda: class_probabilities(model, tokenizer, [text], precision)[0], TIMING_REPEATS
             )
+        entry["precision"] = precision
         if compare_merged and run is not None:
-            entry["merged_latency_s"] = _merged_latency(pool, run, lambda m, t: class_probabilities(m, t, [text]))
+            entry["merged_latency_s"] = _merged_latency(pool, run, lambda m, t, p: class_probabilities(m, t, [text], p))
         entry["label"] = LABELS[int(probabilities.argmax())]
         entry["probabilities"] = dict(zip(LABELS, probabilities.tolist()))
         results.append(entry)
@@ -97,9 +98,9 @@ def _merged_latency(pool: AdapterPool, run: Run, call: Callable) -> float | None
     """The same call with the adapter merged into the base weights; None where it cannot merge."""
     if get_method(run.config["method"]).merge_blocker is not None:
         return None
-    with pool.serving(run, run.config["task"], merged=True) as (model, tokenizer):
-        call(model, tokenizer)
-        return _timed(lambda: call(model, tokenizer), TIMING_REPEATS)[1]
+    with pool.serving(run, run.config["task"], merged=True) as (model, tokenizer, precision):
+        call(model, tokenizer, precision)
+        return _timed(lambda: call(model, tokenizer, precision), TIMING_REPEATS)[1]
 
 
 def review_prompt(sentiment: str) -> str:
@@ -128,10 +129,15 @@ def generate_side_by_side(
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     results = []
     for entry, run, base_path in _targets(store, run_ids, "generation", include_base):
-        with pool.serving(run, "generation", base_path) as (model, tokenizer):
-            texts, entry["latency_s"] = _timed(lambda: sample(model, tokenizer, [prompt], **settings), 1)
+        with pool.serving(run, "generation", base_path) as (model, tokenizer, precision):
+            texts, entry["latency_s"] = _timed(
+                lambda: sample(model, tokenizer, [prompt], precision=precision, **settings), 1
+            )
+        entry["precision"] = precision
         if compare_merged and run is not None:
-            entry["merged_latency_s"] = _merged_latency(pool, run, lambda m, t: sample(m, t, [prompt], **settings))
+            entry["merged_latency_s"] = _merged_latency(
+                pool, run, lambda m, t, p: sample(m, t, [prompt], precision=p, **settings)
+            )
         entry["text"] = texts[0]
         results.append(entry)
     _judge(pool, store, results)
@@ -142,9 +148,9 @@ def _judge(pool: AdapterPool, store: RunStore, results: list[dict]) -> None:
     judge = find_judge(store, None)
     if judge is None:
         return
-    with pool.serving(judge, "sentiment") as (model, tokenizer):
+    with pool.serving(judge, "sentiment") as (model, tokenizer, precision):
         texts = [entry["text"] if entry["text"].strip() else "." for entry in results]
-        probabilities = class_probabilities(model, tokenizer, texts)
+        probabilities = class_probabilities(model, tokenizer, texts, precision)
     for entry, row in zip(results, probabilities):
         entry["judged"] = {"label": LABELS[int(row.argmax())], "positive": float(row[LABELS.index("positive")])}
         entry["judge_run"] = judge.id

@@ -1,5 +1,6 @@
-"""Serving many runs at once: one base model per (task, model, quantization) in memory, each run's
-adapter attached to it on demand, so comparing eight runs costs one base model, not eight."""
+"""Serving many runs at once: one base model per (task, model, quantization, precision) in memory,
+each run's adapter attached to it on demand, so comparing eight runs costs one base model, not eight.
+Every answer is computed in the precision its run trained in (the base's: this machine's `auto`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from lora_methods import Task, get_method
-from training.core.inference import LoadedRun, check_adapter, load_run
+from training.core import compute
+from training.core.compute import Precision
+from training.core.inference import LoadedRun, check_adapter, load_run, run_precision
 from training.core.models import load_model, load_tokenizer, resolve_model_path
 from training.core.offline import is_offline
 from training.core.runs import Run
@@ -25,6 +28,7 @@ class _SharedBase:
 
     model: torch.nn.Module  # a PeftModel once the first adapter is loaded; the plain base before
     tokenizer: PreTrainedTokenizerBase
+    precision: Precision
     adapters: set[str]
 
 
@@ -44,30 +48,35 @@ class AdapterPool:
         self._full: dict[str, LoadedRun] = {}
         self._lock = threading.RLock()  # PEFT's active adapter is per model: one request at a time
 
-    def _base(self, task: Task, model_path: str, quantized: bool, adapter_type: str | None) -> _SharedBase:
-        key = (task, model_path, quantized, adapter_type)
+    def _base(
+        self, task: Task, model_path: str, quantized: bool, precision: Precision, adapter_type: str | None
+    ) -> _SharedBase:
+        key = (task, model_path, quantized, precision, adapter_type)
         if key not in self._bases:
-            plain = (task, model_path, quantized, None)
+            plain = (task, model_path, quantized, precision, None)
             if adapter_type is not None and plain in self._bases and not self._bases[plain].adapters:
                 self._bases[key] = self._bases.pop(plain)  # adapters go onto the base already loaded
             else:
                 tokenizer = load_tokenizer(model_path)
                 torch.manual_seed(0)  # the untrained head of a classifier base is the same every time
-                model = load_model(model_path, task, tokenizer, quantize_4bit=quantized).eval()
-                self._bases[key] = _SharedBase(model, tokenizer, set())
+                model = load_model(model_path, task, tokenizer, quantized, precision)
+                compute.prepare_for_inference(model, precision)
+                self._bases[key] = _SharedBase(model, tokenizer, precision, set())
         return self._bases[key]
 
-    def base_for_task(self, task: Task, model_path: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-        """The unadapted base (adapters disabled where the shared base carries some)."""
+    def base_for_task(self, task: Task, model_path: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, Precision]:
+        """The unadapted base (adapters disabled where the shared base carries some): one already in
+        memory at full width, else loaded in this machine's `auto` precision."""
         with self._lock:
-            for (base_task, path, quantized, _), shared in self._bases.items():
+            for (base_task, path, quantized, _, _), shared in self._bases.items():
                 if base_task == task and path == model_path and not quantized:
-                    return shared.model, shared.tokenizer
-            shared = self._base(task, model_path, False, None)
-            return shared.model, shared.tokenizer
+                    return shared.model, shared.tokenizer, shared.precision
+            shared = self._base(task, model_path, False, compute.resolve_precision("auto")[0], None)
+            return shared.model, shared.tokenizer, shared.precision
 
-    def _adapter(self, run: Run) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str | None]:
-        """(model, tokenizer, adapter name) ready to serve `run`; full fine-tuning has no adapter name."""
+    def _adapter(self, run: Run) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, Precision, str | None]:
+        """(model, tokenizer, precision, adapter name) ready to serve `run`; full fine-tuning has no
+        adapter name."""
         config = run.config
         method = get_method(config["method"])
         check_adapter(run)
@@ -77,10 +86,10 @@ class AdapterPool:
                     self._full.pop(next(iter(self._full)))
                 self._full[run.id] = load_run(run)
             loaded = self._full[run.id]
-            return loaded.model, loaded.tokenizer, None
+            return loaded.model, loaded.tokenizer, loaded.precision, None
         adapter_type = json.loads((run.adapter_dir / "adapter_config.json").read_text())["peft_type"]
         model_path = resolve_model_path(config["model"], offline=is_offline(config.get("offline", False)))
-        shared = self._base(config["task"], model_path, method.quantize_base, adapter_type)
+        shared = self._base(config["task"], model_path, method.quantize_base, run_precision(run), adapter_type)
         if run.id not in shared.adapters:
             if shared.adapters:
                 shared.model.load_adapter(str(run.adapter_dir), adapter_name=run.id)
@@ -89,21 +98,22 @@ class AdapterPool:
             shared.model.eval()
             shared.adapters.add(run.id)
         shared.model.set_adapter(run.id)
-        return shared.model, shared.tokenizer, run.id
+        return shared.model, shared.tokenizer, shared.precision, run.id
 
     def loaded(self) -> dict[str, list]:
-        """What is in memory: each shared base model (task, model path, whether 4-bit, adapter type and
-        the runs whose adapters it carries, sorted) and the ids of the full fine-tuned models kept."""
+        """What is in memory: each shared base model (task, model path, whether 4-bit, precision, adapter
+        type and the runs whose adapters it carries, sorted) and the ids of the full fine-tuned models kept."""
         with self._lock:
             bases = [
                 {
                     "task": task,
                     "model": model_path,
                     "quantized": quantized,
+                    "precision": precision,
                     "adapter_type": adapter_type,
                     "runs": sorted(shared.adapters),
                 }
-                for (task, model_path, quantized, adapter_type), shared in self._bases.items()
+                for (task, model_path, quantized, precision, adapter_type), shared in self._bases.items()
             ]
             return {"bases": bases, "full_models": list(self._full)}
 
@@ -120,23 +130,23 @@ class AdapterPool:
 
     @contextmanager
     def serving(self, run: Run | None, task: Task, model_path: str | None = None, merged: bool = False):
-        """The model and tokenizer for `run` (None: the base at `model_path`), exclusively.
+        """The model, tokenizer and compute precision for `run` (None: the base at `model_path`), exclusively.
 
         `merged` folds the adapter into the base weights for the duration, for methods that merge
         (FineTuningMethod.merge_blocker: exact on a full-precision base, lossy into 4-bit weights)."""
         with self._lock:
             if run is None:
-                model, tokenizer = self.base_for_task(task, model_path)
+                model, tokenizer, precision = self.base_for_task(task, model_path)
                 context = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
                 with context:
-                    yield model, tokenizer
+                    yield model, tokenizer, precision
                 return
-            model, tokenizer, adapter = self._adapter(run)
+            model, tokenizer, precision, adapter = self._adapter(run)
             if merged and adapter is not None and get_method(run.config["method"]).merge_blocker is None:
                 model.merge_adapter([adapter])
                 try:
-                    yield model, tokenizer
+                    yield model, tokenizer, precision
                 finally:
                     model.unmerge_adapter()
             else:
-                yield model, tokenizer
+                yield model, tokenizer, precision

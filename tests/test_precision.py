@@ -1,0 +1,183 @@
+"""Precision and the LM head's work: `auto` follows the detected hardware, bf16 stores the frozen
+weights in bf16 and trains float32 ones, and logits computed only where the loss reads them give
+the loss and gradients of logits everywhere."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_methods import get_method
+from training.core import compute, data, environment, inference
+from training.core.config import ConfigError, TrainConfig
+from training.core.models import load_model, load_tokenizer
+from training.core.runs import RunStore, resumable
+from training.engine import train
+
+
+@pytest.fixture
+def cpu_without_bf16(monkeypatch):
+    monkeypatch.setattr(environment, "has_cuda", lambda: False)
+    monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+
+
+@pytest.fixture
+def cpu_with_bf16(monkeypatch):
+    monkeypatch.setattr(environment, "has_cuda", lambda: False)
+    monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+
+
+def test_auto_picks_bf16_only_where_the_cpu_has_it(cpu_without_bf16, monkeypatch):
+    precision, why = compute.resolve_precision("auto")
+    assert precision == "fp32" and "no fast bf16" in why
+    monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
+    assert compute.resolve_precision("auto") == ("bf16", "auto: the CPU has AMX-BF16 and AVX512-BF16")
+    assert compute.resolve_precision("fp32") == ("fp32", "given")
+
+
+def test_fp16_without_cuda_is_refused_before_anything_is_written(tmp_path, tiny_models, review_csv):
+    store = RunStore(tmp_path / "runs")
+    config = TrainConfig(
+        task="sentiment", method="lora", model=tiny_models["bert"], dataset=str(review_csv), precision="fp16"
+    )
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        train(config, store)
+    assert list(store.runs()) == []
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+        TrainConfig(task="sentiment", method="lora", precision="fp8").resolved()
+
+
+def _tiny_run(tiny_models, review_csv, store: RunStore, **overrides) -> dict:
+    settings = dict(
+        task="sentiment",
+        method="lora",
+        model=tiny_models["bert"],
+        dataset=str(review_csv),
+        max_steps=4,
+        batch_size=8,
+        seq_len=32,
+        eval_samples=16,
+        eval_subsample=8,
+        offline=True,
+    )
+    return train(TrainConfig(**{**settings, **overrides}), store)
+
+
+@pytest.mark.parametrize(("hardware", "expected"), [("cpu_with_bf16", "bf16"), ("cpu_without_bf16", "fp32")])
+def test_a_default_run_computes_in_what_the_hardware_runs_fast_and_says_so(
+    request, hardware, expected, tmp_path, tiny_models, review_csv
+):
+    request.getfixturevalue(hardware)
+    store = RunStore(tmp_path / "runs")
+    summary = _tiny_run(tiny_models, review_csv, store)
+    (run,) = store.runs()
+    assert summary["status"] == "completed"
+    assert summary["precision"] == run.config["precision"] == expected
+    assert summary["precision_source"].startswith("auto: ")
+    # Whatever it computed in, the trained adapter is kept in float32 (the master weights).
+    saved = load_file(run.adapter_dir / "adapter_model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+
+
+def test_bf16_stores_frozen_weights_in_bf16_and_trains_float32_ones(tiny_models):
+    tokenizer = load_tokenizer(tiny_models["bert"])
+    method = get_method("lora")
+    fp32_base = load_model(tiny_models["bert"], "sentiment", tokenizer)
+    fp32_bytes = sum(p.nbytes for p in fp32_base.parameters())
+    model = method.apply(fp32_base, "sentiment", method.resolve_hparams({}))
+    compute.store_frozen_weights(model, "bf16")
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+    frozen_bytes = sum(p.nbytes for p in model.parameters() if not p.requires_grad)
+    assert frozen_bytes == pytest.approx(fp32_bytes / 2, rel=0.01)
+    batch = data.collator(tokenizer, "sentiment")(
+        [{"input_ids": [101, 2204, 3185, 102], "attention_mask": [1, 1, 1, 1], "labels": 1}] * 2
+    )
+    with compute.autocast("bf16", model):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
+def test_a_run_recorded_before_the_precision_setting_resumes_in_fp32(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    run = store.create({"task": "sentiment", "method": "lora", "model": "m", "dataset": "d"})
+    (run.dir / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run.dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    run.update_summary(status="stopped")
+    config, _ = resumable(run)
+    assert config.precision == "fp32"
+
+
+def _generation_batch(tokenizer) -> dict:
+    """Two rows of different lengths whose prompts (and padding) carry no labels."""
+    collate = data.collator(tokenizer, "generation")
+    rows = []
+    for prompt, target in (("Write a positive review: ", "a fine film"), ("Review: ", "dull, slow and far too long")):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + target_ids
+        labels = [-100] * len(prompt_ids) + target_ids
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return collate(rows)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize("num_items", [None, 9])
+def test_logits_only_where_read_give_the_same_loss_and_gradients(tiny_models, architecture, num_items):
+    tokenizer = load_tokenizer(tiny_models[architecture])
+    method = get_method("lora")
+    torch.manual_seed(0)
+    model = method.apply(
+        load_model(tiny_models[architecture], "generation", tokenizer), "generation", method.resolve_hparams({})
+    )
+    for name, parameter in model.named_parameters():  # B is zero at the start: give every factor a gradient path
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    model.eval()  # no dropout: both passes see the same network (gradients still flow)
+    batch = _generation_batch(tokenizer)
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    trimmed = compute.logits_where_read(batch)
+    assert len(trimmed["logits_to_keep"]) < batch["input_ids"].shape[1] - 1  # the prompts' columns are skipped
+
+    def loss_and_gradients(inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = model(**inputs, **extra).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    full_loss, full_grads = loss_and_gradients(batch)
+    read_loss, read_grads = loss_and_gradients(trimmed)
+    assert read_loss == pytest.approx(float(full_loss), rel=1e-6)
+    for full, read in zip(full_grads, read_grads, strict=True):
+        torch.testing.assert_close(read, full, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.e2e
+def test_bf16_answers_agree_with_fp32_on_the_sentiment_validation_split(tmp_path):
+    """The Playground's answer in bf16 is the fp32 answer on at least 99% of the validation split."""
+    store = RunStore(tmp_path / "runs")
+    train(
+        TrainConfig(task="sentiment", method="lora", max_steps=40, eval_samples=50, precision="bf16", offline=True),
+        store,
+    )
+    (run,) = store.runs()
+    loaded = {precision: inference.load_run(run, precision) for precision in ("bf16", "fp32")}
+    validation = data.load_splits(run.config["dataset"], "sentiment", offline=True).validation
+    texts = list(validation["text"])
+    answers = {}
+    for precision, model in loaded.items():
+        answers[precision] = torch.cat(
+            [
+                inference.class_probabilities(model.model, model.tokenizer, texts[i : i + 64], precision).argmax(-1)
+                for i in range(0, len(texts), 64)
+            ]
+        )
+    agreement = float((answers["bf16"] == answers["fp32"]).float().mean())
+    print(json.dumps({"examples": len(texts), "agreement": agreement}))
+    assert agreement >= 0.99

@@ -1,0 +1,100 @@
+"""How a run computes: in which precision, and which logits.
+
+Precision. `bf16` is mixed precision as fine-tuning tools run it: the frozen base weights are
+stored in bfloat16 (so no step casts them again), the weights that train and their optimizer state
+stay float32 (master weights), and the matrix products run under autocast. `fp16` is the same on
+GPUs without bf16, with the Trainer's loss scaling. `auto` picks bf16 where the hardware computes it
+fast (environment.fast_bf16: a CUDA GPU that has it, a CPU with AMX-BF16 or AVX512-BF16) and fp32
+elsewhere. Training, evaluation and the Playground compute in the run's precision.
+
+Logits. A causal LM's loss reads the logits only at positions whose next token is labelled (the
+review, not its prompt; the continuation, not the passage), yet the model computes a
+vocabulary-wide row of them at every position. Asking for the read columns only is exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+from lora_methods.base import IGNORE_INDEX
+from training.core import environment
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Precision = Literal["fp32", "bf16", "fp16"]
+DTYPES: dict[Precision, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_refusal(requested: str) -> str | None:
+    """Why this machine cannot train at `requested` precision, in words; None when it can."""
+    if requested == "fp16" and not environment.has_cuda():
+        return "fp16 needs a CUDA GPU (its loss scaling is CUDA's); choose bf16, fp32 or auto"
+    if requested == "bf16" and environment.has_cuda() and environment.fast_bf16() is None:
+        return "this GPU does not compute bf16; choose fp16, fp32 or auto"
+    return None
+
+
+def resolve_precision(requested: str) -> tuple[Precision, str]:
+    """(precision, why): `auto` made concrete for this machine, with the reason in words."""
+    if requested != "auto":
+        return requested, "given"
+    hardware = environment.fast_bf16()
+    if hardware:
+        return "bf16", f"auto: {hardware}"
+    return "fp32", "auto: no fast bf16 on this machine (no CUDA bf16, no AMX-BF16 or AVX512-BF16 CPU)"
+
+
+def store_frozen_weights(model: torch.nn.Module, precision: Precision) -> None:
+    """Store every frozen float32 weight in the compute dtype; weights that train stay float32.
+
+    Autocast would otherwise cast each frozen weight to bf16 again in every forward pass. 4-bit
+    weights (integers) are left as they are."""
+    dtype = DTYPES[precision]
+    if dtype is torch.float32:
+        return
+    for parameter in model.parameters():
+        if not parameter.requires_grad and parameter.dtype == torch.float32:
+            parameter.data = parameter.data.to(dtype)
+
+
+def prepare_for_inference(model: torch.nn.Module, precision: Precision) -> None:
+    """A base model for inference as training kept it: frozen, in eval mode, its weights stored in
+    the compute dtype (adapters attached later stay float32, as they trained)."""
+    model.requires_grad_(False)
+    store_frozen_weights(model, precision)
+    model.eval()
+
+
+def autocast(precision: Precision, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The context `model` computes in at `precision` (nothing for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    device_type = next(model.parameters()).device.type
+    return torch.autocast(device_type=device_type, dtype=DTYPES[precision])
+
+
+@contextlib.contextmanager
+def inference(precision: Precision, model: torch.nn.Module) -> Iterator[None]:
+    """Inference mode (no autograd bookkeeping) in the run's precision."""
+    with torch.inference_mode(), autocast(precision, model):
+        yield
+
+
+def read_columns(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns, targets) for a causal LM batch: the positions whose next token some row labels
+    (position t predicts token t + 1), and the labels those positions predict, one row per example
+    (IGNORE_INDEX where a row's next token is not labelled)."""
+    following = labels[:, 1:]
+    columns = (following != IGNORE_INDEX).any(0).nonzero().flatten()
+    return columns, following[:, columns]
+
+
+def logits_where_read(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A causal LM training batch that asks the model for logits at the read columns only: the
+    model's own loss then gives the same value and gradients for a fraction of the LM head's work.
+    The labels still go in (SparseLoRA routes the labelled tokens dense by them)."""
+    columns, targets = read_columns(batch["labels"])
+    return {**batch, "logits_to_keep": columns, "shift_labels": targets}
