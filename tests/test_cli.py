@@ -221,6 +221,35 @@ def test_start_run_keeps_its_documented_parameters_in_order():
     assert api.START_RUN.parameters["seed"].default == 0 and api.START_RUN.parameters["task"].annotation is str
 
 
+def test_bench_times_each_method_at_each_precision_and_logits_setting(tiny_models, capsys):
+    from training.cli import main
+
+    common = ["--steps", "2", "--warmup", "1", "--model", tiny_models["llama"], "--dataset", "bundled/hamlet"]
+    arguments = [
+        "bench",
+        "--task",
+        "generation",
+        "--methods",
+        "lora",
+        "--precision",
+        "fp32,bf16",
+        "--logits",
+        "all,read",
+    ]
+    assert main([*arguments, *common, "--offline"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    combinations = [(r["precision"], r["logits"]) for r in lines]
+    assert combinations == [("fp32", "all"), ("fp32", "read"), ("bf16", "all"), ("bf16", "read")]
+    assert lines[0]["speedup_vs_baseline"] == 1.0 and lines[3]["baseline_precision"] == "fp32"
+    assert all(r["median_step_s"] > 0 and r["tokens_per_s"] > 0 for r in lines)
+    # the frozen base is stored in bf16: its weights take half the bytes
+    assert lines[2]["memory"]["weights_bytes"] < 0.6 * lines[0]["memory"]["weights_bytes"]
+
+    for precisions, message in (("fp32,fp8", "unknown precision fp8"), ("fp16", "fp16 needs a CUDA GPU")):
+        assert main(["bench", "--task", "generation", "--methods", "lora", "--precision", precisions, *common]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_bench_times_one_method_twice_under_two_labels(tmp_path, tiny_models, review_csv, capsys):
     from training.cli import main
 

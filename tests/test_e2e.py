@@ -18,6 +18,7 @@ pytestmark = pytest.mark.e2e
 def _losses(run) -> list[float]:
     return [r["loss"] for r in run.metrics() if r["kind"] == "train"]
 
+
 # A bf16 run re-evaluated from its saved adapter: the same weights, but bf16 products of a fresh
 # model can round differently from the trained one's (relative differences of about 6e-5 seen).
 BF16_RELOAD_TOLERANCE = 2e-4

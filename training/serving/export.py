@@ -221,6 +221,8 @@ def _figures(config: dict, summary: dict) -> list[tuple[str, str | None]]:
             and f"{summary.get('train_time_s') or 0:.1f} s training, {summary['wall_time_s']:.1f} s in all",
         ),
         ("hardware", _hardware(config.get("device") or {})),
+        # runs recorded before precision was a setting trained in fp32
+        ("precision", f"{config.get('precision', 'fp32')} (trained weights float32)"),
         ("memory", weights and peak and f"base weights {weights / MB:,.1f} MB, training peak {peak / MB:,.1f} MB"),
     ]
 

@@ -88,6 +88,64 @@ def headline_tables(results: Results) -> str:
     )
 
 
+def reference_rows(results: Results) -> dict[tuple[str, str], Row]:
+    """The kept figures of the last suite at another precision, by (plan, variant); empty if none."""
+    reference = results.get("reference")
+    if not reference:
+        return {}
+    kept = {"plans": results["plans"], "aggregate": reference["aggregate"], "speed": reference.get("speed", {})}
+    return {(row.plan, row.variant): row for row in rows(kept)}
+
+
+def _quality_text(row: Row) -> str:
+    scale, digits = (100, 1) if row.metric == "accuracy" else (1, 2)
+    spread = f" ± {scale * row.std:.{digits}f}" if row.std is not None else ""
+    return f"{scale * row.mean:.{digits}f}{spread}"
+
+
+def _change_text(row: Row, before: Row) -> str:
+    """Accuracy: the change in points; perplexity: the relative change."""
+    if row.metric == "accuracy":
+        return f"{100 * (row.mean - before.mean):+.1f} points"
+    return f"{100 * (row.mean / before.mean - 1):+.1f}%"
+
+
+def precision_table(results: Results, plan: str) -> str:
+    """Each variant's test quality and step time at this suite's precision beside the kept
+    reference precision's (empty when there is no reference)."""
+    before_rows = reference_rows(results)
+    now, then = results.get("precision") or "fp32", (results.get("reference") or {}).get("precision")
+    shown = []
+    for variant in ranking(rows(results), plan):
+        row, before = plan_rows(rows(results), plan)[variant], before_rows.get((plan, variant))
+        if before is None:
+            continue
+        shown.append(
+            [
+                f"`{variant}`",
+                _quality_text(row),
+                _quality_text(before),
+                _change_text(row, before),
+                f"{row.step_s:.3f}" if row.step_s else "n/a",
+                f"{before.step_s:.3f}" if before.step_s else "n/a",
+                ratio_text(speed_ratio(row.step_s, before.step_s)),
+            ]
+        )
+    if not shown:
+        return ""
+    metric = "accuracy %" if row.metric == "accuracy" else "perplexity"
+    header = [
+        "variant",
+        f"{now} test {metric}",
+        f"{then} test {metric}",
+        "change",
+        f"{now} step s",
+        f"{then} step s",
+        f"{now} speed vs {then}",
+    ]
+    return markdown_table(header, shown)
+
+
 def speed_table(results: Results, plan: str) -> str:
     """Every timed entry of one plan (extra SparseLoRA settings too): step, throughput, memory parts."""
     timed = timings(results, plan)
@@ -145,7 +203,8 @@ def _preamble(results: Results) -> list[str]:
         "# LoRA Arena benchmark results\n",
         f"Produced by `{results['command']}` ({results['suite']} suite) on {results['started_at']}, "
         f"in {results['duration_s'] / 60:.0f} minutes on {hardware['cores']} cores of {hardware['cpu']} "
-        f"({hardware['device']}, {hardware['memory_bytes'] / 2**30:.0f} GiB). {_training_text(results)} "
+        f"({hardware['device']}, {hardware['memory_bytes'] / 2**30:.0f} GiB), computing in "
+        f"{results.get('precision') or 'fp32'}. {_training_text(results)} "
         + ", ".join(f"{name} {version}" for name, version in versions.items())
         + ". Every figure below is in `results.json` beside this file; the figures the app's Guide "
         "tab draws are in `figures/`.\n",
@@ -171,6 +230,16 @@ def _plan_section(results: Results, plan: Mapping[str, Any]) -> list[str]:
     )
     base = ", ".join(f"{k} {v:.3f}" for k, v in cell["base_validation"].items())
     parts.append(f"Base model (no training), validation: {base}{control}.\n")
+    compared = precision_table(results, name)
+    if compared:
+        reference = results["reference"]
+        parts.append(
+            f"What {results['precision']} changed: the same plan in {reference['precision']} (the suite of "
+            f"{reference['started_at']}, kept). Quality is on the same seeds with each precision's own swept "
+            "rates; the step times come from two processes on two days, so their ratio carries that noise "
+            "(`python -m training bench --precision fp32,bf16` times both in one process).\n"
+        )
+        parts.append(compared)
     if results["speed"].get(name):
         first = results["speed"][name][0]
         parts.append(f"Speed and memory, {first['steps']} interleaved steps after {first['warmup']} warm-up steps:\n")
