@@ -127,19 +127,24 @@ def _generation_batch(tokenizer) -> dict:
     return collate(rows)
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    ("architecture", "method_name"), [("llama", "lora"), ("gpt2", "lora"), ("llama", "full"), ("llama", "sparselora")]
+)
 @pytest.mark.parametrize("num_items", [None, 9])
-def test_logits_only_where_read_give_the_same_loss_and_gradients(tiny_models, architecture, num_items):
+def test_logits_only_where_read_give_the_same_loss_and_gradients(tiny_models, architecture, method_name, num_items):
+    """Both passes see one network: no dropout (eval mode; SparseLoRA only runs sparse in training
+    mode, where it routes the labelled tokens dense by the labels, so it trains without dropout)."""
     tokenizer = load_tokenizer(tiny_models[architecture])
-    method = get_method("lora")
+    method = get_method(method_name)
     torch.manual_seed(0)
-    model = method.apply(
-        load_model(tiny_models[architecture], "generation", tokenizer), "generation", method.resolve_hparams({})
-    )
+    hparams = method.resolve_hparams({"dropout": 0.0} if method_name != "full" else {})
+    if method_name == "sparselora":
+        hparams = method.resolve_hparams({**hparams, "dense_first_layers": 0})
+    model = method.apply(load_model(tiny_models[architecture], "generation", tokenizer), "generation", hparams)
     for name, parameter in model.named_parameters():  # B is zero at the start: give every factor a gradient path
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
-    model.eval()  # no dropout: both passes see the same network (gradients still flow)
+    model.train(method_name == "sparselora")
     batch = _generation_batch(tokenizer)
     extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     trimmed = compute.logits_where_read(batch)
@@ -156,6 +161,8 @@ def test_logits_only_where_read_give_the_same_loss_and_gradients(tiny_models, ar
     assert read_loss == pytest.approx(float(full_loss), rel=1e-6)
     for full, read in zip(full_grads, read_grads, strict=True):
         torch.testing.assert_close(read, full, rtol=1e-5, atol=1e-7)
+    if method_name == "sparselora":
+        assert method.telemetry(model)["flops_ratio_vs_lora"] < 1  # the passes did run sparse
 
 
 @pytest.mark.e2e
