@@ -73,6 +73,24 @@ def with_tuned_defaults(config: TrainConfig, model_id: str) -> TrainConfig:
     return replace(config, hparams={**tuned, **config.hparams}).resolved()
 
 
+def _model_to_train(
+    model_path: str, config: TrainConfig, method: FineTuningMethod
+) -> tuple[PreTrainedTokenizerBase, torch.nn.Module, int]:
+    """The tokenizer, the model `method` trains (its frozen weights stored in the run's precision)
+    and the bytes the base's weights take as stored."""
+    set_seed(config.seed)  # before loading: a new classification head is initialised randomly
+    tokenizer = models.load_tokenizer(model_path)
+    model = models.load_model(model_path, config.task, tokenizer, method.quantize_base, config.precision)
+    models.keep_4bit_layers_trainable(model)
+    base_parameters = {id(parameter) for parameter in model.parameters()}
+    # Every method starts as the identity on the base (LoRA/HiRA zero-initialise one factor), so the
+    # wrapped model evaluated before the first step *is* the base model.
+    model = method.apply(model, config.task, config.hparams)
+    compute.store_frozen_weights(model, config.precision)
+    added = sum(p.nbytes for p in model.parameters() if id(p) not in base_parameters)  # adapters, head copies
+    return tokenizer, model, models.weight_memory_bytes(model) - added
+
+
 def train(
     config: TrainConfig,
     store: RunStore | None = None,
@@ -107,18 +125,8 @@ def train(
     wants_judge = splits.controlled and config.control_samples and (resume_from is None or config.judge_run)
     judge = find_judge(store, config.judge_run) if wants_judge else None
 
-    set_seed(config.seed)  # before loading: a new classification head is initialised randomly
-    tokenizer = models.load_tokenizer(model_path)
-    model = models.load_model(model_path, config.task, tokenizer, method.quantize_base, precision)
-    models.keep_4bit_layers_trainable(model)
-    base_parameters = {id(parameter) for parameter in model.parameters()}
-    # Every method starts as the identity on the base (LoRA/HiRA zero-initialise one factor), so the
-    # wrapped model evaluated before the first step *is* the base model; wrapping first lets a rank
-    # or target that does not fit this model fail before a run is created.
-    model = method.apply(model, config.task, config.hparams)
-    compute.store_frozen_weights(model, precision)
-    added = sum(p.nbytes for p in model.parameters() if id(p) not in base_parameters)  # adapters, head copies
-    base_weight_memory = models.weight_memory_bytes(model) - added  # the base as stored for training
+    # Wrapping before the run exists lets a rank or target that does not fit this model fail first.
+    tokenizer, model, base_weight_memory = _model_to_train(model_path, config, method)
 
     is_main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, one process records
     if resume_from is not None:
