@@ -233,11 +233,13 @@ def _plan_section(results: Results, plan: Mapping[str, Any]) -> list[str]:
     compared = precision_table(results, name)
     if compared:
         reference = results["reference"]
+        then_cpu, now_cpu = (reference.get("hardware") or {}).get("cpu"), results["hardware"]["cpu"]
+        where = f" on another machine ({then_cpu})" if then_cpu and then_cpu != now_cpu else ""
         parts.append(
             f"What {results['precision']} changed: the same plan in {reference['precision']} (the suite of "
-            f"{reference['started_at']}, kept). Quality is on the same seeds with each precision's own swept "
-            "rates; the step times come from two processes on two days, so their ratio carries that noise "
-            "(`python -m training bench --precision fp32,bf16` times both in one process).\n"
+            f"{reference['started_at']}{where}, kept). Quality is on the same seeds with each precision's "
+            "own swept rates; the step times come from two processes on two days, so their ratio carries "
+            "that noise (`python -m training bench --precision fp32,bf16` times both in one process).\n"
         )
         parts.append(compared)
     if results["speed"].get(name):
