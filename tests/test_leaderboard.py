@@ -63,9 +63,14 @@ def test_the_presentation_is_one_task_with_the_metric_in_its_headers(tmp_path):
     _run(store, "sentiment", "lora", "accuracy", 0.7)
     _run(store, "generation", "lora", "perplexity", 40.0)
     shown = presentation(leaderboard(store, "generation"), "generation")
-    assert len(shown) == 1 and shown.columns[:3].tolist() == ["method", "val perplexity", "test perplexity"]
+    assert len(shown) == 1 and shown.columns[:4].tolist() == [
+        "method",
+        "precision",
+        "val perplexity",
+        "test perplexity",
+    ]
     assert shown.loc[0, "val perplexity"] == 40.0 and shown.loc[0, "test perplexity"] == "n/a"
-    assert len(shown.columns) <= 9  # fits 1440 px; every column stays in leaderboard() and the exports
+    assert len(shown.columns) <= 10  # fits 1440 px; every column stays in leaderboard() and the exports
 
 
 def test_one_colour_per_method_in_the_report_and_the_app():

@@ -143,10 +143,16 @@ class AdapterPool:
                 return
             model, tokenizer, precision, adapter = self._adapter(run)
             if merged and adapter is not None and get_method(run.config["method"]).merge_blocker is None:
+                # Unmerging in bf16 rounds twice and would not give the shared base its weights back
+                # exactly: the adapted layers' weights are restored from a copy instead.
+                kept = [(p, p.detach().clone()) for name, p in model.named_parameters() if ".base_layer." in name]
                 model.merge_adapter([adapter])
                 try:
                     yield model, tokenizer, precision
                 finally:
                     model.unmerge_adapter()
+                    with torch.no_grad():
+                        for parameter, original in kept:
+                            parameter.copy_(original)
             else:
                 yield model, tokenizer, precision
