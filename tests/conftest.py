@@ -31,6 +31,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
+from training.core.config import TrainConfig  # noqa: E402
 from training.core.data import rotten_tomatoes_snippets  # noqa: E402
 from training.core.models import package_dir  # noqa: E402
 
@@ -112,6 +113,22 @@ def tiny_models(tmp_path_factory, reviews) -> dict[str, str]:
             tokenizer.save_pretrained(folder)
         paths[name] = str(folder)
     return paths
+
+
+def tiny_sentiment_config(tiny_models: dict[str, str], review_csv: Path, **overrides) -> TrainConfig:
+    """A few-second LoRA sentiment run on the tiny BERT and the review CSV; `overrides` change it."""
+    settings = dict(
+        task="sentiment",
+        method="lora",
+        model=tiny_models["bert"],
+        dataset=str(review_csv),
+        max_steps=4,
+        batch_size=8,
+        seq_len=48,
+        eval_samples=16,
+        offline=True,
+    )
+    return TrainConfig(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="session")

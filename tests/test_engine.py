@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_sentiment_config
 from peft import PeftModel
 
 from lora_methods import HParamError
@@ -33,20 +34,9 @@ CLEAR_REVIEWS = ["An utterly wonderful, moving film", "A dull, boring, awful mes
 
 
 def sentiment_config(tiny_models, review_csv, **overrides) -> TrainConfig:
-    settings = dict(
-        task="sentiment",
-        method="lora",
-        model=tiny_models["bert"],
-        dataset=str(review_csv),
-        max_steps=12,
-        batch_size=8,
-        seq_len=64,
-        eval_samples=40,
-        eval_subsample=16,
-        eval_steps=4,
-        offline=True,
-    )
-    return TrainConfig(**{**settings, **overrides})
+    """Long enough to evaluate three times during training."""
+    settings = dict(max_steps=12, seq_len=64, eval_samples=40, eval_subsample=16, eval_steps=4)
+    return tiny_sentiment_config(tiny_models, review_csv, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -9,29 +9,15 @@ import subprocess
 import time
 
 import pytest
+from conftest import tiny_sentiment_config as config
 
 from lora_methods import HParamError
-from training.core.config import ConfigError, TrainConfig
+from training.core.config import ConfigError
 from training.core.data import DataError
 from training.core.runs import RunStore
 from training.jobs import USER_ERRORS, JobManager, Limits, OwnershipError
 
 DONE = ("finished", "failed", "cancelled")
-
-
-def config(tiny_models, review_csv, **overrides) -> TrainConfig:
-    settings = dict(
-        task="sentiment",
-        method="lora",
-        model=tiny_models["bert"],
-        dataset=str(review_csv),
-        max_steps=4,
-        batch_size=8,
-        seq_len=48,
-        eval_samples=16,
-        offline=True,
-    )
-    return TrainConfig(**{**settings, **overrides})
 
 
 def wait_for(condition, timeout: float = 120.0, what: str = "condition"):

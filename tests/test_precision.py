@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_sentiment_config
 from safetensors.torch import load_file
 
 from lora_methods import get_method
@@ -50,29 +51,13 @@ def test_fp16_without_cuda_is_refused_before_anything_is_written(tmp_path, tiny_
         TrainConfig(task="sentiment", method="lora", precision="fp8").resolved()
 
 
-def _tiny_run(tiny_models, review_csv, store: RunStore, **overrides) -> dict:
-    settings = dict(
-        task="sentiment",
-        method="lora",
-        model=tiny_models["bert"],
-        dataset=str(review_csv),
-        max_steps=4,
-        batch_size=8,
-        seq_len=32,
-        eval_samples=16,
-        eval_subsample=8,
-        offline=True,
-    )
-    return train(TrainConfig(**{**settings, **overrides}), store)
-
-
 @pytest.mark.parametrize(("hardware", "expected"), [("cpu_with_bf16", "bf16"), ("cpu_without_bf16", "fp32")])
 def test_a_default_run_computes_in_what_the_hardware_runs_fast_and_says_so(
     request, hardware, expected, tmp_path, tiny_models, review_csv
 ):
     request.getfixturevalue(hardware)
     store = RunStore(tmp_path / "runs")
-    summary = _tiny_run(tiny_models, review_csv, store)
+    summary = train(tiny_sentiment_config(tiny_models, review_csv, eval_subsample=8), store)
     (run,) = store.runs()
     assert summary["status"] == "completed"
     assert summary["precision"] == run.config["precision"] == expected
