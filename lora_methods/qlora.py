@@ -9,7 +9,7 @@ METHOD = replace(
     lora.METHOD,
     name="qlora",
     title="QLoRA",
-    summary="LoRA on a base model stored in 4-bit NF4 (double-quantized): about a third of the weight memory.",
+    summary="LoRA on a base model stored in 4-bit NF4 (double-quantized): 0.41-0.64x the bf16 base's weight memory.",
     quantize_base=True,
     paged_optimizer=True,
 )

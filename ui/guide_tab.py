@@ -24,7 +24,7 @@ METHOD_NOTES = """
 |---|---|---|
 | Full fine-tuning | every weight | the reference: most memory, a whole model to save |
 | LoRA | `B A` (rank r) beside a frozen `W` | `W + (alpha/r) B A`: a rank-r update, ~0.3% of the weights |
-| QLoRA | LoRA's factors | the frozen `W` is stored in 4-bit NF4: about a third of the weight memory |
+| QLoRA | LoRA's factors | the frozen `W` is stored in 4-bit NF4: 0.41-0.64x its bf16 weight memory |
 | DoRA | LoRA's factors, a length per column | `W + B A` rescaled per column to a trained length `m` |
 | HiRA | `B A` | `W + W * (B A)` element-wise: a high-rank update for LoRA's parameter count |
 | SparseLoRA | LoRA's factors, dense | the frozen FFN runs only on channels an SVD estimator picks per batch |
