@@ -5,10 +5,10 @@ A new method is one new module plus its name in `_MODULES`.
 
 from __future__ import annotations
 
-from . import dora, full, hira, hira_4bit, lora, qlora, sparselora, sparselora_4bit
+from . import dora, full, hira, hira_4bit, lora, qlora, sparselora, sparselora_4bit, sparselora_paper
 from .base import TASKS, FineTuningMethod, HParam, HParamError, Task
 
-_MODULES = (full, lora, qlora, dora, hira, hira_4bit, sparselora, sparselora_4bit)
+_MODULES = (full, lora, qlora, dora, hira, hira_4bit, sparselora, sparselora_paper, sparselora_4bit)
 
 METHODS: dict[str, FineTuningMethod] = {module.METHOD.name: module.METHOD for module in _MODULES}
 

@@ -8,10 +8,11 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_sentiment_config
 
 from lora_methods import HParamError, get_method, sparselora
 from lora_methods.sparselora import layer_schedule
-from lora_methods.sparselora.controller import IGNORE_INDEX, dense_positions, routing
+from lora_methods.sparselora.controller import IGNORE_INDEX, output_positions, routing
 from lora_methods.sparselora.estimator import SparseAttention, SparseLayer, svd_factors
 from lora_methods.sparselora.layouts import ATTENTION_LAYOUTS, FFN_LAYOUTS, resolve
 from lora_methods.sparselora.slicing import output_columns
@@ -24,31 +25,47 @@ from training.engine import train
 ARCH_TASK = {"bert": "sentiment", "distilbert": "sentiment", "gpt2": "generation", "llama": "generation"}
 
 
-def _pair(path: str, task: str, layer_sparsity: str, **extra):
-    """A LoRA model and a SparseLoRA model with identical (non-zero) adapter weights."""
+def _pair(path: str, task: str, layer_sparsity: str, padding_side: str = "right", method: str = "sparselora", **extra):
+    """A LoRA model and a SparseLoRA model with identical (non-zero) adapter weights (QLoRA and
+    SparseLoRA-4bit for `method="sparselora-4bit"`)."""
     tokenizer = load_tokenizer(path)
-    base = load_model(path, task, tokenizer)
+    tokenizer.padding_side = padding_side
+    sparse_method = get_method(method)
+    base = load_model(path, task, tokenizer, quantize_4bit=sparse_method.quantize_base)
     settings = {"dropout": 0.0, "target_modules": "all-linear"}  # LoRA inside the FFN too
-    lora = get_method("lora")
+    lora = get_method("qlora" if sparse_method.quantize_base else "lora")
     dense = lora.apply(copy.deepcopy(base), task, lora.resolve_hparams(settings))
     torch.manual_seed(1)
     for param in dense.parameters():
         if param.requires_grad:
             param.data.normal_(0, 0.02)
-    sparse_method = get_method("sparselora")
     hparams = sparse_method.resolve_hparams({**settings, "layer_sparsity": layer_sparsity, **extra})
     sparse = sparse_method.apply(copy.deepcopy(base), task, hparams)
-    sparse.load_state_dict(dense.state_dict())
+    trained = dict(dense.named_parameters())
+    for name, param in sparse.named_parameters():
+        if param.requires_grad:
+            param.data.copy_(trained[name])
+    for module in [*dense.modules(), *sparse.modules()]:  # skipped tokens would shift the dropout draws
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     inputs = dict(tokenizer(["a fine, moving film indeed", "dull"], return_tensors="pt", padding=True))
-    labels = torch.tensor([1, 0]) if task == "sentiment" else inputs["input_ids"].clone()
+    if task == "sentiment":
+        labels = torch.tensor([1, 0])
+    else:  # as the collator labels a batch: padding is never a target
+        labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
     return dense.train(), sparse.train(), {**inputs, "labels": labels}
 
 
 def _run(model, inputs):
+    """The logits the loss reads (a classifier's, or a causal LM's where the next token is a
+    target) and every trainable parameter's gradient."""
     torch.manual_seed(5)  # the same dropout draws for both models
     output = model(**inputs)
     output.loss.backward()
-    return output.logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    logits = output.logits
+    if logits.dim() == 3:
+        logits = logits[output_positions(inputs["labels"], inputs["input_ids"], "last", None)]
+    return logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("arch", list(ARCH_TASK))
@@ -68,7 +85,7 @@ def test_sliced_ffn_equals_the_dense_ffn_on_the_kept_channels(tiny_models, arch,
     layout = FFN_LAYOUTS[dense.get_base_model().config.model_type]
     width = sparselora.controller(sparse).layers[0].width
     keep = torch.arange(0, width, 2)  # every other channel
-    monkeypatch.setattr(SparseLayer, "choose", lambda self, context, sample_tokens: keep)
+    monkeypatch.setattr(SparseLayer, "choose", lambda self, context, sample_tokens, rows: keep)
     mask = torch.zeros(width)
     mask[keep] = 1.0
     for block in resolve(dense.get_base_model(), layout.layers):  # reference: dense, then masked
@@ -86,20 +103,84 @@ def test_the_last_layer_skipping_its_context_tokens_changes_nothing_the_loss_rea
     lora_model, outputs_only, inputs = _pair(tiny_models[arch], ARCH_TASK[arch], "0,0")  # no sparse layer
     if ARCH_TASK[arch] == "generation":
         inputs["labels"][:, :3] = IGNORE_INDEX  # a prompt
-    for module in [*lora_model.modules(), *outputs_only.modules()]:  # fewer tokens, other dropout draws
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
     lora_logits, lora_grads = _run(lora_model, inputs)
     logits, grads = _run(outputs_only, inputs)
     controller = sparselora.controller(outputs_only)
     assert controller.outputs_only_layer == 1 and controller.flops_ratio < 1.0  # the FFN ran for outputs only
-    if ARCH_TASK[arch] == "generation":  # the positions that predict a label; the prompt's are not read
-        read = dense_positions(inputs["labels"], inputs["input_ids"].shape)
-        lora_logits, logits = lora_logits[read], logits[read]
-        assert read.sum() < read.numel()
+    if ARCH_TASK[arch] == "generation":  # the prompt's predictions are not read
+        assert lora_logits.shape[0] < inputs["attention_mask"].sum()
     assert torch.allclose(lora_logits, logits, atol=1e-5)
     for name, grad in lora_grads.items():
         assert torch.allclose(grad, grads[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("layer_sparsity", ["0,0", "1e-9,0"])  # no sparse layer; layer 0 keeping every channel
+def test_a_decoder_classifier_with_its_exact_skips_is_exactly_lora(tiny_models, arch, padding_side, layer_sparsity):
+    """The read token runs dense in every layer, padding skips every FFN, and the last layer runs
+    its FFN for the read token alone: the logits and every gradient are plain LoRA's."""
+    lora_model, sparse, inputs = _pair(tiny_models[arch], "sentiment", layer_sparsity, padding_side)
+    assert (inputs["attention_mask"] == 0).any()  # the batch is padded
+    lora_logits, lora_grads = _run(lora_model, inputs)
+    logits, grads = _run(sparse, inputs)
+    routed = sparselora.controller(sparse).routing
+    assert routed.dense == 2 and routed.skipped == int((inputs["attention_mask"] == 0).sum())
+    controller = sparselora.controller(sparse)
+    if layer_sparsity == "0,0":  # nothing contextual: every FLOP saved is an exact skip
+        assert controller.flops_ratio == pytest.approx(1.0 - controller.exact_skip_share)
+    assert controller.flops_ratio < 1.0
+    assert torch.allclose(lora_logits, logits, atol=1e-5)
+    for name, grad in lora_grads.items():
+        assert torch.allclose(grad, grads[name], atol=1e-6), name
+
+
+def test_padding_never_enters_the_estimators_sample(tiny_models, monkeypatch):
+    seen = []
+    choose = SparseLayer.choose
+    monkeypatch.setattr(
+        SparseLayer,
+        "choose",
+        lambda self, context, *rest: seen.append(context.shape[0]) or choose(self, context, *rest),
+    )
+    for pad_tokens in ("skip", "compute"):
+        _, sparse, inputs = _pair(tiny_models["llama"], "sentiment", "0.5,0", "left", pad_tokens=pad_tokens)
+        sparse(**inputs).loss.backward()
+        routed = sparselora.controller(sparse).routing
+        real, padding = int(inputs["attention_mask"].sum()), int((inputs["attention_mask"] == 0).sum())
+        assert seen[-1] == routed.sampled == real - 2  # every real token but the two that are read
+        assert routed.sparse == real - 2 + (padding if pad_tokens == "compute" else 0)
+        assert all(inputs["attention_mask"].reshape(-1)[routed.order[: routed.sampled]] == 1)
+
+
+def test_on_a_4bit_base_keeping_every_channel_is_exactly_qlora(tiny_models):
+    """Both token paths read the one weight dequantized per forward: the same logits and gradients
+    as QLoRA's, whose layers dequantize on their own."""
+    qlora_model, sparse, inputs = _pair(tiny_models["llama"], "generation", "1e-9,0", method="sparselora-4bit")
+    inputs["labels"][:, :3] = IGNORE_INDEX  # a prompt: outputs and context both present
+    qlora_logits, qlora_grads = _run(qlora_model, inputs)
+    logits, grads = _run(sparse, inputs)
+    assert sparselora.controller(sparse).weights  # the dequantized weights of this forward
+    assert torch.allclose(qlora_logits, logits, atol=1e-4)
+    for name, grad in qlora_grads.items():
+        assert torch.allclose(grad, grads[name], atol=1e-5), name
+
+
+def test_the_reference_estimator_scores_each_sequences_mean_token():
+    torch.manual_seed(0)
+    width, channels = 8, 16
+    gate, up, down = (
+        torch.nn.Linear(width, channels),
+        torch.nn.Linear(width, channels),
+        torch.nn.Linear(channels, width),
+    )
+    estimator = [(m.weight.t().detach(), None, m.bias.detach()) for m in (gate, up)]  # exact (full rank)
+    layer = SparseLayer(0, 0.75, [gate, up], down, torch.nn.functional.silu, estimator, "sequence-mean")
+    context, rows = torch.randn(7, width), torch.tensor([0, 0, 0, 2, 2, 2, 2])  # row 1: no context
+    means = torch.stack([context[:3].mean(0), context[3:].mean(0)])
+    with torch.no_grad():
+        expected = (torch.nn.functional.silu(gate(means)) * up(means)).norm(dim=0).topk(4).indices.sort().values
+    assert torch.equal(layer.choose(context, 128, rows), expected)
 
 
 def test_a_value_channel_feeds_every_query_head_of_its_group():
@@ -118,7 +199,7 @@ def test_sliced_attention_equals_dense_attention_on_the_kept_value_channels(tiny
     attention = sparselora.controller(sparse).attention[0]
     assert len(sparselora.controller(sparse).attention) == 2 and attention.kept == attention.width // 2
     keep = torch.arange(1, attention.width, 2)  # every other value channel, across heads
-    monkeypatch.setattr(SparseAttention, "choose", lambda self, context, sample_tokens: keep)
+    monkeypatch.setattr(SparseAttention, "choose", lambda self, context, sample_tokens, rows: keep)
     mask = torch.zeros(attention.width)
     mask[keep] = 1.0
     value_path = ATTENTION_LAYOUTS[dense.get_base_model().config.model_type][0]
@@ -144,22 +225,39 @@ def test_evaluation_is_dense(tiny_models):
         assert torch.allclose(dense(**inputs).logits, sparse(**inputs).logits, atol=1e-6)
 
 
-def test_each_rows_prompt_runs_sparse_and_its_output_positions_dense():
+def test_each_rows_prompt_runs_sparse_its_outputs_dense_and_its_padding_nowhere():
     labels = torch.tensor([[-100, -100, -100, 5, 6, -100], [-100, -100, -100, -100, 7, 8]])
-    dense = dense_positions(labels, labels.shape)
+    ids = torch.ones_like(labels)
+    outputs = output_positions(labels, ids, "last", 0)
     # position t predicts token t + 1: row 0's outputs come from positions 2-3, row 1's from 3-4
-    assert dense.tolist() == [[False, False, True, True, False, False], [False, False, False, True, True, False]]
-    order, restore, sparse_count = routing(dense)
-    assert sparse_count == 8 and order[:sparse_count].tolist() == [0, 1, 4, 5, 6, 7, 8, 11]
-    assert torch.equal(order[restore], torch.arange(12))
-    classifier = dense_positions(torch.tensor([1, 0]), torch.Size([2, 5]))
-    assert classifier[:, 0].all() and not classifier[:, 1:].any()  # [CLS] dense, the rest sparse
+    assert outputs.tolist() == [[False, False, True, True, False, False], [False, False, False, True, True, False]]
+    padding = torch.tensor([[False] * 5 + [True], [True] + [False] * 5])  # row 0 ends, row 1 starts, with a pad
+    routed = routing(outputs, padding, True, labels.shape)
+    assert (routed.sampled, routed.sparse, routed.dense, routed.skipped) == (6, 6, 4, 2)
+    assert routed.order[: routed.sampled].tolist() == [0, 1, 4, 7, 8, 11]  # context: no pad, no output
+    assert routed.order[routed.sparse + routed.dense :].tolist() == [5, 6]  # the pads, last
+    assert routed.rows.tolist() == [0, 0, 0, 1, 1, 1]
+    computed = routing(outputs, padding, False, labels.shape)  # pads run sparse, but are never sampled
+    assert (computed.sampled, computed.sparse, computed.skipped) == (6, 8, 0)
+    assert computed.order[6:8].tolist() == [5, 6]
+
+
+def test_a_classifier_reads_its_first_token_or_a_decoders_last_real_one():
+    ids = torch.tensor([[5, 6, 7, 0, 0], [0, 0, 5, 6, 7], [5, 6, 7, 8, 9]])  # right-, left-, un-padded; pad 0
+    labels = torch.tensor([1, 0, 1])
+    assert output_positions(labels, ids, "first", 0).nonzero().tolist() == [[0, 0], [1, 0], [2, 0]]
+    assert output_positions(labels, ids, "last", 0).nonzero().tolist() == [[0, 2], [1, 4], [2, 4]]
+    assert output_positions(None, ids, "last", 0) is None
 
 
 def test_layer_schedule_and_its_errors():
     hparams = {"layer_sparsity": "auto", "dense_first_layers": 1, "ffn_sparsity": 0.9}
     assert layer_schedule(6, hparams) == [0.0, 0.9, 0.9, 0.9, 0.9, 0.0]
     assert layer_schedule(3, {**hparams, "layer_sparsity": "0,0.5,0"}) == [0.0, 0.5, 0.0]
+    deep_half = layer_schedule(30, {**hparams, "layer_sparsity": "deep-half"})  # the paper's: 0-14 dense
+    assert deep_half == [0.0] * 15 + [0.9] * 14 + [0.0]
+    paper = get_method("sparselora-paper").resolve_hparams()
+    assert (paper["layer_sparsity"], paper["ffn_sparsity"], paper["dropout"]) == ("deep-half", 0.9, 0.0)
     with pytest.raises(HParamError, match="needs 3 numbers"):
         layer_schedule(3, {**hparams, "layer_sparsity": "0.5,0.5"})
     with pytest.raises(HParamError, match="nothing would be sparse"):
@@ -207,8 +305,8 @@ def test_a_sparselora_run_reports_flops_and_recall_and_saves_a_lora_adapter(tmp_
     assert telemetry["estimator_recall"] > 0.5, telemetry  # better than keeping half the channels at random
     (run,) = store.runs()
     logged = [r for r in run.metrics() if r["kind"] == "train"]
-    assert logged[0]["flops_ratio_vs_lora"] == pytest.approx(1.0)  # dense warm-up step
-    assert logged[-1]["flops_ratio_vs_lora"] < 1.0
+    # the dense warm-up step saves only the exact skips (padding, the last layer's context)
+    assert logged[-1]["flops_ratio_vs_lora"] < logged[0]["flops_ratio_vs_lora"] < 1.0
     assert json.loads((run.adapter_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
     (generated,) = inference.generate(inference.load_run(run), ["To be"], max_new_tokens=3)
     assert generated["text"].strip(), generated
@@ -270,3 +368,37 @@ def test_a_trained_sparselora_model_is_freed_without_the_cyclic_garbage_collecto
         assert patched() is None and controller() is None
     finally:
         gc.enable()
+
+
+def test_a_decoder_sentiment_run_under_the_paper_preset_is_served_and_reloads_to_its_scores(
+    tmp_path, tiny_models, review_csv
+):
+    """A Llama classifier trained with SparseLoRA's paper preset: the Playground answers with
+    what the run's own adapter, loaded alone, answers, and its test accuracy reproduces."""
+    from training.core import data, evaluation
+    from training.serving.playground import classify_side_by_side
+    from training.serving.pool import AdapterPool
+
+    store = RunStore(tmp_path)
+    config = tiny_sentiment_config(
+        tiny_models,
+        review_csv,
+        method="sparselora-paper",
+        model=tiny_models["llama"],
+        max_steps=6,
+        hparams={"layer_sparsity": "0.9,0", "dense_warmup": 0.2, "learning_rate": 5e-3},  # 2 layers: no deep half
+    )
+    summary = train(config, store)
+    assert summary["status"] == "completed" and summary["sparsity"]["flops_ratio_vs_lora"] < 1.0
+    (run,) = store.runs()
+    review = "A gripping, beautifully acted film."
+    (served,) = classify_side_by_side(AdapterPool(), store, [run.id], review, include_base=False)
+    alone = inference.load_run(run)
+    expected = inference.class_probabilities(alone.model, alone.tokenizer, [review], alone.precision)[0]
+    assert torch.allclose(torch.tensor(list(served["probabilities"].values())), expected, atol=1e-5)
+    splits = data.load_splits(str(review_csv), "sentiment", offline=True)
+    test = data.tokenize(splits.test, alone.tokenizer, "sentiment", 48)
+    again = evaluation.evaluate(
+        alone.model, test, data.collator(alone.tokenizer, "sentiment"), "sentiment", alone.precision
+    )
+    assert again["accuracy"] == summary["metrics"]["test"]["accuracy"]

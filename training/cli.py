@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from lora_methods import TASKS
+from lora_methods.sparselora.estimator import SCORINGS
 from training.core.compute import PRECISIONS
 from training.core.config import ConfigError, add_train_flags, config_from_flags
 from training.core.runs import RunStore
@@ -111,6 +112,12 @@ def _add_probe(commands: Any) -> None:
     prober.add_argument("--batch-size", type=int)
     prober.add_argument("--seq-len", type=int)
     prober.add_argument("--estimator-rank", type=int, help="default: SparseLoRA's")
+    prober.add_argument(
+        "--estimator",
+        choices=SCORINGS,
+        default="tokens",
+        help="score a sample of context tokens (SparseLoRA's default) or each sequence's mean (the reference code's)",
+    )
     prober.add_argument("--offline", action="store_true")
 
 
@@ -258,6 +265,7 @@ def _probe(args: argparse.Namespace) -> None:
         args.model,
         args.dataset,
         args.estimator_rank,
+        scoring=args.estimator,
         offline=args.offline,
     ):
         print(json.dumps(record), flush=True)

@@ -27,7 +27,8 @@ METHOD_NOTES = """
 | QLoRA | LoRA's factors | the frozen `W` is stored in 4-bit NF4: 0.41-0.64x its bf16 weight memory |
 | DoRA | LoRA's factors, a length per column | `W + B A` rescaled per column to a trained length `m` |
 | HiRA | `B A` | `W + W * (B A)` element-wise: a high-rank update for LoRA's parameter count |
-| SparseLoRA | LoRA's factors, dense | the frozen FFN runs only on channels an SVD estimator picks per batch |
+| SparseLoRA | LoRA's factors, dense | the frozen FFN runs only on channels an SVD estimator picks per batch, for context tokens; padding skips it |
+| ...paper schedule | as above | the first half of the layers dense, the deep half at 0.9, no dropout: the setting the paper designed it for |
 | ...on 4-bit | as above | SparseLoRA or HiRA over an NF4 base: the seed's "do they combine?" |
 """
 
@@ -52,26 +53,26 @@ def update_spectrum_figure(rank: int = 8) -> go.Figure:
 
 
 def sparsity_schedule_figure() -> go.Figure:
-    """SparseLoRA's default per-layer FFN sparsity for context tokens on the two bundled models."""
-    defaults = get_method("sparselora").resolve_hparams()
+    """SparseLoRA's per-layer FFN sparsity for context tokens: the default on the two bundled
+    models, and the paper's schedule (sparselora-paper) on SmolLM2."""
     figure = go.Figure(
         layout={
             **LAYOUT,
             "height": 300,
-            "title": "SparseLoRA's default layer schedule: the first layer dense, "
-            "the last layer's FFN for output tokens only",
+            "title": "SparseLoRA's layer schedules (last layer: output tokens only)",
             "xaxis_title": "layer",
-            "yaxis_title": "context tokens' FFN channels skipped",
+            "yaxis_title": "context FFN channels skipped",
             "barmode": "group",
         }
     )
-    # SparseLoRA's own colour and its dark shade: the bars are SparseLoRA's, on two models.
-    for name, layers, colour in (
-        ("MiniLM (6 layers)", 6, "sparselora"),
-        ("SmolLM2-135M (30 layers)", 30, "sparselora-s90"),
+    for name, layers, method, colour in (
+        ("default, MiniLM (6 layers)", 6, "sparselora", "sparselora"),
+        ("default, SmolLM2-135M (30 layers)", 30, "sparselora", "sparselora-s90"),
+        ("paper, SmolLM2-135M", 30, "sparselora-paper", "sparselora-paper"),
     ):
-        schedule = layer_schedule(layers, defaults)
-        if defaults["last_layer"] == "outputs":
+        hparams = get_method(method).resolve_hparams()
+        schedule = layer_schedule(layers, hparams)
+        if hparams["last_layer"] == "outputs":
             schedule[-1] = 1.0
         figure.add_bar(x=list(range(layers)), y=schedule, name=name, marker_color=method_colour(colour))
     return figure

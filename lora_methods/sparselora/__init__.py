@@ -24,6 +24,7 @@ import torch
 from .. import lora
 from ..base import FineTuningMethod, HParam, Task, cache_dir
 from .controller import SparsityController
+from .estimator import SCORINGS
 from .install import SparsitySettings, install
 from .layouts import attention_layout, ffn_layout, layer_blocks
 from .schedule import SparsitySchedule, layer_schedule
@@ -44,6 +45,8 @@ def settings(model: torch.nn.Module, hparams: Mapping[str, Any]) -> SparsitySett
         sample_tokens=hparams["estimator_tokens"],
         dense_outputs=hparams["output_tokens"] == "dense",
         outputs_only_last=hparams["last_layer"] == "outputs",
+        skip_padding=hparams["pad_tokens"] == "skip",
+        scoring=hparams["estimator"],
         cache_dir=cache_dir(),
     )
 
@@ -102,6 +105,14 @@ METHOD = FineTuningMethod(
             maximum=4096,
         ),
         HParam(
+            "estimator",
+            str,
+            "tokens",
+            "what the estimator scores: an even sample of context tokens, or each sequence's mean "
+            "context token (the reference code's)",
+            choices=SCORINGS,
+        ),
+        HParam(
             "estimator_tokens",
             int,
             128,
@@ -117,7 +128,13 @@ METHOD = FineTuningMethod(
             minimum=0,
             maximum=1000,
         ),
-        HParam("layer_sparsity", str, "auto", "'auto', or one FFN sparsity per layer, comma-separated"),
+        HParam(
+            "layer_sparsity",
+            str,
+            "auto",
+            "'auto' (dense_first_layers dense), 'deep-half' (the first half dense), or one FFN sparsity "
+            "per layer, comma-separated",
+        ),
         HParam(
             "dense_warmup",
             float,
@@ -131,7 +148,8 @@ METHOD = FineTuningMethod(
             "output_tokens",
             str,
             "dense",
-            "output tokens (generation: labelled tokens; classification: [CLS]) dense or sparse",
+            "output tokens (generation: the labelled tokens' predictions; classification: the token the "
+            "classifier reads) dense or sparse",
             choices=("dense", "sparse"),
         ),
         HParam(
@@ -141,6 +159,13 @@ METHOD = FineTuningMethod(
             "the last layer's FFN for the output tokens only (exact: no loss reads the context's; "
             "needs dense output tokens) or for all tokens",
             choices=("outputs", "all"),
+        ),
+        HParam(
+            "pad_tokens",
+            str,
+            "skip",
+            "padding skips every FFN (exact: nothing reads a pad position) or runs the sliced FFN",
+            choices=("skip", "compute"),
         ),
     ),
     apply=apply,

@@ -15,10 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from .layouts import FFNLayout, resolve
-from .slicing import base_weight
+from .slicing import base_weight, frozen_layer
 
 # (A, B, bias) of one projection: x A B + bias predicts x W^T + bias (B is None at full rank).
 Factors = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+# (model width, FFN channels, projections) of one FFN: what skipping it for a token saves.
+FFNShape = tuple[int, int, int]
+ALL_CHANNELS = torch.empty(0, dtype=torch.long)  # a channel set meaning "every channel" (see sliced_projection)
+# How the estimator scores channels: its predicted activation per sampled context token (ours), or
+# per sequence from the mean of that sequence's context (the reference code's).
+SCORINGS = ("tokens", "sequence-mean")
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -35,13 +41,19 @@ def estimator_factors(modules: list[torch.nn.Module], rank: int) -> list[Factors
     return [(*svd_factors(base_weight(m)[0], rank), base_weight(m)[1]) for m in modules]
 
 
-def _estimate(context: torch.Tensor, sample_tokens: int, estimators: list[Factors]) -> list[torch.Tensor]:
-    """Each estimator's predicted projection, x A B + bias, of an evenly spaced sample of at most
-    `sample_tokens` context tokens."""
-    tokens = context.reshape(-1, context.shape[-1])
-    if tokens.shape[0] > sample_tokens:
+def _estimate(
+    context: torch.Tensor, sample_tokens: int, rows: torch.Tensor, scoring: str, estimators: list[Factors]
+) -> list[torch.Tensor]:
+    """Each estimator's predicted projection, x A B + bias, of what `scoring` scores: an evenly
+    spaced sample of at most `sample_tokens` context tokens, or each row's mean context token
+    (`rows`: the row of each context token)."""
+    tokens = context.reshape(-1, context.shape[-1]).float()
+    if scoring == "sequence-mean":
+        counts = torch.bincount(rows, minlength=1)
+        sums = tokens.new_zeros(counts.shape[0], tokens.shape[-1]).index_add_(0, rows, tokens)
+        tokens = sums[counts > 0] / counts[counts > 0, None]
+    elif tokens.shape[0] > sample_tokens:
         tokens = tokens[:: math.ceil(tokens.shape[0] / sample_tokens)]
-    tokens = tokens.float()
     return [
         (tokens @ a if b is None else (tokens @ a) @ b) + (0 if bias is None else bias) for a, b, bias in estimators
     ]
@@ -57,7 +69,16 @@ class SparseLayer:
     output: torch.nn.Module
     activation: Callable[[torch.Tensor], torch.Tensor]
     estimator: list[Factors]  # one per input projection
+    scoring: str = "tokens"  # one of SCORINGS
     keep: torch.Tensor | None = None  # set while a sparse forward runs
+
+    @property
+    def quantized(self) -> bool:
+        return type(frozen_layer(self.inputs[0])).__name__ == "Linear4bit"
+
+    @property
+    def shape(self) -> FFNShape:
+        return self.estimator[0][0].shape[0], self.width, len(self.inputs) + 1
 
     @property
     def width(self) -> int:
@@ -73,15 +94,16 @@ class SparseLayer:
             return self.activation(projections[0]) * projections[1]
         return self.activation(projections[0])
 
-    def choose(self, context: torch.Tensor, sample_tokens: int) -> torch.Tensor:
-        """Top-k channels by the L2 norm, over an evenly spaced sample of the context tokens, of
-        the activation the rank-r estimator predicts for each token.
+    def choose(self, context: torch.Tensor, sample_tokens: int, rows: torch.Tensor) -> torch.Tensor:
+        """Top-k channels by the L2 norm of the activation the rank-r estimator predicts, over an
+        evenly spaced sample of the context tokens (or, `sequence-mean`, over each row's mean).
 
         The paper scores each sample's mean input; on the GELU FFN of MiniLM that statistic found
         only ~29% of the true top channels even with the exact weight, while per-token estimates
         find most of them, so tokens are scored, on a sample that keeps the cost a few percent.
         """
-        scores = self._activation_scores(_estimate(context, sample_tokens, self.estimator)).norm(dim=0)
+        predicted = _estimate(context, sample_tokens, rows, self.scoring, self.estimator)
+        scores = self._activation_scores(predicted).norm(dim=0)
         return scores.topk(self.kept).indices.sort().values
 
     def _activations(self, context: torch.Tensor) -> torch.Tensor:
@@ -116,6 +138,7 @@ class SparseAttention:
     head_dim: int
     heads: int
     kv_heads: int
+    scoring: str = "tokens"  # one of SCORINGS
     columns: torch.Tensor | None = None  # output-projection columns of this forward (set by the value)
 
     @property
@@ -127,9 +150,9 @@ class SparseAttention:
     def kept(self) -> int:
         return max(1, round(self.width * (1.0 - self.sparsity)))
 
-    def choose(self, context: torch.Tensor, sample_tokens: int) -> torch.Tensor:
-        """Top-k value channels by the norm of the predicted value over a sample of context tokens."""
-        (value,) = _estimate(context, sample_tokens, [self.estimator])
+    def choose(self, context: torch.Tensor, sample_tokens: int, rows: torch.Tensor) -> torch.Tensor:
+        """Top-k value channels by the norm of the predicted value, scored as SparseLayer's are."""
+        (value,) = _estimate(context, sample_tokens, rows, self.scoring, [self.estimator])
         return value.norm(dim=0).topk(self.kept).indices.sort().values
 
 

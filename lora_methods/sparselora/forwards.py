@@ -26,37 +26,59 @@ from collections.abc import Callable
 import torch
 
 from .controller import SparsityController
-from .estimator import SparseAttention, SparseLayer
-from .slicing import columns_forward, output_columns, rows_forward
+from .estimator import ALL_CHANNELS, FFNShape, SparseAttention, SparseLayer
+from .slicing import columns_forward, forward_weight, full_forward, output_columns, rows_forward
 
 
-def _split(controller: SparsityController, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(context, outputs): the batch's flattened tokens that run sparse and those that run dense.
+def _split(controller: SparsityController, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sparse, dense): the batch's flattened tokens that run the sliced FFN (context first, so
+    `routing.sampled` of them are the estimator's to sample) and those that run dense (outputs).
 
-    Per row, its context runs sparse and its output positions dense: one gather with indices made
-    once per batch (no boolean masks), so rows keep their own context length, not the batch's
-    shortest. Without routing every token is context."""
-    if controller.order is None:
-        return tokens, None
-    tokens = tokens.index_select(0, controller.order)
-    return tokens[: controller.sparse_count], tokens[controller.sparse_count :]
+    One gather with indices made once per batch (no boolean masks), so rows keep their own context
+    length, not the batch's shortest. Skipped padding is in neither."""
+    routing = controller.routing
+    tokens = tokens.index_select(0, routing.order[: routing.sparse + routing.dense])
+    return tokens[: routing.sparse], tokens[routing.sparse :]
 
 
 def _join(controller: SparsityController, sparse: torch.Tensor, dense: torch.Tensor | None) -> torch.Tensor:
-    """The two blocks back in the batch's token order."""
-    if controller.order is None:
-        return sparse
-    parts = [sparse, dense] if dense is not None and dense.shape[0] else [sparse]
-    return torch.cat(parts).index_select(0, controller.restore)
+    """The two blocks back in the batch's token order, zeros at skipped padding."""
+    parts = torch.cat([sparse, dense]) if dense is not None and dense.shape[0] else sparse
+    positions = controller.routing.order[: parts.shape[0]]
+    return parts.new_zeros(controller.routing.order.numel(), parts.shape[1]).index_copy(0, positions, parts)
+
+
+def _training(controller: SparsityController, module: torch.nn.Module) -> bool:
+    """A training forward that the router has routed (evaluation is never routed: it runs dense)."""
+    return controller.routing is not None and torch.is_grad_enabled() and module.training
 
 
 def _runs_sparse(controller: SparsityController, module: torch.nn.Module) -> bool:
-    return (
-        controller.active
-        and torch.is_grad_enabled()
-        and module.training
-        and not (controller.order is not None and controller.sparse_count == 0)
-    )
+    return controller.active and _training(controller, module) and controller.routing.sparse > 0
+
+
+def _exact_forward(
+    controller: SparsityController,
+    shape: FFNShape,
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    original: Callable,
+    outputs_only: bool,
+) -> torch.Tensor:
+    """The dense FFN for the tokens something reads, zeros for the rest: the output tokens alone
+    (`outputs_only`, the last layer) or every token but skipped padding. Exact: no loss reads what
+    an FFN computes at a pad position, nor what the last layer computes at a context position."""
+    routing = controller.routing
+    first = routing.sparse if outputs_only else 0
+    positions = routing.order[first : routing.sparse + routing.dense]
+    if positions.numel() == routing.order.numel():
+        return original(module, x)
+    flat = x.reshape(-1, x.shape[-1])
+    controller.account_skipped(flat.shape[0] - positions.numel(), shape)
+    if not positions.numel():
+        return torch.zeros_like(x)
+    computed = original(module, flat.index_select(0, positions).unsqueeze(0)).squeeze(0)
+    return flat.new_zeros(flat.shape[0], computed.shape[-1]).index_copy(0, positions, computed).reshape(x.shape)
 
 
 def sparse_container_forward(controller: SparsityController, layer: SparseLayer, original: Callable) -> Callable:
@@ -64,40 +86,39 @@ def sparse_container_forward(controller: SparsityController, layer: SparseLayer,
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # one input: BERT's chunking checks the arity
         controller, layer = controller_ref(), layer_ref()
-        if not _runs_sparse(controller, self):
+        if not _training(controller, self):
             return original(self, x)
-        context, outputs = _split(controller, x.reshape(-1, x.shape[-1]))
-        layer.keep = layer.choose(context.detach(), controller.sample_tokens)
+        if not _runs_sparse(controller, self):  # dense warm-up: padding still skips (exact)
+            return _exact_forward(controller, layer.shape, self, x, original, outputs_only=False)
+        routing = controller.routing
+        sparse, dense = _split(controller, x.reshape(-1, x.shape[-1]))
+        context = sparse[: routing.sampled].detach()
+        layer.keep = layer.choose(context, controller.sample_tokens, routing.rows)
         if len(controller.recalls) < controller.recall_batches * len(controller.layers):
-            oracle = layer.oracle(context.detach())
-            controller.recalls.append(float(torch.isin(layer.keep, oracle).float().mean()))
+            controller.recalls.append(float(torch.isin(layer.keep, layer.oracle(context)).float().mean()))
         try:
-            sparse = original(self, context.unsqueeze(0)).squeeze(0)
+            sparse = original(self, sparse.unsqueeze(0)).squeeze(0)
+            layer.keep = ALL_CHANNELS if layer.quantized else None  # see sliced_projection
+            dense = original(self, dense.unsqueeze(0)).squeeze(0) if dense.shape[0] else None
         finally:
             layer.keep = None
-        controller.account_saving(layer, context.shape[0], min(context.shape[0], controller.sample_tokens))
-        dense = original(self, outputs.unsqueeze(0)).squeeze(0) if outputs is not None and outputs.shape[0] else None
+        controller.account_saving(layer, routing.sparse, min(routing.sampled, controller.sample_tokens))
+        controller.account_skipped(routing.skipped, layer.shape)
         return _join(controller, sparse, dense).reshape(x.shape)
 
     return forward
 
 
-def outputs_only_forward(controller: SparsityController, width: int, projections: int, original: Callable) -> Callable:
-    """The last layer's FFN for the output tokens alone. Nothing reads what the last layer computes
-    at a context position (the classifier reads [CLS]; a causal LM's loss ignores the prompt's
-    predictions), so those positions skip the FFN and zeros stand in: the loss and every gradient
-    are the ones the dense FFN gives."""
-
+def exact_forward(controller: SparsityController, shape: FFNShape, outputs_only: bool, original: Callable) -> Callable:
+    """A dense layer's FFN that skips padding, or the last layer's that runs for the output tokens
+    alone (see _exact_forward)."""
     controller_ref = weakref.ref(controller)  # see patch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         controller = controller_ref()
-        if not _runs_sparse(controller, self) or controller.order is None:
+        if not _training(controller, self):
             return original(self, x)
-        context, outputs = _split(controller, x.reshape(-1, x.shape[-1]))
-        dense = original(self, outputs.unsqueeze(0)).squeeze(0) if outputs.shape[0] else None
-        controller.account_skipped(context.shape[0], x.shape[-1], width, projections)
-        return _join(controller, context.new_zeros(context.shape), dense).reshape(x.shape)
+        return _exact_forward(controller, shape, self, x, original, outputs_only)
 
     return forward
 
@@ -117,14 +138,13 @@ def sparse_value_forward(controller: SparsityController, attention: SparseAttent
         if not _runs_sparse(controller, self):
             return original(self, x, *args, **kwargs)
         context, outputs = _split(controller, x.reshape(-1, x.shape[-1]))
-        keep = attention.choose(context.detach(), controller.sample_tokens)
+        routing = controller.routing
+        keep = attention.choose(context[: routing.sampled].detach(), controller.sample_tokens, routing.rows)
         attention.columns = output_columns(keep, attention.head_dim, attention.heads, attention.kv_heads)
-        kept_values = rows_forward(self, context, keep)
+        kept_values = rows_forward(self, context, keep, *forward_weight(controller.weights, self))
         sparse = kept_values.new_zeros(context.shape[0], attention.width).index_copy(1, keep, kept_values)
-        dense = original(self, outputs, *args, **kwargs) if outputs is not None and outputs.shape[0] else None
-        controller.account_attention_saving(
-            attention, context.shape[0], min(context.shape[0], controller.sample_tokens)
-        )
+        dense = original(self, outputs, *args, **kwargs) if outputs.shape[0] else None
+        controller.account_attention_saving(attention, routing.sparse, min(routing.sampled, controller.sample_tokens))
         return _join(controller, sparse, dense).reshape(*x.shape[:-1], attention.width)
 
     return forward
@@ -139,21 +159,30 @@ def sparse_output_forward(controller: SparsityController, attention: SparseAtten
         if columns is None:
             return original(self, h, *args, **kwargs)
         context, outputs = _split(controller, h.reshape(-1, h.shape[-1]))
-        sparse = columns_forward(self, context.index_select(1, columns), columns)
-        dense = original(self, outputs, *args, **kwargs) if outputs is not None and outputs.shape[0] else None
+        sparse = columns_forward(
+            self, context.index_select(1, columns), columns, *forward_weight(controller.weights, self)
+        )
+        dense = original(self, outputs, *args, **kwargs) if outputs.shape[0] else None
         return _join(controller, sparse, dense).reshape(*h.shape[:-1], sparse.shape[-1])
 
     return forward
 
 
-def sliced_projection(layer: SparseLayer, original: Callable, rows: bool) -> Callable:
-    layer_ref = weakref.ref(layer)  # see patch
+def sliced_projection(controller: SparsityController, layer: SparseLayer, original: Callable, rows: bool) -> Callable:
+    """A projection of a sparse FFN: the original while its layer has no channel set, else the kept
+    rows (input projections) or columns (output projection). On a 4-bit base both token paths read
+    one dequantized weight per forward (ALL_CHANNELS: every channel, from that weight), where
+    bitsandbytes would dequantize again for the dense tokens."""
+    controller_ref, layer_ref = weakref.ref(controller), weakref.ref(layer)  # see patch
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        keep = layer_ref().keep
+        controller, keep = controller_ref(), layer_ref().keep
         if keep is None:
             return original(self, x, *args, **kwargs)
-        return rows_forward(self, x, keep) if rows else columns_forward(self, x, keep)
+        weight, bias = forward_weight(controller.weights, self)
+        if keep is ALL_CHANNELS:
+            return full_forward(self, x, weight, bias)
+        return rows_forward(self, x, keep, weight, bias) if rows else columns_forward(self, x, keep, weight, bias)
 
     return forward
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from .controller import SparsityController, dense_positions, routing
-from .estimator import FactorCache, SparseAttention, SparseLayer
+from .controller import SparsityController, output_positions, routing
+from .estimator import FactorCache, FFNShape, SparseAttention, SparseLayer
 from .forwards import (
-    outputs_only_forward,
+    exact_forward,
     patch,
     sliced_projection,
     sparse_container_forward,
@@ -33,6 +33,8 @@ class SparsitySettings:
     sample_tokens: int  # context tokens the estimator scores per step
     dense_outputs: bool  # output tokens (labelled, or [CLS]) run dense; only the context is sparse
     outputs_only_last: bool  # the last layer's FFN runs for the output tokens only (with dense_outputs)
+    skip_padding: bool  # padding skips every FFN (exact); else it runs the sliced FFN, unsampled
+    scoring: str  # how the estimator scores channels: one of estimator.SCORINGS
     cache_dir: Path  # where the estimator's SVD factors are kept between runs
 
 
@@ -52,17 +54,21 @@ def install(model: torch.nn.Module, settings: SparsitySettings) -> SparsityContr
         [], _linear_flops_per_token(transformers_model), sample_tokens=settings.sample_tokens
     )
     cache = FactorCache(settings.cache_dir, transformers_model, blocks, layout, settings.estimator_rank)
-    ffn = list(settings.ffn)
-    if settings.outputs_only_last and settings.dense_outputs:
-        _skip_context_in_last_ffn(controller, blocks, layout)
-        ffn[-1] = 0.0
-    for index, (block, ratio, attention_ratio) in enumerate(zip(blocks, ffn, settings.attention)):
+    outputs_only_last = settings.outputs_only_last and settings.dense_outputs
+    for index, (block, ratio, attention_ratio) in enumerate(zip(blocks, settings.ffn, settings.attention)):
         if attention_ratio > 0:
-            _sparsify_attention(controller, cache, block, index, attention_ratio, transformers_model.config)
-        if ratio > 0:
-            _sparsify_ffn(controller, cache, block, layout, index, ratio)
+            _sparsify_attention(controller, cache, block, index, attention_ratio, transformers_model.config, settings)
+        if outputs_only_last and index == len(blocks) - 1:
+            _patch_exact_ffn(controller, block, layout, outputs_only=True)
+            controller.outputs_only_layer = index
+        elif ratio > 0:
+            _sparsify_ffn(controller, cache, block, layout, index, ratio, settings.scoring)
+        elif settings.skip_padding:
+            _patch_exact_ffn(controller, block, layout, outputs_only=False)
     cache.save()
-    transformers_model.register_forward_pre_hook(_router(controller, settings.dense_outputs), with_kwargs=True)
+    reads = layout.classifier_reads
+    router = _router(controller, settings.dense_outputs, settings.skip_padding, reads, transformers_model.config)
+    transformers_model.register_forward_pre_hook(router, with_kwargs=True)
     return controller
 
 
@@ -83,13 +89,16 @@ def _patch_ffn_entry(block: torch.nn.Module, layout: FFNLayout, make_forward: Ca
         patch(block, layout.container, make_forward)
 
 
-def _skip_context_in_last_ffn(controller: SparsityController, blocks: list, layout: FFNLayout) -> None:
-    width = base_weight(resolve(blocks[-1], layout.inputs[0]))[0].shape[0]
-    projections = len(layout.inputs) + 1
-    _patch_ffn_entry(
-        blocks[-1], layout, lambda original: outputs_only_forward(controller, width, projections, original)
-    )
-    controller.outputs_only_layer = len(blocks) - 1
+def _ffn_shape(block: torch.nn.Module, layout: FFNLayout) -> FFNShape:
+    width, d = base_weight(resolve(block, layout.inputs[0]))[0].shape
+    return d, width, len(layout.inputs) + 1
+
+
+def _patch_exact_ffn(
+    controller: SparsityController, block: torch.nn.Module, layout: FFNLayout, outputs_only: bool
+) -> None:
+    shape = _ffn_shape(block, layout)
+    _patch_ffn_entry(block, layout, lambda original: exact_forward(controller, shape, outputs_only, original))
 
 
 def _sparsify_attention(
@@ -99,11 +108,12 @@ def _sparsify_attention(
     index: int,
     ratio: float,
     config: PretrainedConfig,
+    settings: SparsitySettings,
 ) -> None:
     value_path, output_path = attention_layout(config.model_type)
     value, output = resolve(block, value_path), resolve(block, output_path)
     estimator = cache.get(("value", index), [value])[0]
-    attention = SparseAttention(index, ratio, value, output, estimator, *attention_heads(config))
+    attention = SparseAttention(index, ratio, value, output, estimator, *attention_heads(config), settings.scoring)
     controller.attention.append(attention)
     patch(value, "forward", lambda original: sparse_value_forward(controller, attention, original))
     patch(output, "forward", lambda original: sparse_output_forward(controller, attention, original))
@@ -116,30 +126,42 @@ def _sparsify_ffn(
     layout: FFNLayout,
     index: int,
     ratio: float,
+    scoring: str,
 ) -> None:
     inputs = [resolve(block, path) for path in layout.inputs]
     output, activation = resolve(block, layout.output), resolve(block, layout.activation)
-    layer = SparseLayer(index, ratio, inputs, output, activation, cache.get(index, inputs))
+    layer = SparseLayer(index, ratio, inputs, output, activation, cache.get(index, inputs), scoring)
     controller.layers.append(layer)
     for module in layer.inputs:
-        patch(module, "forward", lambda original: sliced_projection(layer, original, rows=True))
-    patch(layer.output, "forward", lambda original: sliced_projection(layer, original, rows=False))
+        patch(module, "forward", lambda original: sliced_projection(controller, layer, original, rows=True))
+    patch(layer.output, "forward", lambda original: sliced_projection(controller, layer, original, rows=False))
     _patch_ffn_entry(block, layout, lambda original: sparse_container_forward(controller, layer, original))
 
 
-def _router(controller: SparsityController, dense_outputs: bool) -> Callable[[torch.nn.Module, tuple, dict], None]:
-    """The hook that, before each training forward, splits the batch's tokens into the sparse
-    context and the dense outputs, and counts the step's dense FLOPs."""
+def _router(
+    controller: SparsityController,
+    dense_outputs: bool,
+    skip_padding: bool,
+    classifier_reads: str,
+    config: PretrainedConfig,
+) -> Callable[[torch.nn.Module, tuple, dict], None]:
+    """The hook that, before each training forward, sorts the batch's tokens into context,
+    outputs and padding, and counts the step's dense FLOPs."""
 
     def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        controller.weights.clear()
         if not (module.training and torch.is_grad_enabled()):
+            controller.routing = None
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        dense = dense_positions(kwargs.get("labels"), input_ids.shape) if dense_outputs else None
-        if dense is None:
-            controller.order = controller.restore = None
-        else:
-            controller.order, controller.restore, controller.sparse_count = routing(dense)
+        attention_mask = kwargs.get("attention_mask")
+        outputs = (
+            output_positions(kwargs.get("labels"), input_ids, classifier_reads, config.pad_token_id)
+            if dense_outputs
+            else None
+        )
+        padding = None if attention_mask is None else attention_mask == 0
+        controller.routing = routing(outputs, padding, skip_padding, input_ids.shape)
         controller.account_forward(input_ids.numel())
 
     return before_forward

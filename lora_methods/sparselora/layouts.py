@@ -26,18 +26,22 @@ class FFNLayout:
     inputs: tuple[str, ...]  # input projections, relative to the layer (gated: gate first)
     output: str  # output projection, relative to the layer
     activation: str  # the activation applied to the input projection's output
+    classifier_reads: str  # the position a sequence classifier reads: "first" ([CLS]) or "last" (non-pad)
 
 
 FFN_LAYOUTS: dict[str, FFNLayout] = {
-    "llama": FFNLayout("model.layers", "mlp", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "mlp.act_fn"),
-    "gpt2": FFNLayout("transformer.h", "mlp", ("mlp.c_fc",), "mlp.c_proj", "mlp.act"),
-    "distilbert": FFNLayout("distilbert.transformer.layer", "ffn", ("ffn.lin1",), "ffn.lin2", "ffn.activation"),
+    "llama": FFNLayout("model.layers", "mlp", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "mlp.act_fn", "last"),
+    "gpt2": FFNLayout("transformer.h", "mlp", ("mlp.c_fc",), "mlp.c_proj", "mlp.act", "last"),
+    "distilbert": FFNLayout(
+        "distilbert.transformer.layer", "ffn", ("ffn.lin1",), "ffn.lin2", "ffn.activation", "first"
+    ),
     "bert": FFNLayout(
         "bert.encoder.layer",
         "feed_forward_chunk",
         ("intermediate.dense",),
         "output.dense",
         "intermediate.intermediate_act_fn",
+        "first",
     ),
 }
 

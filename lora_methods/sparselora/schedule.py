@@ -14,18 +14,18 @@ from .controller import SparsityController
 
 
 def layer_schedule(layers: int, hparams: Mapping[str, Any]) -> list[float]:
-    """Channel sparsity per layer: none in the first `dense_first_layers` and the last layer (whose
-    FFN `last_layer` may instead run for output tokens only), `ffn_sparsity` in the rest; or the
-    explicit comma-separated `layer_sparsity` list."""
-    if hparams["layer_sparsity"] != "auto":
+    """Channel sparsity per layer: none in the first `dense_first_layers` (`deep-half`: the first
+    half, the paper's schedule) and the last layer (whose FFN `last_layer` may instead run for
+    output tokens only), `ffn_sparsity` in the rest; or the explicit comma-separated list."""
+    if hparams["layer_sparsity"] not in ("auto", "deep-half"):
         try:
             ratios = [float(part) for part in hparams["layer_sparsity"].split(",")]
         except ValueError:
-            raise HParamError("layer_sparsity must be 'auto' or comma-separated numbers") from None
+            raise HParamError("layer_sparsity must be 'auto', 'deep-half' or comma-separated numbers") from None
         if len(ratios) != layers or not all(0 <= r < 1 for r in ratios):
             raise HParamError(f"layer_sparsity needs {layers} numbers in [0, 1), one per layer (got {len(ratios)})")
         return ratios
-    first = hparams["dense_first_layers"]
+    first = layers // 2 if hparams["layer_sparsity"] == "deep-half" else hparams["dense_first_layers"]
     if first >= layers - 1:
         raise HParamError(
             f"dense_first_layers must be below {layers - 1} for this {layers}-layer model "

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 def base_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The frozen weight as (out_features, in_features) and its bias, whatever wraps or stores it."""
-    while hasattr(module, "base_layer"):  # PEFT adapter layers
-        module = module.base_layer
+    module = frozen_layer(module)
     weight = module.weight
     if type(module).__name__ == "Linear4bit":
         import bitsandbytes.functional as bnb_functional
@@ -32,22 +31,59 @@ def _lora_parts(module: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.Te
     ]
 
 
-def rows_forward(module: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def frozen_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain (or 4-bit) layer under any PEFT adapter wrapping."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def forward_weight(
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor | None]], module: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """base_weight for a training forward: a 4-bit weight is dequantized once per forward, in the
+    dtype its layer computes in, and kept in `weights` (which the router empties before each
+    forward) for every other slice of it; a stored weight is returned as it is."""
+    layer = frozen_layer(module)
+    if type(layer).__name__ != "Linear4bit":
+        return base_weight(module)
+    if id(layer) not in weights:
+        weight, bias = base_weight(layer)
+        dtype = layer.compute_dtype or weight.dtype
+        weights[id(layer)] = (weight.to(dtype), None if bias is None else bias.to(dtype))
+    return weights[id(layer)]
+
+
+def _with_lora(module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, rows=None, columns=None) -> torch.Tensor:
+    """`out` plus the layer's LoRA update (dense in its rank), sliced to the kept output `rows` or
+    read from the kept input `columns`."""
+    for dropout, lora_a, lora_b, scaling in _lora_parts(module):
+        a = lora_a if columns is None else lora_a.index_select(1, columns)
+        b = lora_b if rows is None else lora_b.index_select(0, rows)
+        out = out + F.linear(F.linear(dropout(x), a), b) * scaling
+    return out
+
+
+def full_forward(
+    module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The layer's whole output from a given (dequantized) weight: x W^T + b (+ LoRA)."""
+    return _with_lora(module, x, F.linear(x, weight, bias))
+
+
+def rows_forward(
+    module: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """The layer's output on the kept output channels only: x W[keep]^T + b[keep] (+ LoRA, dense)."""
-    weight, bias = base_weight(module)
     out = F.linear(x, weight.index_select(0, keep), None if bias is None else bias.index_select(0, keep))
-    for dropout, lora_a, lora_b, scaling in _lora_parts(module):
-        out = out + F.linear(F.linear(dropout(x), lora_a), lora_b.index_select(0, keep)) * scaling
-    return out
+    return _with_lora(module, x, out, rows=keep)
 
 
-def columns_forward(module: torch.nn.Module, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def columns_forward(
+    module: torch.nn.Module, h: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """The layer's output from the kept input channels only: h W[:, keep]^T + b (+ LoRA, dense)."""
-    weight, bias = base_weight(module)
-    out = F.linear(h, weight.index_select(1, keep), bias)
-    for dropout, lora_a, lora_b, scaling in _lora_parts(module):
-        out = out + F.linear(F.linear(dropout(h), lora_a.index_select(1, keep)), lora_b) * scaling
-    return out
+    return _with_lora(module, h, F.linear(h, weight.index_select(1, keep), bias), columns=keep)
 
 
 def output_columns(value_channels: torch.Tensor, head_dim: int, heads: int, kv_heads: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ METHOD_COLOURS = {
     "hira": "#ff7f0e",
     "hira-4bit": "#d62728",
     "sparselora": "#2ca02c",
+    "sparselora-paper": "#00a36c",
     "sparselora-4bit": "#9467bd",
 }
 # The results suite's variants (training/suite.py): darker for a larger or deeper setting,
@@ -27,6 +28,11 @@ VARIANT_COLOURS = {
     "sparselora-all-layers": "#0d3d0d",
     "sparselora-last-all": "#bcbd22",
     "sparselora-attn50": "#7f9f3f",
+    "sparselora-pads-computed": "#8fbc8f",
+    "sparselora-paper-last-all": "#66c2a4",
+    "sparselora-paper-reference": "#005a3c",
+    "sparselora-paper-4bit": "#6a3d9a",
+    "lora-nodrop": "#6baed6",
 }
 OTHER = "#7f7f7f"  # a name that is no method (a typo'd label, a future method)
 

@@ -50,6 +50,13 @@ CATALOG: tuple[CatalogEntry, ...] = (
         True,
         "sentence-transformers/all-MiniLM-L6-v2",
     ),
+    CatalogEntry(
+        BUNDLED_SMOLLM2,
+        "sentiment",
+        "SmolLM2-135M-Instruct as a classifier reading each review's last token, Llama architecture (bundled)",
+        True,
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
     CatalogEntry("HuggingFaceTB/SmolLM2-135M", "generation", "SmolLM2-135M base, Llama architecture (Hub)", False),
     CatalogEntry("distilbert/distilgpt2", "generation", "DistilGPT-2, 82M parameters, Conv1D layers (Hub)", False),
     CatalogEntry(

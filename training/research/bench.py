@@ -219,6 +219,7 @@ def _speed_record(
         "baseline_logits": baseline.logits if workload.task == "generation" else None,
         "speedup_vs_baseline": statistics.median(baseline.times) / median,
         "flops_ratio_vs_lora": telemetry.get("flops_ratio_vs_lora"),
+        "exact_skip_share": telemetry.get("exact_skip_share"),
         "estimator_recall": telemetry.get("estimator_recall"),
         "memory": contender.memory(batch),
         "process_rss_bytes": psutil.Process().memory_info().rss,

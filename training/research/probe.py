@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from lora_methods import Task, get_method
-from lora_methods.sparselora.controller import dense_positions
+from lora_methods.sparselora.controller import output_positions, routing
 from lora_methods.sparselora.estimator import SparseLayer, estimator_factors
 from lora_methods.sparselora.layouts import ffn_layout, resolve
 from training.core import models
@@ -34,10 +34,11 @@ def probe(
     model: str | None = None,
     dataset: str | None = None,
     estimator_rank: int | None = None,
+    scoring: str = "tokens",
     offline: bool = False,
 ) -> Iterator[dict]:
     """One record per layer and sparsity, averaged over `batches` training batches; the estimator
-    is SparseLoRA's at its default settings unless `estimator_rank` says otherwise."""
+    is SparseLoRA's at its default settings unless `estimator_rank` or `scoring` say otherwise."""
     defaults = get_method("sparselora").resolve_hparams()
     estimator_rank = estimator_rank or defaults["estimator_rank"]
     if not sparsities or not all(0 <= s < 1 for s in sparsities):
@@ -45,7 +46,7 @@ def probe(
     workload = Workload.resolve(task, model, dataset, batch_size, seq_len, offline)
     tokenizer = models.load_tokenizer(workload.model_path)
     network = models.load_model(workload.model_path, task, tokenizer).eval()
-    layers = _layer_variants(network, sparsities, estimator_rank)
+    layers = _layer_variants(network, sparsities, estimator_rank, scoring)
     figures, tokens_seen = _measure(network, layers, workload.batches(tokenizer, batches), defaults["estimator_tokens"])
     for (index, ratio), values in sorted(figures.items()):
         oracle_error, estimator_error, recall = (statistics.fmean(column) for column in zip(*values))
@@ -59,13 +60,14 @@ def probe(
             "estimator_error": estimator_error,
             "estimator_recall": recall,
             "estimator_rank": estimator_rank,
+            "estimator": scoring,
             "batches": len(values),
             "context_tokens": tokens_seen,
         }
 
 
 def _layer_variants(
-    network: torch.nn.Module, sparsities: tuple[float, ...], estimator_rank: int
+    network: torch.nn.Module, sparsities: tuple[float, ...], estimator_rank: int, scoring: str
 ) -> list[list[SparseLayer]]:
     """Per transformer layer, its FFN as SparseLoRA sees it, once per sparsity (one estimator)."""
     layout = ffn_layout(network.config.model_type)
@@ -74,7 +76,9 @@ def _layer_variants(
         inputs = [resolve(block, name) for name in layout.inputs]
         output, activation = resolve(block, layout.output), resolve(block, layout.activation)
         estimator = estimator_factors(inputs, estimator_rank)
-        layers.append([SparseLayer(index, ratio, inputs, output, activation, estimator) for ratio in sparsities])
+        layers.append(
+            [SparseLayer(index, ratio, inputs, output, activation, estimator, scoring) for ratio in sparsities]
+        )
     return layers
 
 
@@ -95,14 +99,16 @@ def _measure(
     for batch in batches:
         with torch.no_grad():
             network(**batch)
-        # SparseLoRA's context: real tokens that produce no output (padding and outputs run otherwise).
-        context = batch["attention_mask"].bool()
-        context &= ~dense_positions(batch["labels"], batch["input_ids"].shape)
-        tokens_seen += int(context.sum())
+        # SparseLoRA's context, as its router sorts it: real tokens that produce no output.
+        reads = ffn_layout(network.config.model_type).classifier_reads
+        outputs = output_positions(batch["labels"], batch["input_ids"], reads, network.config.pad_token_id)
+        routed = routing(outputs, batch["attention_mask"] == 0, True, batch["input_ids"].shape)
+        context = routed.order[: routed.sampled]
+        tokens_seen += routed.sampled
         for index, variants in enumerate(layers):
-            tokens = ffn_inputs[index][context]
+            tokens = ffn_inputs[index].reshape(-1, ffn_inputs[index].shape[-1]).index_select(0, context)
             for layer in variants:
-                chosen, oracle = layer.choose(tokens, sample_tokens), layer.oracle(tokens)
+                chosen, oracle = layer.choose(tokens, sample_tokens, routed.rows), layer.oracle(tokens)
                 figures.setdefault((index, layer.sparsity), []).append(
                     (
                         layer.output_error(tokens, oracle),
