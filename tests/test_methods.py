@@ -173,7 +173,7 @@ def test_a_method_names_its_optimizer_callbacks_and_telemetry(tiny_models):
     hparams = sparselora.resolve_hparams({"dense_first_layers": 0})
     sparse = sparselora.apply(_load(tiny_models["bert"], "sentiment")[0], "sentiment", hparams)
     (schedule,) = sparselora.callbacks(sparse, hparams)
-    assert set(sparselora.telemetry(sparse)) == {"flops_ratio_vs_lora", "estimator_recall"}
+    assert set(sparselora.telemetry(sparse)) == {"flops_ratio_vs_lora", "exact_skip_share", "estimator_recall"}
     assert set(sparselora.telemetry(sparse)) <= set(schedule.summary()["sparsity"])  # the names training logs
 
 

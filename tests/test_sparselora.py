@@ -386,6 +386,7 @@ def test_a_decoder_sentiment_run_under_the_paper_preset_is_served_and_reloads_to
         method="sparselora-paper",
         model=tiny_models["llama"],
         max_steps=6,
+        eval_samples=None,  # the whole test split, as re-evaluated below
         hparams={"layer_sparsity": "0.9,0", "dense_warmup": 0.2, "learning_rate": 5e-3},  # 2 layers: no deep half
     )
     summary = train(config, store)

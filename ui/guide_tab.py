@@ -27,8 +27,8 @@ METHOD_NOTES = """
 | QLoRA | LoRA's factors | the frozen `W` is stored in 4-bit NF4: 0.41-0.64x its bf16 weight memory |
 | DoRA | LoRA's factors, a length per column | `W + B A` rescaled per column to a trained length `m` |
 | HiRA | `B A` | `W + W * (B A)` element-wise: a high-rank update for LoRA's parameter count |
-| SparseLoRA | LoRA's factors, dense | the frozen FFN runs only on channels an SVD estimator picks per batch, for context tokens; padding skips it |
-| ...paper schedule | as above | the first half of the layers dense, the deep half at 0.9, no dropout: the setting the paper designed it for |
+| SparseLoRA | LoRA's factors, dense | context tokens run the frozen FFN on channels an estimator picks per batch |
+| ...paper schedule | as above | the first half of the layers dense, the deep half at 0.9, no dropout |
 | ...on 4-bit | as above | SparseLoRA or HiRA over an NF4 base: the seed's "do they combine?" |
 """
 

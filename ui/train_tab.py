@@ -105,12 +105,15 @@ def _dataset_overview(dataset: str, task: str, offline: bool) -> tuple[str, pd.D
 
 
 def _stale(task: str, model: str | None, dataset: str | None) -> bool:
-    """An event that read the form while a task switch was being applied: the other task's
-    catalog model or dataset next to this task. Its handler leaves the page alone."""
-    other = [t for t in TASKS if t != task]
-    return any(entry.id == model for entry in models.CATALOG if entry.task in other) or any(
-        entry.id == dataset for entry in data.CATALOG if entry.task in other
-    )
+    """An event that read the form while a task switch was being applied: a catalog model or
+    dataset of the other task only (SmolLM2 serves both) next to this task. Its handler leaves the
+    page alone."""
+
+    def other_tasks_only(entries: tuple, value: str | None) -> bool:
+        tasks = {entry.task for entry in entries if entry.id == value}
+        return bool(tasks) and task not in tasks
+
+    return other_tasks_only(models.CATALOG, model) or other_tasks_only(data.CATALOG, dataset)
 
 
 def _whole(value: Any) -> Any:
