@@ -57,7 +57,9 @@ def install(model: torch.nn.Module, settings: SparsitySettings) -> SparsityContr
     outputs_only_last = settings.outputs_only_last and settings.dense_outputs
     for index, (block, ratio, attention_ratio) in enumerate(zip(blocks, settings.ffn, settings.attention)):
         if attention_ratio > 0:
-            _sparsify_attention(controller, cache, block, index, attention_ratio, transformers_model.config, settings)
+            _sparsify_attention(
+                controller, cache, block, index, attention_ratio, transformers_model.config, settings.scoring
+            )
         if outputs_only_last and index == len(blocks) - 1:
             _patch_exact_ffn(controller, block, layout, outputs_only=True)
             controller.outputs_only_layer = index
@@ -108,12 +110,12 @@ def _sparsify_attention(
     index: int,
     ratio: float,
     config: PretrainedConfig,
-    settings: SparsitySettings,
+    scoring: str,
 ) -> None:
     value_path, output_path = attention_layout(config.model_type)
     value, output = resolve(block, value_path), resolve(block, output_path)
     estimator = cache.get(("value", index), [value])[0]
-    attention = SparseAttention(index, ratio, value, output, estimator, *attention_heads(config), settings.scoring)
+    attention = SparseAttention(index, ratio, value, output, estimator, *attention_heads(config), scoring)
     controller.attention.append(attention)
     patch(value, "forward", lambda original: sparse_value_forward(controller, attention, original))
     patch(output, "forward", lambda original: sparse_output_forward(controller, attention, original))
