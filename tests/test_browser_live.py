@@ -46,9 +46,13 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"live-{name}.png"), full_page=True)
 
 
-def start_run(page, method_card: str, steps: int, eval_steps: int, examples: int) -> str:
+def start_run(page, method_card: str, steps: int, eval_steps: int, examples: int, precision: str | None = None) -> str:
     """Default hyperparameters, a short budget; evaluations large enough to be seen (a few seconds each)."""
     page.get_by_text(method_card).click()
+    if precision:
+        page.locator("#precision input").click()
+        page.locator("#precision input").fill(precision)
+        page.locator("#precision input").press("Enter")
     page.locator("#max-steps input").fill(str(steps))
     page.locator("#eval-steps textarea").fill(str(eval_steps))
     page.locator("#eval-samples textarea").fill(str(examples))
@@ -107,7 +111,9 @@ def test_phases_memory_stop_picker_and_privacy_in_the_browser(app_url):
         page.get_by_text("Budget, precision, seed and evaluation").click()
 
         # LoRA to the end: the status goes through the base evaluation, training and the final one.
-        lora = start_run(page, "LoRA: Freezes the model", steps=30, eval_steps=15, examples=1000)
+        # In fp32 with two evaluations during training: a bf16 evaluation of the validation split
+        # can end within one 2 s refresh, and the status would rightly never show it.
+        lora = start_run(page, "LoRA: Freezes the model", steps=30, eval_steps=10, examples=1000, precision="fp32")
         seen = watch_status(page, "Completed", timeout=300)
         order = list(dict.fromkeys(phase for phase in map(phase_of, seen) if phase))
         assert order[:3] == ["base evaluation", "training", "evaluation"], seen

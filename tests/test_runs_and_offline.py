@@ -54,6 +54,7 @@ def hub_probe():
 def test_the_hub_probe_gives_up_quickly(monkeypatch, hub_probe):
     def hang(*args, **kwargs):
         time.sleep(30)
+        raise TimeoutError("timed out")  # as a real connection would, so the probe's thread ends cleanly
 
     monkeypatch.setattr(offline.socket, "create_connection", hang)
     monkeypatch.setattr(offline, "PROBE_TIMEOUT_S", 0.5)
