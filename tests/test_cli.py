@@ -194,7 +194,8 @@ def test_a_field_declared_once_reaches_every_surface_it_names(field, capsys):
         assert field.kind in (parameter.annotation, *typing.get_args(parameter.annotation))
     generated = field in train_tab.FORM_SETTINGS
     own_widget = field.name in train_tab.OWN_WIDGETS
-    assert generated == ("form" in shown and not own_widget and (field.kind is int or bool(field.setting.choices)))
+    on_form = field.setting.on_form()  # "form" in shown, and the machine can use it (processes: 2+ GPUs or cores)
+    assert generated == (on_form and not own_widget and (field.kind is int or bool(field.setting.choices)))
 
 
 def test_start_run_keeps_its_documented_parameters_in_order():
@@ -216,6 +217,7 @@ def test_start_run_keeps_its_documented_parameters_in_order():
         "eval_subsample",
         "checkpoint_steps",
         "precision",
+        "processes",
         "owner_token",
     ]
     assert api.START_RUN.parameters["seed"].default == 0 and api.START_RUN.parameters["task"].annotation is str

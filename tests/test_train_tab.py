@@ -100,7 +100,9 @@ def form(**changes) -> list:
     values |= changes
     hparams = {name: None for name in train_tab.HPARAMS} | {"rank": 8.0}
     choices = [values[name] for name in ("task", "model", "dataset", "upload", "method")]
-    return [*choices, *(values[field.name] for field in train_tab.FORM_SETTINGS), *hparams.values()]
+    # a field this machine adds (processes, on 2+ GPUs or core pairs) keeps its default
+    settings = (values.get(field.name, field.default) for field in train_tab.FORM_SETTINGS)
+    return [*choices, *settings, *hparams.values()]
 
 
 @pytest.mark.parametrize(

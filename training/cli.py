@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
 from lora_methods import TASKS
 from lora_methods.sparselora.estimator import SCORINGS
+from training.core import distributed
 from training.core.compute import PRECISIONS
 from training.core.config import ConfigError, add_train_flags, config_from_flags
+from training.core.environment import die_with_parent
 from training.core.runs import RunStore
 from training.engine import resume, train
 from training.jobs.errors import USER_ERRORS
@@ -40,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(commands)
     _add_probe(commands)
     resumer = commands.add_parser("resume", help="continue a stopped, interrupted or failed run from its checkpoint")
-    resumer.add_argument("--run", required=True, help="run id")
+    # --run-id under torchrun: its parser reads a bare --run as an ambiguous abbreviation of its --run-path.
+    resumer.add_argument("--run-id", "--run", dest="run", required=True, help="run id")
     commands.add_parser("list", help="list the runs in the store")
     _add_use(commands)
     return parser
@@ -148,9 +153,26 @@ def _add_use(commands: Any) -> None:
     generate.add_argument("--seed", type=int, default=0)
 
 
-def _train(args: argparse.Namespace, store: RunStore) -> dict:
+def _train(args: argparse.Namespace, store: RunStore, argv: list[str]) -> dict:
     config = config_from_flags(args)
+    if config.processes > 1 and not distributed.launched():
+        config.resolved()  # a bad request is refused here, not once per process
+        _relaunch(config.processes, argv)
     return train(config, store, should_stop=_stop_on_ctrl_c(), run_id=args.run_id, started_at=_process_start())
+
+
+def _resume(args: argparse.Namespace, store: RunStore, argv: list[str]) -> dict:
+    processes = store.get(args.run).config.get("processes", 1)  # each process has its shard of the checkpoint
+    if processes > 1 and not distributed.launched():
+        _relaunch(processes, ["--runs-dir", str(store.root), "resume", "--run-id", args.run])
+    return resume(args.run, store, should_stop=_stop_on_ctrl_c(), started_at=_process_start())
+
+
+def _relaunch(processes: int, argv: list[str]) -> NoReturn:
+    """Become torchrun running this same command on `processes` processes."""
+    command = distributed.launch_command(processes, argv)
+    print(f"starting {processes} processes: {shlex.join(command)}", file=sys.stderr, flush=True)
+    os.execve(command[0], command, distributed.launch_environment(processes))
 
 
 def _process_start() -> float:
@@ -275,13 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
 
     datasets.disable_progress_bars()  # one progress line per step report is enough on a terminal
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     store = RunStore(args.runs_dir)
+    if distributed.launched():
+        die_with_parent()  # with its launcher: no process trains on alone
     try:
-        if args.command == "train":
-            print(json.dumps(_train(args, store)))
-        elif args.command == "resume":
-            print(json.dumps(resume(args.run, store, should_stop=_stop_on_ctrl_c(), started_at=_process_start())))
+        if args.command in ("train", "resume"):
+            summary = (_train if args.command == "train" else _resume)(args, store, argv)
+            if distributed.is_main():  # one summary line, from the process that recorded the run
+                print(json.dumps(summary))
         elif args.command == "bench":
             _bench(args)
         elif args.command == "probe":

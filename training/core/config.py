@@ -12,12 +12,13 @@ import math
 import shlex
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from lora_methods import METHODS, TASKS, Task, get_method
 from training.core.compute import PRECISIONS, precision_refusal
+from training.core.environment import process_slots
 
 # eval_samples: examples per split in the final evaluation (None: all); eval_subsample: the fixed
 # validation examples that the base and in-training evaluations report, so watching a run costs
@@ -54,6 +55,11 @@ class Setting:
     unset: str | None = None  # what leaving it out means, where that is more than a value
     exclusive: str | None = None  # settings sharing this group name may not be given together
     form_blank: bool = False  # the form shows a text field left empty for the default, not a number
+    # The form shows the field only where this says the machine can use it (asked when the form is built).
+    offered: Callable[[], bool] | None = None
+
+    def on_form(self) -> bool:
+        return "form" in self.shown and (self.offered is None or self.offered())
 
 
 def setting(default: Any = dataclasses.MISSING, **spec: Any) -> Any:
@@ -175,6 +181,17 @@ class TrainConfig:
         unset="auto: bf16 where a CUDA GPU or the CPU (AMX-BF16, AVX512-BF16) has it, else fp32",
         shown=EVERYWHERE,
         choices=PRECISIONS,
+    )
+    processes: int = setting(
+        1,
+        label="processes",
+        help="training processes, data parallel: each takes its own batch of `batch size`, so a step "
+        "trains on batch size x processes examples (one per GPU, or one per pair of CPU cores)",
+        unset="1; under torchrun, as many as it started",
+        shown=EVERYWHERE,
+        offered=lambda: process_slots() > 1,
+        minimum=1,
+        maximum=64,
     )
     # An opaque hash of the app session that started the run: only it may stop the run.
     owner: str | None = setting(None, label="owner", help="the starting session's hash", shown=frozenset(("worker",)))

@@ -3,9 +3,12 @@ the machine lives here, recorded with every run and every results suite."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 import platform
+import signal
+import sys
 from typing import Any
 
 import psutil
@@ -49,6 +52,22 @@ def fast_bf16() -> str | None:
 def cpu_threads() -> int:
     """The threads PyTorch uses for work on the CPU."""
     return torch.get_num_threads()
+
+
+def process_slots() -> int:
+    """Training processes this machine runs side by side to advantage: one per GPU, else one per
+    pair of CPU cores (a process on a single core spends its step waiting for the other's)."""
+    if has_cuda():
+        return torch.cuda.device_count()
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def die_with_parent() -> None:
+    """Get SIGKILL when the parent process dies (Linux), so that no orphan trains unseen: a worker
+    whose app died, a training process whose launcher died."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _processor() -> str:

@@ -2,7 +2,8 @@
 save, summarise. Everything the run produces goes to its folder in the run store.
 
 The engine holds no global state and never imports a UI: a job manager, the CLI and
-`accelerate launch -m training train ...` all call `train()`.
+`torchrun -m training train ...` all call `train()`. Under a launcher every process runs this
+same code; rank 0 records the run (training.core.distributed).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -31,8 +31,8 @@ from transformers import (
 )
 
 from lora_methods import FineTuningMethod, get_method
-from training.core import compute, data, defaults, evaluation, inference, memory, models
-from training.core.config import TrainConfig
+from training.core import compute, data, defaults, distributed, evaluation, inference, memory, models
+from training.core.config import ConfigError, TrainConfig
 from training.core.environment import device, has_cuda, library_versions
 from training.core.metrics import primary_metric
 from training.core.offline import is_offline
@@ -62,7 +62,8 @@ def resume(
     its step count, loss curve and data order carry on where the checkpoint left them."""
     store = store or RunStore()
     run = store.get(run_id)
-    config, checkpoint = resumable(run)
+    # Every process resumes from the checkpoint rank 0 finds, before rank 0 marks the run running.
+    config, checkpoint = distributed.from_main(lambda: resumable(run))
     return train(config, store, should_stop, resume_from=(run, checkpoint), started_at=started_at)
 
 
@@ -109,6 +110,7 @@ def train(
     """
     phases = Phases(started_at)
     phases.begin("loading")
+    config = _with_processes(config)
     offline = is_offline(config.offline)
     model_id = config.model or models.default_model(config.resolved().task, offline)
     given_rate = "learning_rate" in config.hparams
@@ -128,15 +130,15 @@ def train(
     # Wrapping before the run exists lets a rank or target that does not fit this model fail first.
     tokenizer, model, base_weight_memory = _model_to_train(model_path, config, method)
 
-    is_main = int(os.environ.get("RANK", "0")) == 0  # under `accelerate launch`, one process records
     if resume_from is not None:
         run, checkpoint = resume_from
         step = int(Path(checkpoint).name.rsplit("-", 1)[1])
-        run.keep_metrics_until(step)  # what was logged after the checkpoint is trained again
-        run.clear_stop_request()
         for clock in set(PHASE_CLOCKS.values()):  # the time spent before the stop counts too
             phases.timings[clock] += run.summary.get(clock) or 0.0
-        run.update_summary(status="running", pid=os.getpid(), error=None, resumed_from_step=step)
+        if distributed.is_main():
+            run.keep_metrics_until(step)  # what was logged after the checkpoint is trained again
+            run.clear_stop_request()
+            run.update_summary(status="running", pid=os.getpid(), error=None, resumed_from_step=step)
     else:
         record = {
             **asdict(config),
@@ -150,26 +152,42 @@ def train(
             "judge_run": judge.id if judge else None,
             "precision_source": precision_source,
         }
-        run, checkpoint = (store.create(record, run_id) if is_main else None), None
-    phases.attach(run)
+        # Rank 0 creates the run; the other processes train into its folder (their checkpoint shards).
+        run, checkpoint = store.get(distributed.from_main(lambda: store.create(record, run_id).id)), None
+    recording = run if distributed.is_main() else None
+    phases.attach(recording)
 
     def stop_requested() -> bool:  # by the caller (Ctrl-C) or through the run store (another process)
-        return bool(should_stop and should_stop()) or (run is not None and run.stop_requested())
+        return bool(should_stop and should_stop()) or (recording is not None and recording.stop_requested())
 
     rate_source = "given" if given_rate else defaults.source(config.task, model_id, config.method)
-    if run is not None:
-        run.update_summary(
+    if recording is not None:
+        recording.update_summary(
             defaults={"learning_rate": {"value": config.hparams["learning_rate"], "source": rate_source}},
             precision=precision,
             precision_source=run.config.get("precision_source", precision_source),
+            processes=config.processes,
+            global_batch_size=config.batch_size * config.processes,
         )
-    job = _Job(config, method, run, model, tokenizer, base_weight_memory, splits, judge, phases, stop_requested)
+    job = _Job(
+        config, method, recording, run.dir, model, tokenizer, base_weight_memory, splits, judge, phases, stop_requested
+    )
     try:
         return job.execute(checkpoint)
     except BaseException as error:
-        if run is not None:
-            run.update_summary(status="failed", error=f"{type(error).__name__}: {error}", finished_at=time.time())
+        if recording is not None:
+            recording.update_summary(status="failed", error=f"{type(error).__name__}: {error}", finished_at=time.time())
         raise
+
+
+def _with_processes(config: TrainConfig) -> TrainConfig:
+    """`config` with the number of processes actually training: under a launcher, as many as it
+    started (which `processes`, if given, must match); without one, a single process."""
+    launched = distributed.world_size()
+    if config.processes not in (1, launched):
+        hint = f"`python -m training train --processes {config.processes} ...` starts them"
+        raise ConfigError(f"processes {config.processes} asked for, but {launched} running: {hint}")
+    return replace(config, processes=launched)
 
 
 @dataclass
@@ -179,7 +197,8 @@ class _Job:
 
     config: TrainConfig
     method: FineTuningMethod
-    run: Run | None
+    run: Run | None  # the run this process records: rank 0's only, under a launcher
+    run_dir: Path  # every process's: checkpoints hold each process's shard of the state
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     base_weight_memory: int
@@ -216,7 +235,7 @@ class _Job:
         self.subsample = min(config.eval_subsample, len(self.tokenized["validation"]))
         self.collate = data.collator(self.tokenizer, config.task)
         self.judge_model = inference.load_run(self.judge) if self.judge is not None else None
-        steps_per_epoch = math.ceil(len(self.tokenized["train"]) / config.batch_size)
+        steps_per_epoch = math.ceil(len(self.tokenized["train"]) / (config.batch_size * config.processes))
         self.total_steps = config.max_steps or math.ceil(steps_per_epoch * config.epochs)
         self.eval_steps = config.eval_steps or max(1, self.total_steps // 5)
         trainable, total = _count_parameters(self.model)
@@ -231,6 +250,8 @@ class _Job:
             trainable_percent=100.0 * trainable / total,
             base_weight_memory_bytes=self.base_weight_memory,
         )
+        if self.run is None:  # another process's: rank 0 evaluates and records
+            return {}
         if checkpoint is not None:
             return self.run.summary["base_metrics"]
         try:
@@ -311,6 +332,8 @@ class _Job:
         return results
 
     def _evaluate_during_training(self, model: torch.nn.Module, step: int) -> dict | None:
+        if self.run is None:  # rank 0 evaluates; the others wait for it at the next step
+            return None
         try:
             figures = self._evaluate("evaluation", ["validation"], step, self.subsample)["validation"]
         except evaluation.EvaluationStopped:
@@ -352,11 +375,8 @@ class _Job:
         """Train with the Trainer from the start or from `checkpoint`, to the end or a stop."""
         config, run = self.config, self.run
         self.optimizer_name = self.method.optimizer_name(has_cuda())
-        # Only the recording process has a run; another one (a replica under `accelerate launch`)
-        # writes its checkpoints nowhere.
-        output_dir = str(run.dir / "checkpoints") if run is not None else tempfile.mkdtemp(prefix="lora-arena-")
         args = TrainingArguments(
-            output_dir=output_dir,
+            output_dir=str(self.run_dir / "checkpoints"),
             per_device_train_batch_size=config.batch_size,
             max_steps=self.total_steps,
             learning_rate=config.hparams["learning_rate"],
@@ -370,7 +390,7 @@ class _Job:
             weight_decay=0.0,
             logging_steps=1,
             # Resumable checkpoints (the latest only); a completed run deletes them, see finish().
-            save_strategy="steps" if run is not None else "no",
+            save_strategy="steps",
             save_steps=config.checkpoint_steps or max(1, self.total_steps // 5),
             save_total_limit=1,
             eval_strategy="no",
@@ -379,6 +399,11 @@ class _Job:
             seed=config.seed,
             data_seed=config.seed,
             include_num_input_tokens_seen="non_padding",
+            # Several processes: a causal LM's loss is a mean over the global batch's tokens, which
+            # the Trainer computes by counting them on every process and scaling by the process count.
+            # A classifier's loss is a mean over its own examples whatever it is given, so that scaling
+            # would multiply its gradients by the process count: DDP's average is the right mean there.
+            average_tokens_across_devices=config.task == "generation",
             use_cpu=not has_cuda(),
             dataloader_num_workers=0,
         )
@@ -410,7 +435,7 @@ class _Job:
             task=config.task,
         )
         trainer.remove_callback(PrinterCallback)  # the recorder reports progress; keep stdout for the summary
-        previous = run.metrics() if checkpoint is not None else []
+        previous = run.metrics() if checkpoint is not None and run is not None else []
         recorder.elapsed_before = previous[-1]["elapsed_s"] if previous else 0.0
         trainer.train(resume_from_checkpoint=checkpoint)
         return trainer, recorder
@@ -420,14 +445,14 @@ class _Job:
     def finish(self, trainer: Trainer, recorder: RunRecorder, base_metrics: dict) -> dict:
         """Final evaluation on the full validation and test splits (skipped when stopped: a stop
         must take effect within seconds), the adapter saved, the summary written."""
+        if self.run is None:  # another process's: rank 0 evaluates, saves and summarises
+            return {}
         metrics = None
         if not recorder.stopped:
             try:
                 metrics = self._evaluate_final(trainer.state.global_step, recorder)
             except evaluation.EvaluationStopped:
                 recorder.stopped = True
-        if self.run is None:
-            return {}
         run = self.run
         self.phases.begin("saving")
         self.model.save_pretrained(run.adapter_dir)

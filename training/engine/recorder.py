@@ -13,7 +13,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from lora_methods import Task
-from training.core import compute, memory
+from training.core import compute, distributed, memory
 from training.core.runs import Run
 
 # What each phase's time counts as in the summary: loading and evaluation are the run's overhead.
@@ -124,7 +124,7 @@ class RunRecorder(TrainerCallback):
                 self._write({"kind": "eval", "step": state.global_step, **figures, "elapsed_s": self._elapsed()})
             self.phases.begin("training", total=self.total_steps)
             self.phases.advance(state.global_step)
-        if self.should_stop():
+        if distributed.anyone(self.should_stop()):  # every process stops at the same step, or none does
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True  # a stopped run can be resumed from exactly here

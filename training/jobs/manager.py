@@ -10,11 +10,9 @@ progress from `metrics.jsonl` like every other reader. It never imports a UI.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -23,9 +21,12 @@ from collections import deque
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import psutil
+
 from lora_methods.targets import check_rank, resolve_targets
-from training.core import data, models
+from training.core import data, distributed, models
 from training.core.config import ConfigError, TrainConfig, train_arguments
+from training.core.environment import die_with_parent, process_slots
 from training.core.offline import is_offline
 from training.core.runs import FINISHED, Run, RunNotFound, RunStore, resumable
 
@@ -50,6 +51,7 @@ class Limits:
     max_seq_len: int = 512  # LORA_ARENA_MAX_SEQ_LEN
     max_batch_size: int = 64  # LORA_ARENA_MAX_BATCH_SIZE
     max_queue: int = 8  # LORA_ARENA_MAX_QUEUE: jobs waiting at once
+    max_processes: int = field(default_factory=process_slots)  # LORA_ARENA_MAX_PROCESSES: per run
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -68,6 +70,7 @@ class Limits:
             ("max_steps", config.max_steps, self.max_steps),
             ("seq_len", config.seq_len, self.max_seq_len),
             ("batch_size", config.batch_size, self.max_batch_size),
+            ("processes", config.processes, self.max_processes),
         ):
             if value > limit:
                 variable = "LORA_ARENA_MAX_" + ("STEPS" if name == "max_steps" else name.upper())
@@ -85,12 +88,12 @@ class Job:
     process: subprocess.Popen | None = field(default=None, repr=False)
 
 
-def _die_with_parent() -> None:
-    """In the worker, before exec: get SIGKILL when the app dies, so no orphan trains unseen.
-
-    The run it leaves `running` is marked `interrupted` when the app starts again."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _process_tree(pid: int) -> set[int]:
+    """`pid` and its descendants: a worker, or a launcher and the training processes it started."""
+    try:
+        return {pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return {pid}
 
 
 def _last_error(log: Path) -> str:
@@ -304,15 +307,21 @@ class JobManager:
     def _start(self, job: Job) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{job.id}.log"
-        work = ["resume", "--run", job.id] if job.resume else [*train_arguments(job.config), "--run-id", job.id]
-        command = [sys.executable, "-m", "training", "--runs-dir", str(self.store.root), *work]
+        work = ["resume", "--run-id", job.id] if job.resume else [*train_arguments(job.config), "--run-id", job.id]
+        arguments = ["--runs-dir", str(self.store.root), *work]
+        processes = job.config.processes
+        command, environment = [sys.executable, "-m", "training", *arguments], None
+        if processes > 1:  # torchrun starts the processes; the engine's rank 0 records the run
+            command = distributed.launch_command(processes, arguments)
+            environment = distributed.launch_environment(processes)
         with open(log_path, "a" if job.resume else "w", encoding="utf-8") as log:
             job.process = subprocess.Popen(
                 command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                env=environment,
+                preexec_fn=die_with_parent,
                 cwd=Path(__file__).resolve().parents[2],  # the project root, where `-m training` resolves
             )
         threading.Thread(target=self._watch, args=(job, log_path), daemon=True).start()
@@ -322,7 +331,7 @@ class JobManager:
         """The worker has created its run (a resumed one: written its own pid): loading passed."""
         if not summary:
             return False
-        return not job.resume or (job.process is not None and summary.get("pid") == job.process.pid)
+        return not job.resume or (job.process is not None and summary.get("pid") in _process_tree(job.process.pid))
 
     def _watch(self, job: Job, log_path: Path) -> None:
         # `running` as soon as the worker has created (or reopened) the run: loading passed.

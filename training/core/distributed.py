@@ -1,0 +1,96 @@
+"""Training on several processes: data parallel, launched by torchrun (or `accelerate launch`).
+
+The launcher starts N copies of the same command with RANK and WORLD_SIZE set; the Trainer, through
+accelerate, joins them into one process group, wraps the model in DistributedDataParallel and hands
+each process its share of every global batch (batch size x processes). What this module adds is
+what the engine needs the processes to agree on: which run they train (rank 0 creates and records
+it; the others write only their checkpoint shards into its folder) and whether to stop.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def world_size() -> int:
+    """How many processes train this run (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """The process that records the run: rank 0, or the only one."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def launched() -> bool:
+    """Started by torchrun: the launcher's agent is this process's parent."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _join() -> None:
+    """Join the launcher's process group now rather than when the Trainer starts, so the processes
+    can agree on their run before training. The Trainer later finds the same group."""
+    from accelerate import PartialState
+
+    from training.core.environment import has_cuda
+
+    PartialState(cpu=not has_cuda())
+
+
+def from_main(compute: Callable[[], T]) -> T:
+    """`compute()` on rank 0, its result on every process (the others do not call it). If rank 0
+    raises, it exits with the error and the launcher ends the others."""
+    if world_size() == 1:
+        return compute()
+    import torch.distributed as dist
+
+    _join()
+    box = [compute() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def anyone(flag: bool) -> bool:
+    """True on every process if `flag` is true on any: one decision (stop, say) taken together,
+    since a process that leaves the loop alone leaves the others waiting for its gradients."""
+    if world_size() == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    votes = torch.tensor([int(flag)])
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
+def threads_per_process(processes: int) -> int:
+    """CPU threads each of `processes` gets: the cores shared out (oversubscribing them makes every
+    step wait on the slowest thread)."""
+    return max(1, len(os.sched_getaffinity(0)) // processes)
+
+
+def launch_command(processes: int, arguments: list[str]) -> list[str]:
+    """The torchrun line that runs `python -m training ARGUMENTS` on `processes` processes on this
+    machine. `--standalone` picks a free local port, so two launches never collide."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "training",
+        *arguments,
+    ]
+
+
+def launch_environment(processes: int, environment: dict[str, str] | None = None) -> dict[str, str]:
+    """`environment` (default: this process's) with each process's thread count set, unless given."""
+    environment = dict(os.environ if environment is None else environment)
+    environment.setdefault("OMP_NUM_THREADS", str(threads_per_process(processes)))
+    return environment
