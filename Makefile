@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser run test test-fast lint load-check bench clean
+.PHONY: install browser run test test-fast lint load-check space-check bench clean
 
 install: $(INSTALLED)
 
@@ -39,6 +39,11 @@ test-fast: install
 # While a run trains, 4 clients send 50 Playground requests each; prints median and p95 latency.
 load-check: install
 	$(PY) scripts/load_check.py
+
+# A fresh virtual environment with requirements.txt alone (what a Hugging Face Space installs) starts
+# the app with the Hub unreachable and answers the named API; prints each phase's time.
+space-check: install
+	$(PY) scripts/space_check.py
 
 # The results suite: every method on both tasks under equal budgets, into assets/results/
 # (about an hour on 2 CPU cores; completed cells in runs/bench-suite are reused by a rerun).

@@ -12,47 +12,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from gradio_client import Client
+from served_app import served_app
 
 ROOT = Path(__file__).resolve().parent.parent
 REVIEWS = ["A warm, funny, beautifully acted film.", "Tedious and overlong.", "Not bad at all.", "A mess."]
 
 
 @contextmanager
-def own_app():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def own_app() -> Iterator[str]:
     runs = tempfile.mkdtemp(prefix="lora-arena-load-")
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "LORA_ARENA_RUNS": runs, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if process.poll() is not None:
-                    raise SystemExit("the app did not start") from None
-                time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    environment = {**os.environ, "LORA_ARENA_RUNS": runs, "HF_HUB_OFFLINE": "1"}
+    with served_app(environment, Path(runs) / "app.log") as server:
+        yield server.url
 
 
 def wait_for(client: Client, run_id: str, states: tuple[str, ...]) -> dict:

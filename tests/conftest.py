@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +25,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
+from scripts.served_app import AppServer, served_app  # noqa: E402
 from training.core.config import TrainConfig  # noqa: E402
 from training.core.data import rotten_tomatoes_snippets  # noqa: E402
 from training.core.models import package_dir  # noqa: E402
@@ -143,47 +138,12 @@ def review_csv(tmp_path_factory, reviews) -> Path:
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class AppServer:
-    url: str
-    process: subprocess.Popen
-
-
 @contextmanager
 def serve_app(runs_dir: Path, log_path: Path, **env: str) -> Iterator[AppServer]:
-    """Run `python app.py` as a user would, on a free port; yield it; stop it afterwards."""
-    port = _free_port()
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "LORA_ARENA_RUNS": str(runs_dir),
-        "GRADIO_SERVER_PORT": str(port),
-        **env,
-    }
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=environment, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the app did not start:\n{log_path.read_text()}") from None
-                time.sleep(0.5)
-        yield AppServer(url, process)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=30)
+    """Run `python app.py` as a user would, on a free port, offline, on `runs_dir`; yield it; stop it afterwards."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_ARENA_RUNS": str(runs_dir), **env}
+    with served_app(environment, log_path) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -93,7 +93,7 @@ def test_every_accepted_suffix_loads_and_the_ui_takes_it(tmp_path, review_csv, m
     assert is_user_file(str(path))
     assert load_user_file(path, "sentiment").sizes() == {"train": 320, "validation": 40, "test": 40}
     monkeypatch.setenv("LORA_ARENA_ALLOW_LOCAL_PATHS", "1")
-    check_dataset_choice(str(path), "sentiment")  # the form refused .json while the CLI took it
+    check_dataset_choice(str(path), "sentiment", offline=True)  # the form refused .json while the CLI took it
 
 
 def test_catalog_ids_are_not_user_files():

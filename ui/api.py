@@ -99,7 +99,17 @@ def _run_endpoints(arena: Arena) -> tuple[Callable, ...]:
 
 
 def _use_endpoints(arena: Arena) -> tuple[Callable, ...]:
-    """List the runs, and use finished ones: classify, generate, download, push to the Hub."""
+    """List the catalog and the runs, and use finished ones: classify, generate, download, push to the Hub."""
+
+    def catalog(task: str | None = None) -> dict:
+        """The models and datasets start_run can take (optionally of one task): whether the server
+        is offline, a message naming the models it can train, and each catalog entry with `usable`
+        and, where not, `unusable_because` (the Hub is not reachable, or a bundled package is not
+        installed)."""
+        with user_errors():
+            if task and task not in ("sentiment", "generation"):
+                raise ConfigError(f"unknown task {task!r}; choose sentiment or generation")
+            return arena.catalog(task or None)
 
     def list_runs(task: str | None = None) -> list[dict[str, Any]]:
         """Every run in the store as leaderboard rows (optionally of one task)."""
@@ -150,4 +160,4 @@ def _use_endpoints(arena: Arena) -> tuple[Callable, ...]:
         with user_errors(), arena.inference_threads():
             return arena.push(run_id, repo_id, token, merged, owner_token)
 
-    return list_runs, classify, generate, download_run, push_run
+    return catalog, list_runs, classify, generate, download_run, push_run

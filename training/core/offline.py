@@ -49,7 +49,17 @@ def hub_reachable() -> bool:
 
 @functools.cache
 def _announce(reason: str) -> None:
-    print(f"LoRA Arena is offline ({reason}): using the bundled models and data.", file=sys.stderr)
+    from training.core.catalog import BUNDLED_INSTALL, BUNDLED_PACKAGES, package_installed
+
+    missing = [package for package in BUNDLED_PACKAGES if not package_installed(package)]
+    if missing:  # e.g. a Space, which installs requirements.txt only, cut off from the Hub
+        are = "is" if len(missing) == 1 else "are"
+        using = (
+            f"only the bundled models and data work, and {', '.join(missing)} {are} not installed ({BUNDLED_INSTALL})"
+        )
+    else:
+        using = "using the bundled models and data"
+    print(f"LoRA Arena is offline ({reason}): {using}.", file=sys.stderr)
 
 
 def is_offline(force_offline: bool = False) -> bool:
