@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -66,6 +67,23 @@ def anyone(flag: bool) -> bool:
     votes = torch.tensor([int(flag)])
     dist.all_reduce(votes, op=dist.ReduceOp.MAX)
     return bool(votes.item())
+
+
+@contextmanager
+def every_core() -> Iterator[None]:
+    """Rank 0 computing alone (an evaluation) while the others wait at the next step: it may use
+    the cores their threads leave idle. A single process keeps its threads as they are."""
+    if world_size() == 1:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def threads_per_process(processes: int) -> int:

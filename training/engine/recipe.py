@@ -317,17 +317,18 @@ class _Job:
         total = sum(len(split) for split in records.values())
         self.phases.begin(phase, total=total, step=step)
         started, done, results = time.perf_counter(), 0, {}
-        for name, split in records.items():
+        with distributed.every_core():
+            for name, split in records.items():
 
-            def progress(count: int, before: int = done) -> None:
-                self.phases.advance(before + count)
-                if self.run is not None and self.run.stop_requested():
-                    raise evaluation.EvaluationStopped
+                def progress(count: int, before: int = done) -> None:
+                    self.phases.advance(before + count)
+                    if self.run is not None and self.run.stop_requested():
+                        raise evaluation.EvaluationStopped
 
-            results[name] = evaluation.evaluate_examples(
-                self.model, split, self.collate, self.config.task, self.config.precision, 32, progress
-            )
-            done += len(split)
+                results[name] = evaluation.evaluate_examples(
+                    self.model, split, self.collate, self.config.task, self.config.precision, 32, progress
+                )
+                done += len(split)
         self._update(eval_s_per_example=(time.perf_counter() - started) / max(total, 1))
         return results
 

@@ -137,6 +137,18 @@ class _Contender:
         figures = memory.breakdown(self.model, self.weight_bytes, self.optimizer, meter.bytes)
         return {key: figures[key] for key, _ in memory.MEMORY_PARTS}
 
+    def cuda_step_bytes(self, batch: dict) -> int | None:
+        """The GPU memory one training step of this contender takes at its peak beyond what was
+        allocated before it: every contender's weights and optimizer state stay resident in a
+        bench, so the process-wide peak would be the largest contender's, not this one's."""
+        if not environment.has_cuda():
+            return None
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        self.step(batch, record=False)
+        return torch.cuda.max_memory_allocated() - resident
+
 
 def run_bench(
     task: Task,
@@ -223,7 +235,7 @@ def _speed_record(
         "estimator_recall": telemetry.get("estimator_recall"),
         "memory": contender.memory(batch),
         "process_rss_bytes": psutil.Process().memory_info().rss,
-        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if environment.has_cuda() else None,
+        "cuda_step_bytes": contender.cuda_step_bytes(batch),
         "hparams": contender.hparams,
     }
 
