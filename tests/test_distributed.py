@@ -117,6 +117,49 @@ def test_two_processes_train_one_run_as_one_process_does_with_the_same_global_ba
         assert list(ours["probabilities"].values()) == pytest.approx(list(theirs["probabilities"].values()), abs=1e-3)
 
 
+@pytest.mark.parametrize("method", ["full", "sparselora", "qlora"])
+def test_methods_with_their_own_machinery_train_under_torchrun_launched_by_hand(
+    tmp_path, tiny_models, review_csv, method
+):
+    """Full fine-tuning (the whole model saved), SparseLoRA (each process routes its own batch) and
+    QLoRA (a 4-bit base) on two processes started by torchrun itself, without --processes: the run
+    records as many processes as the launcher started."""
+    runs = tmp_path / "runs"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "training",
+        "--runs-dir",
+        str(runs),
+        "train",
+        "--task=sentiment",
+        f"--method={method}",
+        f"--model={tiny_models['bert']}",
+        f"--dataset={review_csv}",
+        "--max-steps=4",
+        "--batch-size=4",
+        "--seq-len=48",
+        "--eval-samples=16",
+        "--offline",
+        *(["--dense-first-layers=0"] if method == "sparselora" else []),  # 2 layers: the first runs sparse
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])  # one summary line: rank 0's
+    assert summary["status"] == "completed" and summary["processes"] == 2 and summary["global_batch_size"] == 8
+    run = only_run(runs)
+    assert train_steps(run) == [1, 2, 3, 4]
+    answers = inference.classify(inference.load_run(run), ["a moving film"])
+    assert sum(answers[0]["probabilities"].values()) == pytest.approx(1.0)
+    if method == "sparselora":
+        assert summary["sparsity"]["flops_ratio_vs_lora"] < 1  # rank 0's controller routed its batches sparsely
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -168,7 +211,8 @@ def test_the_job_manager_starts_a_run_on_two_processes_within_its_limit(tmp_path
 
     job = manager.submit(tiny_sentiment_config(tiny_models, review_csv, processes=2, max_steps=4))
     wait_for(lambda: manager.job(job.id).state in ("finished", "failed"), 180, "finished job")
-    assert manager.job(job.id).state == "finished", manager.job(job.id).error
+    log = (store.root / ".jobs" / f"{job.id}.log").read_text()
+    assert manager.job(job.id).state == "finished", (manager.job(job.id).error, log[-3000:])
     run = store.get(job.id)
     assert run.status == "completed" and run.summary["processes"] == 2 and train_steps(run) == [1, 2, 3, 4]
 

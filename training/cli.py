@@ -38,7 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description="LoRA Arena: train and use adapters.")
     parser.add_argument("--runs-dir", help="run store folder (default: $LORA_ARENA_RUNS or ./runs)")
     commands = parser.add_subparsers(dest="command", required=True)
-    trainer = commands.add_parser("train", help="train one run; prints its summary JSON as the last line")
+    trainer = commands.add_parser(
+        "train",
+        help="train one run; prints its summary JSON as the last line",
+        description="Train one run; prints its summary JSON as the last line. On several processes: "
+        "--processes N starts them with torchrun, or launch them yourself, e.g. `OMP_NUM_THREADS=1 python -m "
+        "torch.distributed.run --standalone --nproc_per_node=2 -m training train ...`; each process takes "
+        "--batch-size examples per step.",
+    )
     add_train_flags(trainer)
     trainer.add_argument("--run-id", help="name the run (default: time, task, method and a random suffix)")
     _add_bench(commands)

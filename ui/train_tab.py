@@ -318,7 +318,7 @@ def summary_markdown(summary: dict, records: list[dict]) -> str:
         rows.append(("precision", f"{summary['precision']} ({summary.get('precision_source', 'given')})"))
     if summary.get("processes", 1) > 1:
         processes, batch = summary["processes"], summary["global_batch_size"]
-        rows.append(("processes", f"{processes}, a global batch of {batch}: memory is per process, tokens/s all"))
+        rows.append(("processes", f"{processes} (global batch {batch}): memory per process, speed of all"))
     if "trainable_params" in summary:
         rows.append(("trainable parameters", f"{summary['trainable_params']:,} ({summary['trainable_percent']:.2f}%)"))
     if "base_weight_memory_bytes" in summary or train:

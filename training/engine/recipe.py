@@ -209,7 +209,8 @@ class _Job:
 
     def execute(self, checkpoint: str | None) -> dict:
         base_metrics = self.prepare(checkpoint)
-        if base_metrics is None:  # stopped during the base evaluation: nothing trained, nothing to keep
+        # Stopped during the base evaluation (rank 0's, the others wait here): nothing trained, nothing to keep.
+        if distributed.anyone(base_metrics is None):
             return self._update(
                 status="stopped", finished_at=time.time(), steps=0, metrics=None, **self.phases.finish()
             )
