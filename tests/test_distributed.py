@@ -117,6 +117,24 @@ def test_two_processes_train_one_run_as_one_process_does_with_the_same_global_ba
         assert list(ours["probabilities"].values()) == pytest.approx(list(theirs["probabilities"].values()), abs=1e-3)
 
 
+def test_ctrl_c_stops_every_process_at_one_step_and_the_command_exits_cleanly(
+    tmp_path, bert_without_dropout, review_csv
+):
+    runs = tmp_path / "runs"
+    arguments = train_arguments(bert_without_dropout, review_csv, 4, 300, "--processes=2")
+    command = subprocess.Popen(
+        cli(runs, *arguments), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: any(RunStore(runs).runs()) and len(train_steps(only_run(runs))) >= 3, 120, "third step")
+    command.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends this command (torchrun runs in its own session)
+    out, err = command.communicate(timeout=60)
+    assert command.returncode == 0, err[-3000:]
+    run = only_run(runs)
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "stopped" == run.status
+    assert "stopping at the end of this step" in err and "Traceback" not in err
+    assert (run.dir / "checkpoints" / f"checkpoint-{run.summary['steps']}").is_dir()  # resumable from there
+
+
 @pytest.mark.parametrize("method", ["full", "sparselora", "qlora"])
 def test_methods_with_their_own_machinery_train_under_torchrun_launched_by_hand(
     tmp_path, tiny_models, review_csv, method

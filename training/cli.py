@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import psutil
 
@@ -23,7 +23,7 @@ from training.core import distributed
 from training.core.compute import PRECISIONS
 from training.core.config import ConfigError, add_train_flags, config_from_flags
 from training.core.environment import die_with_parent
-from training.core.runs import RunStore
+from training.core.runs import RunNotFound, RunStore
 from training.engine import resume, train
 from training.jobs.errors import USER_ERRORS
 from training.research import suite
@@ -160,26 +160,56 @@ def _add_use(commands: Any) -> None:
     generate.add_argument("--seed", type=int, default=0)
 
 
-def _train(args: argparse.Namespace, store: RunStore, argv: list[str]) -> dict:
+def _train(args: argparse.Namespace, store: RunStore) -> dict:
     config = config_from_flags(args)
-    if config.processes > 1 and not distributed.launched():
-        config.resolved()  # a bad request is refused here, not once per process
-        _relaunch(config.processes, argv)
     return train(config, store, should_stop=_stop_on_ctrl_c(), run_id=args.run_id, started_at=_process_start())
 
 
-def _resume(args: argparse.Namespace, store: RunStore, argv: list[str]) -> dict:
-    processes = store.get(args.run).config.get("processes", 1)  # each process has its shard of the checkpoint
-    if processes > 1 and not distributed.launched():
-        _relaunch(processes, ["--runs-dir", str(store.root), "resume", "--run-id", args.run])
+def _resume(args: argparse.Namespace, store: RunStore) -> dict:
     return resume(args.run, store, should_stop=_stop_on_ctrl_c(), started_at=_process_start())
 
 
-def _relaunch(processes: int, argv: list[str]) -> NoReturn:
-    """Become torchrun running this same command on `processes` processes."""
-    command = distributed.launch_command(processes, argv)
+def _launch_plan(args: argparse.Namespace, store: RunStore, argv: list[str]) -> tuple[int, list[str], str | None]:
+    """How many processes `train` or `resume` asks for, the arguments that run it under torchrun
+    and its run id (named here, so that Ctrl-C can reach the run)."""
+    if args.command == "resume":
+        store.mark_interrupted()  # a run whose processes died is resumable without starting the app
+        processes = store.get(args.run).config.get("processes", 1)  # each has its shard of the checkpoint
+        return processes, ["--runs-dir", str(store.root), "resume", "--run-id", args.run], args.run
+    config = config_from_flags(args)
+    if config.processes == 1:
+        return 1, argv, args.run_id
+    resolved = config.resolved()  # a bad request is refused here, not once per process
+    run_id = args.run_id or store.new_id(resolved.task, resolved.method)
+    return config.processes, [*argv, "--run-id", run_id] if not args.run_id else argv, run_id
+
+
+def _launch(processes: int, arguments: list[str], store: RunStore, run_id: str) -> int:
+    """Run `python -m training ARGUMENTS` on `processes` processes under torchrun and wait for it.
+    Ctrl-C asks the run to stop through the run store, so every process ends at the same step and
+    torchrun exits cleanly (torchrun itself, sent SIGINT, ends with an error); a second one ends them."""
+    command = distributed.launch_command(processes, arguments)
     print(f"starting {processes} processes: {shlex.join(command)}", file=sys.stderr, flush=True)
-    os.execve(command[0], command, distributed.launch_environment(processes))
+    launcher = subprocess.Popen(
+        command,
+        env=distributed.launch_environment(processes),
+        start_new_session=True,  # the terminal's Ctrl-C reaches this process only
+        preexec_fn=die_with_parent,
+    )
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        try:
+            run = store.get(run_id)
+        except RunNotFound:
+            run = None
+        if run is None or run.stop_requested():  # still loading, or a second Ctrl-C
+            launcher.terminate()
+            return
+        run.request_stop()
+        print("stopping at the end of this step (Ctrl-C again to abort)...", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    return launcher.wait()
 
 
 def _process_start() -> float:
@@ -309,9 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     store = RunStore(args.runs_dir)
     if distributed.launched():
         die_with_parent()  # with its launcher: no process trains on alone
+        # torchrun ends the others with SIGTERM when one fails: rank 0 then records the run failed
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"ended by the launcher (signal {signum})"))
     try:
         if args.command in ("train", "resume"):
-            summary = (_train if args.command == "train" else _resume)(args, store, argv)
+            if not distributed.launched():
+                processes, arguments, run_id = _launch_plan(args, store, argv)
+                if processes > 1:
+                    return _launch(processes, arguments, store, run_id)
+            summary = (_train if args.command == "train" else _resume)(args, store)
             if distributed.is_main():  # one summary line, from the process that recorded the run
                 print(json.dumps(summary))
         elif args.command == "bench":

@@ -9,13 +9,21 @@ it; the others write only their checkpoint shards into its folder) and whether t
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from datetime import timedelta
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+# The others wait here while rank 0 evaluates (the base model included), however long that takes.
+AGREEMENT_TIMEOUT = timedelta(hours=24)
+# TrainingArguments' ddp_timeout default: the Trainer's own collectives, in the group joined here.
+TRAINER_TIMEOUT = timedelta(seconds=1800)
+# A stopping process may be saving a checkpoint: torchrun's default 30 s before SIGKILL is too short.
+SHUTDOWN_TIMEOUT_S = 600
 
 
 def world_size() -> int:
@@ -33,14 +41,19 @@ def launched() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def _join() -> None:
-    """Join the launcher's process group now rather than when the Trainer starts, so the processes
-    can agree on their run before training. The Trainer later finds the same group."""
+@functools.cache
+def _agreement_group() -> Any:
+    """Join the launcher's process group now rather than when the Trainer starts (it later finds
+    the same group), and open a gloo group beside it for what the engine agrees on: gloo takes CPU
+    tensors whatever the Trainer's backend is (NCCL, on GPUs, takes only CUDA ones), and its long
+    timeout lets the others wait out rank 0's evaluations."""
+    import torch.distributed as dist
     from accelerate import PartialState
 
     from training.core.environment import has_cuda
 
-    PartialState(cpu=not has_cuda())
+    PartialState(cpu=not has_cuda(), timeout=TRAINER_TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=AGREEMENT_TIMEOUT)
 
 
 def from_main(compute: Callable[[], T]) -> T:
@@ -50,9 +63,9 @@ def from_main(compute: Callable[[], T]) -> T:
         return compute()
     import torch.distributed as dist
 
-    _join()
+    group = _agreement_group()
     box = [compute() if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -65,7 +78,7 @@ def anyone(flag: bool) -> bool:
     import torch.distributed as dist
 
     votes = torch.tensor([int(flag)])
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=_agreement_group())
     return bool(votes.item())
 
 
@@ -101,14 +114,14 @@ def launch_command(processes: int, arguments: list[str]) -> list[str]:
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={processes}",
+        f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
         "-m",
         "training",
         *arguments,
     ]
 
 
-def launch_environment(processes: int, environment: dict[str, str] | None = None) -> dict[str, str]:
-    """`environment` (default: this process's) with each process's thread count set, unless given."""
-    environment = dict(os.environ if environment is None else environment)
-    environment.setdefault("OMP_NUM_THREADS", str(threads_per_process(processes)))
-    return environment
+def launch_environment(processes: int) -> dict[str, str]:
+    """This process's environment with each training process's share of the cores as its thread
+    count (an inherited OMP_NUM_THREADS, often every core, would oversubscribe them N times)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads_per_process(processes))}

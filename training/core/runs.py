@@ -210,12 +210,16 @@ def latest_checkpoint(run: Run) -> str | None:
     """The newest complete checkpoint: a process killed while saving leaves a folder without the
     trainer state the Trainer writes last, and the previous checkpoint is the one to resume."""
 
+    processes = run.config.get("processes", 1)
+
     def complete(path: Path) -> bool:
         try:
             json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
-        return path.name.rsplit("-", 1)[1].isdigit()
+        # rank 0 writes the trainer state; under several processes each writes its own RNG state
+        shards = processes == 1 or all((path / f"rng_state_{rank}.pth").exists() for rank in range(processes))
+        return shards and path.name.rsplit("-", 1)[1].isdigit()
 
     saved = [path for path in (run.dir / "checkpoints").glob("checkpoint-*") if complete(path)]
     return str(max(saved, key=lambda path: int(path.name.rsplit("-", 1)[1]))) if saved else None

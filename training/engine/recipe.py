@@ -62,8 +62,14 @@ def resume(
     its step count, loss curve and data order carry on where the checkpoint left them."""
     store = store or RunStore()
     run = store.get(run_id)
+
+    def pick() -> tuple[TrainConfig, str]:
+        picked = resumable(run)
+        run.clear_stop_request()  # before loading: a stop asked for while this loads is kept
+        return picked
+
     # Every process resumes from the checkpoint rank 0 finds, before rank 0 marks the run running.
-    config, checkpoint = distributed.from_main(lambda: resumable(run))
+    config, checkpoint = distributed.from_main(pick)
     return train(config, store, should_stop, resume_from=(run, checkpoint), started_at=started_at)
 
 
@@ -110,7 +116,7 @@ def train(
     """
     phases = Phases(started_at)
     phases.begin("loading")
-    config = _with_processes(config)
+    config = _with_processes(config, resuming=resume_from is not None)
     offline = is_offline(config.offline)
     model_id = config.model or models.default_model(config.resolved().task, offline)
     given_rate = "learning_rate" in config.hparams
@@ -137,7 +143,6 @@ def train(
             phases.timings[clock] += run.summary.get(clock) or 0.0
         if distributed.is_main():
             run.keep_metrics_until(step)  # what was logged after the checkpoint is trained again
-            run.clear_stop_request()
             run.update_summary(status="running", pid=os.getpid(), error=None, resumed_from_step=step)
     else:
         record = {
@@ -180,13 +185,17 @@ def train(
         raise
 
 
-def _with_processes(config: TrainConfig) -> TrainConfig:
+def _with_processes(config: TrainConfig, resuming: bool) -> TrainConfig:
     """`config` with the number of processes actually training: under a launcher, as many as it
-    started (which `processes`, if given, must match); without one, a single process."""
+    started (which `processes`, if given, must match); without one, a single process. A resumed
+    run continues on as many as it recorded: each has its share of the checkpoint and the data."""
     launched = distributed.world_size()
-    if config.processes not in (1, launched):
-        hint = f"`python -m training train --processes {config.processes} ...` starts them"
+    if config.processes != launched and (resuming or config.processes != 1):
+        again = "resume --run-id ID" if resuming else f"train --processes {config.processes} ..."
+        hint = f"`python -m training {again}` starts them"
         raise ConfigError(f"processes {config.processes} asked for, but {launched} running: {hint}")
+    if has_cuda() and launched > torch.cuda.device_count():
+        raise ConfigError(f"{launched} processes for {torch.cuda.device_count()} GPUs: one process per GPU at most")
     return replace(config, processes=launched)
 
 
@@ -235,7 +244,8 @@ class _Job:
         # which cover the whole set, report it too without a second pass.
         self.subsample = min(config.eval_subsample, len(self.tokenized["validation"]))
         self.collate = data.collator(self.tokenizer, config.task)
-        self.judge_model = inference.load_run(self.judge) if self.judge is not None else None
+        # the judge scores rank 0's evaluations only
+        self.judge_model = inference.load_run(self.judge) if self.judge is not None and self.run is not None else None
         steps_per_epoch = math.ceil(len(self.tokenized["train"]) / (config.batch_size * config.processes))
         self.total_steps = config.max_steps or math.ceil(steps_per_epoch * config.epochs)
         self.eval_steps = config.eval_steps or max(1, self.total_steps // 5)
@@ -323,7 +333,7 @@ class _Job:
 
                 def progress(count: int, before: int = done) -> None:
                     self.phases.advance(before + count)
-                    if self.run is not None and self.run.stop_requested():
+                    if self.should_stop():  # the run store's stop file, or the caller's (Ctrl-C)
                         raise evaluation.EvaluationStopped
 
                 results[name] = evaluation.evaluate_examples(
