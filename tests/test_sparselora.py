@@ -164,6 +164,9 @@ def test_on_a_4bit_base_keeping_every_channel_is_exactly_qlora(tiny_models):
     assert torch.allclose(qlora_logits, logits, atol=1e-4)
     for name, grad in qlora_grads.items():
         assert torch.allclose(grad, grads[name], atol=1e-5), name
+    (schedule,) = sparselora.callbacks(sparse, {"dense_warmup": 0.05})
+    schedule.on_step_end(None, None, None)
+    assert not sparselora.controller(sparse).weights  # not held between steps
 
 
 def test_the_reference_estimator_scores_each_sequences_mean_token():

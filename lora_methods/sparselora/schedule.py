@@ -46,6 +46,11 @@ class SparsitySchedule(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.controller.active = state.global_step >= self.warmup_steps
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # A 4-bit base's weights, dequantized for this step, are not kept between steps (nor
+        # through an evaluation): holding them would undo what 4-bit saves at rest.
+        self.controller.weights.clear()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
             logs.update(self.controller.telemetry())
