@@ -114,6 +114,12 @@ def test_the_last_layer_skipping_its_context_tokens_changes_nothing_the_loss_rea
         assert torch.allclose(grad, grads[name], atol=1e-6), name
 
 
+# Multiply-adds per token of one layer of the tiny models (conftest): FFN, attention projections.
+# llama: gate, up, down 64x128; q, o 64x64 and k, v 64x32 (2 of 4 heads). gpt2: c_fc, c_proj 32x128;
+# c_attn 32x96, c_proj 32x32.
+PER_LAYER_MACS = {"llama": (3 * 64 * 128, 2 * 64 * 64 + 2 * 64 * 32), "gpt2": (2 * 32 * 128, 32 * 96 + 32 * 32)}
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("layer_sparsity", ["0,0", "1e-9,0"])  # no sparse layer; layer 0 keeping every channel
@@ -129,6 +135,10 @@ def test_a_decoder_classifier_with_its_exact_skips_is_exactly_lora(tiny_models, 
     controller = sparselora.controller(sparse)
     if layer_sparsity == "0,0":  # nothing contextual: every FLOP saved is an exact skip
         assert controller.flops_ratio == pytest.approx(1.0 - controller.exact_skip_share)
+        # Padding skips every layer's FFN and attention projections; the last FFN, the context too.
+        ffn, attention = PER_LAYER_MACS[arch]
+        skipped_macs = routed.skipped * 2 * (ffn + attention) + routed.sparse * ffn
+        assert controller.exactly_skipped_flops == 2 * skipped_macs
     assert controller.flops_ratio < 1.0
     assert torch.allclose(lora_logits, logits, atol=1e-5)
     for name, grad in lora_grads.items():

@@ -71,14 +71,14 @@ def _exact_forward(
     routing = controller.routing
     first = routing.sparse if outputs_only else 0
     positions = routing.order[first : routing.sparse + routing.dense]
-    if positions.numel() == routing.order.numel():
+    if positions.numel() in (0, routing.order.numel()):  # nothing to skip, or nothing read at all
         return original(module, x)
     flat = x.reshape(-1, x.shape[-1])
     controller.account_skipped(flat.shape[0] - positions.numel(), shape)
-    if not positions.numel():
-        return torch.zeros_like(x)
     computed = original(module, flat.index_select(0, positions).unsqueeze(0)).squeeze(0)
-    return flat.new_zeros(flat.shape[0], computed.shape[-1]).index_copy(0, positions, computed).reshape(x.shape)
+    # the output's own dtype: under autocast a projection's output is not its (fp32) input's
+    filled = computed.new_zeros(flat.shape[0], computed.shape[-1]).index_copy(0, positions, computed)
+    return filled.reshape(*x.shape[:-1], computed.shape[-1])
 
 
 def sparse_container_forward(controller: SparsityController, layer: SparseLayer, original: Callable) -> Callable:
@@ -110,8 +110,8 @@ def sparse_container_forward(controller: SparsityController, layer: SparseLayer,
 
 
 def exact_forward(controller: SparsityController, shape: FFNShape, outputs_only: bool, original: Callable) -> Callable:
-    """A dense layer's FFN that skips padding, or the last layer's that runs for the output tokens
-    alone (see _exact_forward)."""
+    """A dense layer's FFN (or an attention projection, shape (in, out, 1)) that skips padding, or
+    the last layer's FFN that runs for the output tokens alone (see _exact_forward)."""
     controller_ref = weakref.ref(controller)  # see patch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

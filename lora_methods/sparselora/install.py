@@ -19,7 +19,15 @@ from .forwards import (
     sparse_output_forward,
     sparse_value_forward,
 )
-from .layouts import FFNLayout, attention_heads, attention_layout, ffn_layout, layer_blocks, resolve
+from .layouts import (
+    ATTENTION_PROJECTIONS,
+    FFNLayout,
+    attention_heads,
+    attention_layout,
+    ffn_layout,
+    layer_blocks,
+    resolve,
+)
 from .slicing import base_weight
 
 
@@ -67,6 +75,11 @@ def install(model: torch.nn.Module, settings: SparsitySettings) -> SparsityContr
             _sparsify_ffn(controller, cache, block, layout, index, ratio, settings.scoring)
         elif settings.skip_padding:
             _patch_exact_ffn(controller, block, layout, outputs_only=False)
+        if settings.skip_padding:
+            sliced = attention_layout(model_type) if attention_ratio > 0 else ()  # these route padding already
+            _skip_padding_in_attention(
+                controller, block, [p for p in ATTENTION_PROJECTIONS[model_type] if p not in sliced]
+            )
     cache.save()
     reads = layout.classifier_reads
     router = _router(controller, settings.dense_outputs, settings.skip_padding, reads, transformers_model.config)
@@ -101,6 +114,14 @@ def _patch_exact_ffn(
 ) -> None:
     shape = _ffn_shape(block, layout)
     _patch_ffn_entry(block, layout, lambda original: exact_forward(controller, shape, outputs_only, original))
+
+
+def _skip_padding_in_attention(controller: SparsityController, block: torch.nn.Module, paths: list[str]) -> None:
+    for path in paths:
+        module = resolve(block, path)
+        out_features, in_features = base_weight(module)[0].shape
+        shape = (in_features, out_features, 1)  # one matrix, as FFNShape counts them
+        patch(module, "forward", lambda original, shape=shape: exact_forward(controller, shape, False, original))
 
 
 def _sparsify_attention(

@@ -46,6 +46,16 @@ FFN_LAYOUTS: dict[str, FFNLayout] = {
 }
 
 
+# Every projection of a layer's attention. At a pad position a query's output is read by nothing
+# and a key or value by nothing either (the mask hides it), so padding skips them all, exactly.
+ATTENTION_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    "distilbert": ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"),
+    "bert": ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+    "gpt2": ("attn.c_attn", "attn.c_proj"),
+}
+
+
 ATTENTION_LAYOUTS: dict[str, tuple[str, str]] = {  # (value projection, output projection) in a layer
     "llama": ("self_attn.v_proj", "self_attn.o_proj"),
     "distilbert": ("attention.v_lin", "attention.out_lin"),
