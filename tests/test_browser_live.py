@@ -51,14 +51,14 @@ def start_run(page, method_card: str, steps: int, eval_steps: int, examples: int
     page.get_by_text(method_card).click()
     if precision:
         page.locator("#precision input").click()
-        page.locator("#precision input").fill(precision)
-        page.locator("#precision input").press("Enter")
+        page.get_by_role("option", name=precision, exact=True).click()
     page.locator("#max-steps input").fill(str(steps))
     page.locator("#eval-steps textarea").fill(str(eval_steps))
     page.locator("#eval-samples textarea").fill(str(examples))
     page.locator("#eval-subsample textarea").fill(str(examples))
     page.locator("#eval-subsample textarea").press("Tab")
-    page.wait_for_function(f"() => document.querySelector('.cm-content')?.innerText.includes('--max-steps {steps}')")
+    expected = f"--max-steps {steps}" + (f" .* --precision {precision}" if precision else "")
+    page.wait_for_function(f"() => /{expected}/.test(document.querySelector('.cm-content')?.innerText ?? '')")
     shown = re.search(r"run (\S+)", page.evaluate(STATUS))
     page.locator("#start-button").click()
     # The new run is picked once the status names a run other than the one shown before.
