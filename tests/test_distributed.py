@@ -163,7 +163,7 @@ def test_methods_with_their_own_machinery_train_under_torchrun_launched_by_hand(
         "--seq-len=48",
         "--eval-samples=16",
         "--offline",
-        *(["--dense-first-layers=0"] if method == "sparselora" else []),  # 2 layers: the first runs sparse
+        *(["--layer-sparsity=0.75,0"] if method == "sparselora" else []),  # 2 layers: the first runs sparse
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment)

@@ -167,7 +167,7 @@ def test_the_methods_that_merge_say_so_themselves():
     from lora_methods import METHODS
 
     mergeable = {name for name, method in METHODS.items() if method.merge_blocker is None}
-    assert mergeable == {"lora", "dora", "hira", "sparselora", "sparselora-paper"}
+    assert mergeable == {"lora", "dora", "hira", "sparselora"}
 
 
 BAD_REPOS = [

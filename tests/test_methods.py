@@ -170,7 +170,7 @@ def test_a_method_names_its_optimizer_callbacks_and_telemetry(tiny_models):
     assert lora.callbacks(plain, hparams) == [] and lora.telemetry(plain) == {}
 
     sparselora = get_method("sparselora")
-    hparams = sparselora.resolve_hparams({"dense_first_layers": 0})
+    hparams = sparselora.resolve_hparams({"layer_sparsity": "0.75,0"})  # 2 layers: the first sparse
     sparse = sparselora.apply(_load(tiny_models["bert"], "sentiment")[0], "sentiment", hparams)
     (schedule,) = sparselora.callbacks(sparse, hparams)
     assert set(sparselora.telemetry(sparse)) == {"flops_ratio_vs_lora", "exact_skip_share", "estimator_recall"}

@@ -124,7 +124,7 @@ def test_logits_only_where_read_give_the_same_loss_and_gradients(tiny_models, ar
     torch.manual_seed(0)
     hparams = method.resolve_hparams({"dropout": 0.0} if method_name != "full" else {})
     if method_name == "sparselora":
-        hparams = method.resolve_hparams({**hparams, "dense_first_layers": 0})
+        hparams = method.resolve_hparams({**hparams, "layer_sparsity": "0.75,0"})  # 2 layers: the first sparse
     model = method.apply(load_model(tiny_models[architecture], "generation", tokenizer), "generation", hparams)
     for name, parameter in model.named_parameters():  # B is zero at the start: give every factor a gradient path
         if "lora_B" in name:

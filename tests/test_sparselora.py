@@ -269,12 +269,15 @@ def test_layer_schedule_and_its_errors():
     assert layer_schedule(3, {**hparams, "layer_sparsity": "0,0.5,0"}) == [0.0, 0.5, 0.0]
     deep_half = layer_schedule(30, {**hparams, "layer_sparsity": "deep-half"})  # the paper's: 0-14 dense
     assert deep_half == [0.0] * 15 + [0.9] * 14 + [0.0]
-    paper = get_method("sparselora-paper").resolve_hparams()
-    assert (paper["layer_sparsity"], paper["ffn_sparsity"], paper["dropout"]) == ("deep-half", 0.9, 0.0)
+    default = get_method("sparselora").resolve_hparams()  # the paper's schedule, chosen by measurement
+    assert (default["layer_sparsity"], default["ffn_sparsity"], default["dropout"]) == ("deep-half", 0.9, 0.0)
+    assert get_method("sparselora-paper") is get_method("sparselora")  # runs recorded under the old name load
     with pytest.raises(HParamError, match="needs 3 numbers"):
         layer_schedule(3, {**hparams, "layer_sparsity": "0.5,0.5"})
     with pytest.raises(HParamError, match="nothing would be sparse"):
         layer_schedule(2, hparams)
+    with pytest.raises(HParamError, match="'deep-half' leaves no sparse layer in this 2-layer model.*'0.9,0'"):
+        layer_schedule(2, {**hparams, "layer_sparsity": "deep-half"})
     with pytest.raises(HParamError, match="ffn_sparsity must satisfy"):
         get_method("sparselora").resolve_hparams({"ffn_sparsity": 1.0})
     with pytest.raises(HParamError, match="output_tokens must be one of dense, sparse"):
@@ -383,10 +386,10 @@ def test_a_trained_sparselora_model_is_freed_without_the_cyclic_garbage_collecto
         gc.enable()
 
 
-def test_a_decoder_sentiment_run_under_the_paper_preset_is_served_and_reloads_to_its_scores(
+def test_a_decoder_sentiment_run_under_sparselora_is_served_and_reloads_to_its_scores(
     tmp_path, tiny_models, review_csv
 ):
-    """A Llama classifier trained with SparseLoRA's paper preset: the Playground answers with
+    """A Llama classifier trained with SparseLoRA (the paper's schedule): the Playground answers with
     what the run's own adapter, loaded alone, answers, and its test accuracy reproduces."""
     from training.core import data, evaluation
     from training.serving.playground import classify_side_by_side
@@ -396,7 +399,7 @@ def test_a_decoder_sentiment_run_under_the_paper_preset_is_served_and_reloads_to
     config = tiny_sentiment_config(
         tiny_models,
         review_csv,
-        method="sparselora-paper",
+        method="sparselora",
         model=tiny_models["llama"],
         max_steps=6,
         eval_samples=None,  # the whole test split, as re-evaluated below

@@ -15,8 +15,10 @@ from training.research import report, suite
 
 @pytest.fixture(scope="module")
 def plans(tiny_models, review_csv) -> tuple[suite.Plan, ...]:
-    # Two layers: the default schedule (first and last dense) would leave nothing sparse.
-    two_layers = {"sparselora": {"dense_first_layers": 0}, "sparselora-4bit": {"dense_first_layers": 0}}
+    # Two layers: the default schedule (the first half and the last dense) would leave nothing sparse.
+    two_layers = {
+        name: {"layer_sparsity": "auto", "dense_first_layers": 0} for name in ("sparselora", "sparselora-4bit")
+    }
     return (
         suite.Plan(
             "sentiment",

@@ -10,7 +10,7 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from lora_methods import METHODS, get_method
-from lora_methods.sparselora import layer_schedule
+from lora_methods.sparselora import MOST_LAYERS, layer_schedule
 from training.core.colours import method_colour
 from training.research import report
 from training.research.spectra import update_spectra
@@ -27,8 +27,7 @@ METHOD_NOTES = """
 | QLoRA | LoRA's factors | the frozen `W` is stored in 4-bit NF4: 0.41-0.64x its bf16 weight memory |
 | DoRA | LoRA's factors, a length per column | `W + B A` rescaled per column to a trained length `m` |
 | HiRA | `B A` | `W + W * (B A)` element-wise: a high-rank update for LoRA's parameter count |
-| SparseLoRA | LoRA's factors, dense | context tokens run the frozen FFN on channels an estimator picks per batch |
-| ...paper schedule | as above | the first half of the layers dense, the deep half at 0.9, no dropout |
+| SparseLoRA | LoRA's factors, dense | deep layers run the context's frozen FFN on channels picked per batch |
 | ...on 4-bit | as above | SparseLoRA or HiRA over an NF4 base: the seed's "do they combine?" |
 """
 
@@ -53,8 +52,8 @@ def update_spectrum_figure(rank: int = 8) -> go.Figure:
 
 
 def sparsity_schedule_figure() -> go.Figure:
-    """SparseLoRA's per-layer FFN sparsity for context tokens: the default on the two bundled
-    models, and the paper's schedule (sparselora-paper) on SmolLM2."""
+    """SparseLoRA's per-layer FFN sparsity for context tokens: the default (the paper's schedule)
+    on the two bundled models, and the schedule it replaced (the suite's sparselora-most-layers)."""
     figure = go.Figure(
         layout={
             **LAYOUT,
@@ -65,12 +64,12 @@ def sparsity_schedule_figure() -> go.Figure:
             "barmode": "group",
         }
     )
-    for name, layers, method, colour in (
-        ("default, MiniLM (6 layers)", 6, "sparselora", "sparselora"),
-        ("default, SmolLM2-135M (30 layers)", 30, "sparselora", "sparselora-s90"),
-        ("paper, SmolLM2-135M", 30, "sparselora-paper", "sparselora-paper"),
+    for name, layers, settings, colour in (
+        ("default, MiniLM (6 layers)", 6, {}, "sparselora"),
+        ("default, SmolLM2-135M (30 layers)", 30, {}, "sparselora-s90"),
+        ("most layers (the first default), SmolLM2-135M", 30, MOST_LAYERS, "sparselora-most-layers"),
     ):
-        hparams = get_method(method).resolve_hparams()
+        hparams = get_method("sparselora").resolve_hparams(settings)
         schedule = layer_schedule(layers, hparams)
         if hparams["last_layer"] == "outputs":
             schedule[-1] = 1.0

@@ -25,7 +25,14 @@ def layer_schedule(layers: int, hparams: Mapping[str, Any]) -> list[float]:
         if len(ratios) != layers or not all(0 <= r < 1 for r in ratios):
             raise HParamError(f"layer_sparsity needs {layers} numbers in [0, 1), one per layer (got {len(ratios)})")
         return ratios
-    first = layers // 2 if hparams["layer_sparsity"] == "deep-half" else hparams["dense_first_layers"]
+    deep_half = hparams["layer_sparsity"] == "deep-half"
+    first = layers // 2 if deep_half else hparams["dense_first_layers"]
+    if deep_half and first >= layers - 1:
+        raise HParamError(
+            f"layer_sparsity 'deep-half' leaves no sparse layer in this {layers}-layer model (the first half "
+            "is dense, the last layer is not channel-sparse): give one sparsity per layer instead, e.g. "
+            f"'{','.join(['0.9'] * (layers - 1) + ['0'])}'"
+        )
     if first >= layers - 1:
         raise HParamError(
             f"dense_first_layers must be below {layers - 1} for this {layers}-layer model "

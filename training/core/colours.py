@@ -14,7 +14,6 @@ METHOD_COLOURS = {
     "hira": "#ff7f0e",
     "hira-4bit": "#d62728",
     "sparselora": "#2ca02c",
-    "sparselora-paper": "#00a36c",
     "sparselora-4bit": "#9467bd",
 }
 # The results suite's variants (training/suite.py): darker for a larger or deeper setting,
@@ -29,9 +28,10 @@ VARIANT_COLOURS = {
     "sparselora-last-all": "#bcbd22",
     "sparselora-attn50": "#7f9f3f",
     "sparselora-pads-computed": "#8fbc8f",
-    "sparselora-paper-last-all": "#66c2a4",
-    "sparselora-paper-reference": "#005a3c",
-    "sparselora-paper-4bit": "#6a3d9a",
+    "sparselora-most-layers": "#00a36c",
+    "sparselora-reference": "#005a3c",
+    "sparselora-deep-s50": "#c7e9c0",
+    "sparselora-deep-s99": "#0a2e0a",
     "lora-nodrop": "#6baed6",
 }
 OTHER = "#7f7f7f"  # a name that is no method (a typo'd label, a future method)

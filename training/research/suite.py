@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_methods import get_method
-from lora_methods.sparselora_paper import PAPER_SETTINGS
+from lora_methods.sparselora import MOST_LAYERS
 from training.core.config import TrainConfig
 from training.core.defaults import RESULTS_DIR  # noqa: F401  (where its results go; the UI reads them there)
 from training.core.environment import hardware, library_versions
@@ -58,15 +58,18 @@ VARIANTS: dict[str, Variant] = {
         Variant("lora-r32", "lora", "lora-r32", {"rank": 32, "alpha": 64}),
         Variant("qlora", "qlora", "lora", {"rank": 8, "alpha": 16}),
         Variant("dora", "dora", "lora", {"rank": 8, "alpha": 16}),
+        # the paper's schedule (SparseLoRA's default): the deep half at 0.9, the first half dense, no LoRA dropout
         Variant("sparselora", "sparselora", "lora", {"rank": 8, "alpha": 16}),
         Variant("sparselora-4bit", "sparselora-4bit", "lora", {"rank": 8, "alpha": 16}),
-        # the paper's schedule: the deep half at 0.9, the first half dense, no LoRA dropout
-        Variant("sparselora-paper", "sparselora-paper", "lora", {"rank": 8, "alpha": 16}),
-        # what sparsity costs: the default 0.75 of the FFN channels skipped, and half, and 90%
-        Variant("sparselora-s50", "sparselora", "lora", {"rank": 8, "alpha": 16, "ffn_sparsity": 0.5}),
-        Variant("sparselora-s90", "sparselora", "lora", {"rank": 8, "alpha": 16, "ffn_sparsity": 0.9}),
+        # the schedule this project used first: every layer but the first and the last at 0.75
+        Variant("sparselora-most-layers", "sparselora", "lora", {"rank": 8, "alpha": 16, **MOST_LAYERS}),
+        # what sparsity costs on that schedule: half of the FFN channels skipped, and 90%
+        Variant("sparselora-s50", "sparselora", "lora", {"rank": 8, "alpha": 16, **MOST_LAYERS, "ffn_sparsity": 0.5}),
+        Variant("sparselora-s90", "sparselora", "lora", {"rank": 8, "alpha": 16, **MOST_LAYERS, "ffn_sparsity": 0.9}),
         # and where: only the deeper layers sparse (3 and 4 of MiniLM's 6), where the FFN loses least
-        Variant("sparselora-deep", "sparselora", "lora", {"rank": 8, "alpha": 16, "dense_first_layers": 3}),
+        Variant(
+            "sparselora-deep", "sparselora", "lora", {"rank": 8, "alpha": 16, **MOST_LAYERS, "dense_first_layers": 3}
+        ),
         Variant("hira", "hira", "hira", {"rank": 8}),
         Variant("hira-r32", "hira", "hira-r32", {"rank": 32}),
         Variant("hira-4bit", "hira-4bit", "hira", {"rank": 8}),
@@ -107,15 +110,15 @@ METHODS = (
     "qlora",
     "dora",
     "sparselora",
-    "sparselora-paper",
     "sparselora-4bit",
     "hira",
     "hira-r32",
     "hira-4bit",
 )
-SPARSITIES = ("sparselora-s50", "sparselora-s90", "sparselora-deep")
+SPARSITIES = ("sparselora-most-layers", "sparselora-s50", "sparselora-s90", "sparselora-deep")
 LAYERS = {  # SparseLoRA's layer schedules, timed against LoRA (not trained)
-    "sparselora-all-layers": ("sparselora", {"dense_first_layers": 0}),  # every layer sparse but the last
+    # every layer sparse but the last
+    "sparselora-all-layers": ("sparselora", {**MOST_LAYERS, "dense_first_layers": 0}),
     # the last layer's FFN for every token, not only the output tokens: what skipping unread work buys
     "sparselora-last-all": ("sparselora", {"last_layer": "all"}),
     "sparselora-attn50": ("sparselora", {"attention_sparsity": 0.5}),  # value/output channels too
@@ -123,9 +126,9 @@ LAYERS = {  # SparseLoRA's layer schedules, timed against LoRA (not trained)
 DECODER_EXTRAS = {  # on the decoder: what of SparseLoRA's speed is exact, and what is the paper's dropout 0
     "lora-nodrop": ("lora", {"dropout": 0.0}),
     "sparselora-pads-computed": ("sparselora", {"pad_tokens": "compute"}),  # padding not skipped
-    "sparselora-paper-last-all": ("sparselora-paper", {"last_layer": "all"}),
-    "sparselora-paper-reference": ("sparselora-paper", {"estimator": "sequence-mean", "estimator_rank": 8}),
-    "sparselora-paper-4bit": ("sparselora-4bit", PAPER_SETTINGS),
+    "sparselora-last-all": ("sparselora", {"last_layer": "all"}),
+    # the reference code's estimator: a rank-8 SVD scoring each sequence's mean context token
+    "sparselora-reference": ("sparselora", {"estimator": "sequence-mean", "estimator_rank": 8}),
 }
 SUITES: dict[str, tuple[Plan, ...]] = {
     "full": (
@@ -179,7 +182,7 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             seq_len=128,
             seeds=(0, 1, 2, 3, 4),
             # full fine-tuning fits (135M parameters) but at ~3x LoRA's step would double this plan's time
-            variants=("lora", "qlora", "hira", "sparselora", "sparselora-paper", "sparselora-4bit"),
+            variants=("lora", "qlora", "hira", "sparselora", "sparselora-most-layers", "sparselora-4bit"),
             sweep={},  # the methods' default rates: the MiniLM sweep's rates do not carry over to a decoder
             speed_steps=20,  # SparseLoRA's speed claims are quoted at 20 interleaved steps: 8 ranged too widely
             speed_extra=DECODER_EXTRAS,
@@ -193,14 +196,15 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             batch_size=8,
             seq_len=128,
             seeds=(0,),
-            variants=("lora", "sparselora", "sparselora-paper"),
+            variants=("lora", "sparselora", "sparselora-most-layers"),
             sweep={},
             rates_from="generation",
             run_settings={"eval_samples": 100, "control_samples": 0},
             speed_steps=20,
             speed_extra={
-                "sparselora-s50": ("sparselora", {"ffn_sparsity": 0.5}),
-                "sparselora-s90": ("sparselora", {"ffn_sparsity": 0.9}),
+                # the deep half at 0.5, and at 0.99 (the top of the reference configurations' range)
+                "sparselora-deep-s50": ("sparselora", {"ffn_sparsity": 0.5}),
+                "sparselora-deep-s99": ("sparselora", {"ffn_sparsity": 0.99}),
                 **LAYERS,
                 **DECODER_EXTRAS,
                 "qlora": ("qlora", {}),
