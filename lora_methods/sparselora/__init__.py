@@ -137,7 +137,8 @@ METHOD = FineTuningMethod(
             "dense_first_layers",
             int,
             1,
-            "leading layers kept dense (the last layer is not sparse either: see last_layer)",
+            "with layer_sparsity 'auto': the leading layers kept dense (the last layer is not sparse either: see "
+            "last_layer)",
             minimum=0,
             maximum=1000,
         ),

@@ -259,9 +259,18 @@ def _config(plan: Plan, variant: Variant, rate: float, seed: int, offline: bool,
     )
 
 
+# Run settings added after cells were published: at these values they stay out of the digest, so
+# the published cells keep their ids and are reused, not trained again.
+ADDED_LATER = {"processes": 1}
+
+
 def cell_run_id(plan: Plan, variant: Variant, config: TrainConfig) -> str:
     """A readable id with a digest of everything that decides the run's outcome."""
-    settings = {k: v for k, v in asdict(config.resolved()).items() if k not in ("offline", "owner")}
+    settings = {
+        k: v
+        for k, v in asdict(config.resolved()).items()
+        if k not in ("offline", "owner") and not (k in ADDED_LATER and v == ADDED_LATER[k])
+    }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{plan.name}-{variant.name}-lr{config.hparams['learning_rate']:g}-s{config.seed}-{digest}"
 
