@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import fields
 
 import pytest
 import torch
@@ -278,6 +279,10 @@ def test_layer_schedule_and_its_errors():
         layer_schedule(2, hparams)
     with pytest.raises(HParamError, match="'deep-half' leaves no sparse layer in this 2-layer model.*'0.9,0'"):
         layer_schedule(2, {**hparams, "layer_sparsity": "deep-half"})
+    with pytest.raises(HParamError, match="dense_first_layers applies with layer_sparsity 'auto' only"):
+        layer_schedule(
+            6, {**hparams, "layer_sparsity": "deep-half", "dense_first_layers": 0}
+        )  # silently ignored before
     with pytest.raises(HParamError, match="ffn_sparsity must satisfy"):
         get_method("sparselora").resolve_hparams({"ffn_sparsity": 1.0})
     with pytest.raises(HParamError, match="output_tokens must be one of dense, sparse"):
@@ -419,3 +424,17 @@ def test_a_decoder_sentiment_run_under_sparselora_is_served_and_reloads_to_its_s
         alone.model, test, data.collator(alone.tokenizer, "sentiment"), "sentiment", alone.precision
     )
     assert again["accuracy"] == summary["metrics"]["test"]["accuracy"]
+
+    # Recorded under the retired preset name `sparselora-paper` (same settings): it still serves, its
+    # config resolves to SparseLoRA's, and its model card's command runs.
+    from training.serving import export
+
+    recorded = json.loads((run.dir / "config.json").read_text())
+    (run.dir / "config.json").write_text(json.dumps({**recorded, "method": "sparselora-paper"}))
+    (old,) = store.runs()
+    assert old.config["method"] == "sparselora-paper"
+    (again_served,) = classify_side_by_side(AdapterPool(), store, [old.id], review, include_base=False)
+    assert again_served["probabilities"] == served["probabilities"]
+    names = {f.name for f in fields(TrainConfig)}
+    assert TrainConfig(**{k: v for k, v in old.config.items() if k in names}).resolved().method == "sparselora"
+    assert "--method sparselora " in export.model_card(old)

@@ -101,7 +101,7 @@ def _add_bench(commands: Any) -> None:
         default=[],
         metavar="METHOD.NAME=VALUE",
         help="a hyperparameter of one entry, named by its label (the method name unless given as LABEL=METHOD), "
-        "e.g. sparselora.ffn_sparsity=0.9 (repeatable)",
+        "e.g. sparselora.ffn_sparsity=0.5 (repeatable)",
     )
     bench.add_argument("--train-steps", type=int, help="also train each method this many steps and report quality")
     bench.add_argument("--out", default=str(suite.RESULTS_DIR), help="suite results folder (default: assets/results)")

@@ -65,8 +65,8 @@ def sparsity_schedule_figure() -> go.Figure:
         }
     )
     for name, layers, settings, colour in (
-        ("default, MiniLM (6 layers)", 6, {}, "sparselora"),
-        ("default, SmolLM2-135M (30 layers)", 30, {}, "sparselora-s90"),
+        ("default, MiniLM (6 layers)", 6, {}, "sparselora-deep"),
+        ("default, SmolLM2-135M (30 layers)", 30, {}, "sparselora"),
         ("most layers (the first default), SmolLM2-135M", 30, MOST_LAYERS, "sparselora-most-layers"),
     ):
         hparams = get_method("sparselora").resolve_hparams(settings)

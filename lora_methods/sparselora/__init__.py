@@ -36,7 +36,7 @@ from .controller import SparsityController
 from .estimator import SCORINGS
 from .install import SparsitySettings, install
 from .layouts import attention_layout, ffn_layout, layer_blocks
-from .schedule import SparsitySchedule, layer_schedule
+from .schedule import DENSE_FIRST_LAYERS, SparsitySchedule, layer_schedule
 
 # The schedule this project used before it measured the paper's: every layer but the first and
 # the last at 0.75, LoRA dropout 0.05. Kept to measure against (the results suite's ablation).
@@ -136,7 +136,7 @@ METHOD = FineTuningMethod(
         HParam(
             "dense_first_layers",
             int,
-            1,
+            DENSE_FIRST_LAYERS,
             "with layer_sparsity 'auto': the leading layers kept dense (the last layer is not sparse either: see "
             "last_layer)",
             minimum=0,

@@ -12,11 +12,18 @@ from transformers import TrainerCallback
 from ..base import HParamError
 from .controller import SparsityController
 
+DENSE_FIRST_LAYERS = 1  # dense_first_layers' default: the first layer, where the FFN loses most
+
 
 def layer_schedule(layers: int, hparams: Mapping[str, Any]) -> list[float]:
     """Channel sparsity per layer: none in the first `dense_first_layers` (`deep-half`: the first
     half, the paper's schedule) and the last layer (whose FFN `last_layer` may instead run for
     output tokens only), `ffn_sparsity` in the rest; or the explicit comma-separated list."""
+    if hparams["layer_sparsity"] != "auto" and hparams["dense_first_layers"] != DENSE_FIRST_LAYERS:
+        raise HParamError(
+            f"dense_first_layers applies with layer_sparsity 'auto' only (it is {hparams['layer_sparsity']!r}); "
+            "give --layer-sparsity auto with it, or leave it out"
+        )
     if hparams["layer_sparsity"] not in ("auto", "deep-half"):
         try:
             ratios = [float(part) for part in hparams["layer_sparsity"].split(",")]
@@ -31,7 +38,7 @@ def layer_schedule(layers: int, hparams: Mapping[str, Any]) -> list[float]:
         raise HParamError(
             f"layer_sparsity 'deep-half' leaves no sparse layer in this {layers}-layer model (the first half "
             "is dense, the last layer is not channel-sparse): give one sparsity per layer instead, e.g. "
-            f"'{','.join(['0.9'] * (layers - 1) + ['0'])}'"
+            f"'{','.join([format(hparams['ffn_sparsity'], 'g')] * (layers - 1) + ['0'])}'"
         )
     if first >= layers - 1:
         raise HParamError(

@@ -16,7 +16,7 @@ METHOD_COLOURS = {
     "sparselora": "#2ca02c",
     "sparselora-4bit": "#9467bd",
 }
-# The results suite's variants (training/suite.py): darker for a larger or deeper setting,
+# The results suite's variants (training/research/suite.py): darker for a larger or deeper setting,
 # lighter for a sparser or narrower one.
 VARIANT_COLOURS = {
     "lora-r32": "#0b4f80",
@@ -31,7 +31,7 @@ VARIANT_COLOURS = {
     "sparselora-most-layers": "#00a36c",
     "sparselora-reference": "#005a3c",
     "sparselora-deep-s50": "#c7e9c0",
-    "sparselora-deep-s99": "#0a2e0a",
+    "sparselora-deep-s99": "#006d2c",
     "lora-nodrop": "#6baed6",
 }
 OTHER = "#7f7f7f"  # a name that is no method (a typo'd label, a future method)

@@ -203,6 +203,7 @@ class TrainConfig:
         """Defaults filled in and every value checked; raises ConfigError or HParamError."""
         method = get_method(self.method)  # an unknown method is the registry's HParamError, naming the methods
         values = asdict(self)
+        values["method"] = method.name  # a retired name (a run recorded under it) becomes its successor's
         for field in RUN_FIELDS:
             field.check(values[field.name])
         values["hparams"] = method.resolve_hparams(self.hparams)

@@ -66,7 +66,8 @@ VARIANTS: dict[str, Variant] = {
         # what sparsity costs on that schedule: half of the FFN channels skipped, and 90%
         Variant("sparselora-s50", "sparselora", "lora", {"rank": 8, "alpha": 16, **MOST_LAYERS, "ffn_sparsity": 0.5}),
         Variant("sparselora-s90", "sparselora", "lora", {"rank": 8, "alpha": 16, **MOST_LAYERS, "ffn_sparsity": 0.9}),
-        # and where: only the deeper layers sparse (3 and 4 of MiniLM's 6), where the FFN loses least
+        # and where: only the deeper layers sparse (3 and 4 of MiniLM's 6, the default's layers there),
+        # at the first schedule's 0.75 and dropout 0.05
         Variant(
             "sparselora-deep", "sparselora", "lora", {"rank": 8, "alpha": 16, **MOST_LAYERS, "dense_first_layers": 3}
         ),
@@ -117,7 +118,7 @@ METHODS = (
 )
 SPARSITIES = ("sparselora-most-layers", "sparselora-s50", "sparselora-s90", "sparselora-deep")
 LAYERS = {  # SparseLoRA's layer schedules, timed against LoRA (not trained)
-    # every layer sparse but the last
+    # the first schedule (0.75, dropout 0.05) with every layer sparse but the last
     "sparselora-all-layers": ("sparselora", {**MOST_LAYERS, "dense_first_layers": 0}),
     # the last layer's FFN for every token, not only the output tokens: what skipping unread work buys
     "sparselora-last-all": ("sparselora", {"last_layer": "all"}),
@@ -126,7 +127,7 @@ LAYERS = {  # SparseLoRA's layer schedules, timed against LoRA (not trained)
 DECODER_EXTRAS = {  # on the decoder: what of SparseLoRA's speed is exact, and what is the paper's dropout 0
     "lora-nodrop": ("lora", {"dropout": 0.0}),
     "sparselora-pads-computed": ("sparselora", {"pad_tokens": "compute"}),  # padding not skipped
-    "sparselora-last-all": ("sparselora", {"last_layer": "all"}),
+    "sparselora-last-all": LAYERS["sparselora-last-all"],
     # the reference code's estimator: a rank-8 SVD scoring each sequence's mean context token
     "sparselora-reference": ("sparselora", {"estimator": "sequence-mean", "estimator_rank": 8}),
 }
@@ -240,7 +241,7 @@ def _primary(task: str) -> tuple[str, bool]:
     return ("accuracy", True) if task == "sentiment" else ("loss", False)
 
 
-def _config(plan: Plan, variant: Variant, rate: float, seed: int, offline: bool, judge: str | None) -> TrainConfig:
+def cell_config(plan: Plan, variant: Variant, rate: float, seed: int, offline: bool, judge: str | None) -> TrainConfig:
     return TrainConfig(
         task=plan.task,
         method=variant.method,
@@ -387,7 +388,7 @@ def _sweep(
         variant = VARIANTS[family]
         scored = []
         for rate in rates:
-            config = _config(plan, variant, rate, plan.seeds[0], offline, judge)
+            config = cell_config(plan, variant, rate, plan.seeds[0], offline, judge)
             run = _train_cell(store, cell_run_id(plan, variant, config), config, log)
             score = run.summary["metrics"]["validation"][name]
             if math.isfinite(score):  # a diverged rate never wins
@@ -500,7 +501,7 @@ def run_suite(
             variant = VARIANTS[variant_name]
             rate = rates[plan.name].get(variant.family, _default_rate(variant))
             for seed in plan.seeds:
-                config = _config(plan, variant, rate, seed, offline, judge and judge["run"])
+                config = cell_config(plan, variant, rate, seed, offline, judge and judge["run"])
                 run = _train_cell(store, cell_run_id(plan, variant, config), config, log)
                 cells.append(cell_record(plan, variant, run))
     finished = time.time()
@@ -557,7 +558,7 @@ def rerun_cell(
     judged = plan.run_settings["control_samples"] and judge and _exists(store, judge)
     if plan.run_settings["control_samples"] and not judged:  # the review judge is a run of the suite's own store
         plan = Plan(**{**asdict(plan), "run_settings": {**plan.run_settings, "control_samples": 0}})
-    config = _config(plan, variant, published["hparams"]["learning_rate"], seed, offline, judge)
+    config = cell_config(plan, variant, published["hparams"]["learning_rate"], seed, offline, judge)
     config.hparams = dict(published["hparams"])
     run_id = f"{cell_run_id(plan, variant, config)}-rerun-{time.strftime('%Y%m%d-%H%M%S')}"
     metrics = train(config, store, run_id=run_id)["metrics"]

@@ -316,7 +316,8 @@ def model_card(run: Run, merged: bool = False, location: str | None = None) -> s
 def train_config(run: Run) -> TrainConfig:
     """The run's configuration as the engine takes it, without its owner or server paths."""
     names = {spec.name for spec in fields(TrainConfig)}
-    return TrainConfig(**{key: value for key, value in _shareable_config(run.config).items() if key in names})
+    config = {key: value for key, value in _shareable_config(run.config).items() if key in names}
+    return TrainConfig(**{**config, "method": get_method(config["method"]).name})  # a retired name: its successor
 
 
 def export_name(run: Run, merged: bool = False) -> str:
