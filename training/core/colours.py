@@ -28,7 +28,7 @@ VARIANT_COLOURS = {
     "sparselora-last-all": "#bcbd22",
     "sparselora-attn50": "#7f9f3f",
     "sparselora-pads-computed": "#8fbc8f",
-    "sparselora-most-layers": "#00a36c",
+    "sparselora-most-layers": "#a6d854",
     "sparselora-reference": "#005a3c",
     "sparselora-deep-s50": "#c7e9c0",
     "sparselora-deep-s99": "#006d2c",

@@ -33,7 +33,11 @@ LOSS_SMOOTHING = 0.8  # lighter than the live charts': these curves are already 
 
 # Memory parts are no methods: greys, so no bar reads as a method's colour.
 PART_COLOURS = dict(zip((key for key, _ in MEMORY_PARTS), ("#252525", "#636363", "#969696", "#cccccc")))
-PLANS = ("sentiment", "generation", "continuation")
+
+
+def _plans(results: Results) -> list[str]:
+    """The suite's plans that have results, in the suite's order: one panel each."""
+    return [plan["name"] for plan in results["plans"] if plan["name"] in results["aggregate"]]
 
 
 def _panels(plans: list[str]) -> go.Figure:
@@ -66,7 +70,7 @@ def _scatter_by_plan(results: Results, key: str, title: str, x_title: str, x_of:
     """Test quality against `x_of(plan, variant)`, one panel per plan, the variants of question
     `key` only; no text beside the markers (they collide), the legend names them."""
     table = rows(results)
-    plans = [plan for plan in PLANS if plan in results["aggregate"]]
+    plans = _plans(results)
     figure = _panels(plans)
     for column, plan in enumerate(plans, start=1):
         for variant in filter(QUESTION_VARIANTS[key], plan_rows(table, plan)):
@@ -110,7 +114,7 @@ def qlora_memory(results: Results) -> go.Figure:
 def hira_quality(results: Results) -> go.Figure:
     """LoRA and HiRA side by side at each rank (equal trainable parameters within a rank)."""
     table = rows(results)
-    plans = [plan for plan in PLANS if plan in plans_with(table, "hira", "lora")]
+    plans = [plan for plan in _plans(results) if plan in plans_with(table, "hira", "lora")]
     figure = _panels(plans)
     for column, plan in enumerate(plans, start=1):
         measured = plan_rows(table, plan)
@@ -153,7 +157,7 @@ def combinations_figure(results: Results) -> go.Figure:
 
 
 def loss_curves(results: Results) -> go.Figure:
-    plans = [plan for plan in PLANS if plan in results["aggregate"]]
+    plans = _plans(results)
     figure = _panels(plans)
     for column, plan in enumerate(plans, start=1):
         curves: dict[str, list[list[float]]] = {}
