@@ -195,11 +195,13 @@ def test_stop_reaches_both_processes_and_a_killed_run_resumes_to_the_end(tmp_pat
     arguments = train_arguments(bert_without_dropout, review_csv, 4, steps, "--processes=2", "--checkpoint-steps=5")
 
     # Stop through the run store (the app's Stop button): rank 0 reads it, both processes end.
-    launcher = subprocess.Popen(cli(runs, *arguments), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    log = tmp_path / "launcher.log"  # both ranks' output: what a failure below needs to be understood
+    with open(log, "w") as output:
+        launcher = subprocess.Popen(cli(runs, *arguments), cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
     wait_for(lambda: any(RunStore(runs).runs()) and len(train_steps(only_run(runs))) >= 3, 120, "third step")
     run = only_run(runs)
     run.request_stop()
-    assert launcher.wait(timeout=60) == 0
+    assert launcher.wait(timeout=60) == 0, log.read_text()[-4000:]
     assert run.status == "stopped"
     stopped_at = run.summary["steps"]
     assert stopped_at < steps and (run.dir / "checkpoints" / f"checkpoint-{stopped_at}").is_dir()
