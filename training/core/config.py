@@ -199,11 +199,18 @@ class TrainConfig:
         False, label="offline", help="never use the Hub: bundled models and data only", shown=COMMAND_LINE
     )
 
+    @classmethod
+    def from_record(cls, recorded: Mapping[str, Any]) -> TrainConfig:
+        """The configuration a run recorded (its config.json, which also holds what the engine
+        added: paths, versions), under the name its method has now (lora_methods.RETIRED)."""
+        names = {spec.name for spec in dataclasses.fields(cls)}
+        given = {key: value for key, value in recorded.items() if key in names}
+        return cls(**{**given, "method": get_method(given["method"]).name})
+
     def resolved(self) -> TrainConfig:
         """Defaults filled in and every value checked; raises ConfigError or HParamError."""
         method = get_method(self.method)  # an unknown method is the registry's HParamError, naming the methods
         values = asdict(self)
-        values["method"] = method.name  # a retired name (a run recorded under it) becomes its successor's
         for field in RUN_FIELDS:
             field.check(values[field.name])
         values["hparams"] = method.resolve_hparams(self.hparams)

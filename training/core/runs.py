@@ -17,7 +17,6 @@ import secrets
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +232,5 @@ def resumable(run: Run) -> tuple[TrainConfig, str]:
     checkpoint = latest_checkpoint(run)
     if checkpoint is None:
         raise ConfigError(f"run {run.id} has no checkpoint to resume from (it stopped before the first one)")
-    names = {f.name for f in fields(TrainConfig)}
-    recorded = {key: value for key, value in run.config.items() if key in names}
     # Runs recorded before precision was a setting trained in fp32: they continue in it.
-    return TrainConfig(**{"precision": "fp32", **recorded}), checkpoint
+    return TrainConfig.from_record({"precision": "fp32", **run.config}), checkpoint

@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from lora_methods import FineTuningMethod, get_method
@@ -315,9 +315,7 @@ def model_card(run: Run, merged: bool = False, location: str | None = None) -> s
 
 def train_config(run: Run) -> TrainConfig:
     """The run's configuration as the engine takes it, without its owner or server paths."""
-    names = {spec.name for spec in fields(TrainConfig)}
-    config = {key: value for key, value in _shareable_config(run.config).items() if key in names}
-    return TrainConfig(**{**config, "method": get_method(config["method"]).name})  # a retired name: its successor
+    return TrainConfig.from_record(_shareable_config(run.config))
 
 
 def export_name(run: Run, merged: bool = False) -> str:
