@@ -223,7 +223,7 @@ def test_start_run_keeps_its_documented_parameters_in_order():
     assert api.START_RUN.parameters["seed"].default == 0 and api.START_RUN.parameters["task"].annotation is str
 
 
-def test_bench_times_each_method_at_each_precision_and_logits_setting(tiny_models, capsys):
+def test_bench_times_each_method_at_each_precision_attention_kernel_and_logits_setting(tiny_models, capsys):
     from training.cli import main
 
     common = ["--steps", "2", "--warmup", "1", "--model", tiny_models["llama"], "--dataset", "bundled/hamlet"]
@@ -237,18 +237,32 @@ def test_bench_times_each_method_at_each_precision_and_logits_setting(tiny_model
         "fp32,bf16",
         "--logits",
         "all,read",
+        "--attention",
+        "sdpa,eager",
     ]
     assert main([*arguments, *common, "--offline"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    combinations = [(r["precision"], r["logits"]) for r in lines]
-    assert combinations == [("fp32", "all"), ("fp32", "read"), ("bf16", "all"), ("bf16", "read")]
-    assert lines[0]["speedup_vs_baseline"] == 1.0 and lines[3]["baseline_precision"] == "fp32"
+    combinations = [(r["precision"], r["attention"], r["logits"]) for r in lines]
+    assert combinations == [
+        (precision, attention, logits)
+        for precision in ("fp32", "bf16")
+        for attention in ("sdpa", "eager")
+        for logits in ("all", "read")
+    ]
+    assert lines[0]["speedup_vs_baseline"] == 1.0 and lines[-1]["baseline_precision"] == "fp32"
+    assert lines[-1]["baseline_attention"] == "sdpa"
     assert all(r["median_step_s"] > 0 and r["tokens_per_s"] > 0 for r in lines)
     # the frozen base is stored in bf16: its weights take half the bytes
-    assert lines[2]["memory"]["weights_bytes"] < 0.6 * lines[0]["memory"]["weights_bytes"]
+    assert lines[4]["memory"]["weights_bytes"] < 0.6 * lines[0]["memory"]["weights_bytes"]
+    # eager attention keeps each layer's token-by-token probabilities for its backward pass
+    assert lines[2]["memory"]["activation_bytes"] > lines[0]["memory"]["activation_bytes"]
 
-    for precisions, message in (("fp32,fp8", "unknown precision fp8"), ("fp16", "fp16 needs a CUDA GPU")):
-        assert main(["bench", "--task", "generation", "--methods", "lora", "--precision", precisions, *common]) == 2
+    for option, values, message in (
+        ("--precision", "fp32,fp8", "unknown precision fp8"),
+        ("--precision", "fp16", "fp16 needs a CUDA GPU"),
+        ("--attention", "sdpa,flash", "unknown attention flash"),
+    ):
+        assert main(["bench", "--task", "generation", "--methods", "lora", option, values, *common]) == 2
         assert message in capsys.readouterr().err
 
 

@@ -12,7 +12,7 @@ from conftest import tiny_sentiment_config
 from safetensors.torch import load_file
 
 from lora_methods import get_method
-from training.core import compute, data, environment, inference
+from training.core import compute, data, environment, inference, memory
 from training.core.config import ConfigError, TrainConfig
 from training.core.models import load_model, load_tokenizer
 from training.core.runs import RunStore, resumable
@@ -39,6 +39,63 @@ def test_auto_picks_bf16_only_where_the_cpu_has_it(cpu_without_bf16, monkeypatch
     assert compute.resolve_precision("fp32") == ("fp32", "given")
 
 
+def test_auto_attention_is_eager_only_for_short_bf16_sequences_on_a_cpu_that_computes_bf16(cpu_with_bf16, monkeypatch):
+    short, long = compute.EAGER_ATTENTION_MAX_TOKENS, compute.EAGER_ATTENTION_MAX_TOKENS + 1
+    assert compute.resolve_attention("auto", "bf16", short)[0] == "eager"
+    assert compute.resolve_attention("auto", "bf16", long) == (
+        "sdpa",
+        f"auto: the fused kernel for sequences over {short} tokens",
+    )
+    assert compute.resolve_attention("auto", "bf16", None)[0] == "sdpa"  # any length: the kernel that scales
+    assert compute.resolve_attention("auto", "fp32", short)[0] == "sdpa"
+    assert compute.resolve_attention("eager", "fp32", 4096) == ("eager", "given")
+    monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset({"avx2"}))  # bf16 asked for, but emulated
+    assert compute.resolve_attention("auto", "bf16", short)[0] == "sdpa"
+    monkeypatch.setattr(environment, "has_cuda", lambda: True)
+    assert compute.resolve_attention("auto", "bf16", short)[0] == "sdpa"
+
+
+@pytest.mark.parametrize(
+    ("architecture", "padding_side"),
+    [("bert", "right"), ("distilbert", "right"), ("gpt2", "right"), ("llama", "right"), ("llama", "left")],
+)
+def test_eager_and_fused_attention_give_the_same_logits_and_gradients_on_padded_batches(
+    tiny_models, architecture, padding_side
+):
+    """The kernel is a speed choice only: same classifier logits and LoRA gradients on a batch whose
+    rows are padded (fp32, so that only the kernels' summation order can differ)."""
+    tokenizer = load_tokenizer(tiny_models[architecture])
+    tokenizer.padding_side = padding_side
+    batch = tokenizer(
+        ["a fine film", "dull, slow and far too long for what it says"], padding=True, return_tensors="pt"
+    )
+    assert (batch["attention_mask"] == 0).any()
+    method = get_method("lora")
+    hparams = method.resolve_hparams({"dropout": 0.0})
+
+    def logits_and_gradients(attention: str) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        torch.manual_seed(0)  # the same classification head
+        model = method.apply(
+            load_model(tiny_models[architecture], "sentiment", tokenizer, attention=attention), "sentiment", hparams
+        )
+        torch.manual_seed(1)
+        for name, parameter in model.named_parameters():  # B starts at zero: give every factor a gradient
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.02)
+        meter = memory.ActivationMeter(model)
+        with meter.measuring():
+            logits = model(**batch).logits
+        logits.square().sum().backward()
+        return logits.detach(), [p.grad for p in model.parameters() if p.requires_grad], meter.bytes
+
+    fused_logits, fused_grads, fused_saved = logits_and_gradients("sdpa")
+    eager_logits, eager_grads, eager_saved = logits_and_gradients("eager")
+    assert eager_saved != fused_saved  # two kernels did run: they keep different tensors for the backward pass
+    torch.testing.assert_close(eager_logits, fused_logits, rtol=1e-5, atol=1e-6)
+    for eager, fused in zip(eager_grads, fused_grads, strict=True):
+        torch.testing.assert_close(eager, fused, rtol=1e-4, atol=1e-6)
+
+
 def test_fp16_without_cuda_is_refused_before_anything_is_written(tmp_path, tiny_models, review_csv):
     store = RunStore(tmp_path / "runs")
     config = TrainConfig(
@@ -62,6 +119,9 @@ def test_a_default_run_computes_in_what_the_hardware_runs_fast_and_says_so(
     assert summary["status"] == "completed"
     assert summary["precision"] == run.config["precision"] == expected
     assert summary["precision_source"].startswith("auto: ")
+    # the tiny run's 48-token sequences: eager attention in bf16, the fused kernel in fp32
+    assert summary["attention"] == run.config["attention"] == ("eager" if expected == "bf16" else "sdpa")
+    assert summary["attention_source"].startswith("auto: ")
     # Whatever it computed in, the trained adapter is kept in float32 (the master weights).
     saved = load_file(run.adapter_dir / "adapter_model.safetensors")
     assert {tensor.dtype for tensor in saved.values()} == {torch.float32}

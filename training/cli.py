@@ -20,7 +20,7 @@ import psutil
 from lora_methods import TASKS
 from lora_methods.sparselora.estimator import SCORINGS
 from training.core import distributed
-from training.core.compute import PRECISIONS
+from training.core.compute import ATTENTIONS, PRECISIONS
 from training.core.config import ConfigError, add_train_flags, config_from_flags
 from training.core.environment import die_with_parent
 from training.core.runs import RunNotFound, RunStore
@@ -88,6 +88,13 @@ def _add_bench(commands: Any) -> None:
         default="read",
         help="generation: where a step computes logits, comma-separated: read (where the loss reads them, "
         "as training does) or all (every position, the model's default), e.g. all,read",
+    )
+    bench.add_argument(
+        "--attention",
+        default="auto",
+        help="comma-separated attention kernels to time each method with: auto (what training picks for the "
+        "precision and --seq-len), sdpa (PyTorch's fused kernel) or eager (transformers' plain products), "
+        "e.g. sdpa,eager",
     )
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
     bench.add_argument("--batch-size", type=int)
@@ -293,6 +300,7 @@ def _bench(args: argparse.Namespace) -> None:
             args.runs_dir,
             _choices(args.precision, "precision", PRECISIONS),
             _choices(args.logits, "logits", ("read", "all")),
+            _choices(args.attention, "attention", ATTENTIONS),
         ):
             print(json.dumps(result, default=str), flush=True)
 

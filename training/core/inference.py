@@ -65,6 +65,13 @@ def run_precision(run: Run) -> Precision:
     return run.config.get("precision", "fp32")
 
 
+def run_attention(run: Run) -> str:
+    """The attention kernel a run trained with, which its answers are computed with: the same
+    function either way, but rounding could tip a borderline answer (runs recorded before the
+    kernel was chosen per run trained with transformers' default, `sdpa`)."""
+    return run.config.get("attention", "sdpa")
+
+
 def load_run(run: Run, precision: Precision | None = None) -> LoadedRun:
     """The run's base model with its adapter applied (full fine-tuning: its saved model folder),
     ready for inference in `precision` (default: the run's own)."""
@@ -76,7 +83,7 @@ def load_run(run: Run, precision: Precision | None = None) -> LoadedRun:
     tokenizer = load_tokenizer(str(run.adapter_dir))
 
     def load(path: str, quantize_4bit: bool) -> torch.nn.Module:
-        model = load_model(path, task, tokenizer, quantize_4bit, precision)
+        model = load_model(path, task, tokenizer, quantize_4bit, precision, run_attention(run))
         if Path(path) != run.adapter_dir:  # the base under a saved adapter: frozen in training, stored as then
             compute.prepare_for_inference(model, precision)
         return model  # a saved whole model: every weight trained, float32 as then

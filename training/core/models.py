@@ -185,11 +185,17 @@ def load_model(
     tokenizer: PreTrainedTokenizerBase,
     quantize_4bit: bool = False,
     precision: Precision = "fp32",
+    attention: str = "sdpa",
 ) -> PreTrainedModel:
     """The model in float32 (weights that will train must be; compute.store_frozen_weights stores
     the frozen ones in the run's precision once a method has chosen them), or in 4-bit NF4 that
-    computes in `precision`."""
-    kwargs: dict = {"trust_remote_code": False, "use_safetensors": True, "dtype": torch.float32}
+    computes in `precision`; its attention computed by `attention` (compute.resolve_attention)."""
+    kwargs: dict = {
+        "trust_remote_code": False,
+        "use_safetensors": True,
+        "dtype": torch.float32,
+        "attn_implementation": attention,
+    }
     if quantize_4bit:
         kwargs["quantization_config"] = quantization_config(task, precision)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if environment.has_cuda() else "cpu"

@@ -81,13 +81,13 @@ def with_tuned_defaults(config: TrainConfig, model_id: str) -> TrainConfig:
 
 
 def _model_to_train(
-    model_path: str, config: TrainConfig, method: FineTuningMethod
+    model_path: str, config: TrainConfig, method: FineTuningMethod, attention: str
 ) -> tuple[PreTrainedTokenizerBase, torch.nn.Module, int]:
     """The tokenizer, the model `method` trains (its frozen weights stored in the run's precision)
     and the bytes the base's weights take as stored."""
     set_seed(config.seed)  # before loading: a new classification head is initialised randomly
     tokenizer = models.load_tokenizer(model_path)
-    model = models.load_model(model_path, config.task, tokenizer, method.quantize_base, config.precision)
+    model = models.load_model(model_path, config.task, tokenizer, method.quantize_base, config.precision, attention)
     models.keep_4bit_layers_trainable(model)
     base_parameters = {id(parameter) for parameter in model.parameters()}
     # Every method starts as the identity on the base (LoRA/HiRA zero-initialise one factor), so the
@@ -123,7 +123,9 @@ def train(
     config = with_tuned_defaults(config, model_id)
     precision, precision_source = compute.resolve_precision(config.precision)
     config = replace(config, precision=precision)  # what config.json records: a resumed run keeps it
-    print(f"computing in {precision} ({precision_source})", file=sys.stderr, flush=True)
+    attention, attention_source = compute.resolve_attention("auto", precision, config.seq_len)
+    computing = f"computing in {precision} ({precision_source}), attention {attention} ({attention_source})"
+    print(computing, file=sys.stderr, flush=True)
     method = get_method(config.method)
     store = store or RunStore()
     dataset_id = config.dataset or data.default_dataset(config.task, offline)
@@ -134,7 +136,7 @@ def train(
     judge = find_judge(store, config.judge_run) if wants_judge else None
 
     # Wrapping before the run exists lets a rank or target that does not fit this model fail first.
-    tokenizer, model, base_weight_memory = _model_to_train(model_path, config, method)
+    tokenizer, model, base_weight_memory = _model_to_train(model_path, config, method, attention)
 
     if resume_from is not None:
         run, checkpoint = resume_from
@@ -156,6 +158,8 @@ def train(
             "device": device(),
             "judge_run": judge.id if judge else None,
             "precision_source": precision_source,
+            "attention": attention,
+            "attention_source": attention_source,
         }
         # Rank 0 creates the run; the other processes train into its folder (their checkpoint shards).
         run, checkpoint = store.get(distributed.from_main(lambda: store.create(record, run_id).id)), None
@@ -171,6 +175,8 @@ def train(
             defaults={"learning_rate": {"value": config.hparams["learning_rate"], "source": rate_source}},
             precision=precision,
             precision_source=run.config.get("precision_source", precision_source),
+            attention=attention,
+            attention_source=attention_source,
             processes=config.processes,
             global_batch_size=config.batch_size * config.processes,
         )

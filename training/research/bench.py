@@ -1,4 +1,4 @@
-"""Speed benchmark: several methods (each at one or more precisions) on the same model, data,
+"""Speed benchmark: several methods (each at one or more precisions and attention kernels) on the same model, data,
 batches and seed, in one process, steps interleaved (A B A B ...) after a warm-up, so machine noise
 hits every contender alike. A step is the engine's: the same precision handling (frozen weights
 stored in the compute dtype, autocast) and, for a causal LM, logits only where the loss reads them.
@@ -88,16 +88,25 @@ class Entry:
 
 
 class _Contender:
-    """One entry's model and optimizer at one precision, stepping on shared batches."""
+    """One entry's model and optimizer at one precision and attention kernel, stepping on shared batches."""
 
     def __init__(
-        self, entry: Entry, precision: Precision, logits: str, task: Task, model_path: str, tokenizer, seed: int
+        self,
+        entry: Entry,
+        precision: Precision,
+        attention: str,
+        logits: str,
+        task: Task,
+        model_path: str,
+        tokenizer,
+        seed: int,
     ):
         self.entry, self.method, self.precision, self.logits = entry, get_method(entry.method), precision, logits
+        self.attention = attention
         self.trims_logits = task == "generation" and logits == "read"
         self.hparams = self.method.resolve_hparams(entry.hparams)
         set_seed(seed)
-        model = models.load_model(model_path, task, tokenizer, self.method.quantize_base, precision)
+        model = models.load_model(model_path, task, tokenizer, self.method.quantize_base, precision, attention)
         models.keep_4bit_layers_trainable(model)
         self.model = self.method.apply(model, task, self.hparams)
         compute.store_frozen_weights(self.model, precision)
@@ -165,11 +174,13 @@ def run_bench(
     runs_dir: str | None = None,
     precisions: tuple[str, ...] = ("auto",),
     logits: tuple[str, ...] = ("read",),
+    attentions: tuple[str, ...] = ("auto",),
 ) -> Iterator[dict]:
     """Time `entries` side by side, each at every one of `precisions` (`auto` resolved for this
-    machine) and, for a causal LM, with its logits computed where the loss reads them (`read`, what
-    training does) or at every position (`all`, what the model does by default); the first
-    combination is the baseline of the speed ratios."""
+    machine), with every one of the `attentions` kernels (`auto` resolved for the precision and
+    sequence length, as training does) and, for a causal LM, with its logits computed where the
+    loss reads them (`read`, what training does) or at every position (`all`, what the model does
+    by default); the first combination is the baseline of the speed ratios."""
     for precision in precisions:
         refusal = compute.precision_refusal(precision)
         if refusal:
@@ -179,9 +190,12 @@ def run_bench(
     tokenizer = models.load_tokenizer(workload.model_path)
     batches = workload.batches(tokenizer, steps + warmup)
     contenders = [
-        _Contender(entry, precision, mode, task, workload.model_path, tokenizer, seed)
+        _Contender(entry, precision, attention, mode, task, workload.model_path, tokenizer, seed)
         for entry in entries
         for precision in resolved
+        for attention in dict.fromkeys(
+            compute.resolve_attention(requested, precision, workload.seq_len)[0] for requested in attentions
+        )
         for mode in logits
     ]
     for round_index in range(warmup + steps):
@@ -218,6 +232,7 @@ def _speed_record(
         "label": contender.entry.label,
         "method": contender.entry.method,
         "precision": contender.precision,
+        "attention": contender.attention,
         "logits": contender.logits if workload.task == "generation" else None,
         "batch_size": workload.batch_size,
         "seq_len": workload.seq_len,
@@ -228,6 +243,7 @@ def _speed_record(
         "tokens_per_s": tokens / median,
         "baseline": baseline.entry.label,
         "baseline_precision": baseline.precision,
+        "baseline_attention": baseline.attention,
         "baseline_logits": baseline.logits if workload.task == "generation" else None,
         "speedup_vs_baseline": statistics.median(baseline.times) / median,
         "flops_ratio_vs_lora": telemetry.get("flops_ratio_vs_lora"),

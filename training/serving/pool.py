@@ -1,6 +1,7 @@
-"""Serving many runs at once: one base model per (task, model, quantization, precision) in memory,
-each run's adapter attached to it on demand, so comparing eight runs costs one base model, not eight.
-Every answer is computed in the precision its run trained in (the base's: this machine's `auto`)."""
+"""Serving many runs at once: one base model per (task, model, quantization, precision, attention
+kernel) in memory, each run's adapter attached to it on demand, so comparing eight runs costs one
+base model, not eight. Every answer is computed in the precision and with the attention kernel its
+run trained with (the base's: this machine's `auto` for a run at the task's default settings)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from peft import PeftModel
@@ -16,10 +18,20 @@ from transformers import PreTrainedTokenizerBase
 from lora_methods import Task, get_method
 from training.core import compute
 from training.core.compute import Precision
-from training.core.inference import LoadedRun, check_adapter, load_run, run_precision
+from training.core.config import TASK_DEFAULTS
+from training.core.inference import LoadedRun, check_adapter, load_run, run_attention, run_precision
 from training.core.models import load_model, load_tokenizer, resolve_model_path
 from training.core.offline import is_offline
 from training.core.runs import Run
+
+
+class _BaseKey(NamedTuple):
+    task: Task
+    model_path: str
+    quantized: bool
+    precision: Precision
+    attention: str
+    adapter_type: str | None  # None: no adapter loaded yet
 
 
 @dataclass
@@ -44,34 +56,34 @@ class AdapterPool:
     FULL_MODELS_KEPT = 2
 
     def __init__(self) -> None:
-        self._bases: dict[tuple, _SharedBase] = {}
+        self._bases: dict[_BaseKey, _SharedBase] = {}
         self._full: dict[str, LoadedRun] = {}
         self._lock = threading.RLock()  # PEFT's active adapter is per model: one request at a time
 
-    def _base(
-        self, task: Task, model_path: str, quantized: bool, precision: Precision, adapter_type: str | None
-    ) -> _SharedBase:
-        key = (task, model_path, quantized, precision, adapter_type)
+    def _base(self, key: _BaseKey) -> _SharedBase:
         if key not in self._bases:
-            plain = (task, model_path, quantized, precision, None)
-            if adapter_type is not None and plain in self._bases and not self._bases[plain].adapters:
+            plain = key._replace(adapter_type=None)
+            if key.adapter_type is not None and plain in self._bases and not self._bases[plain].adapters:
                 self._bases[key] = self._bases.pop(plain)  # adapters go onto the base already loaded
             else:
-                tokenizer = load_tokenizer(model_path)
+                tokenizer = load_tokenizer(key.model_path)
                 torch.manual_seed(0)  # the untrained head of a classifier base is the same every time
-                model = load_model(model_path, task, tokenizer, quantized, precision)
-                compute.prepare_for_inference(model, precision)
-                self._bases[key] = _SharedBase(model, tokenizer, precision, set())
+                model = load_model(key.model_path, key.task, tokenizer, key.quantized, key.precision, key.attention)
+                compute.prepare_for_inference(model, key.precision)
+                self._bases[key] = _SharedBase(model, tokenizer, key.precision, set())
         return self._bases[key]
 
     def base_for_task(self, task: Task, model_path: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, Precision]:
         """The unadapted base (adapters disabled where the shared base carries some): one already in
-        memory at full width, else loaded in this machine's `auto` precision."""
+        memory at full width, else loaded in this machine's `auto` precision and attention kernel."""
         with self._lock:
-            for (base_task, path, quantized, _, _), shared in self._bases.items():
-                if base_task == task and path == model_path and not quantized:
+            for key, shared in self._bases.items():
+                if key.task == task and key.model_path == model_path and not key.quantized:
                     return shared.model, shared.tokenizer, shared.precision
-            shared = self._base(task, model_path, False, compute.resolve_precision("auto")[0], None)
+            # as a run of the task at its default settings computes, so that such runs' adapters share it
+            precision = compute.resolve_precision("auto")[0]
+            attention = compute.resolve_attention("auto", precision, TASK_DEFAULTS[task]["seq_len"])[0]
+            shared = self._base(_BaseKey(task, model_path, False, precision, attention, None))
             return shared.model, shared.tokenizer, shared.precision
 
     def _adapter(self, run: Run) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, Precision, str | None]:
@@ -89,7 +101,10 @@ class AdapterPool:
             return loaded.model, loaded.tokenizer, loaded.precision, None
         adapter_type = json.loads((run.adapter_dir / "adapter_config.json").read_text())["peft_type"]
         model_path = resolve_model_path(config["model"], offline=is_offline(config.get("offline", False)))
-        shared = self._base(config["task"], model_path, method.quantize_base, run_precision(run), adapter_type)
+        key = _BaseKey(
+            config["task"], model_path, method.quantize_base, run_precision(run), run_attention(run), adapter_type
+        )
+        shared = self._base(key)
         if run.id not in shared.adapters:
             if shared.adapters:
                 shared.model.load_adapter(str(run.adapter_dir), adapter_name=run.id)
@@ -101,20 +116,11 @@ class AdapterPool:
         return shared.model, shared.tokenizer, shared.precision, run.id
 
     def loaded(self) -> dict[str, list]:
-        """What is in memory: each shared base model (task, model path, whether 4-bit, precision, adapter
-        type and the runs whose adapters it carries, sorted) and the ids of the full fine-tuned models kept."""
+        """What is in memory: each shared base model (task, model path, whether 4-bit, precision,
+        attention kernel, adapter type and the runs whose adapters it carries, sorted) and the ids
+        of the full fine-tuned models kept."""
         with self._lock:
-            bases = [
-                {
-                    "task": task,
-                    "model": model_path,
-                    "quantized": quantized,
-                    "precision": precision,
-                    "adapter_type": adapter_type,
-                    "runs": sorted(shared.adapters),
-                }
-                for (task, model_path, quantized, precision, adapter_type), shared in self._bases.items()
-            ]
+            bases = [{**key._asdict(), "runs": sorted(shared.adapters)} for key, shared in self._bases.items()]
             return {"bases": bases, "full_models": list(self._full)}
 
     def forget(self, run_id: str) -> None:

@@ -207,13 +207,19 @@ def _preamble(results: Results) -> list[str]:
         f"Produced by `{results['command']}` ({results['suite']} suite) on {results['started_at']}, "
         f"in {results['duration_s'] / 60:.0f} minutes on {hardware['cores']} cores of {hardware['cpu']} "
         f"({hardware['device']}, {hardware['memory_bytes'] / 2**30:.0f} GiB), computing in "
-        f"{results.get('precision') or 'fp32'}. {_training_text(results)} "
+        f"{results.get('precision') or 'fp32'}{_attention_text(results)}. {_training_text(results)} "
         + ", ".join(f"{name} {version}" for name, version in versions.items())
         + ". Every figure below is in `results.json` beside this file; the figures the app's Guide "
         "tab draws are in `figures/`.\n",
         METHOD_TEXT
         + (SWEEP_TEXT if results["sweep"] else "Learning rates: each method's default (this suite has no sweep).\n"),
     ]
+
+
+def _attention_text(results: Results) -> str:
+    """Which attention kernels timed the steps (suites from before the choice recorded none)."""
+    kernels = sorted({row["attention"] for rows in results["speed"].values() for row in rows if "attention" in row})
+    return f", steps timed with {' and '.join(kernels)} attention" if kernels else ""
 
 
 def _plan_section(results: Results, plan: Mapping[str, Any]) -> list[str]:
