@@ -16,7 +16,7 @@ from training.core import compute, data, environment, inference, memory
 from training.core.config import ConfigError, TrainConfig
 from training.core.models import load_model, load_tokenizer
 from training.core.runs import RunStore, resumable
-from training.engine import train
+from training.engine import resume, train
 
 
 @pytest.fixture
@@ -42,17 +42,21 @@ def test_auto_picks_bf16_only_where_the_cpu_has_it(cpu_without_bf16, monkeypatch
 def test_auto_attention_is_eager_only_for_short_bf16_sequences_on_a_cpu_that_computes_bf16(cpu_with_bf16, monkeypatch):
     short, long = compute.EAGER_ATTENTION_MAX_TOKENS, compute.EAGER_ATTENTION_MAX_TOKENS + 1
     assert compute.resolve_attention("auto", "bf16", short)[0] == "eager"
+    # None: the model's default, the fused kernel where its architecture has one
     assert compute.resolve_attention("auto", "bf16", long) == (
-        "sdpa",
-        f"auto: the fused kernel for sequences over {short} tokens",
+        None,
+        f"auto: the model's default for sequences over {short} tokens",
     )
-    assert compute.resolve_attention("auto", "bf16", None)[0] == "sdpa"  # any length: the kernel that scales
-    assert compute.resolve_attention("auto", "fp32", short)[0] == "sdpa"
+    assert compute.resolve_attention("auto", "bf16", None)[0] is None  # any length: the kernel that scales
+    assert compute.resolve_attention("auto", "fp32", short)[0] is None
     assert compute.resolve_attention("eager", "fp32", 4096) == ("eager", "given")
     monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset({"avx2"}))  # bf16 asked for, but emulated
-    assert compute.resolve_attention("auto", "bf16", short)[0] == "sdpa"
+    assert compute.resolve_attention("auto", "bf16", short) == (
+        None,
+        "auto: the model's default where bf16 is emulated",
+    )
     monkeypatch.setattr(environment, "has_cuda", lambda: True)
-    assert compute.resolve_attention("auto", "bf16", short)[0] == "sdpa"
+    assert compute.resolve_attention("auto", "bf16", short)[0] is None
 
 
 @pytest.mark.parametrize(
@@ -96,6 +100,29 @@ def test_eager_and_fused_attention_give_the_same_logits_and_gradients_on_padded_
         torch.testing.assert_close(eager, fused, rtol=1e-4, atol=1e-6)
 
 
+def test_a_resumed_run_keeps_the_attention_kernel_it_trained_with(
+    cpu_with_bf16, monkeypatch, tmp_path, tiny_models, review_csv
+):
+    store = RunStore(tmp_path / "runs")
+    config = tiny_sentiment_config(tiny_models, review_csv, max_steps=6, checkpoint_steps=2, eval_subsample=8)
+
+    def stop_after_two_steps():
+        calls = []
+        return lambda: calls.append(1) or len(calls) >= 2
+
+    assert train(config, store, should_stop=stop_after_two_steps())["attention"] == "eager"
+    (run,) = store.runs()
+    # on a machine where `auto` would now pick the default, the run goes on as it began
+    monkeypatch.setattr(environment, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert resume(run.id, store, should_stop=stop_after_two_steps())["attention"] == "eager"
+    # a run recorded before the kernel was chosen trained with the model's default, and goes on with it
+    recorded = json.loads((run.dir / "config.json").read_text())
+    del recorded["attention"], recorded["attention_source"]
+    (run.dir / "config.json").write_text(json.dumps(recorded))
+    resumed = resume(run.id, store)
+    assert resumed["status"] == "completed" and resumed["attention"] == "sdpa"
+
+
 def test_fp16_without_cuda_is_refused_before_anything_is_written(tmp_path, tiny_models, review_csv):
     store = RunStore(tmp_path / "runs")
     config = TrainConfig(
@@ -120,7 +147,8 @@ def test_a_default_run_computes_in_what_the_hardware_runs_fast_and_says_so(
     assert summary["precision"] == run.config["precision"] == expected
     assert summary["precision_source"].startswith("auto: ")
     # the tiny run's 48-token sequences: eager attention in bf16, the fused kernel in fp32
-    assert summary["attention"] == run.config["attention"] == ("eager" if expected == "bf16" else "sdpa")
+    assert summary["attention"] == ("eager" if expected == "bf16" else "sdpa")  # the kernel that computed
+    assert run.config["attention"] == ("eager" if expected == "bf16" else None)  # what was asked for
     assert summary["attention_source"].startswith("auto: ")
     # Whatever it computed in, the trained adapter is kept in float32 (the master weights).
     saved = load_file(run.adapter_dir / "adapter_model.safetensors")

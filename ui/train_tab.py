@@ -317,7 +317,7 @@ def summary_markdown(summary: dict, records: list[dict]) -> str:
     if summary.get("precision"):
         rows.append(("precision", f"{summary['precision']} ({summary.get('precision_source', 'given')})"))
     if summary.get("attention"):
-        rows.append(("attention kernel", f"{summary['attention']} ({summary['attention_source']})"))
+        rows.append(("attention kernel", f"{summary['attention']} ({summary.get('attention_source', 'given')})"))
     if summary.get("processes", 1) > 1:
         processes, batch = summary["processes"], summary["global_batch_size"]
         rows.append(("processes", f"{processes} (global batch {batch}): memory per process, speed of all"))

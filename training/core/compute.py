@@ -7,11 +7,13 @@ GPUs without bf16, with the Trainer's loss scaling. `auto` picks bf16 where the 
 fast (environment.fast_bf16: a CUDA GPU that has it, a CPU with AMX-BF16 or AVX512-BF16) and fp32
 elsewhere. Training, evaluation and the Playground compute in the run's precision.
 
-Attention. PyTorch's fused CPU attention kernel (`scaled_dot_product_attention`) is slower in bf16
-than transformers' eager attention (two bf16 products and a float32 softmax) on short sequences,
-and faster on long ones, where it also saves memory: eager keeps each layer's token-by-token scores
-for the backward pass. `auto` takes eager for bf16 on a CPU up to EAGER_ATTENTION_MAX_TOKENS tokens,
-the fused kernel everywhere else. Both compute the same function; only rounding differs.
+Attention. PyTorch's fused CPU attention kernel (`scaled_dot_product_attention`, transformers'
+`sdpa`) is slower in bf16 than transformers' `eager` attention (its two products and softmax as
+plain operations) on short sequences, and faster on long ones, where it also saves memory: eager
+keeps each layer's token-by-token probabilities for the backward pass. `auto` takes eager for bf16
+on a CPU with fast bf16 up to EAGER_ATTENTION_MAX_TOKENS tokens, and the model's own default
+elsewhere (the fused kernel where its architecture has one). Both compute the same function; only
+rounding differs.
 
 Logits. A causal LM's loss reads the logits only at positions whose next token is labelled (the
 review, not its prompt; the continuation, not the passage), yet the model computes a
@@ -31,10 +33,12 @@ from training.core import environment
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ATTENTIONS = ("auto", "sdpa", "eager")
+Attention = Literal["sdpa", "eager"]
 # Where eager attention stops paying, measured one attention call's forward and backward at
-# SmolLM2's shape in bf16 on 2 cores of an AMD EPYC with AMX-BF16: 48 tokens 3.3 ms eager against
-# 10.8 ms fused, 128 tokens 8.6 against 16.0, 192 tokens 11.1 against 17.4, 256 tokens 31.3
-# against 26.0, 1024 tokens 189 against 73. (In fp32 the fused kernel is as fast or faster.)
+# SmolLM2's shape in bf16 on 2 cores of an AMD EPYC with AVX512-BF16: 48 tokens 3.3 ms eager
+# against 10.8 ms fused, 128 tokens 8.6 against 16.0, 192 tokens 11.1 against 17.4, 256 tokens 31.3
+# against 26.0, 1024 tokens 189 against 73 (in fp32 the fused kernel is as fast or faster). Whole
+# steps at 128 tokens gain on MiniLM too (README, Precision); CPUs with AMX-BF16 are not measured.
 EAGER_ATTENTION_MAX_TOKENS = 192
 Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[Precision, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,18 +63,21 @@ def resolve_precision(requested: str) -> tuple[Precision, str]:
     return "fp32", "auto: no fast bf16 on this machine (no CUDA bf16, no AMX-BF16 or AVX512-BF16 CPU)"
 
 
-def resolve_attention(requested: str, precision: Precision, max_tokens: int | None) -> tuple[str, str]:
-    """(implementation, why): the transformers attention implementation a model computes with,
+def resolve_attention(requested: str, precision: Precision, max_tokens: int | None) -> tuple[Attention | None, str]:
+    """(implementation, why): the transformers attention implementation to load a model with,
     `auto` made concrete for this machine, `precision` and sequences of up to `max_tokens` tokens
-    (None: any length), with the reason in words."""
+    (None: any length), with the reason in words. None is the model's default: the fused kernel
+    where its architecture has one, eager where it has not (asking for `sdpa` would refuse those)."""
     if requested != "auto":
         return requested, "given"
     if environment.has_cuda():
-        return "sdpa", "auto: the fused kernel on a GPU"
-    if precision != "bf16" or environment.fast_bf16() is None:
-        return "sdpa", "auto: the fused kernel at fp32"
+        return None, "auto: the model's default on a GPU"
+    if precision != "bf16":
+        return None, f"auto: the model's default at {precision}"
+    if environment.fast_bf16() is None:
+        return None, "auto: the model's default where bf16 is emulated"
     if max_tokens is None or max_tokens > EAGER_ATTENTION_MAX_TOKENS:
-        return "sdpa", f"auto: the fused kernel for sequences over {EAGER_ATTENTION_MAX_TOKENS} tokens"
+        return None, f"auto: the model's default for sequences over {EAGER_ATTENTION_MAX_TOKENS} tokens"
     return "eager", f"auto: faster than the fused kernel in bf16 on this CPU up to {EAGER_ATTENTION_MAX_TOKENS} tokens"
 
 

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lora_methods import Task, get_method
 from training.core import compute
-from training.core.compute import Precision
+from training.core.compute import Attention, Precision
 from training.core.models import LABELS, load_model, load_tokenizer, resolve_model_path
 from training.core.offline import is_offline
 from training.core.runs import Run
@@ -65,11 +65,11 @@ def run_precision(run: Run) -> Precision:
     return run.config.get("precision", "fp32")
 
 
-def run_attention(run: Run) -> str:
+def run_attention(run: Run) -> Attention | None:
     """The attention kernel a run trained with, which its answers are computed with: the same
-    function either way, but rounding could tip a borderline answer (runs recorded before the
-    kernel was chosen per run trained with transformers' default, `sdpa`)."""
-    return run.config.get("attention", "sdpa")
+    function either way, but rounding could tip a borderline answer. None (the model's default)
+    for runs recorded before the kernel was chosen per run, which trained with that default."""
+    return run.config.get("attention")
 
 
 def load_run(run: Run, precision: Precision | None = None) -> LoadedRun:

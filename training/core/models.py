@@ -29,7 +29,7 @@ from lora_methods import Task
 from lora_methods.base import cache_dir
 from training.core import environment
 from training.core.catalog import BUNDLED_INSTALL, CatalogEntry, for_task, not_installed, package_present
-from training.core.compute import DTYPES, Precision
+from training.core.compute import DTYPES, Attention, Precision
 
 LABELS = ("negative", "positive")  # sentiment label ids 0 and 1
 
@@ -185,11 +185,12 @@ def load_model(
     tokenizer: PreTrainedTokenizerBase,
     quantize_4bit: bool = False,
     precision: Precision = "fp32",
-    attention: str = "sdpa",
+    attention: Attention | None = None,
 ) -> PreTrainedModel:
     """The model in float32 (weights that will train must be; compute.store_frozen_weights stores
     the frozen ones in the run's precision once a method has chosen them), or in 4-bit NF4 that
-    computes in `precision`; its attention computed by `attention` (compute.resolve_attention)."""
+    computes in `precision`; its attention computed by `attention` (compute.resolve_attention; None:
+    the model's default)."""
     kwargs: dict = {
         "trust_remote_code": False,
         "use_safetensors": True,
@@ -211,6 +212,11 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def attention_kernel(model: torch.nn.Module) -> str:
+    """The attention implementation `model` computes with (`sdpa`, `eager`, ...), as loaded."""
+    return model.config._attn_implementation
 
 
 def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:

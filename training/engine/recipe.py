@@ -81,7 +81,7 @@ def with_tuned_defaults(config: TrainConfig, model_id: str) -> TrainConfig:
 
 
 def _model_to_train(
-    model_path: str, config: TrainConfig, method: FineTuningMethod, attention: str
+    model_path: str, config: TrainConfig, method: FineTuningMethod, attention: compute.Attention | None
 ) -> tuple[PreTrainedTokenizerBase, torch.nn.Module, int]:
     """The tokenizer, the model `method` trains (its frozen weights stored in the run's precision)
     and the bytes the base's weights take as stored."""
@@ -123,9 +123,11 @@ def train(
     config = with_tuned_defaults(config, model_id)
     precision, precision_source = compute.resolve_precision(config.precision)
     config = replace(config, precision=precision)  # what config.json records: a resumed run keeps it
-    attention, attention_source = compute.resolve_attention("auto", precision, config.seq_len)
-    computing = f"computing in {precision} ({precision_source}), attention {attention} ({attention_source})"
-    print(computing, file=sys.stderr, flush=True)
+    if resume_from is None:
+        attention, attention_source = compute.resolve_attention("auto", precision, config.seq_len)
+    else:  # a resumed run keeps the kernel it trained with (runs from before the choice: the default)
+        recorded = resume_from[0].config
+        attention, attention_source = recorded.get("attention"), recorded.get("attention_source", "the default")
     method = get_method(config.method)
     store = store or RunStore()
     dataset_id = config.dataset or data.default_dataset(config.task, offline)
@@ -137,6 +139,9 @@ def train(
 
     # Wrapping before the run exists lets a rank or target that does not fit this model fail first.
     tokenizer, model, base_weight_memory = _model_to_train(model_path, config, method, attention)
+    kernel = models.attention_kernel(model)  # what it computes with: the default made concrete
+    computing = f"computing in {precision} ({precision_source}), {kernel} attention ({attention_source})"
+    print(computing, file=sys.stderr, flush=True)
 
     if resume_from is not None:
         run, checkpoint = resume_from
@@ -158,7 +163,7 @@ def train(
             "device": device(),
             "judge_run": judge.id if judge else None,
             "precision_source": precision_source,
-            "attention": attention,
+            "attention": attention,  # as asked for (None: the model's default), which serving asks for again
             "attention_source": attention_source,
         }
         # Rank 0 creates the run; the other processes train into its folder (their checkpoint shards).
@@ -175,7 +180,7 @@ def train(
             defaults={"learning_rate": {"value": config.hparams["learning_rate"], "source": rate_source}},
             precision=precision,
             precision_source=run.config.get("precision_source", precision_source),
-            attention=attention,
+            attention=kernel,
             attention_source=attention_source,
             processes=config.processes,
             global_batch_size=config.batch_size * config.processes,

@@ -1,6 +1,6 @@
-"""Speed benchmark: several methods (each at one or more precisions and attention kernels) on the same model, data,
-batches and seed, in one process, steps interleaved (A B A B ...) after a warm-up, so machine noise
-hits every contender alike. A step is the engine's: the same precision handling (frozen weights
+"""Speed benchmark: several methods (each at one or more precisions and attention kernels) on the
+same model, data, batches and seed, in one process, steps interleaved (A B A B ...) after a warm-up,
+so machine noise hits every contender alike. A step is the engine's: the same precision handling (frozen weights
 stored in the compute dtype, autocast) and, for a causal LM, logits only where the loss reads them.
 
 Yields one record per entry (median step time, tokens/s, speed ratio against the first entry,
@@ -94,7 +94,7 @@ class _Contender:
         self,
         entry: Entry,
         precision: Precision,
-        attention: str,
+        attention: compute.Attention | None,
         logits: str,
         task: Task,
         model_path: str,
@@ -102,11 +102,11 @@ class _Contender:
         seed: int,
     ):
         self.entry, self.method, self.precision, self.logits = entry, get_method(entry.method), precision, logits
-        self.attention = attention
         self.trims_logits = task == "generation" and logits == "read"
         self.hparams = self.method.resolve_hparams(entry.hparams)
         set_seed(seed)
         model = models.load_model(model_path, task, tokenizer, self.method.quantize_base, precision, attention)
+        self.attention = models.attention_kernel(model)
         models.keep_4bit_layers_trainable(model)
         self.model = self.method.apply(model, task, self.hparams)
         compute.store_frozen_weights(self.model, precision)
@@ -282,6 +282,7 @@ def _trained_record(
         "label": entry.label,
         "method": entry.method,
         "precision": precision,
+        "attention": summary["attention"],
         "train_steps": train_steps,
         "status": summary["status"],
         "validation": summary["metrics"]["validation"],

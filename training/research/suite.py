@@ -303,6 +303,8 @@ def cell_record(plan: Plan, variant: Variant, run: Run) -> dict[str, Any]:
         "method": variant.method,
         "seed": config["seed"],
         "precision": config.get("precision", "fp32"),  # cells trained before the setting ran in fp32
+        # cells trained before the kernel was chosen per run used the default, fused on the suite's models
+        "attention": summary.get("attention", "sdpa"),
         "run": run.id,
         "hparams": config["hparams"],
         "validation": summary["metrics"]["validation"],

@@ -223,7 +223,7 @@ def _figures(config: dict, summary: dict) -> list[tuple[str, str | None]]:
         ("hardware", _hardware(config.get("device") or {})),
         # runs recorded before precision was a setting trained in fp32
         ("precision", f"{config.get('precision', 'fp32')} (trained weights float32)"),
-        ("attention kernel", config.get("attention")),  # none recorded by runs from before it was chosen
+        ("attention kernel", summary.get("attention")),  # not recorded by runs from before it was chosen
         ("memory", weights and peak and f"base weights {weights / MB:,.1f} MB, training peak {peak / MB:,.1f} MB"),
     ]
 

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lora_methods import Task, get_method
 from training.core import compute
-from training.core.compute import Precision
+from training.core.compute import Attention, Precision
 from training.core.config import TASK_DEFAULTS
 from training.core.inference import LoadedRun, check_adapter, load_run, run_attention, run_precision
 from training.core.models import load_model, load_tokenizer, resolve_model_path
@@ -27,10 +27,10 @@ from training.core.runs import Run
 
 class _BaseKey(NamedTuple):
     task: Task
-    model_path: str
+    model: str  # its path
     quantized: bool
     precision: Precision
-    attention: str
+    attention: Attention | None  # None: the model's default
     adapter_type: str | None  # None: no adapter loaded yet
 
 
@@ -66,9 +66,9 @@ class AdapterPool:
             if key.adapter_type is not None and plain in self._bases and not self._bases[plain].adapters:
                 self._bases[key] = self._bases.pop(plain)  # adapters go onto the base already loaded
             else:
-                tokenizer = load_tokenizer(key.model_path)
+                tokenizer = load_tokenizer(key.model)
                 torch.manual_seed(0)  # the untrained head of a classifier base is the same every time
-                model = load_model(key.model_path, key.task, tokenizer, key.quantized, key.precision, key.attention)
+                model = load_model(key.model, key.task, tokenizer, key.quantized, key.precision, key.attention)
                 compute.prepare_for_inference(model, key.precision)
                 self._bases[key] = _SharedBase(model, tokenizer, key.precision, set())
         return self._bases[key]
@@ -78,7 +78,7 @@ class AdapterPool:
         memory at full width, else loaded in this machine's `auto` precision and attention kernel."""
         with self._lock:
             for key, shared in self._bases.items():
-                if key.task == task and key.model_path == model_path and not key.quantized:
+                if key.task == task and key.model == model_path and not key.quantized:
                     return shared.model, shared.tokenizer, shared.precision
             # as a run of the task at its default settings computes, so that such runs' adapters share it
             precision = compute.resolve_precision("auto")[0]
