@@ -1,7 +1,8 @@
 """Speed benchmark: several methods (each at one or more precisions and attention kernels) on the
 same model, data, batches and seed, in one process, steps interleaved (A B A B ...) after a warm-up,
-so machine noise hits every contender alike. A step is the engine's: the same precision handling (frozen weights
-stored in the compute dtype, autocast) and, for a causal LM, logits only where the loss reads them.
+so machine noise hits every contender alike. A step is the engine's: the same precision handling
+(frozen weights stored in the compute dtype, autocast) and, for a causal LM, logits only where the
+loss reads them.
 
 Yields one record per entry (median step time, tokens/s, speed ratio against the first entry,
 and where its memory goes: weights, trainable parameters, gradients, optimizer state, the
