@@ -87,7 +87,9 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
     assert summary["status"] == "completed"
     (run,) = RunStore(runs).runs()
     run_dir = run.dir
-    assert json.loads((run_dir / "config.json").read_text())["hparams"]["rank"] == 4
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["hparams"]["rank"] == 4
+    assert config["device"]["allocator"] == "glibc, freed memory held for reuse"  # the training process's
 
     listing = cli("list", runs_dir=runs)
     assert run_dir.name in listing.stdout and "completed" in listing.stdout
@@ -223,6 +225,40 @@ def test_start_run_keeps_its_documented_parameters_in_order():
     assert api.START_RUN.parameters["seed"].default == 0 and api.START_RUN.parameters["task"].annotation is str
 
 
+ALLOCATE_AND_FREE = """
+import json, sys, psutil, torch
+from training.core import environment
+allocator = environment.hold_freed_memory() if sys.argv[1] == "hold" else environment.allocator()
+before = psutil.Process().memory_info().rss
+block = torch.ones(64 * 2**20)  # 256 MB, far above glibc's mmap threshold
+del block
+print(json.dumps({"allocator": allocator, "kept_mb": (psutil.Process().memory_info().rss - before) / 2**20}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "variables", "allocator", "kept"),
+    [
+        ("hold", {}, "glibc, freed memory held for reuse", True),
+        ("default", {}, "the C library's default", False),
+        ("hold", {"MALLOC_MMAP_MAX_": "65536"}, "glibc, as its MALLOC_ environment variables set it", False),
+    ],
+)
+def test_training_processes_keep_freed_memory_for_the_next_step(mode, variables, allocator, kept):
+    env = {**os.environ, **variables}
+    for variable in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        if variable not in variables:
+            env.pop(variable, None)
+    result = subprocess.run(
+        [sys.executable, "-c", ALLOCATE_AND_FREE, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["allocator"] == allocator
+    # held: the freed pages stay in the process for the next allocation; else they go back at once
+    assert (figures["kept_mb"] > 200) == kept, figures
+
+
 def test_bench_times_each_method_at_each_precision_attention_kernel_and_logits_setting(tiny_models, capsys):
     from training.cli import main
 
@@ -252,6 +288,7 @@ def test_bench_times_each_method_at_each_precision_attention_kernel_and_logits_s
     assert lines[0]["speedup_vs_baseline"] == 1.0 and lines[-1]["baseline_precision"] == "fp32"
     assert lines[-1]["baseline_attention"] == "sdpa"
     assert all(r["median_step_s"] > 0 and r["tokens_per_s"] > 0 for r in lines)
+    assert {r["allocator"] for r in lines} == {"glibc, freed memory held for reuse"}
     # the frozen base is stored in bf16: its weights take half the bytes
     assert lines[4]["memory"]["weights_bytes"] < 0.6 * lines[0]["memory"]["weights_bytes"]
     # eager attention keeps each layer's token-by-token probabilities for its backward pass

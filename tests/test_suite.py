@@ -175,6 +175,29 @@ def test_the_report_is_rewritten_from_the_json_alone(published, tmp_path, capsys
     assert "no results.json" in capsys.readouterr().err
 
 
+def test_a_retimed_suite_measures_every_step_again_and_keeps_the_trained_cells(published, tmp_path, capsys):
+    runs, out, results = published
+    copy = tmp_path / "results"
+    copy.mkdir()
+    (copy / "results.json").write_text((out / "results.json").read_text())
+    # no run store: retiming never trains, so it runs where only results.json was published
+    assert main(["--runs-dir", str(tmp_path / "no-runs"), "bench", "--retime", "--offline", "--out", str(copy)]) == 0
+    retimed = json.loads((copy / "results.json").read_text())
+    assert not (tmp_path / "no-runs").exists() or not any((tmp_path / "no-runs").iterdir())
+    for key in ("cells", "aggregate", "sweep", "learning_rates", "training", "started_at", "command"):
+        assert retimed[key] == results[key]
+    for plan, entries in results["speed"].items():
+        again = retimed["speed"][plan]
+        assert [e["label"] for e in again] == [e["label"] for e in entries]
+        assert [e["hparams"] for e in again] == [e["hparams"] for e in entries]  # the published variants
+        assert [e["median_step_s"] for e in again] != [e["median_step_s"] for e in entries]  # measured anew
+    assert retimed["timed"]["command"] == "python -m training bench --retime --offline"
+    text = (copy / "report.md").read_text()
+    assert f"again by `python -m training bench --retime --offline` on {retimed['timed']['started_at']}" in text
+    for entry in retimed["speed"]["sentiment"]:
+        assert f"{entry['median_step_s']:.3f}" in text
+
+
 def test_the_guide_and_compare_tabs_show_the_published_results(published):
     import gradio as gr
 

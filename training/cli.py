@@ -22,7 +22,7 @@ from lora_methods.sparselora.estimator import SCORINGS
 from training.core import distributed
 from training.core.compute import ATTENTIONS, PRECISIONS
 from training.core.config import ConfigError, add_train_flags, config_from_flags
-from training.core.environment import die_with_parent
+from training.core.environment import die_with_parent, hold_freed_memory
 from training.core.runs import RunNotFound, RunStore
 from training.engine import resume, train
 from training.jobs.errors import USER_ERRORS
@@ -64,13 +64,20 @@ def _add_bench(commands: Any) -> None:
         help="time methods side by side in one process; or run the results suite (--suite, --only, --report)",
         description="Either --task and --methods (a speed benchmark), --suite (the results suite that "
         "`make bench` runs: every method, both tasks, equal budgets, into assets/results), --only CELL "
-        "(train one published cell again), or --report (rewrite report and figures from results.json).",
+        "(train one published cell again), --retime (time the published plans again, cells kept) or --report "
+        "(rewrite report and figures from results.json).",
     )
     mode = bench.add_mutually_exclusive_group(required=True)
     mode.add_argument("--task", choices=TASKS, help="speed benchmark: the task")
     mode.add_argument("--suite", choices=("full", "quick"), help="the results suite (quick: a few minutes)")
     mode.add_argument("--only", metavar="PLAN/VARIANT", help="rerun one published cell, e.g. sentiment/lora")
     mode.add_argument("--report", action="store_true", help="rewrite report.md and figures from results.json")
+    mode.add_argument(
+        "--retime",
+        action="store_true",
+        help="time every plan of results.json again (speed and memory, minutes) and rewrite the report; "
+        "the trained cells stay",
+    )
     bench.add_argument(
         "--methods",
         help="speed benchmark: comma-separated methods, or LABEL=METHOD to time one method twice with different "
@@ -249,12 +256,15 @@ def _bench(args: argparse.Namespace) -> None:
     from training.research.bench import Entry, run_bench
 
     runs_dir = args.runs_dir or suite.DEFAULT_RUNS_DIR
-    if args.report or args.only:
+    if args.report or args.only or args.retime:
         results = report.read(args.out)
         if results is None:
             raise suite.SuiteError(f"no results.json in {args.out}; `make bench` writes it")
         if args.report:
             print(report.write(results, args.out))
+        elif args.retime:
+            command = "python -m training bench --retime" + (" --offline" if args.offline else "")
+            print(report.write(suite.retime(results, args.offline, _log, command), args.out))
         else:
             print(json.dumps(suite.rerun_cell(args.only, args.seed, results, runs_dir, args.offline)))
     elif args.suite:
@@ -263,7 +273,7 @@ def _bench(args: argparse.Namespace) -> None:
             suite.SUITES[args.suite],
             runs_dir,
             args.offline,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
+            log=_log,
             name=args.suite,
             command=command,
             previous=report.read(args.out),
@@ -303,6 +313,10 @@ def _bench(args: argparse.Namespace) -> None:
             _choices(args.attention, "attention", ATTENTIONS),
         ):
             print(json.dumps(result, default=str), flush=True)
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _choices(text: str, name: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -349,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent()  # with its launcher: no process trains on alone
         # torchrun ends the others with SIGTERM when one fails: rank 0 then records the run failed
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"ended by the launcher (signal {signum})"))
+    if args.command in ("train", "resume", "bench", "probe"):  # processes that train or time steps
+        hold_freed_memory()
     try:
         if args.command in ("train", "resume"):
             if not distributed.launched():

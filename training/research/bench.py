@@ -252,6 +252,7 @@ def _speed_record(
         "estimator_recall": telemetry.get("estimator_recall"),
         "memory": contender.memory(batch),
         "process_rss_bytes": psutil.Process().memory_info().rss,
+        "allocator": environment.allocator(),
         "cuda_step_bytes": contender.cuda_step_bytes(batch),
         "hparams": contender.hparams,
     }

@@ -436,11 +436,11 @@ def _utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def _speed(plan: Plan, offline: bool) -> list[dict]:
+def _speed(plan: Plan, offline: bool, variants: Mapping[str, Variant] = VARIANTS) -> list[dict]:
     """Every variant (and the plan's timed-only extras), at the methods' default rates: a rate does
     not change what a step costs."""
     entries = [
-        Entry(name, VARIANTS[name].method, plan.hparams(VARIANTS[name], _default_rate(VARIANTS[name])))
+        Entry(name, variants[name].method, plan.hparams(variants[name], _default_rate(variants[name])))
         for name in plan.variants
     ]
     entries += [
@@ -542,6 +542,22 @@ def precision_reference(previous: Mapping[str, Any] | None, precision: str | Non
         return previous.get("reference")
     keep = ("started_at", "hardware", "versions", "learning_rates", "aggregate", "speed")
     return {"precision": measured_at, **{key: previous[key] for key in keep if key in previous}}
+
+
+def retime(
+    results: Mapping[str, Any], offline: bool = False, log: Callable[[str], None] = print, command: str | None = None
+) -> dict[str, Any]:
+    """The published results with every plan's speed and memory timed again (step 1 of the suite,
+    the plans and variants as they record them) and the trained cells kept: what a change to how a
+    step computes (a kernel, the allocator) moves, in minutes rather than the hours of training."""
+    started = time.time()
+    variants = {name: Variant(**variant) for name, variant in results["variants"].items()}
+    speed = {}
+    for plan in (Plan(**p) for p in results["plans"]):
+        log(f"== {plan.name}: speed and memory, {plan.speed_steps} interleaved steps")
+        speed[plan.name] = _speed(plan, is_offline(offline), variants)
+    timed = {"command": command, "started_at": _utc(started), "duration_s": time.time() - started}
+    return {**results, "speed": speed, "hardware": hardware(), "timed": {**timed, "versions": library_versions()}}
 
 
 def rerun_cell(

@@ -207,13 +207,27 @@ def _preamble(results: Results) -> list[str]:
         f"Produced by `{results['command']}` ({results['suite']} suite) on {results['started_at']}, "
         f"in {results['duration_s'] / 60:.0f} minutes on {hardware['cores']} cores of {hardware['cpu']} "
         f"({hardware['device']}, {hardware['memory_bytes'] / 2**30:.0f} GiB), computing in "
-        f"{results.get('precision') or 'fp32'}{_attention_text(results)}. {_training_text(results)} "
+        f"{results.get('precision') or 'fp32'}{_attention_text(results)}.{_timed_text(results)} "
+        f"{_training_text(results)} "
         + ", ".join(f"{name} {version}" for name, version in versions.items())
         + ". Every figure below is in `results.json` beside this file; the figures the app's Guide "
         "tab draws are in `figures/`.\n",
         METHOD_TEXT
         + (SWEEP_TEXT if results["sweep"] else "Learning rates: each method's default (this suite has no sweep).\n"),
     ]
+
+
+def _timed_text(results: Results) -> str:
+    """When the step times and memory were measured again without training (`bench --retime`)."""
+    timed = results.get("timed")
+    if not timed:
+        return ""
+    return (
+        f" Its step times and memory were measured again by `{timed['command']}` on {timed['started_at']} "
+        f"({timed['duration_s'] / 60:.0f} minutes, torch {timed['versions']['torch']}, C allocator: "
+        f"{results['hardware'].get('allocator', 'the default')}); the runs behind the quality figures were not "
+        "trained again."
+    )
 
 
 def _attention_text(results: Results) -> str:
