@@ -179,23 +179,33 @@ def test_a_retimed_suite_measures_every_step_again_and_keeps_the_trained_cells(p
     runs, out, results = published
     copy = tmp_path / "results"
     copy.mkdir()
-    (copy / "results.json").write_text((out / "results.json").read_text())
+    published = json.loads((out / "results.json").read_text())
+    published["variants"]["hira"]["hparams"]["rank"] = 2  # the variant as published, not as the code has it now
+    (copy / "results.json").write_text(json.dumps(published))
     # no run store: retiming never trains, so it runs where only results.json was published
     assert main(["--runs-dir", str(tmp_path / "no-runs"), "bench", "--retime", "--offline", "--out", str(copy)]) == 0
     retimed = json.loads((copy / "results.json").read_text())
     assert not (tmp_path / "no-runs").exists() or not any((tmp_path / "no-runs").iterdir())
-    for key in ("cells", "aggregate", "sweep", "learning_rates", "training", "started_at", "command"):
+    for key in ("cells", "aggregate", "sweep", "learning_rates", "training", "started_at", "duration_s", "hardware"):
         assert retimed[key] == results[key]
     for plan, entries in results["speed"].items():
-        again = retimed["speed"][plan]
-        assert [e["label"] for e in again] == [e["label"] for e in entries]
-        assert [e["hparams"] for e in again] == [e["hparams"] for e in entries]  # the published variants
-        assert [e["median_step_s"] for e in again] != [e["median_step_s"] for e in entries]  # measured anew
+        again = {e["label"]: e for e in retimed["speed"][plan]}
+        assert list(again) == [e["label"] for e in entries]
+        for entry in entries:
+            expected = {**entry["hparams"], "rank": 2} if entry["label"] == "hira" else entry["hparams"]
+            assert again[entry["label"]]["hparams"] == expected
+            assert again[entry["label"]]["median_step_s"] != entry["median_step_s"]  # timed anew
     assert retimed["timed"]["command"] == "python -m training bench --retime --offline"
     text = (copy / "report.md").read_text()
     assert f"again by `python -m training bench --retime --offline` on {retimed['timed']['started_at']}" in text
     for entry in retimed["speed"]["sentiment"]:
         assert f"{entry['median_step_s']:.3f}" in text
+
+    # timed at another precision than the published figures: refused, nothing rewritten
+    (copy / "results.json").write_text(json.dumps({**retimed, "precision": "fp16"}))
+    assert main(["bench", "--retime", "--offline", "--out", str(copy)]) == 2
+    assert "these results were measured in fp16, and this machine times steps in" in capsys.readouterr().err
+    assert json.loads((copy / "results.json").read_text())["precision"] == "fp16"
 
 
 def test_the_guide_and_compare_tabs_show_the_published_results(published):

@@ -22,7 +22,7 @@ from lora_methods.sparselora.estimator import SCORINGS
 from training.core import distributed
 from training.core.compute import ATTENTIONS, PRECISIONS
 from training.core.config import ConfigError, add_train_flags, config_from_flags
-from training.core.environment import die_with_parent, hold_freed_memory
+from training.core.environment import die_with_parent
 from training.core.runs import RunNotFound, RunStore
 from training.engine import resume, train
 from training.jobs.errors import USER_ERRORS
@@ -363,8 +363,6 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent()  # with its launcher: no process trains on alone
         # torchrun ends the others with SIGTERM when one fails: rank 0 then records the run failed
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"ended by the launcher (signal {signum})"))
-    if args.command in ("train", "resume", "bench", "probe"):  # processes that train or time steps
-        hold_freed_memory()
     try:
         if args.command in ("train", "resume"):
             if not distributed.launched():

@@ -112,9 +112,11 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULT
 
 def _questions(results: dict) -> None:
     """The seed's five questions as slides: the answer in one sentence, its figure, its table."""
+    retimed = f", steps timed again {results['timed']['started_at'][:10]}" if results.get("timed") else ""
     gr.Markdown(
-        f"## The research questions\nAnswered by the benchmark suite (`make bench`, {results['started_at'][:10]}, "
-        f"{results['hardware']['cores']} cores, {results['hardware']['device']}); the same functions write the report."
+        f"## The research questions\nAnswered by the benchmark suite (`make bench`, {results['started_at'][:10]}"
+        f"{retimed}, {results['hardware']['cores']} cores, {results['hardware']['device']}); the same functions "
+        "write the report."
     )
     table = report.rows(results)
     headlines, answers = report.headlines(table), report.answers(table)

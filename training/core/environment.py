@@ -29,14 +29,20 @@ def has_cuda() -> bool:
 CPU_BF16_FEATURES = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (empty where it does not)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields as Linux's /proc/cpuinfo lists them (empty where it does not)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as file:
-            line = next((line for line in file if line.startswith("flags")), "")
+            first = file.read().split("\n\n")[0]
     except OSError:
-        return frozenset()
-    return frozenset(line.partition(":")[2].split())
+        return {}
+    fields = (line.partition(":") for line in first.splitlines())
+    return {key.strip(): value.strip() for key, colon, value in fields if colon}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where it does not)."""
+    return frozenset(_cpuinfo().get("flags", "").split())
 
 
 def fast_bf16() -> str | None:
@@ -70,11 +76,12 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-# glibc's mallopt parameters (malloc.h) and the environment variables that set them at start-up.
+# glibc's mallopt parameters (malloc.h), and what in the environment sets them at start-up instead.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
-_GLIBC_ALLOCATOR_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-_INT_MAX = 2**31 - 1  # mallopt takes a C int
-_allocator = "the C library's default"
+_GLIBC_ALLOCATOR_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_")
+DEFAULT_ALLOCATOR = "the C library's default"
+HELD_ALLOCATOR = "glibc, freed memory held for reuse"
+_allocator = DEFAULT_ALLOCATOR
 
 
 def hold_freed_memory() -> str:
@@ -83,21 +90,23 @@ def hold_freed_memory() -> str:
 
     glibc serves every block above its mmap threshold (32 MB at most) with fresh pages from the
     kernel and unmaps them on free, so a CPU training step faults its large tensors (activations,
-    logits, gradients) in again at every step: on Hamlet continuation that was a third of a LoRA
-    step. Served from the heap and never trimmed, the pages are faulted in once. The cost: the
-    process keeps its peak resident memory until it ends, which suits a process that trains (or
-    times) and exits. Where the environment sets glibc's own variables (MALLOC_MMAP_MAX_ and the
-    rest), they win."""
+    logits, gradients) in again at every step: on a freshly started machine that was more than
+    half of a Hamlet-continuation LoRA step. Served from the heap and never trimmed, the pages are
+    faulted in once. The cost: the process keeps its peak resident memory until it ends, which
+    suits a process that does one job and exits (every `python -m training` command, the app's
+    training workers among them), not the app itself. Where the environment sets glibc's
+    allocator (MALLOC_MMAP_MAX_ and the rest, or glibc.malloc tunables), it wins."""
     global _allocator
-    if any(variable in os.environ for variable in _GLIBC_ALLOCATOR_VARIABLES):
-        _allocator = "glibc, as its MALLOC_ environment variables set it"
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
+        variable in os.environ for variable in _GLIBC_ALLOCATOR_VARIABLES
+    ):
+        _allocator = "glibc, as the environment sets it"
     elif platform.libc_ver()[0] == "glibc":
         libc = ctypes.CDLL("libc.so.6")
-        held = all(
-            libc.mallopt(parameter, value)
-            for parameter, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX), (_M_TOP_PAD, 64 << 20))
-        )
-        _allocator = "glibc, freed memory held for reuse" if held else "glibc's default (mallopt refused)"
+        # no block from mmap; never trim the heap (-1: mallopt takes it as the largest size); grow it 64 MB at a time
+        settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 64 << 20))
+        refused = [parameter for parameter, value in settings if libc.mallopt(parameter, value) != 1]
+        _allocator = HELD_ALLOCATOR if not refused else f"glibc, partly held (mallopt refused {refused})"
     return _allocator
 
 
@@ -116,27 +125,21 @@ def device() -> dict[str, Any]:
     return {"type": "cpu", "name": _processor(), "threads": cpu_threads(), "allocator": allocator()}
 
 
-def _cpu_model() -> str:
-    """The CPU's name where Linux tells it (platform names only the architecture), with its family
-    and model numbers: a cloud machine's name ("AMD EPYC") can stand for generations whose steps
-    differ twofold."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            fields = dict(line.split(":", 1) for line in file.read().split("\n\n")[0].splitlines() if ":" in line)
-    except OSError:
-        return _processor()
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    name = fields.get("model name") or _processor()
+def _cpu_generation() -> str | None:
+    """The CPU's family and model numbers: a cloud machine's name ("AMD EPYC") can stand for
+    generations whose steps differ twofold."""
+    fields = _cpuinfo()
     if "cpu family" not in fields or "model" not in fields:
-        return name
-    return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+        return None
+    return f"family {fields['cpu family']}, model {fields['model']}"
 
 
 def hardware() -> dict[str, Any]:
     """The machine a results suite was timed on: what its speed figures depend on."""
     return {
         "device": torch.cuda.get_device_name() if has_cuda() else "cpu",
-        "cpu": _cpu_model(),
+        "cpu": _cpuinfo().get("model name") or _processor(),  # the name; platform's is only the architecture
+        "cpu_generation": _cpu_generation(),
         "cores": len(os.sched_getaffinity(0)),
         "torch_threads": cpu_threads(),
         "memory_bytes": psutil.virtual_memory().total,

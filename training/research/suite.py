@@ -27,6 +27,7 @@ from typing import Any
 
 from lora_methods import get_method
 from lora_methods.sparselora import MOST_LAYERS
+from training.core.compute import resolve_precision
 from training.core.config import TrainConfig
 from training.core.defaults import RESULTS_DIR  # noqa: F401  (where its results go; the UI reads them there)
 from training.core.environment import hardware, library_versions
@@ -550,14 +551,26 @@ def retime(
     """The published results with every plan's speed and memory timed again (step 1 of the suite,
     the plans and variants as they record them) and the trained cells kept: what a change to how a
     step computes (a kernel, the allocator) moves, in minutes rather than the hours of training."""
+    precision, why = resolve_precision("auto")  # what the suite's steps time at here
+    if results.get("precision") and precision != results["precision"]:
+        raise SuiteError(
+            f"these results were measured in {results['precision']}, and this machine times steps in {precision} "
+            f"({why}): retime them on a machine like theirs, or run the suite (`make bench`)"
+        )
     started = time.time()
     variants = {name: Variant(**variant) for name, variant in results["variants"].items()}
     speed = {}
     for plan in (Plan(**p) for p in results["plans"]):
         log(f"== {plan.name}: speed and memory, {plan.speed_steps} interleaved steps")
         speed[plan.name] = _speed(plan, is_offline(offline), variants)
-    timed = {"command": command, "started_at": _utc(started), "duration_s": time.time() - started}
-    return {**results, "speed": speed, "hardware": hardware(), "timed": {**timed, "versions": library_versions()}}
+    timed = {
+        "command": command,
+        "started_at": _utc(started),
+        "duration_s": time.time() - started,
+        "hardware": hardware(),
+        "versions": library_versions(),
+    }
+    return {**results, "speed": speed, "timed": timed}
 
 
 def rerun_cell(

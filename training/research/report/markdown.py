@@ -205,7 +205,7 @@ def _preamble(results: Results) -> list[str]:
     return [
         "# LoRA Arena benchmark results\n",
         f"Produced by `{results['command']}` ({results['suite']} suite) on {results['started_at']}, "
-        f"in {results['duration_s'] / 60:.0f} minutes on {hardware['cores']} cores of {hardware['cpu']} "
+        f"in {results['duration_s'] / 60:.0f} minutes on {_machine(hardware)} "
         f"({hardware['device']}, {hardware['memory_bytes'] / 2**30:.0f} GiB), computing in "
         f"{results.get('precision') or 'fp32'}{_attention_text(results)}.{_timed_text(results)} "
         f"{_training_text(results)} "
@@ -218,16 +218,21 @@ def _preamble(results: Results) -> list[str]:
 
 
 def _timed_text(results: Results) -> str:
-    """When the step times and memory were measured again without training (`bench --retime`)."""
+    """When and where the step times and memory were measured again without training (`bench --retime`)."""
     timed = results.get("timed")
     if not timed:
         return ""
     return (
         f" Its step times and memory were measured again by `{timed['command']}` on {timed['started_at']} "
-        f"({timed['duration_s'] / 60:.0f} minutes, torch {timed['versions']['torch']}, C allocator: "
-        f"{results['hardware'].get('allocator', 'the default')}); the runs behind the quality figures were not "
-        "trained again."
+        f"({timed['duration_s'] / 60:.0f} minutes, {_machine(timed['hardware'])}, torch {timed['versions']['torch']}, "
+        f"C allocator: {timed['hardware']['allocator']}); the runs behind the quality figures were not trained again."
     )
+
+
+def _machine(hardware: Mapping[str, Any]) -> str:
+    """ "2 cores of AMD EPYC (family 25, model 17)": what a step time depends on, in words."""
+    generation = f" ({hardware['cpu_generation']})" if hardware.get("cpu_generation") else ""
+    return f"{hardware['cores']} cores of {hardware['cpu']}{generation}"
 
 
 def _attention_text(results: Results) -> str:
