@@ -112,9 +112,13 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULT
 
 def _questions(results: dict) -> None:
     """The seed's five questions as slides: the answer in one sentence, its figure, its table."""
-    retimed = f", steps timed again {results['timed']['started_at'][:10]}" if results.get("timed") else ""
+
+    def when(utc: str) -> str:  # "2026-12-01T16:16:30Z" -> "2026-12-01 16:16 UTC": a retime is often the same day
+        return f"{utc[:10]} {utc[11:16]} UTC"
+
+    retimed = f", steps timed again {when(results['timed']['started_at'])}" if results.get("timed") else ""
     gr.Markdown(
-        f"## The research questions\nAnswered by the benchmark suite (`make bench`, {results['started_at'][:10]}"
+        f"## The research questions\nAnswered by the benchmark suite (`make bench`, {when(results['started_at'])}"
         f"{retimed}, {results['hardware']['cores']} cores, {results['hardware']['device']}); the same functions "
         "write the report."
     )

@@ -125,10 +125,9 @@ def device() -> dict[str, Any]:
     return {"type": "cpu", "name": _processor(), "threads": cpu_threads(), "allocator": allocator()}
 
 
-def _cpu_generation() -> str | None:
-    """The CPU's family and model numbers: a cloud machine's name ("AMD EPYC") can stand for
-    generations whose steps differ twofold."""
-    fields = _cpuinfo()
+def _cpu_generation(fields: dict[str, str]) -> str | None:
+    """The CPU's family and model numbers from its /proc/cpuinfo `fields`: a cloud machine's name
+    ("AMD EPYC") can stand for generations whose steps differ twofold."""
     if "cpu family" not in fields or "model" not in fields:
         return None
     return f"family {fields['cpu family']}, model {fields['model']}"
@@ -136,10 +135,11 @@ def _cpu_generation() -> str | None:
 
 def hardware() -> dict[str, Any]:
     """The machine a results suite was timed on: what its speed figures depend on."""
+    cpuinfo = _cpuinfo()
     return {
         "device": torch.cuda.get_device_name() if has_cuda() else "cpu",
-        "cpu": _cpuinfo().get("model name") or _processor(),  # the name; platform's is only the architecture
-        "cpu_generation": _cpu_generation(),
+        "cpu": cpuinfo.get("model name") or _processor(),  # the name; platform's is only the architecture
+        "cpu_generation": _cpu_generation(cpuinfo),
         "cores": len(os.sched_getaffinity(0)),
         "torch_threads": cpu_threads(),
         "memory_bytes": psutil.virtual_memory().total,

@@ -557,12 +557,12 @@ def retime(
             f"these results were measured in {results['precision']}, and this machine times steps in {precision} "
             f"({why}): retime them on a machine like theirs, or run the suite (`make bench`)"
         )
-    started = time.time()
+    started, offline = time.time(), is_offline(offline)
     variants = {name: Variant(**variant) for name, variant in results["variants"].items()}
     speed = {}
     for plan in (Plan(**p) for p in results["plans"]):
         log(f"== {plan.name}: speed and memory, {plan.speed_steps} interleaved steps")
-        speed[plan.name] = _speed(plan, is_offline(offline), variants)
+        speed[plan.name] = _speed(plan, offline, variants)
     timed = {
         "command": command,
         "started_at": _utc(started),

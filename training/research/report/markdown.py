@@ -230,7 +230,7 @@ def _timed_text(results: Results) -> str:
 
 
 def _machine(hardware: Mapping[str, Any]) -> str:
-    """ "2 cores of AMD EPYC (family 25, model 17)": what a step time depends on, in words."""
+    """What a step time depends on, in words, e.g. 2 cores of AMD EPYC (family 25, model 17)."""
     generation = f" ({hardware['cpu_generation']})" if hardware.get("cpu_generation") else ""
     return f"{hardware['cores']} cores of {hardware['cpu']}{generation}"
 
