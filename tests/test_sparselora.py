@@ -145,6 +145,26 @@ def test_a_decoder_classifier_with_its_exact_skips_is_exactly_lora(tiny_models, 
         assert torch.allclose(grad, grads[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dense_layers_compute_padding_when_it_is_too_small_a_share_to_skip(tiny_models, arch):
+    """Under `pad_tokens=auto` a batch with less padding than `pad_skip_share` runs it through the
+    dense layers' FFNs and attention projections (no gather), still exactly LoRA's; the last
+    layer's FFN still runs for the read tokens alone."""
+    lora_model, sparse, inputs = _pair(tiny_models[arch], "sentiment", "0,0", "left", pad_tokens="auto")
+    controller = sparselora.controller(sparse)
+    padding = float((inputs["attention_mask"] == 0).float().mean())
+    assert controller.pad_skip_share == sparselora.PAD_SKIP_SHARE < padding  # this batch would skip
+    controller.pad_skip_share = padding + 0.01  # now it has too little padding to
+    lora_logits, lora_grads = _run(lora_model, inputs)
+    logits, grads = _run(sparse, inputs)
+    routed = controller.routing
+    ffn, _ = PER_LAYER_MACS[arch]
+    assert controller.exactly_skipped_flops == 2 * (routed.skipped + routed.sparse) * ffn  # the last FFN only
+    assert torch.allclose(lora_logits, logits, atol=1e-5)
+    for name, grad in lora_grads.items():
+        assert torch.allclose(grad, grads[name], atol=1e-6), name
+
+
 def test_padding_never_enters_the_estimators_sample(tiny_models, monkeypatch):
     seen = []
     choose = SparseLayer.choose
@@ -153,7 +173,7 @@ def test_padding_never_enters_the_estimators_sample(tiny_models, monkeypatch):
         "choose",
         lambda self, context, *rest: seen.append(context.shape[0]) or choose(self, context, *rest),
     )
-    for pad_tokens in ("skip", "compute"):
+    for pad_tokens in ("auto", "skip", "compute"):
         _, sparse, inputs = _pair(tiny_models["llama"], "sentiment", "0.5,0", "left", pad_tokens=pad_tokens)
         sparse(**inputs).loss.backward()
         routed = sparselora.controller(sparse).routing

@@ -66,13 +66,16 @@ def _exact_forward(
     outputs_only: bool,
 ) -> torch.Tensor:
     """The dense FFN for the tokens something reads, zeros for the rest: the output tokens alone
-    (`outputs_only`, the last layer) or every token but skipped padding. Exact: no loss reads what
-    an FFN computes at a pad position, nor what the last layer computes at a context position."""
+    (`outputs_only`, the last layer) or every token but skipped padding (when the batch has enough
+    of it: `pad_skip_share`). Exact: no loss reads what an FFN computes at a pad position, nor what
+    the last layer computes at a context position."""
     routing = controller.routing
     first = routing.sparse if outputs_only else 0
     positions = routing.order[first : routing.sparse + routing.dense]
     if positions.numel() in (0, routing.order.numel()):  # nothing to skip, or nothing read at all
         return original(module, x)
+    if not outputs_only and routing.skipped < controller.pad_skip_share * routing.order.numel():
+        return original(module, x)  # too little padding to pay for the gather (exact either way)
     flat = x.reshape(-1, x.shape[-1])
     controller.account_skipped(flat.shape[0] - positions.numel(), shape)
     computed = original(module, flat.index_select(0, positions).unsqueeze(0)).squeeze(0)

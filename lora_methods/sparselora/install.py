@@ -42,6 +42,7 @@ class SparsitySettings:
     dense_outputs: bool  # output tokens (labelled, or [CLS]) run dense; only the context is sparse
     outputs_only_last: bool  # the last layer's FFN runs for the output tokens only (with dense_outputs)
     skip_padding: bool  # padding skips every FFN (exact); else it runs the sliced FFN, unsampled
+    pad_skip_share: float  # in dense layers, padding skips only when at least this share of a batch
     scoring: str  # how the estimator scores channels: one of estimator.SCORINGS
     cache_dir: Path  # where the estimator's SVD factors are kept between runs
 
@@ -59,7 +60,10 @@ def install(model: torch.nn.Module, settings: SparsitySettings) -> SparsityContr
         attention_layout(model_type)
 
     controller = SparsityController(
-        [], _linear_flops_per_token(transformers_model), sample_tokens=settings.sample_tokens
+        [],
+        _linear_flops_per_token(transformers_model),
+        sample_tokens=settings.sample_tokens,
+        pad_skip_share=settings.pad_skip_share,
     )
     cache = FactorCache(settings.cache_dir, transformers_model, blocks, layout, settings.estimator_rank)
     outputs_only_last = settings.outputs_only_last and settings.dense_outputs
