@@ -357,7 +357,7 @@ def _flag_options(field: RunField) -> dict[str, Any]:
         help_text = argparse.SUPPRESS
     else:
         default = field.default_text()
-        help_text = field.setting.help + (f" (default: {default})" if default else "")
+        help_text = _argparse_text(field.setting.help + (f" (default: {default})" if default else ""))
     if field.kind is bool:
         return {"action": "store_true", "help": help_text}
     options = {"type": field.kind, "help": help_text, "required": field.required, "choices": field.setting.choices}
@@ -377,8 +377,13 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
             dest=name,
             type=spec.kind,
             default=None,
-            help=f"{spec.help}. {spec.range_text()}. Defaults: {defaults}",
+            help=_argparse_text(f"{spec.help}. {spec.range_text()}. Defaults: {defaults}"),
         )
+
+
+def _argparse_text(text: str) -> str:
+    """`text` as argparse help: argparse formats help with %, so a literal one ("30% of") is doubled."""
+    return text.replace("%", "%%")
 
 
 def config_from_flags(args: argparse.Namespace) -> TrainConfig:
