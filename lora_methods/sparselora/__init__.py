@@ -43,10 +43,11 @@ from .schedule import DENSE_FIRST_LAYERS, SparsitySchedule, layer_schedule
 MOST_LAYERS = {"layer_sparsity": "auto", "ffn_sparsity": 0.75, "dropout": 0.05}
 
 # With `pad_tokens=auto`, the share of a batch's tokens that must be padding before the dense
-# layers' FFNs and attention projections skip it. Measured on the suite's plans (SmolLM2 unless
-# named), skipping every pad against computing it, by the median share of padding in a batch:
-# 10% lost 1.11x (Hamlet continuation), 32% broke even (review writing), 43-45% won 1.08-1.19x
-# (MiniLM and SmolLM2 sentiment).
+# layers' FFNs and attention projections skip it. Measured by a batch's median share of padding
+# (the bench's `padding_share`; commands in the README, "Where skipping padding pays"): at 9%,
+# skipping it in every layer was 1.06-1.08x slower than in the sparse layers alone (Hamlet
+# continuation); at 33% about even (review writing); at 41-44% 1.16-1.21x faster than computing
+# it (MiniLM and SmolLM2 sentiment).
 PAD_SKIP_SHARE = 0.3
 
 

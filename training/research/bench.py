@@ -204,8 +204,9 @@ def run_bench(
         for contender in contenders:
             contender.step(batch, record=round_index >= warmup)
     tokens = statistics.mean(int(batch["attention_mask"].sum()) for batch in batches)
+    padding = statistics.median(float((batch["attention_mask"] == 0).float().mean()) for batch in batches)
     for contender in contenders:
-        yield _speed_record(workload, contender, contenders[0], tokens, batches[0], steps, warmup)
+        yield _speed_record(workload, contender, contenders[0], tokens, padding, batches[0], steps, warmup)
     del contenders  # free the timed models before the training runs load theirs
     if train_steps:
         store = RunStore(runs_dir)
@@ -219,11 +220,13 @@ def _speed_record(
     contender: _Contender,
     baseline: _Contender,
     tokens: float,
+    padding: float,
     batch: dict,
     steps: int,
     warmup: int,
 ) -> dict:
-    """One contender's timing and memory; `tokens` is the batches' mean real tokens."""
+    """One contender's timing and memory; `tokens` is the batches' mean real tokens, `padding`
+    their median share of pad tokens (what SparseLoRA's exact padding skip can save)."""
     median = statistics.median(contender.times)
     telemetry = contender.method.telemetry(contender.model)
     return {
@@ -242,6 +245,7 @@ def _speed_record(
         "median_step_s": median,
         "quartiles_step_s": statistics.quantiles(contender.times, n=4) if len(contender.times) > 1 else None,
         "tokens_per_s": tokens / median,
+        "padding_share": padding,
         "baseline": baseline.entry.label,
         "baseline_precision": baseline.precision,
         "baseline_attention": baseline.attention,
