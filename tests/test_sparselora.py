@@ -25,9 +25,20 @@ from training.engine import train
 ARCH_TASK = {"bert": "sentiment", "distilbert": "sentiment", "gpt2": "generation", "llama": "generation"}
 
 
-def _pair(path: str, task: str, layer_sparsity: str, padding_side: str = "right", method: str = "sparselora", **extra):
+TEXTS = ("a fine, moving film indeed", "dull")  # a padded batch: the second row is mostly padding
+
+
+def _pair(
+    path: str,
+    task: str,
+    layer_sparsity: str,
+    padding_side: str = "right",
+    method: str = "sparselora",
+    texts: tuple[str, str] = TEXTS,
+    **extra,
+):
     """A LoRA model and a SparseLoRA model with identical (non-zero) adapter weights (QLoRA and
-    SparseLoRA-4bit for `method="sparselora-4bit"`)."""
+    SparseLoRA-4bit for `method="sparselora-4bit"`), and a batch of `texts`."""
     tokenizer = load_tokenizer(path)
     tokenizer.padding_side = padding_side
     sparse_method = get_method(method)
@@ -48,7 +59,7 @@ def _pair(path: str, task: str, layer_sparsity: str, padding_side: str = "right"
     for module in [*dense.modules(), *sparse.modules()]:  # skipped tokens would shift the dropout draws
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    inputs = dict(tokenizer(["a fine, moving film indeed", "dull"], return_tensors="pt", padding=True))
+    inputs = dict(tokenizer(list(texts), return_tensors="pt", padding=True))
     if task == "sentiment":
         labels = torch.tensor([1, 0])
     else:  # as the collator labels a batch: padding is never a target
@@ -146,23 +157,44 @@ def test_a_decoder_classifier_with_its_exact_skips_is_exactly_lora(tiny_models, 
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_dense_layers_compute_padding_when_it_is_too_small_a_share_to_skip(tiny_models, arch):
-    """Under `pad_tokens=auto` a batch with less padding than `pad_skip_share` runs it through the
-    dense layers' FFNs and attention projections (no gather), still exactly LoRA's; the last
-    layer's FFN still runs for the read tokens alone."""
-    lora_model, sparse, inputs = _pair(tiny_models[arch], "sentiment", "0,0", "left", pad_tokens="auto")
-    controller = sparselora.controller(sparse)
+@pytest.mark.parametrize("pad_tokens", ["auto", "skip"])
+@pytest.mark.parametrize("layer_sparsity", ["0,0", "1e-9,0"])  # layer 0 dense, or sparse keeping every channel
+def test_a_little_padding_is_skipped_only_where_it_is_gathered_anyway(tiny_models, arch, pad_tokens, layer_sparsity):
+    """On a batch with less than `PAD_SKIP_SHARE` padding, `auto` computes it in FFNs that run dense
+    and in the attention projections (no gather) and still leaves it out of a sliced FFN; `skip`
+    skips it everywhere. Both are exactly LoRA's."""
+    texts = ("a fine, moving film indeed", "a fine, moving film")
+    lora_model, sparse, inputs = _pair(
+        tiny_models[arch], "sentiment", layer_sparsity, "left", texts=texts, pad_tokens=pad_tokens
+    )
     padding = float((inputs["attention_mask"] == 0).float().mean())
-    assert controller.pad_skip_share == sparselora.PAD_SKIP_SHARE < padding  # this batch would skip
-    controller.pad_skip_share = padding + 0.01  # now it has too little padding to
+    assert 0 < padding < sparselora.PAD_SKIP_SHARE
     lora_logits, lora_grads = _run(lora_model, inputs)
     logits, grads = _run(sparse, inputs)
-    routed = controller.routing
-    ffn, _ = PER_LAYER_MACS[arch]
-    assert controller.exactly_skipped_flops == 2 * (routed.skipped + routed.sparse) * ffn  # the last FFN only
+    controller, routed = sparselora.controller(sparse), sparselora.controller(sparse).routing
+    ffn, attention = PER_LAYER_MACS[arch]
+    skips_everywhere = pad_tokens == "skip"
+    first_ffn = routed.skipped * ffn if skips_everywhere or layer_sparsity != "0,0" else 0
+    attentions = 2 * routed.skipped * attention if skips_everywhere else 0
+    last_ffn = (routed.skipped + routed.sparse) * ffn  # its context is skipped too, whatever the padding
+    assert controller.exactly_skipped_flops == 2 * (first_ffn + attentions + last_ffn)
     assert torch.allclose(lora_logits, logits, atol=1e-5)
     for name, grad in lora_grads.items():
         assert torch.allclose(grad, grads[name], atol=1e-6), name
+
+
+def test_sliced_value_and_output_projections_count_the_padding_they_leave_out(tiny_models):
+    """Slicing the attention's value channels (here keeping all of them) leaves padding out of the
+    value and output projections just as the unsliced, padding-skipping projections do."""
+    skipped = []
+    for attention_sparsity in (0.0, 1e-9):
+        _, sparse, inputs = _pair(
+            tiny_models["llama"], "sentiment", "1e-9,0", "left", attention_sparsity=attention_sparsity
+        )
+        sparse(**inputs).loss.backward()
+        assert len(sparselora.controller(sparse).attention) == (1 if attention_sparsity else 0)
+        skipped.append(sparselora.controller(sparse).exactly_skipped_flops)
+    assert skipped[0] == skipped[1] > 0
 
 
 def test_padding_never_enters_the_estimators_sample(tiny_models, monkeypatch):

@@ -188,9 +188,9 @@ METHOD = FineTuningMethod(
             str,
             "auto",
             "'skip': padding skips every FFN and attention projection (exact: nothing reads a pad "
-            "position); 'auto': in sparse layers always, in dense layers when at least 30% of the batch "
-            "is padding (below that their gather costs more than it saves); 'compute': padding runs the "
-            "sliced FFN",
+            "position); 'auto': sliced FFNs always leave it out, dense FFNs and attention projections skip it "
+            "when at least 30% of the batch is padding (below that their gather costs more than it saves); "
+            "'compute': padding runs the sliced FFN",
             choices=("auto", "skip", "compute"),
         ),
     ),

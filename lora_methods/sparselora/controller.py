@@ -37,9 +37,10 @@ class SparsityController:
     attention: list[SparseAttention] = field(default_factory=list)
     active: bool = True
     outputs_only_layer: int | None = None  # the last layer, when only its output tokens run its FFN
-    # Dense layers' FFNs and attention projections skip padding only when at least this share of
-    # the batch's tokens is padding: skipping costs them a gather and a scatter of every token,
-    # which a little padding does not pay back (sparse layers gather anyway, so they always skip).
+    # FFNs that run dense (dense layers, the dense warm-up) and unsliced attention projections skip
+    # padding only when at least this share of the batch's tokens is padding: skipping costs them a
+    # gather and a scatter of every token, which a little padding does not pay back. A sliced FFN
+    # or value/output projection gathers its tokens anyway, so it always leaves padding out.
     pad_skip_share: float = 0.0
     routing: Routing | None = None  # this training batch's tokens by role, set before each forward
     # Dequantized 4-bit weights of this forward (compute dtype), shared by the sparse and dense paths.

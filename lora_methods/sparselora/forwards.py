@@ -91,7 +91,7 @@ def sparse_container_forward(controller: SparsityController, layer: SparseLayer,
         controller, layer = controller_ref(), layer_ref()
         if not _training(controller, self):
             return original(self, x)
-        if not _runs_sparse(controller, self):  # dense warm-up: padding still skips (exact)
+        if not _runs_sparse(controller, self):  # dense warm-up: a dense layer's padding rule (exact)
             return _exact_forward(controller, layer.shape, self, x, original, outputs_only=False)
         routing = controller.routing
         sparse, dense = _split(controller, x.reshape(-1, x.shape[-1]))
@@ -148,6 +148,9 @@ def sparse_value_forward(controller: SparsityController, attention: SparseAttent
         sparse = kept_values.new_zeros(context.shape[0], attention.width).index_copy(1, keep, kept_values)
         dense = original(self, outputs, *args, **kwargs) if outputs.shape[0] else None
         controller.account_attention_saving(attention, routing.sparse, min(routing.sampled, controller.sample_tokens))
+        # padding is in neither block, so both projections skipped it: value (d -> width), output (heads -> d)
+        d = attention.estimator[0].shape[0]
+        controller.account_skipped(routing.skipped, (d, attention.width + attention.heads * attention.head_dim, 1))
         return _join(controller, sparse, dense).reshape(*x.shape[:-1], attention.width)
 
     return forward

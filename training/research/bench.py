@@ -203,8 +203,9 @@ def run_bench(
         batch = batches[round_index % len(batches)]
         for contender in contenders:
             contender.step(batch, record=round_index >= warmup)
-    tokens = statistics.mean(int(batch["attention_mask"].sum()) for batch in batches)
-    padding = statistics.median(float((batch["attention_mask"] == 0).float().mean()) for batch in batches)
+    timed = [batches[index % len(batches)]["attention_mask"] for index in range(warmup, warmup + steps)]
+    tokens = statistics.mean(int(mask.sum()) for mask in timed)
+    padding = statistics.median(float((mask == 0).float().mean()) for mask in timed)
     for contender in contenders:
         yield _speed_record(workload, contender, contenders[0], tokens, padding, batches[0], steps, warmup)
     del contenders  # free the timed models before the training runs load theirs
