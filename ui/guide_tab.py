@@ -39,8 +39,10 @@ def update_spectrum_figure(rank: int = 8) -> go.Figure:
     figure = go.Figure(
         layout={
             **LAYOUT,
-            "height": 320,
-            "title": f"Rank of the update: rank-{rank} factors on {source}",
+            "height": 340,
+            # the source on a line of its own: on one line the title ran under plotly's toolbar
+            "title": {"text": "Rank of the update", "subtitle": {"text": f"rank-{rank} factors on {source}"}},
+            "margin": {**LAYOUT["margin"], "t": 60},
             "xaxis_title": "singular value index",
             "yaxis_title": "singular value / largest",
             "yaxis_type": "log",

@@ -187,10 +187,10 @@ METHOD = FineTuningMethod(
             "pad_tokens",
             str,
             "auto",
-            "'skip': padding skips every FFN and attention projection (exact: nothing reads a pad "
-            "position); 'auto': sliced FFNs always leave it out, dense FFNs and attention projections skip it "
-            "when at least 30% of the batch is padding (below that their gather costs more than it saves); "
-            "'compute': padding runs the sliced FFN",
+            "padding (nothing reads a pad position, so skipping it is exact): 'auto' skips it in sliced "
+            "FFNs always and in dense FFNs and attention projections when it is at least 30% of the batch "
+            "(below that their gather costs more than it saves); 'skip' everywhere; 'compute' runs it "
+            "through the sliced FFN",
             choices=("auto", "skip", "compute"),
         ),
     ),

@@ -377,7 +377,9 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
             dest=name,
             type=spec.kind,
             default=None,
-            help=_argparse_text(f"{spec.help}. {spec.range_text()}. Defaults: {defaults}"),
+            help=_argparse_text(
+                ". ".join(part for part in (spec.help, spec.range_text(), f"Defaults: {defaults}") if part)
+            ),
         )
 
 
