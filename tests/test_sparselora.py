@@ -16,7 +16,7 @@ from lora_methods.sparselora.controller import IGNORE_INDEX, output_positions, r
 from lora_methods.sparselora.estimator import SparseAttention, SparseLayer, svd_factors
 from lora_methods.sparselora.layouts import ATTENTION_LAYOUTS, FFN_LAYOUTS, resolve
 from lora_methods.sparselora.slicing import output_columns
-from training.core import inference
+from training.core import compute, inference
 from training.core.config import TrainConfig
 from training.core.models import load_model, load_tokenizer
 from training.core.runs import RunStore
@@ -129,6 +129,35 @@ def test_the_last_layer_skipping_its_context_tokens_changes_nothing_the_loss_rea
 # llama: gate, up, down 64x128; q, o 64x64 and k, v 64x32 (2 of 4 heads). gpt2: c_fc, c_proj 32x128;
 # c_attn 32x96, c_proj 32x32.
 PER_LAYER_MACS = {"llama": (3 * 64 * 128, 2 * 64 * 64 + 2 * 64 * 32), "gpt2": (2 * 32 * 128, 32 * 96 + 32 * 32)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_flops_count_frozen_projections_and_the_head_where_it_computes(tiny_models, arch):
+    """The dense count behind `flops_ratio_vs_lora`: every frozen projection at every token (not
+    the adapters' A and B), a classifier's score head at every position (as transformers runs it,
+    counted once though PEFT keeps a trained copy), and an LM head only where it computes logits:
+    every position, or the read columns alone when training asks for those."""
+    layers = 2 * sum(PER_LAYER_MACS[arch])
+    cases = []
+    _, classifier, inputs = _pair(tiny_models[arch], "sentiment", "0,0")
+    cases.append((classifier, inputs, inputs["input_ids"].numel() * (layers + 2 * _hidden_size(classifier))))
+    _, causal_lm, inputs = _pair(tiny_models[arch], "generation", "0,0")
+    inputs["labels"][:, :3] = IGNORE_INDEX  # a prompt: its columns are not read
+    head = causal_lm.get_base_model().config.vocab_size * _hidden_size(causal_lm)
+    rows, positions = inputs["input_ids"].shape
+    cases.append((causal_lm, inputs, rows * positions * (layers + head)))
+    read = compute.logits_where_read(inputs)
+    assert 0 < read["logits_to_keep"].numel() < positions
+    cases.append((causal_lm, read, rows * (positions * layers + read["logits_to_keep"].numel() * head)))
+    for model, batch, macs in cases:
+        controller = sparselora.controller(model)
+        before = controller.dense_flops
+        model(**batch)
+        assert controller.dense_flops - before == 2 * macs
+
+
+def _hidden_size(model) -> int:
+    return model.get_base_model().config.hidden_size
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -59,9 +59,11 @@ def install(model: torch.nn.Module, settings: SparsitySettings) -> SparsityContr
     if any(settings.attention):
         attention_layout(model_type)
 
+    head = transformers_model.get_output_embeddings()  # None on a classifier
     controller = SparsityController(
         [],
-        _linear_flops_per_token(transformers_model),
+        _linear_flops_per_token(transformers_model, leaving_out=head),
+        0 if head is None else base_weight(head)[0].numel(),
         sample_tokens=settings.sample_tokens,
         pad_skip_share=settings.pad_skip_share,
     )
@@ -91,13 +93,26 @@ def install(model: torch.nn.Module, settings: SparsitySettings) -> SparsityContr
     return controller
 
 
-def _linear_flops_per_token(model: torch.nn.Module) -> int:
-    """Multiply-adds per token of every Linear/Conv1D of the model, dense (adapters aside)."""
-    return sum(
-        base_weight(m)[0].numel()
-        for m in model.modules()
-        if type(m).__name__ in ("Linear", "Linear4bit", "Conv1D") and not hasattr(m, "base_layer")
-    )
+def _linear_flops_per_token(module: torch.nn.Module, leaving_out: torch.nn.Module | None) -> int:
+    """Multiply-adds per token of every Linear/Conv1D in `module` but `leaving_out`, dense: a
+    PEFT-wrapped layer counts its frozen weight, not its adapter's, and a trained copy (PEFT's
+    modules_to_save) counts once: it runs instead of the original."""
+    if module is leaving_out:
+        return 0
+    if hasattr(module, "original_module"):
+        return _linear_flops_per_token(module.original_module, leaving_out)
+    if hasattr(module, "base_layer") or type(module).__name__ in ("Linear", "Linear4bit", "Conv1D"):
+        return base_weight(module)[0].numel()
+    return sum(_linear_flops_per_token(child, leaving_out) for child in module.children())
+
+
+def _logit_positions(logits_to_keep: int | torch.Tensor, shape: torch.Size) -> int:
+    """How many of a (rows, positions) batch's positions the LM head runs at, as transformers reads
+    `logits_to_keep`: 0 every position, n the last n, a tensor of indices those columns."""
+    rows, positions = shape
+    if isinstance(logits_to_keep, torch.Tensor):
+        return rows * logits_to_keep.numel()
+    return rows * (logits_to_keep or positions)
 
 
 def _patch_ffn_entry(block: torch.nn.Module, layout: FFNLayout, make_forward: Callable[[Callable], Callable]) -> None:
@@ -173,7 +188,7 @@ def _router(
     config: PretrainedConfig,
 ) -> Callable[[torch.nn.Module, tuple, dict], None]:
     """The hook that, before each training forward, sorts the batch's tokens into context,
-    outputs and padding, and counts the step's dense FLOPs."""
+    outputs and padding, and counts the step's dense FLOPs (the LM head's where it computes logits)."""
 
     def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         controller.weights.clear()
@@ -189,6 +204,8 @@ def _router(
         )
         padding = None if attention_mask is None else attention_mask == 0
         controller.routing = routing(outputs, padding, skip_padding, input_ids.shape)
-        controller.account_forward(input_ids.numel())
+        controller.account_forward(
+            input_ids.numel(), _logit_positions(kwargs.get("logits_to_keep", 0), input_ids.shape)
+        )
 
     return before_forward
