@@ -131,33 +131,47 @@ def test_the_last_layer_skipping_its_context_tokens_changes_nothing_the_loss_rea
 PER_LAYER_MACS = {"llama": (3 * 64 * 128, 2 * 64 * 64 + 2 * 64 * 32), "gpt2": (2 * 32 * 128, 32 * 96 + 32 * 32)}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_lora_flops_count_frozen_projections_and_the_head_where_it_computes(tiny_models, arch):
-    """The dense count behind `flops_ratio_vs_lora`: every frozen projection at every token (not
-    the adapters' A and B), a classifier's score head at every position (as transformers runs it,
-    counted once though PEFT keeps a trained copy), and an LM head only where it computes logits:
-    every position, or the read columns alone when training asks for those."""
-    layers = 2 * sum(PER_LAYER_MACS[arch])
+# Multiply-adds per token of the tiny encoders' layers (conftest): bert q, k, v, o 64x64 and FFN
+# 64x128 twice; distilbert the same at 32 and 64; and of the head after them, a pooler (bert) or
+# pre-classifier (distilbert) and the classifier, which run at each row's first token only.
+ENCODER_MACS = {
+    "bert": (4 * 64 * 64 + 2 * 64 * 128, 64 * 64 + 2 * 64),
+    "distilbert": (4 * 32 * 32 + 2 * 32 * 64, 32 * 32 + 2 * 32),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCH_TASK))
+def test_lora_flops_count_frozen_projections_and_the_head_where_it_runs(tiny_models, arch):
+    """The dense count behind `flops_ratio_vs_lora`: every frozen projection of the layers at every
+    token (not the adapters' A and B), and the head after them where it runs: an encoder's pooler
+    and classifier at each row's first token, a decoder classifier's score at every position (as
+    transformers runs it; counted once though PEFT keeps a trained copy), an LM head where logits
+    are asked for: every position, or the labelled positions alone when training asks for those."""
     cases = []
     _, classifier, inputs = _pair(tiny_models[arch], "sentiment", "0,0")
-    cases.append((classifier, inputs, inputs["input_ids"].numel() * (layers + 2 * _hidden_size(classifier))))
-    _, causal_lm, inputs = _pair(tiny_models[arch], "generation", "0,0")
-    inputs["labels"][:, :3] = IGNORE_INDEX  # a prompt: its columns are not read
-    head = causal_lm.get_base_model().config.vocab_size * _hidden_size(causal_lm)
     rows, positions = inputs["input_ids"].shape
-    cases.append((causal_lm, inputs, rows * positions * (layers + head)))
-    read = compute.logits_where_read(inputs)
-    assert 0 < read["logits_to_keep"].numel() < positions
-    cases.append((causal_lm, read, rows * (positions * layers + read["logits_to_keep"].numel() * head)))
+    if arch in ENCODER_MACS:
+        layer, head = ENCODER_MACS[arch]
+        cases.append((classifier, inputs, rows * positions * 2 * layer + rows * head))
+    else:
+        layers = 2 * sum(PER_LAYER_MACS[arch])
+        config = classifier.get_base_model().config
+        cases.append((classifier, inputs, rows * positions * (layers + config.num_labels * config.hidden_size)))
+        _, causal_lm, inputs = _pair(tiny_models[arch], "generation", "0,0")
+        inputs["labels"][:, :3] = IGNORE_INDEX  # a prompt: its predictions are not read
+        config = causal_lm.get_base_model().config
+        head = config.vocab_size * config.hidden_size
+        rows, positions = inputs["input_ids"].shape
+        cases.append((causal_lm, inputs, rows * positions * (layers + head)))
+        read = compute.logits_where_read(inputs)
+        labelled = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        assert int(read["logits_to_keep"].sum()) == labelled < rows * (positions - 3)
+        cases.append((causal_lm, read, rows * positions * layers + labelled * head))
     for model, batch, macs in cases:
         controller = sparselora.controller(model)
         before = controller.dense_flops
         model(**batch)
         assert controller.dense_flops - before == 2 * macs
-
-
-def _hidden_size(model) -> int:
-    return model.get_base_model().config.hidden_size
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

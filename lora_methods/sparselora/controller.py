@@ -33,8 +33,8 @@ class SparsityController:
     """Shared state of all sparse layers: on/off, the token split of the batch, and telemetry."""
 
     layers: list[SparseLayer]
-    linear_flops_per_token: int  # every Linear/Conv1D of the model but its LM head, dense (multiply-adds)
-    head_flops_per_logit: int = 0  # the LM head's, per position it computes logits at
+    linear_flops_per_token: int  # every Linear/Conv1D of the transformer layers, dense (multiply-adds)
+    head_flops_per_position: int  # those after the layers (LM head; pooler, classifier), where they run
     attention: list[SparseAttention] = field(default_factory=list)
     active: bool = True
     outputs_only_layer: int | None = None  # the last layer, when only its output tokens run its FFN
@@ -56,11 +56,11 @@ class SparsityController:
     # Multiply-adds of the linear layers per training step: forward and the backward to the
     # activations (the frozen weights get no gradient), so twice the forward; the estimator runs
     # forward only, once per sparse layer.
-    def account_forward(self, tokens: int, logit_positions: int) -> None:
-        """A training step of `tokens` tokens whose LM head runs at `logit_positions` of them (a
-        causal LM trained on the read columns only): counted dense first; each sparse FFN then
-        subtracts what it skipped."""
-        flops = 2 * (tokens * self.linear_flops_per_token + logit_positions * self.head_flops_per_logit)
+    def account_forward(self, tokens: int, head_positions: int) -> None:
+        """A training step of `tokens` tokens whose head runs at `head_positions` of them (an LM
+        head where logits are asked for, an encoder's classifier once per row): counted dense
+        first; each sparse FFN then subtracts what it skipped."""
+        flops = 2 * (tokens * self.linear_flops_per_token + head_positions * self.head_flops_per_position)
         self.dense_flops += flops
         self.actual_flops += flops
 

@@ -28,7 +28,7 @@ from .layouts import (
     layer_blocks,
     resolve,
 )
-from .slicing import base_weight
+from .slicing import base_weight, frozen_layer
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,11 @@ def install(model: torch.nn.Module, settings: SparsitySettings) -> SparsityContr
     if any(settings.attention):
         attention_layout(model_type)
 
-    head = transformers_model.get_output_embeddings()  # None on a classifier
+    per_token = sum(_linear_flops(block) for block in blocks)
     controller = SparsityController(
         [],
-        _linear_flops_per_token(transformers_model, leaving_out=head),
-        0 if head is None else base_weight(head)[0].numel(),
+        per_token,
+        _linear_flops(transformers_model) - per_token,  # the head: an LM head, or a pooler and classifier
         sample_tokens=settings.sample_tokens,
         pad_skip_share=settings.pad_skip_share,
     )
@@ -88,31 +88,41 @@ def install(model: torch.nn.Module, settings: SparsitySettings) -> SparsityContr
             )
     cache.save()
     reads = layout.classifier_reads
-    router = _router(controller, settings.dense_outputs, settings.skip_padding, reads, transformers_model.config)
+    causal_lm = transformers_model.get_output_embeddings() is not None
+    router = _router(
+        controller, settings.dense_outputs, settings.skip_padding, reads, causal_lm, transformers_model.config
+    )
     transformers_model.register_forward_pre_hook(router, with_kwargs=True)
     return controller
 
 
-def _linear_flops_per_token(module: torch.nn.Module, leaving_out: torch.nn.Module | None) -> int:
-    """Multiply-adds per token of every Linear/Conv1D in `module` but `leaving_out`, dense: a
-    PEFT-wrapped layer counts its frozen weight, not its adapter's, and a trained copy (PEFT's
-    modules_to_save) counts once: it runs instead of the original."""
-    if module is leaving_out:
-        return 0
+def _linear_flops(module: torch.nn.Module) -> int:
+    """Multiply-adds per token of every Linear/Conv1D in `module`, dense: a PEFT-wrapped layer
+    counts its frozen weight, not its adapter's, and a trained copy (PEFT's modules_to_save)
+    counts once: it runs instead of the original."""
     if hasattr(module, "original_module"):
-        return _linear_flops_per_token(module.original_module, leaving_out)
+        return _linear_flops(module.original_module)
     if hasattr(module, "base_layer") or type(module).__name__ in ("Linear", "Linear4bit", "Conv1D"):
-        return base_weight(module)[0].numel()
-    return sum(_linear_flops_per_token(child, leaving_out) for child in module.children())
+        layer = frozen_layer(module)
+        if type(layer).__name__ == "Linear4bit":  # its weight is stored packed
+            return layer.in_features * layer.out_features
+        return layer.weight.numel()
+    return sum(_linear_flops(child) for child in module.children())
 
 
-def _logit_positions(logits_to_keep: int | torch.Tensor, shape: torch.Size) -> int:
-    """How many of a (rows, positions) batch's positions the LM head runs at, as transformers reads
-    `logits_to_keep`: 0 every position, n the last n, a tensor of indices those columns."""
+def _head_positions(logits_to_keep: int | torch.Tensor, shape: torch.Size, causal_lm: bool, reads: str) -> int:
+    """How many of a (rows, positions) batch's positions the head runs at: an LM head where
+    `logits_to_keep` asks for logits (as transformers reads it: 0 every position, n the last n, 1-D
+    indices those columns of every row, a 2-D mask its True positions, 2-D indices each row's),
+    an encoder's pooler and classifier at each row's first token, a decoder classifier's score at
+    every position (transformers scores them all, then reads one)."""
     rows, positions = shape
+    if not causal_lm:
+        return rows if reads == "first" else rows * positions
     if isinstance(logits_to_keep, torch.Tensor):
-        return rows * logits_to_keep.numel()
-    return rows * (logits_to_keep or positions)
+        kept = int(logits_to_keep.sum()) if logits_to_keep.dtype == torch.bool else logits_to_keep.numel()
+        return kept if logits_to_keep.dim() == 2 else rows * kept
+    return rows * min(logits_to_keep or positions, positions)
 
 
 def _patch_ffn_entry(block: torch.nn.Module, layout: FFNLayout, make_forward: Callable[[Callable], Callable]) -> None:
@@ -185,10 +195,11 @@ def _router(
     dense_outputs: bool,
     skip_padding: bool,
     classifier_reads: str,
+    causal_lm: bool,
     config: PretrainedConfig,
 ) -> Callable[[torch.nn.Module, tuple, dict], None]:
     """The hook that, before each training forward, sorts the batch's tokens into context,
-    outputs and padding, and counts the step's dense FLOPs (the LM head's where it computes logits)."""
+    outputs and padding, and counts the step's dense FLOPs (the head's where it runs)."""
 
     def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         controller.weights.clear()
@@ -204,8 +215,7 @@ def _router(
         )
         padding = None if attention_mask is None else attention_mask == 0
         controller.routing = routing(outputs, padding, skip_padding, input_ids.shape)
-        controller.account_forward(
-            input_ids.numel(), _logit_positions(kwargs.get("logits_to_keep", 0), input_ids.shape)
-        )
+        head_positions = _head_positions(kwargs.get("logits_to_keep", 0), input_ids.shape, causal_lm, classifier_reads)
+        controller.account_forward(input_ids.numel(), head_positions)
 
     return before_forward

@@ -117,18 +117,19 @@ def inference(precision: Precision, model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def read_columns(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(columns, targets) for a causal LM batch: the positions whose next token some row labels
-    (position t predicts token t + 1), and the labels those positions predict, one row per example
-    (IGNORE_INDEX where a row's next token is not labelled)."""
-    following = labels[:, 1:]
-    columns = (following != IGNORE_INDEX).any(0).nonzero().flatten()
-    return columns, following[:, columns]
+def read_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, targets) for a causal LM batch: a (rows, length) mask of the positions whose
+    next token is labelled (position t predicts token t + 1), and the labels they predict, one per
+    True position in the mask's row-major order."""
+    following = labels[:, 1:] != IGNORE_INDEX
+    positions = torch.nn.functional.pad(following, (0, 1), value=False)
+    return positions, labels[:, 1:][following]
 
 
 def logits_where_read(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A causal LM training batch that asks the model for logits at the read columns only: the
-    model's own loss then gives the same value and gradients for a fraction of the LM head's work.
-    The labels still go in (SparseLoRA routes the labelled tokens dense by them)."""
-    columns, targets = read_columns(batch["labels"])
-    return {**batch, "logits_to_keep": columns, "shift_labels": targets}
+    """A causal LM training batch that asks the model for logits at the read positions only (a
+    prompt's and padding's logits, a 49k-way softmax each, are never read): the model's own loss
+    then gives the same value and gradients for a fraction of the LM head's work. The labels still
+    go in (SparseLoRA routes the labelled tokens dense by them)."""
+    positions, targets = read_positions(batch["labels"])
+    return {**batch, "logits_to_keep": positions, "shift_labels": targets}

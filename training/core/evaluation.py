@@ -17,8 +17,8 @@ import torch
 
 from lora_methods import Task
 from training.core import compute
-from training.core.compute import Precision, read_columns
-from training.core.data import IGNORE_INDEX, REVIEW_PROMPT
+from training.core.compute import Precision, read_positions
+from training.core.data import REVIEW_PROMPT
 from training.core.models import LABELS
 
 
@@ -72,14 +72,14 @@ def _batch_figures(model: torch.nn.Module, batch: dict, task: Task) -> tuple[lis
         losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
         return losses.tolist(), [1] * len(losses), logits.argmax(-1).tolist()
     # The causal LM loss: position t predicts token t + 1, unlabelled tokens carry none. Logits are
-    # computed only at the columns whose next token some row labels: a prompt's logits, a 49k-way
-    # softmax per position, are never read.
-    columns, targets = read_columns(batch["labels"])
-    logits = model(**inputs, logits_to_keep=columns).logits.float()
-    losses = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return losses.sum(-1).tolist(), (targets != IGNORE_INDEX).sum(-1).tolist(), [-1] * len(losses)
+    # computed only at the labelled positions: a prompt's logits, a 49k-way softmax per position,
+    # are never read.
+    positions, targets = read_positions(batch["labels"])
+    logits = model(**inputs, logits_to_keep=positions).logits.float()  # one row per labelled position
+    losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    rows = positions.nonzero()[:, 0]
+    sums = losses.new_zeros(len(positions)).index_add_(0, rows, losses)
+    return sums.tolist(), positions.sum(-1).tolist(), [-1] * len(positions)
 
 
 # Examples per forward pass: a causal LM's batch holds a vocabulary-wide row of logits per token,
