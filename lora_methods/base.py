@@ -3,6 +3,11 @@
 A method is data (name, summary, hyperparameter schema, how its base model is loaded) plus one
 function, `apply`, that turns a freshly loaded base model into the model the Trainer trains.
 The UI and the CLI are generated from `hparams`, so a schema entry is all a new knob needs.
+
+The registry (names, summaries, hyperparameters) loads without PEFT or the Trainer: importing
+those (and bitsandbytes with them) takes about 7 s here, and `python -m training --help`, `list`
+and every refusal of a bad option read the registry only. A method imports them where it uses
+them, inside `apply` (tests/test_cli.py holds the CLI to this).
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from peft import PeftModel
 
 Task = Literal["sentiment", "generation"]
 TASKS: tuple[Task, ...] = ("sentiment", "generation")
@@ -133,6 +137,8 @@ class FineTuningMethod:
         method trains it) with the saved PEFT adapter attached."""
         if self.saves_full_model:
             return load(str(saved), False)
+        from peft import PeftModel  # not at the top: see the module docstring
+
         return PeftModel.from_pretrained(load(base_path(), self.quantize_base), str(saved))
 
     @property

@@ -7,13 +7,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from peft import HiraConfig
 
 from .base import TARGET_MODULES, FineTuningMethod, Task, dropout, learning_rate, rank
 from .peft_adapter import wrap_with_adapter
 
 
 def apply(model: torch.nn.Module, task: Task, hparams: Mapping[str, Any]) -> torch.nn.Module:
+    from peft import HiraConfig  # not at the top: see base.py
+
     def make_config(**common: Any) -> HiraConfig:
         return HiraConfig(r=hparams["rank"], hira_dropout=hparams["dropout"], **common)
 

@@ -6,7 +6,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from peft import LoraConfig
 
 from .base import TARGET_MODULES, FineTuningMethod, HParam, Task, dropout, learning_rate, rank
 from .peft_adapter import wrap_with_adapter
@@ -17,6 +16,8 @@ def apply_with(**options: Any) -> Callable[[torch.nn.Module, Task, Mapping[str, 
     (DoRA: use_dora=True) reuses LoRA's hyperparameters and wrapping instead of copying them."""
 
     def apply(model: torch.nn.Module, task: Task, hparams: Mapping[str, Any]) -> torch.nn.Module:
+        from peft import LoraConfig  # not at the top: see base.py
+
         def make_config(**common: Any) -> LoraConfig:
             return LoraConfig(
                 r=hparams["rank"], lora_alpha=hparams["alpha"], lora_dropout=hparams["dropout"], **options, **common

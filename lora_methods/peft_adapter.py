@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftConfig, get_peft_model, prepare_model_for_kbit_training
 
 from .base import Task
 from .targets import check_rank, head_modules, resolve_targets
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
 
 PEFT_TASK_TYPES: dict[Task, str] = {"sentiment": "SEQ_CLS", "generation": "CAUSAL_LM"}
 
@@ -26,6 +28,8 @@ def wrap_with_adapter(
     PEFT config. A 4-bit base is first prepared for k-bit training (layer norms in fp32, inputs
     that require grad) without gradient checkpointing, which would only slow a small model down.
     """
+    from peft import get_peft_model, prepare_model_for_kbit_training  # not at the top: see base.py
+
     targets = resolve_targets(model, hparams["target_modules"])
     check_rank(model, targets, hparams["rank"])
     if getattr(model, "is_loaded_in_4bit", False):

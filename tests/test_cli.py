@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lora_methods import METHODS, get_method
-from training.cli import build_parser
+from training.cli import build_parser, main
 from training.core import environment, inference
 from training.core.config import RUN_FIELDS, RunField, TrainConfig, command_line, config_from_flags, train_arguments
 from training.core.runs import RunStore
@@ -39,6 +39,15 @@ def cli(*args: str, runs_dir: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
+
+
+def cli_here(capsys, *args: str, runs_dir: Path) -> subprocess.CompletedProcess:
+    """`cli`, run by `main` in this process, for what needs no process of its own: the libraries
+    are loaded already, so an answer takes a fraction of a second instead of seconds."""
+    capsys.readouterr()
+    status = main(["--runs-dir", str(runs_dir), *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, out, err)
 
 
 def test_train_help_documents_every_hyperparameter(tmp_path):
@@ -65,7 +74,38 @@ def test_bad_options_exit_non_zero_with_one_line_and_no_run(tmp_path, args, mess
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
+HEAVY_LIBRARIES = (
+    "peft",
+    "bitsandbytes",
+    "transformers.trainer",
+    "transformers.modeling_utils",
+    "datasets.arrow_dataset",
+)
+
+
+@pytest.mark.parametrize(
+    "args, status",
+    [
+        (["--help"], 0),
+        (["list"], 0),
+        (["train", "--task", "sentiment", "--method", "lora", "--rank", "0", "--offline"], 2),
+        (["train", "--task", "generation", "--method", "qlora", "--lr", "-1", "--processes", "2", "--offline"], 2),
+    ],
+)
+def test_help_list_and_a_refused_request_answer_without_loading_the_training_stack(tmp_path, args, status):
+    """PEFT, bitsandbytes, the Trainer and the model classes take about 7 s to import here: a user
+    asking for help, a list of runs or a bad option gets the answer without waiting for them."""
+    script = (
+        "import sys\nfrom training.cli import main\n"
+        f"try:\n    status = main({['--runs-dir', str(tmp_path), *args]!r})\n"
+        "except SystemExit as exit:\n    status = exit.code\n"
+        f"print(status, [name for name in {HEAVY_LIBRARIES!r} if name in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == f"{status} []", result.stdout + result.stderr
+
+
+def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv, capsys):
     runs = tmp_path / "runs"
     result = cli(
         "train",
@@ -97,7 +137,9 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
     assert config["hparams"]["rank"] == 4
     assert config["device"]["allocator"] == environment.HELD_ALLOCATOR  # a `python -m training` process's
 
-    listing = cli("list", runs_dir=runs)
+    # The process itself matters for `train` (its allocator) and `predict` (its printed lines); the
+    # other commands answer from `main` in this process.
+    listing = cli_here(capsys, "list", runs_dir=runs)
     assert run_dir.name in listing.stdout and "completed" in listing.stdout
 
     predicted = cli("predict", "--run", run_dir.name, "--text", "a triumph", "--text", "a mess", runs_dir=runs)
@@ -107,25 +149,27 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv):
     for row, expected in zip(rows, in_process):
         assert row["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
 
-    wrong_task = cli("generate", "--run", run_dir.name, "--prompt", "Once", runs_dir=runs)
+    wrong_task = cli_here(capsys, "generate", "--run", run_dir.name, "--prompt", "Once", runs_dir=runs)
     assert (
         wrong_task.returncode == 2
         and "classification" not in wrong_task.stderr
         and "sentiment run" in wrong_task.stderr
     )
-    missing = cli("predict", "--run", "../etc", "--text", "x", runs_dir=runs)
+    missing = cli_here(capsys, "predict", "--run", "../etc", "--text", "x", runs_dir=runs)
     assert missing.returncode == 2 and "not a valid run id" in missing.stderr
-    empty = cli("predict", "--run", run_dir.name, "--text", "  ", runs_dir=runs)
+    empty = cli_here(capsys, "predict", "--run", run_dir.name, "--text", "  ", runs_dir=runs)
     assert empty.returncode == 2 and "empty" in empty.stderr
 
     # export: the folder, then the merged model as a .zip; printed where; never over something existing
-    exported = cli("export", "--run", run_dir.name, "--to", str(tmp_path / "home"), runs_dir=runs)
+    exported = cli_here(capsys, "export", "--run", run_dir.name, "--to", str(tmp_path / "home"), runs_dir=runs)
     assert exported.returncode == 0 and exported.stdout.strip() == str((tmp_path / "home").resolve())
     assert (tmp_path / "home" / "adapter_config.json").exists() and (tmp_path / "home" / "README.md").exists()
-    zipped = cli("export", "--run", run_dir.name, "--merged", "--to", str(tmp_path / "home.zip"), runs_dir=runs)
+    zipped = cli_here(
+        capsys, "export", "--run", run_dir.name, "--merged", "--to", str(tmp_path / "home.zip"), runs_dir=runs
+    )
     assert zipped.returncode == 0 and zipped.stdout.strip() == str((tmp_path / "home.zip").resolve())
     assert "home/model.safetensors" in zipfile.ZipFile(tmp_path / "home.zip").namelist()
-    again = cli("export", "--run", run_dir.name, "--to", str(tmp_path / "home"), runs_dir=runs)
+    again = cli_here(capsys, "export", "--run", run_dir.name, "--to", str(tmp_path / "home"), runs_dir=runs)
     assert again.returncode == 2 and "already exists" in again.stderr
 
 

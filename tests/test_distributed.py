@@ -191,7 +191,7 @@ def train_steps(run) -> list[int]:
 
 
 def test_stop_reaches_both_processes_and_a_killed_run_resumes_to_the_end(tmp_path, bert_without_dropout, review_csv):
-    runs, steps = tmp_path / "runs", 300
+    runs, steps = tmp_path / "runs", 60  # the stop and the kill land near steps 10 and 15: 60 leaves both margin
     arguments = train_arguments(bert_without_dropout, review_csv, 4, steps, "--processes=2", "--checkpoint-steps=5")
 
     # Stop through the run store (the app's Stop button): rank 0 reads it, both processes end.

@@ -22,11 +22,10 @@ from lora_methods.sparselora.estimator import SCORINGS
 from training.core import distributed
 from training.core.compute import ATTENTIONS, PRECISIONS
 from training.core.config import ConfigError, add_train_flags, config_from_flags
+from training.core.defaults import RESULTS_DIR
 from training.core.environment import die_with_parent
+from training.core.errors import USER_ERRORS
 from training.core.runs import RunNotFound, RunStore
-from training.engine import resume, train
-from training.jobs.errors import USER_ERRORS
-from training.research import suite
 from training.research.leaderboard import leaderboard
 
 # The research commands (bench, probe) still refuse some bad arguments with a plain ValueError; in a
@@ -118,7 +117,7 @@ def _add_bench(commands: Any) -> None:
         "e.g. sparselora.ffn_sparsity=0.5 (repeatable)",
     )
     bench.add_argument("--train-steps", type=int, help="also train each method this many steps and report quality")
-    bench.add_argument("--out", default=str(suite.RESULTS_DIR), help="suite results folder (default: assets/results)")
+    bench.add_argument("--out", default=str(RESULTS_DIR), help="suite results folder (default: assets/results)")
     bench.add_argument("--offline", action="store_true")
 
 
@@ -175,11 +174,15 @@ def _add_use(commands: Any) -> None:
 
 
 def _train(args: argparse.Namespace, store: RunStore) -> dict:
+    from training.engine import train  # the Trainer and the models: keep `--help`, `list` and refusals fast
+
     config = config_from_flags(args)
     return train(config, store, should_stop=_stop_on_ctrl_c(), run_id=args.run_id, started_at=_process_start())
 
 
 def _resume(args: argparse.Namespace, store: RunStore) -> dict:
+    from training.engine import resume  # as in _train
+
     return resume(args.run, store, should_stop=_stop_on_ctrl_c(), started_at=_process_start())
 
 
@@ -191,9 +194,9 @@ def _launch_plan(args: argparse.Namespace, store: RunStore, argv: list[str]) -> 
         processes = store.get(args.run).config.get("processes", 1)  # each has its shard of the checkpoint
         return processes, ["--runs-dir", str(store.root), "resume", "--run-id", args.run], args.run
     config = config_from_flags(args)
+    resolved = config.resolved()  # a bad request is refused here: before the Trainer loads, and not once per process
     if config.processes == 1:
         return 1, argv, args.run_id
-    resolved = config.resolved()  # a bad request is refused here, not once per process
     run_id = args.run_id or store.new_id(resolved.task, resolved.method)
     return config.processes, [*argv, "--run-id", run_id] if not args.run_id else argv, run_id
 
@@ -252,7 +255,7 @@ def _list(store: RunStore) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from training.research import report  # plotly: only the suite's commands need it
+    from training.research import report, suite  # plotly and the Trainer: only these commands need them
     from training.research.bench import Entry, run_bench
 
     runs_dir = args.runs_dir or suite.DEFAULT_RUNS_DIR
@@ -353,9 +356,6 @@ def _probe(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import datasets
-
-    datasets.disable_progress_bars()  # one progress line per step report is enough on a terminal
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     store = RunStore(args.runs_dir)
@@ -379,14 +379,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "list":
             _list(store)
         elif args.command == "export":
+            run = store.resolve(args.run)  # an unknown run is refused before the models' libraries load
             from training.serving import export  # loads torch models; keep `list` and `--help` fast
 
-            run = store.resolve(args.run)
             print(export.export_to(run, Path(args.to or export.export_name(run, args.merged)), args.merged).resolve())
         else:
-            from training.core import inference  # loads torch models; keep `list` and `--help` fast
+            run = store.resolve(args.run)  # as for export
+            from training.core import inference  # as for export
 
-            loaded = inference.load_run(store.resolve(args.run))
+            loaded = inference.load_run(run)
             if args.command == "predict":
                 results = inference.classify(loaded, args.text)
             else:

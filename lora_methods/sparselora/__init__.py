@@ -11,7 +11,7 @@ tokens of the batch, keeps the products dense.
 The package: `layouts` (where each architecture keeps its FFN), `slicing` (a projection on some
 channels), `estimator` (SVD factors, their cache, the channel choice), `controller` (shared state,
 token routing, FLOP accounting), `forwards` (the patched forwards), `install` (patching a model),
-`schedule` (per-layer sparsity, dense warm-up).
+`schedule` (per-layer sparsity), `callback` (the dense warm-up and the figures, in the Trainer).
 
 The defaults are the paper's schedule (its reference code's configurations): the first half of
 the layers dense, the deep half at FFN sparsity 0.9, output tokens dense, LoRA dropout 0. They were
@@ -36,7 +36,7 @@ from .controller import SparsityController
 from .estimator import SCORINGS
 from .install import SparsitySettings, install
 from .layouts import attention_layout, ffn_layout, layer_blocks
-from .schedule import DENSE_FIRST_LAYERS, SparsitySchedule, layer_schedule
+from .schedule import DENSE_FIRST_LAYERS, layer_schedule
 
 # The schedule this project used before it measured the paper's: every layer but the first and
 # the last at 0.75, LoRA dropout 0.05. Kept to measure against (the results suite's ablation).
@@ -86,6 +86,8 @@ def controller(model: torch.nn.Module) -> SparsityController:
 
 
 def callbacks(model: torch.nn.Module, hparams: Mapping[str, Any]) -> list:
+    from .callback import SparsitySchedule  # not at the top: see lora_methods/base.py
+
     return [SparsitySchedule(controller(model), hparams["dense_warmup"])]
 
 

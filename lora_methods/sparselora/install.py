@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig
 
 from .controller import SparsityController, output_positions, routing
 from .estimator import FactorCache, FFNShape, SparseAttention, SparseLayer
@@ -29,6 +29,9 @@ from .layouts import (
     resolve,
 )
 from .slicing import base_weight, frozen_layer
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,11 @@
-"""When and where SparseLoRA is sparse: the per-layer sparsity, and the dense warm-up before the
-sparse steps, with the training logs' and the summary's figures."""
+"""Where SparseLoRA is sparse: the channel sparsity of each layer."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from transformers import TrainerCallback
-
 from ..base import HParamError
-from .controller import SparsityController
 
 DENSE_FIRST_LAYERS = 1  # dense_first_layers' default: the first layer, where the FFN loses most
 
@@ -46,38 +41,3 @@ def layer_schedule(layers: int, hparams: Mapping[str, Any]) -> list[float]:
             "(the last layer is not channel-sparse either), or nothing would be sparse"
         )
     return [0.0] * first + [hparams["ffn_sparsity"]] * (layers - first - 1) + [0.0]
-
-
-class SparsitySchedule(TrainerCallback):
-    """Dense warm-up for the first steps, then sparse; reports FLOPs ratio and estimator recall."""
-
-    def __init__(self, controller: SparsityController, warmup_fraction: float) -> None:
-        self.controller, self.warmup_fraction = controller, warmup_fraction
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.warmup_steps = math.ceil(self.warmup_fraction * state.max_steps)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.controller.active = state.global_step >= self.warmup_steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # A 4-bit base's weights, dequantized for this step, are not kept between steps (nor
-        # through an evaluation): holding them would undo what 4-bit saves at rest.
-        self.controller.weights.clear()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs:
-            logs.update(self.controller.telemetry())
-
-    def summary(self) -> dict:
-        layers = self.controller.layers
-        return {
-            "sparsity": {
-                **self.controller.telemetry(),
-                "sparse_layers": [layer.index for layer in layers],
-                "kept_channels": {layer.index: layer.kept for layer in layers},
-                "kept_value_channels": {a.index: a.kept for a in self.controller.attention},
-                "outputs_only_layer": self.controller.outputs_only_layer,
-                "dense_warmup_steps": getattr(self, "warmup_steps", None),
-            }
-        }

@@ -29,7 +29,12 @@ from training.core.catalog import (
     package_installed,
     package_present,
 )
+from training.core.errors import DataError
 from training.core.models import LABELS, package_dir
+
+# A run reports one line per logged step; a progress bar per dataset pass would bury those lines in
+# a terminal or a worker's log.
+datasets.disable_progress_bars()
 
 SPLIT_SEED = 1234  # fixed: splits never depend on a run's seed
 # Deployment limits for a user's file (environment variables, for a shared Space).
@@ -43,10 +48,6 @@ MIN_UPLOAD_ROWS = 30
 USER_FILE_SUFFIXES = (".csv", ".jsonl", ".json")
 REVIEW_PROMPT = "Write a {sentiment} movie review.\nReview:"
 LABEL_ALIASES = {"0": 0, "1": 1, "negative": 0, "positive": 1, "neg": 0, "pos": 1, "rotten": 0, "fresh": 1}
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used; the message says what is wrong and how to fix it."""
 
 
 BUNDLED_REVIEWS = "bundled/rotten-tomatoes"

@@ -12,15 +12,12 @@ from transformers import PreTrainedTokenizerBase
 from lora_methods import Task, get_method
 from training.core import compute
 from training.core.compute import Attention, Precision
+from training.core.errors import InferenceError
 from training.core.models import LABELS, load_model, load_tokenizer, resolve_model_path
 from training.core.offline import is_offline
 from training.core.runs import Run
 
 MAX_NEW_TOKENS = 256
-
-
-class InferenceError(ValueError):
-    """A request that cannot be served (bad input, unusable run); the message says why."""
 
 
 def check_adapter(run: Run) -> None:

@@ -30,12 +30,9 @@ from lora_methods.base import cache_dir
 from training.core import environment
 from training.core.catalog import BUNDLED_INSTALL, CatalogEntry, for_task, not_installed, package_present
 from training.core.compute import DTYPES, Attention, Precision
+from training.core.errors import ModelError
 
 LABELS = ("negative", "positive")  # sentiment label ids 0 and 1
-
-
-class ModelError(ValueError):
-    """A model that cannot be used; the message says why and what to choose instead."""
 
 
 BUNDLED_MINILM = "bundled/all-MiniLM-L6-v2"

@@ -1,7 +1,7 @@
-"""The job service: runs queued and executed in worker processes (manager.py), and the one list of
-errors that are the user's to fix (errors.py)."""
+"""The job service: runs queued and executed in worker processes (manager.py). The errors that are
+the user's to fix are listed in training/core/errors.py."""
 
-from training.jobs.errors import USER_ERRORS
-from training.jobs.manager import JobManager, Limits, OwnershipError
+from training.core.errors import USER_ERRORS, OwnershipError
+from training.jobs.manager import JobManager, Limits
 
 __all__ = ["USER_ERRORS", "JobManager", "Limits", "OwnershipError"]

@@ -27,15 +27,12 @@ from lora_methods.targets import check_rank, resolve_targets
 from training.core import data, distributed, models
 from training.core.config import ConfigError, TrainConfig, train_arguments
 from training.core.environment import die_with_parent, process_slots
+from training.core.errors import OwnershipError
 from training.core.offline import is_offline
 from training.core.runs import FINISHED, Run, RunNotFound, RunStore, resumable
 
 JOB_STATES = ("queued", "starting", "running", "finished", "failed", "cancelled")
 PARALLEL_JOBS = int(os.environ.get("LORA_ARENA_PARALLEL_JOBS", "1"))
-
-
-class OwnershipError(PermissionError):
-    """Someone other than the session that started a run tried to stop, resume or delete it."""
 
 
 def owner_hash(token: str) -> str:
