@@ -135,6 +135,29 @@ def review_csv(tmp_path_factory, reviews) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def bundled_encoder_run(tmp_path_factory):
+    """A 100-step LoRA sentiment run on the bundled MiniLM and reviews (about half a minute),
+    trained once for the end-to-end tests that read a real trained adapter."""
+    from training.core.runs import RunStore
+    from training.engine import train
+
+    store = RunStore(tmp_path_factory.mktemp("bundled-encoder"))
+    # 100 steps is a short schedule: a higher learning rate than the 300-step default lets it learn.
+    config = TrainConfig(
+        task="sentiment",
+        method="lora",
+        hparams={"learning_rate": 3e-3},
+        max_steps=100,
+        eval_samples=200,
+        eval_steps=50,
+        offline=True,
+    )
+    train(config, store)
+    (run,) = store.runs()
+    return run
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -34,20 +34,8 @@ def _reevaluate(run, split: str, eval_samples: int) -> dict:
     return evaluation.evaluate(loaded.model, records, collate, config["task"], loaded.precision)
 
 
-def test_lora_learns_sentiment_on_the_bundled_encoder(tmp_path):
-    store = RunStore(tmp_path)
-    # 100 steps is a short schedule: a higher learning rate than the 300-step default lets it learn.
-    config = TrainConfig(
-        task="sentiment",
-        method="lora",
-        hparams={"learning_rate": 3e-3},
-        max_steps=100,
-        eval_samples=200,
-        eval_steps=50,
-        offline=True,
-    )
-    summary = train(config, store)
-    (run,) = store.runs()
+def test_lora_learns_sentiment_on_the_bundled_encoder(bundled_encoder_run):
+    run, summary = bundled_encoder_run, bundled_encoder_run.summary
     losses = _losses(run)
     assert statistics.mean(losses[-20:]) < statistics.mean(losses[:20]) - 0.05
     assert summary["metrics"]["validation"]["accuracy"] > summary["base_metrics"]["validation"]["accuracy"] + 0.1

@@ -240,14 +240,9 @@ def test_logits_only_where_read_give_the_same_loss_and_gradients(tiny_models, ar
 
 
 @pytest.mark.e2e
-def test_bf16_answers_agree_with_fp32_on_the_sentiment_validation_split(tmp_path):
+def test_bf16_answers_agree_with_fp32_on_the_sentiment_validation_split(bundled_encoder_run):
     """The Playground's answer in bf16 is the fp32 answer on at least 99% of the validation split."""
-    store = RunStore(tmp_path / "runs")
-    train(
-        TrainConfig(task="sentiment", method="lora", max_steps=40, eval_samples=50, precision="bf16", offline=True),
-        store,
-    )
-    (run,) = store.runs()
+    run = bundled_encoder_run
     loaded = {precision: inference.load_run(run, precision) for precision in ("bf16", "fp32")}
     validation = data.load_splits(run.config["dataset"], "sentiment", offline=True).validation
     texts = list(validation["text"])
