@@ -6,8 +6,9 @@ The UI and the CLI are generated from `hparams`, so a schema entry is all a new 
 
 The registry (names, summaries, hyperparameters) loads without PEFT or the Trainer: importing
 those (and bitsandbytes with them) takes about 7 s here, and `python -m training --help`, `list`
-and every refusal of a bad option read the registry only. A method imports them where it uses
-them, inside `apply` (tests/test_cli.py holds the CLI to this).
+and the refusal of a bad setting or hyperparameter read the registry only. A method imports them
+in the functions that use them (`apply`, `callbacks`, `load_trained`); tests/test_cli.py holds
+the CLI to this.
 """
 
 from __future__ import annotations

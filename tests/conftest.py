@@ -29,6 +29,8 @@ from scripts.served_app import AppServer, served_app  # noqa: E402
 from training.core.config import TrainConfig  # noqa: E402
 from training.core.data import rotten_tomatoes_snippets  # noqa: E402
 from training.core.models import package_dir  # noqa: E402
+from training.core.runs import RunStore  # noqa: E402
+from training.engine import train  # noqa: E402
 
 MINILM_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -139,9 +141,6 @@ def review_csv(tmp_path_factory, reviews) -> Path:
 def bundled_encoder_run(tmp_path_factory):
     """A 100-step LoRA sentiment run on the bundled MiniLM and reviews (about half a minute),
     trained once for the end-to-end tests that read a real trained adapter."""
-    from training.core.runs import RunStore
-    from training.engine import train
-
     store = RunStore(tmp_path_factory.mktemp("bundled-encoder"))
     # 100 steps is a short schedule: a higher learning rate than the 300-step default lets it learn.
     config = TrainConfig(

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from training.core.config import TrainConfig
+from training.core.runs import RunStore
+from training.engine import train
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -43,15 +45,9 @@ pytestmark = [
 def app_url(tmp_path_factory, app_launcher):
     root = tmp_path_factory.mktemp("browser")
     runs = root / "runs"
-    # A second adapter to compare against, trained beforehand from the command line.
-    subprocess.run(
-        [sys.executable, "-m", "training", "--runs-dir", str(runs), "train", "--task", "sentiment"]
-        + ["--method", "hira", "--max-steps", "20", "--eval-samples", "32", "--offline"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    # A second adapter to compare against, trained beforehand in this process (the command line's
+    # own process is tested in test_cli.py).
+    train(TrainConfig(task="sentiment", method="hira", max_steps=20, eval_samples=32, offline=True), RunStore(runs))
     with app_launcher(runs, root / "app.log") as server:
         yield server.url
 

@@ -84,17 +84,21 @@ HEAVY_LIBRARIES = (
 
 
 @pytest.mark.parametrize(
-    "args, status",
+    "args, status, answer",
     [
-        (["--help"], 0),
-        (["list"], 0),
-        (["train", "--task", "sentiment", "--method", "lora", "--rank", "0", "--offline"], 2),
-        (["train", "--task", "generation", "--method", "qlora", "--lr", "-1", "--processes", "2", "--offline"], 2),
+        (["--help"], 0, "train one run"),
+        (["list"], 0, "no runs in"),
+        (["train", "--task", "sentiment", "--method", "lora", "--rank", "0", "--offline"], 2, "rank must satisfy"),
+        (
+            ["train", "--task", "generation", "--method", "qlora", "--lr", "-1", "--processes", "2", "--offline"],
+            2,
+            "learning_rate must satisfy",
+        ),
     ],
 )
-def test_help_list_and_a_refused_request_answer_without_loading_the_training_stack(tmp_path, args, status):
+def test_help_list_and_a_refused_setting_answer_without_loading_the_training_stack(tmp_path, args, status, answer):
     """PEFT, bitsandbytes, the Trainer and the model classes take about 7 s to import here: a user
-    asking for help, a list of runs or a bad option gets the answer without waiting for them."""
+    asking for help, a list of runs or a bad setting gets the answer without waiting for them."""
     script = (
         "import sys\nfrom training.cli import main\n"
         f"try:\n    status = main({['--runs-dir', str(tmp_path), *args]!r})\n"
@@ -103,6 +107,7 @@ def test_help_list_and_a_refused_request_answer_without_loading_the_training_sta
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().splitlines()[-1] == f"{status} []", result.stdout + result.stderr
+    assert answer in result.stdout + result.stderr
 
 
 def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv, capsys):

@@ -12,8 +12,9 @@ from peft import PeftModel
 from lora_methods import HParamError
 from training.core import data, evaluation, inference
 from training.core.config import ConfigError, TrainConfig
+from training.core.errors import ModelError
 from training.core.memory import MEMORY_PARTS
-from training.core.models import LABELS, ModelError, load_model, load_tokenizer
+from training.core.models import LABELS, load_model, load_tokenizer
 from training.core.runs import RunStore, latest_checkpoint
 from training.engine import resume, train
 

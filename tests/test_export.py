@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from training.core import data, inference, offline
 from training.core.config import ConfigError, TrainConfig
-from training.core.inference import InferenceError
+from training.core.errors import InferenceError
 from training.core.runs import Run, RunStore
 from training.engine import train
 from training.serving import export

@@ -23,8 +23,8 @@ import datasets
 import pytest
 
 from training.core import catalog, data, models
-from training.core.data import DataError
-from training.core.models import LABELS, ModelError
+from training.core.errors import DataError, ModelError
+from training.core.models import LABELS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # any commit hash: the cache names the one it holds

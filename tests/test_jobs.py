@@ -13,9 +13,9 @@ from conftest import tiny_sentiment_config as config
 
 from lora_methods import HParamError
 from training.core.config import ConfigError
-from training.core.data import DataError
+from training.core.errors import USER_ERRORS, DataError, OwnershipError
 from training.core.runs import RunStore
-from training.jobs import USER_ERRORS, JobManager, Limits, OwnershipError
+from training.jobs import JobManager, Limits
 
 DONE = ("finished", "failed", "cancelled")
 

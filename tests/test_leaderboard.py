@@ -138,3 +138,15 @@ def test_one_smoothing_for_the_live_charts_and_the_report():
     records = [{"kind": "train", "step": step, "loss": loss} for step, loss in enumerate((3.0, 1.0, 2.0), 1)]
     drawn = charts.loss_figure(records).data[1].y
     assert list(drawn) == pytest.approx(smooth([3.0, 1.0, 2.0], charts.SMOOTHING))
+
+
+def test_the_quality_chart_bounds_an_accuracy_axis_to_0_and_1_and_leaves_perplexity_free():
+    from ui import charts  # plotly: imported where needed, as the CLI does
+
+    def one_run(metric: str, value: float):
+        frame = pd.DataFrame({"run": ["a"], "task": "t", "method": ["lora"], "metric": metric, "validation": value})
+        return charts.tradeoff_figure(frame.assign(**{"trainable params": [10]}), "trainable parameters").layout.yaxis
+
+    accuracy = one_run("accuracy", 0.53)  # alone, plotly would pad it to an axis from about -0.5 to 1.5
+    assert (accuracy.autorangeoptions.minallowed, accuracy.autorangeoptions.maxallowed) == (0, 1)
+    assert one_run("perplexity", 41.0).autorangeoptions.maxallowed is None

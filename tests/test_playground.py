@@ -7,7 +7,7 @@ import torch
 
 from training.core import inference
 from training.core.config import TrainConfig
-from training.core.inference import InferenceError
+from training.core.errors import InferenceError
 from training.core.runs import RunNotFound, RunStore
 from training.engine import train
 from training.serving.playground import MAX_RUNS, classify_side_by_side, generate_side_by_side

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from training.core import offline
-from training.core.models import BUNDLED_MINILM, BUNDLED_SMOLLM2, ModelError, default_model, resolve_model_path
+from training.core.errors import ModelError
+from training.core.models import BUNDLED_MINILM, BUNDLED_SMOLLM2, default_model, resolve_model_path
 from training.core.runs import RunNotFound, RunStore
 
 

@@ -26,10 +26,10 @@ import torch
 from lora_methods import TASKS, get_method
 from training.core import catalog, data, environment, models
 from training.core.config import ConfigError, TrainConfig
-from training.core.inference import InferenceError
+from training.core.errors import USER_ERRORS, InferenceError
 from training.core.offline import is_offline
 from training.core.runs import Run, RunStore
-from training.jobs import USER_ERRORS, JobManager
+from training.jobs import JobManager
 from training.research.leaderboard import leaderboard
 from training.research.report import Row, store_rows
 from training.serving import export

@@ -8,6 +8,7 @@ from plotly.subplots import make_subplots
 
 from training.core.colours import method_colour
 from training.core.memory import MB, MEMORY_PARTS
+from training.core.metrics import SHARES
 from training.core.presentation import smooth
 
 MAX_POINTS = 400  # per trace: a long run's chart stays light to send and draw
@@ -223,4 +224,6 @@ def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
         )
     figure.update_xaxes(type=scale)
     figure.update_yaxes(title_text=f"validation {metric}")
+    if metric in SHARES:  # one run alone would otherwise autoscale to an axis from -0.5 to 1.5
+        figure.update_yaxes(autorangeoptions={"minallowed": 0, "maxallowed": 1})
     return figure

@@ -6,6 +6,8 @@ from __future__ import annotations
 PRIMARY_METRICS = {"sentiment": "accuracy", "generation": "perplexity"}
 # Higher is better for every metric but perplexity.
 LOWER_IS_BETTER = frozenset({"perplexity"})
+# Shares of the examples: a chart of them never needs an axis beyond 0 and 1.
+SHARES = frozenset({"accuracy"})
 
 
 def primary_metric(task: str) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from safetensors import safe_open
 
-from training.core.models import ModelError, package_dir
+from training.core.errors import ModelError
+from training.core.models import package_dir
 
 
 def example_weight() -> tuple[torch.Tensor, str]:

@@ -29,7 +29,8 @@ from pathlib import Path
 from lora_methods import FineTuningMethod, get_method
 from training.core import offline
 from training.core.config import ConfigError, TrainConfig, command_line
-from training.core.inference import InferenceError, check_adapter, load_run
+from training.core.errors import InferenceError
+from training.core.inference import check_adapter, load_run
 from training.core.memory import MB
 from training.core.models import BUNDLED_SMOLLM2, CATALOG, LABELS
 from training.core.runs import Run, write_json_atomic
