@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ TRAIN_KEYS = {
     "elapsed_s",
     "rss_bytes",
 }
+REQUEST_AGE_S = 30.0  # how long before `train` the sentiment run's request began
 CLEAR_REVIEWS = ["An utterly wonderful, moving film", "A dull, boring, awful mess"]
 
 
@@ -47,7 +49,8 @@ def store(tmp_path_factory) -> RunStore:
 
 @pytest.fixture(scope="module")
 def sentiment_run(store, tiny_models, review_csv):
-    summary = train(sentiment_config(tiny_models, review_csv), store)
+    # As a worker process does: the request began before `train` (the interpreter and libraries started).
+    summary = train(sentiment_config(tiny_models, review_csv), store, started_at=time.time() - REQUEST_AGE_S)
     return next(run for run in store.runs() if run.summary == summary)
 
 
@@ -95,6 +98,7 @@ def test_a_run_records_config_metrics_summary_and_adapter(sentiment_run):
     assert summary["training_memory_bytes"] == peak == sum(summary["memory_breakdown"].values())
     # Where the wall time went: loading, evaluating, training and saving add up to it.
     clocks = [summary[key] for key in ("load_time_s", "eval_time_s", "train_time_s", "save_time_s")]
+    assert clocks[0] >= REQUEST_AGE_S  # loading counts from when the request began
     assert all(clock > 0 for clock in clocks) and sum(clocks) == pytest.approx(summary["wall_time_s"])
     assert summary["overhead_share"] == pytest.approx((clocks[0] + clocks[1]) / summary["wall_time_s"])
     assert summary["phase"]["name"] == "saving" and summary["eval_examples"] == 16

@@ -57,10 +57,11 @@ class Phases:
             self._write()
 
     def _close(self) -> None:
-        now = time.perf_counter()
+        # Before the first phase `_since` is the request's start: the first phase (loading) counts from it.
         if self.current:
+            now = time.perf_counter()
             self.timings[PHASE_CLOCKS[self.current["name"]]] += now - self._since
-        self._since = now
+            self._since = now
 
     def finish(self) -> dict[str, float]:
         """The time spent per kind of phase, its total and the share spent loading and evaluating."""
