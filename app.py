@@ -1,7 +1,8 @@
 """LoRA Arena: train fine-tuning methods side by side and compare what they buy.
 
 `python app.py` (or `make run`) serves on http://127.0.0.1:7860; GRADIO_SERVER_NAME and
-GRADIO_SERVER_PORT change the host and port, LORA_ARENA_RUNS the run store folder.
+GRADIO_SERVER_PORT change the host and port, LORA_ARENA_RUNS the run store folder, and
+LORA_ARENA_STANDBY=0 keeps no training worker ready (it holds about 0.5 GB while it waits).
 On a Hugging Face Space this file is the entry point (see the README's front matter).
 """
 
@@ -59,4 +60,5 @@ def _log_to_stderr() -> None:
 
 if __name__ == "__main__":
     _log_to_stderr()
-    build_app().queue(default_concurrency_limit=1).launch(theme=THEME, css=STYLE, max_file_size=MAX_UPLOAD_BYTES)
+    arena = Arena(standby=os.environ.get("LORA_ARENA_STANDBY", "1") != "0")
+    build_app(arena).queue(default_concurrency_limit=1).launch(theme=THEME, css=STYLE, max_file_size=MAX_UPLOAD_BYTES)

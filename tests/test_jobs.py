@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 from conftest import tiny_sentiment_config as config
 
@@ -74,6 +76,41 @@ def test_a_killed_worker_marks_its_run_failed_and_the_manager_goes_on(manager, t
     assert f"code {-signal.SIGKILL}" in run.summary["error"]
     assert run.metrics()  # its history is kept
     assert not manager.busy()
+
+
+def test_a_standby_worker_takes_the_next_run_with_its_libraries_imported_and_writes_the_run_log(
+    tmp_path, tiny_models, review_csv, monkeypatch
+):
+    manager = JobManager(RunStore(tmp_path / "runs"), standby=True)
+    try:
+        standby_log = manager.logs / "standby.log"
+        wait_for(lambda: standby_log.exists() and "waiting" in standby_log.read_text(), what="the standby's imports")
+        spare = manager.spare.process
+        spare_started_at, submitted_at = psutil.Process(spare.pid).create_time(), time.time()
+        job = manager.submit(config(tiny_models, review_csv))
+        wait_for(lambda: job.state in DONE, what="the run")
+        assert job.state == "finished" and job.process is spare
+        run = manager.store.get(job.id)
+        assert run.status == "completed" and run.summary["pid"] == spare.pid
+        # Loading counts from the request: the spare's imports and its wait before it are not the run's.
+        assert 0 < run.summary["load_time_s"] < submitted_at - spare_started_at
+        last_line = (manager.logs / f"{job.id}.log").read_text().splitlines()[-1]
+        assert json.loads(last_line)["status"] == "completed"  # the run's output in its own log
+        assert job.id not in standby_log.read_text()
+
+        wait_for(lambda: manager.spare is not None, what="a new standby once nothing trains")
+        second_spare = manager.spare.process
+        assert second_spare is not spare
+        monkeypatch.setenv("LORA_ARENA_UNRELATED_SETTING", "1")  # a run gets the environment of its request
+        job = manager.submit(config(tiny_models, review_csv, seed=1))
+        wait_for(lambda: job.process is not None, what="the second run's worker")
+        assert job.process is not second_spare and second_spare.wait(timeout=10) is not None  # let go
+        manager.stop(job.id)  # a fresh worker, still importing: ended at once
+        wait_for(lambda: job.state in DONE, what="the second run's end")
+        wait_for(lambda: manager.spare is not None, what="a standby with the new environment")
+    finally:
+        manager.close()
+    assert manager.spare is None and not manager.standby
 
 
 def test_cancelling_a_queued_job_and_stopping_unknown_ids(manager, tiny_models, review_csv):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     resumer.add_argument("--run-id", "--run", dest="run", required=True, help="run id")
     commands.add_parser("list", help="list the runs in the store")
     _add_use(commands)
+    commands.add_parser(
+        "standby",
+        help="import the training libraries, then run the one command that arrives on stdin as a JSON line "
+        '{"argv": [...], "log": FILE} with its output appended to FILE (the app keeps one ready)',
+    )
     return parser
 
 
@@ -173,17 +180,17 @@ def _add_use(commands: Any) -> None:
     generate.add_argument("--seed", type=int, default=0)
 
 
-def _train(args: argparse.Namespace, store: RunStore) -> dict:
+def _train(args: argparse.Namespace, store: RunStore, started_at: float) -> dict:
     from training.engine import train  # the Trainer and the models: keep `--help`, `list` and refusals fast
 
     config = config_from_flags(args)
-    return train(config, store, should_stop=_stop_on_ctrl_c(), run_id=args.run_id, started_at=_process_start())
+    return train(config, store, should_stop=_stop_on_ctrl_c(), run_id=args.run_id, started_at=started_at)
 
 
-def _resume(args: argparse.Namespace, store: RunStore) -> dict:
+def _resume(args: argparse.Namespace, store: RunStore, started_at: float) -> dict:
     from training.engine import resume  # as in _train
 
-    return resume(args.run, store, should_stop=_stop_on_ctrl_c(), started_at=_process_start())
+    return resume(args.run, store, should_stop=_stop_on_ctrl_c(), started_at=started_at)
 
 
 def _launch_plan(args: argparse.Namespace, store: RunStore, argv: list[str]) -> tuple[int, list[str], str | None]:
@@ -232,6 +239,33 @@ def _launch(processes: int, arguments: list[str], store: RunStore, run_id: str) 
 def _process_start() -> float:
     """When this process began: a run's loading time counts starting Python and its libraries."""
     return psutil.Process().create_time()
+
+
+def _standby() -> int:
+    """Import the training stack, then wait for one command on stdin and run it as `main` would.
+
+    The app's job manager keeps one such process ready while nothing trains, so that a run does
+    not wait for Python to import PyTorch, Transformers and PEFT first (about 8 s of a run's
+    loading here). The command is one JSON line: its arguments, and the log file that takes this
+    process's output from then on. End of input (the manager let the process go) ends it."""
+    import peft  # noqa: F401  (imported for the time it takes, before a run waits on it)
+
+    import training.engine  # noqa: F401  (as peft)
+
+    print(f"standby: libraries imported in {time.time() - _process_start():.1f} s, waiting for a command", flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        return 0
+    started_at = time.time()  # the run's loading counts from its request, not from this process's start
+    command = json.loads(line)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(command["log"], "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), sys.stdout.fileno())
+        os.dup2(log.fileno(), sys.stderr.fileno())
+    with open(os.devnull, encoding="utf-8") as nothing:  # as a worker started for its run: no input
+        os.dup2(nothing.fileno(), sys.stdin.fileno())
+    return main(command["argv"], started_at)
 
 
 def _stop_on_ctrl_c() -> Callable[[], bool]:
@@ -355,9 +389,13 @@ def _probe(args: argparse.Namespace) -> None:
         print(json.dumps(record), flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
+    """Run one command line; its exit status. `started_at`: when a `train` or `resume` request
+    began, where that is not this process's start (a standby process's command)."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.command == "standby":
+        return _standby()
     store = RunStore(args.runs_dir)
     if distributed.launched():
         die_with_parent()  # with its launcher: no process trains on alone
@@ -369,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 processes, arguments, run_id = _launch_plan(args, store, argv)
                 if processes > 1:
                     return _launch(processes, arguments, store, run_id)
-            summary = (_train if args.command == "train" else _resume)(args, store)
+            summary = (_train if args.command == "train" else _resume)(args, store, started_at or _process_start())
             if distributed.is_main():  # one summary line, from the process that recorded the run
                 print(json.dumps(summary))
         elif args.command == "bench":

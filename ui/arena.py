@@ -129,10 +129,11 @@ def catalog_answer(task: str | None, offline: bool) -> dict[str, Any]:
 
 
 class Arena:
-    def __init__(self, runs_dir: str | None = None) -> None:
+    def __init__(self, runs_dir: str | None = None, standby: bool = False) -> None:
+        """`standby`: keep a training worker ready while nothing trains (JobManager)."""
         self.store = RunStore(runs_dir)
         self.offline = is_offline()
-        self.jobs = JobManager(self.store)
+        self.jobs = JobManager(self.store, standby=standby)
         self.pool = AdapterPool()
         self._tails: dict[str, tuple[int, list[dict]]] = {}
         self._tail_lock = threading.Lock()
