@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as transformers_logging
 
 from lora_methods import Task
 from lora_methods.base import cache_dir
@@ -31,6 +32,9 @@ from training.core import environment
 from training.core.catalog import BUNDLED_INSTALL, CatalogEntry, for_task, not_installed, package_present
 from training.core.compute import DTYPES, Attention, Precision
 from training.core.errors import ModelError
+
+if not sys.stderr.isatty():  # a worker's log file: a progress bar there is a line of carriage returns
+    transformers_logging.disable_progress_bar()
 
 LABELS = ("negative", "positive")  # sentiment label ids 0 and 1
 
