@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "standby",
         help="import the training libraries, then run the one command that arrives on stdin as a JSON line "
-        '{"argv": [...], "log": FILE} with its output appended to FILE (the app keeps one ready)',
+        '{"argv": [...], "log": FILE, "started_at": EPOCH_SECONDS} with its output appended to FILE (the app '
+        "keeps one ready)",
     )
     return parser
 
@@ -246,8 +247,9 @@ def _standby() -> int:
 
     The app's job manager keeps one such process ready while nothing trains, so that a run does
     not wait for Python to import PyTorch, Transformers and PEFT first (about 8 s of a run's
-    loading here). The command is one JSON line: its arguments, and the log file that takes this
-    process's output from then on. End of input (the manager let the process go) ends it."""
+    loading here). The command is one JSON line: its arguments, the log file that takes this
+    process's output from then on, and when it was asked for. End of input (the manager let the
+    process go) ends it."""
     import peft  # noqa: F401  (imported for the time it takes, before a run waits on it)
 
     import training.engine  # noqa: F401  (as peft)
@@ -256,7 +258,6 @@ def _standby() -> int:
     line = sys.stdin.readline()
     if not line:
         return 0
-    started_at = time.time()  # the run's loading counts from its request, not from this process's start
     command = json.loads(line)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -265,7 +266,7 @@ def _standby() -> int:
         os.dup2(log.fileno(), sys.stderr.fileno())
     with open(os.devnull, encoding="utf-8") as nothing:  # as a worker started for its run: no input
         os.dup2(nothing.fileno(), sys.stdin.fileno())
-    return main(command["argv"], started_at)
+    return main(command["argv"], command["started_at"])  # loading counts from the request, not this process
 
 
 def _stop_on_ctrl_c() -> Callable[[], bool]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -39,6 +40,7 @@ from training.core.runs import FINISHED, Run, RunNotFound, RunStore, resumable
 
 JOB_STATES = ("queued", "starting", "running", "finished", "failed", "cancelled")
 PARALLEL_JOBS = int(os.environ.get("LORA_ARENA_PARALLEL_JOBS", "1"))
+LOG = logging.getLogger("lora_arena")  # the app's server log
 
 
 def owner_hash(token: str) -> str:
@@ -99,8 +101,10 @@ def _process_tree(pid: int) -> set[int]:
         return {pid}
 
 
-def _last_error(log: Path) -> str:
-    lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+def _last_error(*logs: Path) -> str:
+    """The worker's error line, else its last line, from its output across `logs` (in order)."""
+    text = "\n".join(log.read_text(encoding="utf-8", errors="replace") for log in logs if log.exists())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith("error: "):
             return line.removeprefix("error: ")
@@ -338,17 +342,23 @@ class JobManager:
             with self._changed:
                 while not self._queue or len(self.active()) >= self.parallel:
                     if self.standby and self.spare is None and not self.active():
-                        self.spare = self._start_spare()
+                        self._start_spare()
                     self._changed.wait()
                 job = self._jobs[self._queue.popleft()]
                 job.state = "starting"
                 self._start(job)  # under the lock: no reader sees a starting job without its process
 
-    def _start_spare(self) -> Spare:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.logs / "standby.log", "w", encoding="utf-8") as log:  # its imports' warnings, if any
-            process = _spawn([sys.executable, "-m", "training", "standby"], log, subprocess.PIPE, None)
-        return Spare(process, dict(os.environ))
+    def _start_spare(self) -> None:
+        environment = dict(os.environ)
+        try:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            with open(self.logs / "standby.log", "w", encoding="utf-8") as log:  # its imports' output, if any
+                process = _spawn([sys.executable, "-m", "training", "standby"], log, subprocess.PIPE, None)
+        except OSError as error:  # out of memory or file handles: runs start without one, as before
+            LOG.warning("no standby worker from now on: it could not be started (%s)", error)
+            self.standby = False
+            return
+        self.spare = Spare(process, environment)
 
     def _take_spare(self, command: list[str], log_path: Path) -> subprocess.Popen | None:
         """The standby worker, given `command` to run with its output appended to `log_path`; None
@@ -357,8 +367,9 @@ class JobManager:
         if spare is None:
             return None
         if spare.process.poll() is None and spare.environment == dict(os.environ):
+            request = {"argv": command, "log": str(log_path), "started_at": time.time()}
             try:
-                spare.process.stdin.write(json.dumps({"argv": command, "log": str(log_path)}).encode() + b"\n")
+                spare.process.stdin.write(json.dumps(request).encode() + b"\n")
                 spare.process.stdin.close()
                 return spare.process
             except BrokenPipeError:  # it ended just now
@@ -380,7 +391,9 @@ class JobManager:
         with open(log_path, "a" if job.resume else "w", encoding="utf-8") as log:
             spare = self._take_spare(arguments, log_path) if processes == 1 else None
             job.process = spare or _spawn(command, log, subprocess.DEVNULL, environment)
-        threading.Thread(target=self._watch, args=(job, log_path), daemon=True).start()
+        # A standby worker's output before the run (its imports, which can fail) is in its own log.
+        logs = (self.logs / "standby.log", log_path) if spare else (log_path,)
+        threading.Thread(target=self._watch, args=(job, logs), daemon=True).start()
 
     @staticmethod
     def _run_started(job: Job, summary: dict) -> bool:
@@ -389,7 +402,7 @@ class JobManager:
             return False
         return not job.resume or (job.process is not None and summary.get("pid") in _process_tree(job.process.pid))
 
-    def _watch(self, job: Job, log_path: Path) -> None:
+    def _watch(self, job: Job, logs: tuple[Path, ...]) -> None:
         # `running` as soon as the worker has created (or reopened) the run: loading passed.
         while job.process.poll() is None:
             if job.state == "starting":
@@ -402,11 +415,11 @@ class JobManager:
         with self._changed:
             if run is not None and run.status not in FINISHED:
                 # killed (out of memory, a signal) before the engine could record it
-                reason = f"the worker process ended with code {code}: {_last_error(log_path)}"
+                reason = f"the worker process ended with code {code}: {_last_error(*logs)}"
                 run.update_summary(status="failed", error=reason, finished_at=time.time())
             if code == 0:
                 job.state = "finished"
             else:
                 job.state = "failed"
-                job.error = job.error or (run.summary.get("error") if run else None) or _last_error(log_path)
+                job.error = job.error or (run.summary.get("error") if run else None) or _last_error(*logs)
             self._changed.notify_all()
