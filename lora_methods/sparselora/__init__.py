@@ -45,9 +45,10 @@ MOST_LAYERS = {"layer_sparsity": "auto", "ffn_sparsity": 0.75, "dropout": 0.05}
 # With `pad_tokens=auto`, the share of a batch's tokens that must be padding before the dense
 # layers' FFNs and attention projections skip it. Measured by a batch's median share of padding
 # (the bench's `padding_share`; commands in the README, "Where skipping padding pays"): at 9%,
-# skipping it in every layer was 1.06-1.08x slower than in the sparse layers alone (Hamlet
-# continuation); at 33% about even (review writing); at 41-44% 1.16-1.21x faster than computing
-# it (MiniLM and SmolLM2 sentiment).
+# skipping it in every layer was 1.05-1.08x slower than in the sparse layers alone (Hamlet
+# continuation); at 40-44% 1.16-1.25x faster than computing it (MiniLM and SmolLM2 sentiment); at
+# 33-34% (review writing, batches either side of the threshold) 1.03-1.13x faster than `auto`,
+# so a lower threshold may pay there: to measure with the next retime of the results suite.
 PAD_SKIP_SHARE = 0.3
 
 
