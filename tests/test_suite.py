@@ -124,6 +124,13 @@ def test_the_report_and_the_answers_quote_the_jsons_numbers(published):
     for key in ("sparselora", "qlora", "hira", "tasks"):
         assert results["answers"][key] and results["answers"][key] in text
     table = report.rows(results)
+    sparse = [
+        r for r in table if r.variant.startswith("sparselora") and not r.variant.endswith("4bit") and r.flops_ratio
+    ]
+    assert sparse  # beside each FLOPs ratio, the speed-up it alone would buy
+    for row in sparse:
+        said = f"FLOPs {row.flops_ratio:.2f} of LoRA's ({1 / row.flops_ratio:.2f}x by FLOPs alone)"
+        assert said in results["answers"]["sparselora"]
     headlines = report.headlines(table)
     for key, _ in report.QUESTIONS:  # each answer in one sentence, above its table
         if headlines[key]:

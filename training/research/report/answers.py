@@ -35,6 +35,14 @@ QUESTION_COLUMNS = {
 }
 
 
+FLOPS_ALONE = (
+    ' "By FLOPs alone" is one over the FLOPs ratio: the speed a step would gain if its time fell with'
+    " its FLOPs. A speed below it is the part of a step that sparsity does not shrink (norms, attention's"
+    " softmax, the LM head, the estimator, the gathers of kept channels); one above it, LoRA's dropout"
+    " masks, which SparseLoRA (dropout 0) does not draw."
+)
+
+
 def ratio_text(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "n/a"
 
@@ -79,16 +87,18 @@ def _sparselora(table: Sequence[Row]) -> str:
         for row in sorted(plan_rows(table, plan).values(), key=lambda row: row.variant):
             if not row.variant.startswith("sparselora") or row.variant.endswith("4bit"):
                 continue
-            flops = f"{row.flops_ratio:.2f}" if row.flops_ratio is not None else "n/a"
+            flops = f"{row.flops_ratio:.2f} of LoRA's" if row.flops_ratio is not None else "n/a"
+            if row.flops_ratio:
+                flops += f" ({ratio_text(1 / row.flops_ratio)} by FLOPs alone)"
             recall = f", estimator recall {row.estimator_recall:.2f}" if row.estimator_recall is not None else ""
             described.append(
                 f"`{row.variant}` {quality_text(table, plan, row.variant)} "
                 f"({_difference(table, plan, row.variant, 'lora')}), "
                 f"{ratio_text(speedup(table, plan, row.variant))} LoRA's speed, "
-                f"FLOPs {flops} of LoRA's{recall}"
+                f"FLOPs {flops}{recall}"
             )
         lines.append(f"{plan}: LoRA {quality_text(table, plan, 'lora')}; " + "; ".join(described))
-    return ". ".join(lines) + "." if lines else ""
+    return ". ".join(lines) + "." + FLOPS_ALONE if lines else ""
 
 
 def _qlora(table: Sequence[Row]) -> str:
