@@ -231,6 +231,7 @@ def test_the_guide_and_compare_tabs_show_the_published_results(published):
     for key, said in report.answers(store_rows).items():  # the report's functions, fed the store's rows
         if key != "tasks":
             assert said in from_store and report.question_table(store_rows, key) in from_store
+    assert "By FLOPs alone" not in from_store  # a store's runs count no FLOPs: nothing to explain
     with gr.Blocks() as demo:
         with gr.Tab("Compare") as compare:
             compare_tab.build(demo, arena, compare, out)

@@ -87,9 +87,8 @@ def _sparselora(table: Sequence[Row]) -> str:
         for row in sorted(plan_rows(table, plan).values(), key=lambda row: row.variant):
             if not row.variant.startswith("sparselora") or row.variant.endswith("4bit"):
                 continue
-            flops = f"{row.flops_ratio:.2f} of LoRA's" if row.flops_ratio is not None else "n/a"
-            if row.flops_ratio:
-                flops += f" ({ratio_text(1 / row.flops_ratio)} by FLOPs alone)"
+            ratio = row.flops_ratio
+            flops = f"{ratio:.2f} of LoRA's ({ratio_text(1 / ratio)} by FLOPs alone)" if ratio else "n/a"
             recall = f", estimator recall {row.estimator_recall:.2f}" if row.estimator_recall is not None else ""
             described.append(
                 f"`{row.variant}` {quality_text(table, plan, row.variant)} "
@@ -98,7 +97,8 @@ def _sparselora(table: Sequence[Row]) -> str:
                 f"FLOPs {flops}{recall}"
             )
         lines.append(f"{plan}: LoRA {quality_text(table, plan, 'lora')}; " + "; ".join(described))
-    return ". ".join(lines) + "." + FLOPS_ALONE if lines else ""
+    explained = FLOPS_ALONE if any(row.flops_ratio for row in table) else ""  # the store's runs count none
+    return ". ".join(lines) + "." + explained if lines else ""
 
 
 def _qlora(table: Sequence[Row]) -> str:
