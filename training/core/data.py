@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,7 +318,16 @@ def tokenize(
         def encode(batch: dict) -> dict:
             return encode_prompt_target(tokenizer, batch["prompt"], batch["text"], seq_len)
 
-    return records.map(encode, batched=True, remove_columns=records.column_names)
+    # datasets names a map's result by hashing the function, which pickles the tokenizer the closure
+    # holds: about a second per split, every run. Kept in memory, the result is never looked up in
+    # or written to a cache file, so a fresh name is all it needs.
+    return records.map(
+        encode,
+        batched=True,
+        remove_columns=records.column_names,
+        keep_in_memory=True,
+        new_fingerprint=uuid.uuid4().hex,
+    )
 
 
 def encode_prompt_target(
