@@ -111,9 +111,10 @@ def test_phases_memory_stop_picker_and_privacy_in_the_browser(app_url):
         page.get_by_text("Budget, precision, seed and evaluation").click()
 
         # LoRA to the end: the status goes through the base evaluation, training and the final one.
-        # In fp32 with two evaluations during training: a bf16 evaluation of the validation split
-        # can end within one 2 s refresh, and the status would rightly never show it.
-        lora = start_run(page, "LoRA: Freezes the model", steps=30, eval_steps=10, examples=1000, precision="fp32")
+        # In fp32 with one evaluation during training: a bf16 evaluation of the validation split
+        # can end within one 2 s refresh, and the status would rightly never show it (600 reviews
+        # in fp32 took 9 s here).
+        lora = start_run(page, "LoRA: Freezes the model", steps=20, eval_steps=10, examples=600, precision="fp32")
         seen = watch_status(page, "Completed", timeout=300)
         order = list(dict.fromkeys(phase for phase in map(phase_of, seen) if phase))
         assert order[:3] == ["base evaluation", "training", "evaluation"], seen
