@@ -58,11 +58,11 @@ def test_lora_lowers_perplexity_on_the_bundled_causal_lm(tmp_path):
         TrainConfig(
             task="generation",
             method="lora",
-            max_steps=24,
+            max_steps=16,
             batch_size=8,
             seq_len=64,
             eval_samples=48,
-            eval_steps=12,
+            eval_steps=8,
             control_samples=0,
             offline=True,
         ),
