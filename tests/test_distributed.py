@@ -18,8 +18,9 @@ import pytest
 from conftest import MINILM_TOKENIZER_FILES, ROOT, tiny_sentiment_config
 from transformers import BertConfig, BertModel
 
+from training.cli import build_parser
 from training.core import inference
-from training.core.config import ConfigError
+from training.core.config import ConfigError, config_from_flags
 from training.core.models import package_dir
 from training.core.runs import RunStore, latest_checkpoint
 from training.engine import train
@@ -94,7 +95,11 @@ def test_two_processes_train_one_run_as_one_process_does_with_the_same_global_ba
     tmp_path, bert_without_dropout, review_csv
 ):
     two = run_to_end(tmp_path / "two", train_arguments(bert_without_dropout, review_csv, 4, STEPS, "--processes=2"))
-    one = run_to_end(tmp_path / "one", train_arguments(bert_without_dropout, review_csv, 8))
+    # The single process is this one, given the same command line (a process start saved).
+    one_flags = build_parser().parse_args(
+        ["--runs-dir", str(tmp_path / "one"), *train_arguments(bert_without_dropout, review_csv, 8)]
+    )
+    one = train(config_from_flags(one_flags), RunStore(tmp_path / "one"))
 
     run = only_run(tmp_path / "two")
     assert two["status"] == "completed" and two["steps"] == STEPS
