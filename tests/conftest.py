@@ -172,3 +172,12 @@ def serve_app(runs_dir: Path, log_path: Path, **env: str) -> Iterator[AppServer]
 def app_launcher():
     """`with app_launcher(runs_dir, log_path, **env) as server:` a served app (see serve_app)."""
     return serve_app
+
+
+@pytest.fixture(scope="session")
+def shared_app_url(tmp_path_factory) -> Iterator[str]:
+    """One served app on a fresh store for the browser tests that start their own runs and look
+    only at those (each browser sees its own runs on the Train tab): one app start for them all."""
+    root = tmp_path_factory.mktemp("shared-app")
+    with serve_app(root / "runs", root / "app.log") as server:
+        yield server.url

@@ -12,8 +12,8 @@ import zipfile
 import pytest
 from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 
-# The live test's served app (a fresh store for this module) and its markers: e2e, chromium needed.
-from test_browser_live import app_url, pytestmark, start_run, watch_status  # noqa: F401
+# The live test's markers (e2e, chromium needed) and how it starts and watches a run.
+from test_browser_live import pytestmark, start_run, watch_status  # noqa: F401
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -29,13 +29,13 @@ def download(page, button: str, folder) -> list[str]:
         return [path.name, *archive.namelist()]
 
 
-def test_download_the_picked_run_from_the_train_tab_and_from_compare(app_url, tmp_path):  # noqa: F811
+def test_download_the_picked_run_from_the_train_tab_and_from_compare(shared_app_url, tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 900}, accept_downloads=True)
         page.set_default_timeout(60_000)
-        page.goto(app_url)
+        page.goto(shared_app_url)
         page.get_by_text("Budget, precision, seed and evaluation").click()
         run_id = start_run(page, "LoRA: Freezes the model", steps=20, eval_steps=10, examples=32)
 

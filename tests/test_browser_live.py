@@ -34,13 +34,6 @@ WEIGHTS_MB = """() => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory, app_launcher):
-    root = tmp_path_factory.mktemp("browser-live")
-    with app_launcher(root / "runs", root / "app.log") as server:
-        yield server.url
-
-
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"live-{name}.png"), full_page=True)
@@ -102,12 +95,12 @@ def pick(page, run_id: str, status: str) -> None:
         raise AssertionError(f"after picking {run_id} the status says {page.evaluate(STATUS)!r}") from None
 
 
-def test_phases_memory_stop_picker_and_privacy_in_the_browser(app_url):
+def test_phases_memory_stop_picker_and_privacy_in_the_browser(shared_app_url):
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.set_default_timeout(60_000)
-        page.goto(app_url)
+        page.goto(shared_app_url)
         page.get_by_text("Budget, precision, seed and evaluation").click()
 
         # LoRA to the end: the status goes through the base evaluation, training and the final one.
@@ -142,7 +135,7 @@ def test_phases_memory_stop_picker_and_privacy_in_the_browser(app_url):
 
         # Another browser: nothing of this one's on its Train tab, both runs in Compare.
         other = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
-        other.goto(app_url)
+        other.goto(shared_app_url)
         other.wait_for_timeout(5000)  # several refresh ticks
         train_tab = other.locator("#run-picker").inner_text() + other.evaluate(STATUS)
         other.locator("#run-picker input").click()
