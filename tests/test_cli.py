@@ -67,8 +67,9 @@ def test_train_help_documents_every_hyperparameter(tmp_path):
         (["--method", "lora", "--dataset", "nope.csv"], "does not exist"),
     ],
 )
-def test_bad_options_exit_non_zero_with_one_line_and_no_run(tmp_path, args, message):
-    result = cli("train", "--task", "sentiment", "--offline", *args, runs_dir=tmp_path / "runs")
+def test_bad_options_exit_non_zero_with_one_line_and_no_run(tmp_path, args, message, capsys):
+    # In this process: that a refusal loads nothing heavy is the next test's, in a process of its own.
+    result = cli_here(capsys, "train", "--task", "sentiment", "--offline", *args, runs_dir=tmp_path / "runs")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
