@@ -459,6 +459,19 @@ def test_the_probe_measures_what_each_ffn_loses_to_channel_sparsity(tiny_models,
     # An exact-rank estimator scoring every token of these short batches (under 128) is the oracle.
     assert all(r["estimator_recall"] == 1.0 for r in records)
     assert all(r["estimator_error"] == pytest.approx(r["oracle_error"], abs=1e-6) for r in records)
+    # A set of its own per token keeps what matters to each token: on these batches it loses less
+    # than the batch's shared set (not a theorem: the largest activation is not always the one
+    # whose output matters most); at sparsity 0 nothing is lost at any granularity.
+    for r in records:
+        if r["sparsity"] == 0:
+            assert r["sequence_oracle_error"] == pytest.approx(0.0, abs=1e-6)
+            assert r["token_oracle_error"] == pytest.approx(0.0, abs=1e-6)
+        else:
+            assert r["token_oracle_error"] < r["oracle_error"]
+    # With one sequence per batch, a set per sequence is the batch's set.
+    assert main([*arguments, "--sparsities", "0.5", "--batches", "2", "--batch-size", "1", "--offline"]) == 0
+    single = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(r["sequence_oracle_error"] == pytest.approx(r["oracle_error"], abs=1e-6) for r in single)
 
     assert main([*arguments, "--sparsities", "0.5,1.5", "--offline"]) == 2
     assert "sparsities must be numbers in [0, 1)" in capsys.readouterr().err

@@ -135,7 +135,8 @@ def _add_probe(commands: Any) -> None:
         help="how sparse each FFN is: per layer and sparsity, the FFN output lost with only the top channels",
         description="Per layer and FFN sparsity, on real training batches: the mean share of a context token's "
         "FFN output lost when only the batch's top channels run (picked by the oracle and by SparseLoRA's "
-        "estimator), and the estimator's recall. The evidence for SparseLoRA's layer schedule.",
+        "estimator), the estimator's recall, and what the oracle's channels would lose with a set per sequence "
+        "or per token instead of one per batch. The evidence for SparseLoRA's layer schedule.",
     )
     prober.add_argument("--task", required=True, choices=TASKS)
     prober.add_argument("--model")

@@ -120,10 +120,34 @@ class SparseLayer:
         """Mean over tokens of |FFN(x) on `keep` - FFN(x)| / |FFN(x)| (output bias aside): how much
         of each token's FFN output the kept channels lose."""
         activations = self._activations(context).flatten(0, -2).float()
+        kept = torch.zeros_like(activations)
+        kept[:, keep] = 1.0
+        return _output_lost(activations, base_weight(self.output)[0].float(), kept)
+
+    @torch.no_grad()
+    def oracle_errors(self, context: torch.Tensor, rows: torch.Tensor) -> tuple[float, float, float]:
+        """output_error of the oracle's channels chosen once for the batch (the set SparseLoRA
+        slices), once per sequence (`rows`: each context token's row) and once per token: how much
+        of what the batch's shared set loses is the price of sharing it. Only the batch's set keeps
+        the products dense; the finer ones are what a gather per sequence or per token could reach."""
+        activations = self._activations(context).flatten(0, -2).float()
         weight = base_weight(self.output)[0].float()
-        full = activations @ weight.t()
-        kept = activations[:, keep] @ weight[:, keep].t()
-        return float(((kept - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12)).mean())
+        per_batch = torch.zeros_like(activations)
+        per_batch[:, activations.norm(dim=0).topk(self.kept).indices] = 1.0
+        per_sequence = torch.zeros_like(activations)
+        for row in rows.unique():
+            tokens = (rows == row).nonzero()
+            per_sequence[tokens, activations[tokens[:, 0]].norm(dim=0).topk(self.kept).indices] = 1.0
+        per_token = torch.zeros_like(activations).scatter_(1, activations.abs().topk(self.kept, dim=1).indices, 1.0)
+        return tuple(_output_lost(activations, weight, kept) for kept in (per_batch, per_sequence, per_token))
+
+
+def _output_lost(activations: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> float:
+    """Mean over tokens of the share of the FFN output lost when only the channels `kept` (a 0/1
+    mask per token and channel) run."""
+    full = activations @ weight.t()
+    lost = (activations * kept) @ weight.t() - full
+    return float((lost.norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12)).mean())
 
 
 @dataclass

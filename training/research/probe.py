@@ -4,7 +4,9 @@ For each layer and sparsity: the share of each context token's FFN output that i
 the batch's top-k channels run, with the channels the oracle picks (from the true activations) and
 with those SparseLoRA's estimator picks, and the estimator's recall of the oracle's channels.
 SparseLoRA's accuracy cost follows this error, so it is the evidence for a layer schedule:
-sparsify the layers that lose little, keep dense the ones that lose much.
+sparsify the layers that lose little, keep dense the ones that lose much. Beside it, what the
+oracle's channels would lose if each sequence, or each token, had a set of its own: the share of
+the loss that is the price of one set per batch (the one that keeps the products dense).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from lora_methods.sparselora.layouts import ffn_layout, resolve
 from training.core import models
 from training.research.bench import Workload
 
-# (layer, sparsity) -> one (oracle error, estimator error, estimator recall) per batch
-Figures = dict[tuple[int, float], list[tuple[float, float, float]]]
+# (layer, sparsity) -> one (oracle error, estimator error, estimator recall, oracle error with a
+# set per sequence, oracle error with a set per token) per batch
+Figures = dict[tuple[int, float], list[tuple[float, float, float, float, float]]]
 
 
 def probe(
@@ -49,7 +52,9 @@ def probe(
     layers = _layer_variants(network, sparsities, estimator_rank, scoring)
     figures, tokens_seen = _measure(network, layers, workload.batches(tokenizer, batches), defaults["estimator_tokens"])
     for (index, ratio), values in sorted(figures.items()):
-        oracle_error, estimator_error, recall = (statistics.fmean(column) for column in zip(*values))
+        oracle_error, estimator_error, recall, sequence_error, token_error = (
+            statistics.fmean(column) for column in zip(*values)
+        )
         yield {
             "task": task,
             "model": workload.model,
@@ -57,6 +62,8 @@ def probe(
             "layer": index,
             "sparsity": ratio,
             "oracle_error": oracle_error,
+            "sequence_oracle_error": sequence_error,
+            "token_oracle_error": token_error,
             "estimator_error": estimator_error,
             "estimator_recall": recall,
             "estimator_rank": estimator_rank,
@@ -109,11 +116,14 @@ def _measure(
             tokens = ffn_inputs[index].reshape(-1, ffn_inputs[index].shape[-1]).index_select(0, context)
             for layer in variants:
                 chosen, oracle = layer.choose(tokens, sample_tokens, routed.rows), layer.oracle(tokens)
+                batch_error, sequence_error, token_error = layer.oracle_errors(tokens, routed.rows)
                 figures.setdefault((index, layer.sparsity), []).append(
                     (
-                        layer.output_error(tokens, oracle),
+                        batch_error,
                         layer.output_error(tokens, chosen),
                         float(torch.isin(chosen, oracle).float().mean()),
+                        sequence_error,
+                        token_error,
                     )
                 )
     for hook in hooks:
