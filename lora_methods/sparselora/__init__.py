@@ -47,8 +47,8 @@ MOST_LAYERS = {"layer_sparsity": "auto", "ffn_sparsity": 0.75, "dropout": 0.05}
 # (the bench's `padding_share`; commands in the README, "Where skipping padding pays"): at 9%,
 # skipping it in every layer was 1.05-1.08x slower than in the sparse layers alone (Hamlet
 # continuation); at 40-44% 1.16-1.25x faster than computing it (MiniLM and SmolLM2 sentiment); at
-# 33-34% (review writing, batches either side of the threshold) 1.03-1.13x faster than `auto`,
-# so a lower threshold may pay there: to measure with the next retime of the results suite.
+# 33-34% (review writing, batches either side of the threshold) a threshold of 0.2 and one of 0.3
+# were equally fast within this machine's noise; at 17-25% skipping did not pay.
 PAD_SKIP_SHARE = 0.3
 
 
