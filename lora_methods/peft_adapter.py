@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,4 +40,8 @@ def wrap_with_adapter(
         modules_to_save=head_modules(model, task),
         task_type=PEFT_TASK_TYPES[task],
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT 0.21 reads `is_gradient_checkpointing`, which transformers 5 deprecates: a warning
+        # in every run's log that no user of this project can act on.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, config)

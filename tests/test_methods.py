@@ -3,6 +3,7 @@ adapters start as the identity and train only what they should."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -56,6 +57,34 @@ def test_values_from_forms_are_converted():
 def _load(path: str, task: str, quantize: bool = False):
     tokenizer = load_tokenizer(path)
     return load_model(path, task, tokenizer, quantize_4bit=quantize), tokenizer
+
+
+def test_loading_names_the_weights_a_checkpoint_lacks_and_is_quiet_about_a_new_classifier_head(
+    tiny_models, tmp_path, capfd
+):
+    from transformers import AutoModelForCausalLM
+
+    reported = []  # what transformers logs, past its loggers' filters (its own handler is not on stderr here)
+    handler = logging.Handler()
+    handler.emit = lambda record: reported.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        _load(tiny_models["llama"], "sentiment")  # a causal LM's checkpoint: the classifier head is new
+        _load(tiny_models["bert"], "sentiment")
+        assert "has no weights" not in capfd.readouterr().err
+        assert not [message for message in reported if "LOAD REPORT" in message]
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+
+    lacking = "model.layers.0.mlp.up_proj.weight"
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    model.save_pretrained(tmp_path, state_dict={k: v for k, v in model.state_dict().items() if k != lacking})
+    load_tokenizer(tiny_models["llama"]).save_pretrained(tmp_path)
+    for task in ("sentiment", "generation"):
+        _load(str(tmp_path), task)
+        said = capfd.readouterr().err
+        assert f"{tmp_path} has no weights for {lacking}: they start at random values." in said
+        assert "score" not in said
 
 
 def _inputs(tokenizer, task: str) -> dict:

@@ -8,6 +8,7 @@ cache, which later loads in under a second and can be quantized to 4-bit.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -35,6 +36,18 @@ from training.core.errors import ModelError
 
 if not sys.stderr.isatty():  # a worker's log file: a progress bar there is a line of carriage returns
     transformers_logging.disable_progress_bar()
+
+
+class _WithoutLoadReport(logging.Filter):
+    """Drops transformers' load report: a table on every sentiment run's output saying that the
+    classifier head is new, which it always is here. load_model says it itself when something
+    that should have loaded did not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+transformers_logging.get_logger("transformers.modeling_utils").addFilter(_WithoutLoadReport())
 
 LABELS = ("negative", "positive")  # sentiment label ids 0 and 1
 
@@ -202,17 +215,29 @@ def load_model(
         kwargs["quantization_config"] = quantization_config(task, precision)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if environment.has_cuda() else "cpu"
     if task == "sentiment":
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(LABELS),
             id2label=dict(enumerate(LABELS)),
             label2id={label: i for i, label in enumerate(LABELS)},
+            output_loading_info=True,
             **kwargs,
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = not_loaded(model, task, loading["missing_keys"])
+    if missing:
+        print(f"{path} has no weights for {', '.join(missing)}: they start at random values.", file=sys.stderr)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def not_loaded(model: PreTrainedModel, task: Task, missing_keys: list[str]) -> list[str]:
+    """The checkpoint's missing weights that matter: a sentiment model's head outside the base
+    model is new by design (it is what trains); anything else missing starts untrained."""
+    if task != "sentiment":
+        return sorted(missing_keys)
+    return sorted(key for key in missing_keys if key.startswith(f"{model.base_model_prefix}."))
 
 
 def attention_kernel(model: torch.nn.Module) -> str:
