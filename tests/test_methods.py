@@ -73,17 +73,29 @@ def test_loading_names_the_weights_a_checkpoint_lacks_and_is_quiet_about_a_new_c
         _load(tiny_models["bert"], "sentiment")
         assert "has no weights" not in capfd.readouterr().err
         assert not [message for message in reported if "LOAD REPORT" in message]
+
+        # A weight of the wrong shape fails the load, and transformers' report, which its error
+        # points to, stays.
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+        state = dict(model.state_dict(), **{"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)})
+        model.save_pretrained(tmp_path / "misshapen", state_dict=state)
+        load_tokenizer(tiny_models["llama"]).save_pretrained(tmp_path / "misshapen")
+        with pytest.raises(RuntimeError, match="above report"):
+            _load(str(tmp_path / "misshapen"), "generation")
+        assert [message for message in reported if "LOAD REPORT" in message and "MISMATCH" in message]
     finally:
         logging.getLogger("transformers").removeHandler(handler)
 
     lacking = "model.layers.0.mlp.up_proj.weight"
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
-    model.save_pretrained(tmp_path, state_dict={k: v for k, v in model.state_dict().items() if k != lacking})
-    load_tokenizer(tiny_models["llama"]).save_pretrained(tmp_path)
+    model.save_pretrained(
+        tmp_path / "lacking", state_dict={k: v for k, v in model.state_dict().items() if k != lacking}
+    )
+    load_tokenizer(tiny_models["llama"]).save_pretrained(tmp_path / "lacking")
     for task in ("sentiment", "generation"):
-        _load(str(tmp_path), task)
+        _load(str(tmp_path / "lacking"), task)
         said = capfd.readouterr().err
-        assert f"{tmp_path} has no weights for {lacking}: they start at random values." in said
+        assert f"{tmp_path / 'lacking'} has no weights for {lacking}: they start at random values." in said
         assert "score" not in said
 
 

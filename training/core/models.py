@@ -39,12 +39,14 @@ if not sys.stderr.isatty():  # a worker's log file: a progress bar there is a li
 
 
 class _WithoutLoadReport(logging.Filter):
-    """Drops transformers' load report: a table on every sentiment run's output saying that the
-    classifier head is new, which it always is here. load_model says it itself when something
-    that should have loaded did not."""
+    """Drops transformers' load report where it only lists missing or unused weights: a table on
+    every sentiment run's output saying that the classifier head is new, which it always is here
+    (load_model says it itself when something else did not load). A report of mismatched shapes or
+    failed conversions comes before an error that points to it, so that one stays."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
+        message = record.getMessage()
+        return "LOAD REPORT" not in message or "MISMATCH" in message or "CONVERSION" in message
 
 
 transformers_logging.get_logger("transformers.modeling_utils").addFilter(_WithoutLoadReport())
