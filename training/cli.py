@@ -247,7 +247,7 @@ def _standby() -> int:
     """Import the training stack, then wait for one command on stdin and run it as `main` would.
 
     The app's job manager keeps one such process ready while nothing trains, so that a run does
-    not wait for Python to import PyTorch, Transformers and PEFT first (about 8 s of a run's
+    not wait for Python to import PyTorch, Transformers and PEFT first (about 6-7 s of a run's
     loading here). The command is one JSON line: its arguments, the log file that takes this
     process's output from then on, and when it was asked for. End of input (the manager let the
     process go) ends it."""

@@ -148,7 +148,7 @@ def _use_endpoints(arena: Arena) -> tuple[Callable, ...]:
     def download_run(run_id: str, merged: bool = False, owner_token: str | None = None) -> FileData:
         """A finished or stopped run as one .zip: its PEFT adapter (full fine-tuning: the model) with the
         tokenizer, a model card (README.md) and run/config.json, run/summary.json. Anyone may download a
-        run; merged=true (the adapter merged into its base, LoRA/HiRA/SparseLoRA on a full-precision
+        run; merged=true (the adapter merged into its base, LoRA/DoRA/HiRA/SparseLoRA on a full-precision
         base) needs the run's owner_token."""
         with user_errors(), arena.inference_threads():
             path = arena.download(run_id, merged, owner_token)

@@ -3,7 +3,7 @@ worker process (`python -m training train ... --run-id ID`).
 
 With `standby`, while nothing trains the manager keeps one more process ready (`python -m
 training standby`), its libraries already imported, and hands it the next run: the run skips
-about 8 s of imports. Only while nothing trains, so that its imports never take a core from a run.
+about 6-7 s of imports. Only while nothing trains, so that its imports never take a core from a run.
 
 A worker process per run keeps the app serving when a run crashes or runs out of memory, gives
 each run its own memory figures, and avoids two trainings fighting over the CPU cores (on 2 cores

@@ -183,7 +183,7 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             batch_size=16,
             seq_len=128,
             seeds=(0, 1, 2, 3, 4),
-            # full fine-tuning fits (135M parameters) but at ~3x LoRA's step would double this plan's time
+            # full fine-tuning fits (135M parameters) but at ~1.4x LoRA's step would add about a quarter
             variants=("lora", "qlora", "hira", "sparselora", "sparselora-most-layers", "sparselora-4bit"),
             sweep={},  # the methods' default rates: the MiniLM sweep's rates do not carry over to a decoder
             speed_steps=20,  # SparseLoRA's speed claims are quoted at 20 interleaved steps: 8 ranged too widely
