@@ -103,8 +103,11 @@ class SparseLayer:
         find most of them, so tokens are scored, on a sample that keeps the cost a few percent.
         """
         predicted = _estimate(context, sample_tokens, rows, self.scoring, self.estimator)
-        scores = self._activation_scores(predicted).norm(dim=0)
-        return scores.topk(self.kept).indices.sort().values
+        return self._top_channels(self._activation_scores(predicted)).sort().values
+
+    def _top_channels(self, activations: torch.Tensor) -> torch.Tensor:
+        """The `kept` channels whose activations (tokens x channels) have the largest L2 norm."""
+        return activations.norm(dim=0).topk(self.kept).indices
 
     def _activations(self, context: torch.Tensor) -> torch.Tensor:
         return self._activation_scores([F.linear(context, *base_weight(module)) for module in self.inputs])
@@ -112,8 +115,7 @@ class SparseLayer:
     @torch.no_grad()
     def oracle(self, context: torch.Tensor) -> torch.Tensor:
         """Top-k channels by the true activations of every context token: what the estimator aims at."""
-        scores = self._activations(context).flatten(0, -2).float().norm(dim=0)
-        return scores.topk(self.kept).indices
+        return self._top_channels(self._activations(context).flatten(0, -2).float())
 
     @torch.no_grad()
     def output_error(self, context: torch.Tensor, keep: torch.Tensor) -> float:
@@ -133,11 +135,11 @@ class SparseLayer:
         activations = self._activations(context).flatten(0, -2).float()
         weight = base_weight(self.output)[0].float()
         per_batch = torch.zeros_like(activations)
-        per_batch[:, activations.norm(dim=0).topk(self.kept).indices] = 1.0
+        per_batch[:, self._top_channels(activations)] = 1.0
         per_sequence = torch.zeros_like(activations)
         for row in rows.unique():
             tokens = (rows == row).nonzero()
-            per_sequence[tokens, activations[tokens[:, 0]].norm(dim=0).topk(self.kept).indices] = 1.0
+            per_sequence[tokens, self._top_channels(activations[tokens[:, 0]])] = 1.0
         per_token = torch.zeros_like(activations).scatter_(1, activations.abs().topk(self.kept, dim=1).indices, 1.0)
         return tuple(_output_lost(activations, weight, kept) for kept in (per_batch, per_sequence, per_token))
 
