@@ -39,8 +39,18 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"live-{name}.png"), full_page=True)
 
 
-def start_run(page, method_card: str, steps: int, eval_steps: int, examples: int, precision: str | None = None) -> str:
-    """Default hyperparameters, a short budget; evaluations large enough to be seen (a few seconds each)."""
+def start_run(
+    page,
+    method_card: str,
+    steps: int,
+    eval_steps: int,
+    examples: int,
+    precision: str | None = None,
+    shown: str | None = None,
+) -> str:
+    """Default hyperparameters, a short budget; evaluations large enough to be seen (a few seconds
+    each). `shown`: the run the status names before (None on a fresh page); the new run's id is
+    the first other one the status names."""
     page.get_by_text(method_card).click()
     if precision:
         page.locator("#precision input").click()
@@ -52,10 +62,9 @@ def start_run(page, method_card: str, steps: int, eval_steps: int, examples: int
     page.locator("#eval-subsample textarea").press("Tab")
     expected = f"--max-steps {steps}" + (f" .* --precision {precision}" if precision else "")
     page.wait_for_function(f"() => /{expected}/.test(document.querySelector('.cm-content')?.innerText ?? '')")
-    shown = re.search(r"run (\S+)", page.evaluate(STATUS))
     page.locator("#start-button").click()
-    # The new run is picked once the status names a run other than the one shown before.
-    previous = f" && !({STATUS})().includes({shown.group(1)!r})" if shown else ""
+    # Known, not read from the status before the click: a refresh in progress can hide its line.
+    previous = f" && !({STATUS})().includes({shown!r})" if shown else ""
     page.wait_for_function(f"() => ({STATUS})().includes('run '){previous}", timeout=60_000)
     return re.search(r"run (\S+)", page.evaluate(STATUS)).group(1)
 
@@ -116,7 +125,7 @@ def test_phases_memory_stop_picker_and_privacy_in_the_browser(shared_app_url):
         lora_weights = page.evaluate(WEIGHTS_MB)
 
         # QLoRA, stopped during an in-training evaluation: "Stopped" within 10 s of the click.
-        qlora = start_run(page, "QLoRA: LoRA on a base model", steps=200, eval_steps=2, examples=1000)
+        qlora = start_run(page, "QLoRA: LoRA on a base model", steps=200, eval_steps=2, examples=1000, shown=lora)
         watch_status(page, "Evaluating at step", timeout=300)
         page.wait_for_function(f"() => ![null, {lora_weights}].includes(({WEIGHTS_MB})())")  # QLoRA's steps drawn
         qlora_weights = page.evaluate(WEIGHTS_MB)
