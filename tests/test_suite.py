@@ -35,6 +35,7 @@ def plans(tiny_models, review_csv) -> tuple[suite.Plan, ...]:
             speed_steps=2,
             speed_extra={"sparselora-s50": ("sparselora", {"ffn_sparsity": 0.5})},
             overrides=two_layers,
+            probe_sparsities=(0.5, 0.9),
         ),
         suite.Plan(
             "generation",
@@ -137,6 +138,70 @@ def test_the_report_and_the_answers_quote_the_jsons_numbers(published):
             assert f"**{headlines[key]}**" in text and report.question_table(table, key) in text
     figures = {name: plotly.io.from_json((out / "figures" / f"{name}.json").read_text()) for name in report.FIGURES}
     assert all(figure.data and figure.layout.title.text for figure in figures.values())
+
+
+def test_the_probe_shows_what_the_sliced_layers_lose_in_the_report(published):
+    _, out, results = published
+    probed = results["probe"]["sentiment"]
+    assert sorted((r["layer"], r["sparsity"]) for r in probed) == [(0, 0.5), (0, 0.9), (1, 0.5), (1, 0.9)]
+    assert "generation" not in results["probe"]  # a plan without probe sparsities is not probed
+    for record in probed:  # shares of the output, measured on the plan's own batches
+        assert all(0 < record[key] < 1 for key in ("oracle_error", "estimator_error", "token_oracle_error"))
+        assert record["batches"] == 4 and record["context_tokens"] > 0
+    text = (out / "report.md").read_text()
+    layer0 = {r["sparsity"]: r for r in probed if r["layer"] == 0}
+    # two layers with none kept dense: layer 0 is sliced, layer 1 is the last
+    assert report.probe_table(results, "sentiment") in text
+    assert "| 0.9 | sliced by `sparselora` (0) | " + f"{layer0[0.9]['oracle_error']:.2f} | " in text
+    assert "last (1: outputs only)" in text
+    # Question 1 quotes what the sliced layers lose at the sparsity `sparselora` runs (its default, 0.9)
+    assert (
+        f"sentiment, layer 0 at 0.9: {layer0[0.9]['oracle_error']:.2f} with the oracle's channels, "
+        f"{layer0[0.9]['estimator_error']:.2f} with the estimator's" in text
+    )
+    # and names the fastest setting that keeps LoRA's quality, or the closest where none does
+    assert "The fastest setting within a point of LoRA's accuracy or 2% of its perplexity: sentiment " in text
+
+
+def test_one_plan_runs_again_and_the_others_keep_their_published_figures(published, plans, tmp_path):
+    runs, _, results = published
+    again = suite.run_suite(
+        plans,
+        runs,
+        offline=True,
+        log=lambda line: None,
+        name="test",
+        command="cmd",
+        previous=results,
+        only=["generation"],
+    )
+    for key in ("started_at", "duration_s", "training", "hardware", "command"):  # the suite's own record stays
+        assert again[key] == results[key]
+    assert [rerun["plans"] for rerun in again["reruns"]] == [["generation"]]
+    assert again["reruns"][0]["command"] == "cmd" and again["reruns"][0]["training"]["trained_now"] == 0
+    assert json.loads(json.dumps(again["plans"])) == results["plans"]
+    for key in ("cells", "sweep"):
+        assert [c for c in again[key] if c["plan"] == "sentiment"] == [
+            c for c in results[key] if c["plan"] == "sentiment"
+        ]
+    assert again["speed"]["sentiment"] == results["speed"]["sentiment"]
+    assert again["probe"]["sentiment"] == results["probe"]["sentiment"]
+    assert again["learning_rates"] == results["learning_rates"]  # generation's come from the kept sentiment plan
+    assert [e["median_step_s"] for e in again["speed"]["generation"]] != [
+        e["median_step_s"] for e in results["speed"]["generation"]
+    ]  # timed anew
+    report.write(again, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert (
+        f"The generation plan was run again (trained, timed and probed) by `cmd` on {again['reruns'][0]['started_at']}"
+        in text
+    )
+
+    with pytest.raises(suite.SuiteError, match="no plan 'nope' in this suite; its plans: sentiment, generation"):
+        suite.run_suite(plans, runs, offline=True, log=lambda line: None, previous=results, only=["nope"])
+    with pytest.raises(suite.SuiteError, match="plan sentiment has no published results to keep"):
+        suite.run_suite(plans, runs, offline=True, log=lambda line: None, only=["generation"])
+    assert main(["bench", "--retime", "--plan", "generation"]) == 2
 
 
 def test_a_rerun_suite_reuses_completed_cells(published, plans):

@@ -125,6 +125,14 @@ def _add_bench(commands: Any) -> None:
         "e.g. sparselora.ffn_sparsity=0.5 (repeatable)",
     )
     bench.add_argument("--train-steps", type=int, help="also train each method this many steps and report quality")
+    bench.add_argument(
+        "--plan",
+        action="append",
+        default=[],
+        metavar="PLAN",
+        help="with --suite: run only this plan (repeatable), e.g. continuation; every other plan keeps its "
+        "published figures from results.json",
+    )
     bench.add_argument("--out", default=str(RESULTS_DIR), help="suite results folder (default: assets/results)")
     bench.add_argument("--offline", action="store_true")
 
@@ -295,6 +303,10 @@ def _bench(args: argparse.Namespace) -> None:
     from training.research.bench import Entry, run_bench
 
     runs_dir = args.runs_dir or suite.DEFAULT_RUNS_DIR
+    if args.plan and not args.suite:
+        raise ConfigError(
+            "--plan picks plans of the results suite: give it with --suite, e.g. --suite full --plan continuation"
+        )
     if args.report or args.only or args.retime:
         results = report.read(args.out)
         if results is None:
@@ -307,7 +319,8 @@ def _bench(args: argparse.Namespace) -> None:
         else:
             print(json.dumps(suite.rerun_cell(args.only, args.seed, results, runs_dir, args.offline)))
     elif args.suite:
-        command = f"python -m training bench --suite {args.suite}" + (" --offline" if args.offline else "")
+        plans = "".join(f" --plan {plan}" for plan in args.plan)
+        command = f"python -m training bench --suite {args.suite}{plans}" + (" --offline" if args.offline else "")
         results = suite.run_suite(
             suite.SUITES[args.suite],
             runs_dir,
@@ -316,6 +329,7 @@ def _bench(args: argparse.Namespace) -> None:
             name=args.suite,
             command=command,
             previous=report.read(args.out),
+            only=args.plan,
         )
         print(report.write(results, args.out))
     else:

@@ -20,7 +20,7 @@ import math
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from training.core.offline import is_offline
 from training.core.runs import Run, RunNotFound, RunStore
 from training.engine import train
 from training.research.bench import Entry, run_bench
+from training.research.probe import probe
 
 DEFAULT_RUNS_DIR = Path("runs") / "bench-suite"
 
@@ -72,6 +73,15 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "sparselora-deep", "sparselora", "lora", {"rank": 8, "alpha": 16, **MOST_LAYERS, "dense_first_layers": 3}
         ),
+        # the paper's schedule pushed: its deep half at the top of the reference range, and more
+        # layers sparse (SmolLM2's 10-28, of 30) at its 0.9; each buys speed at some quality
+        Variant("sparselora-deep-s99", "sparselora", "lora", {"rank": 8, "alpha": 16, "ffn_sparsity": 0.99}),
+        Variant(
+            "sparselora-dense-first10",
+            "sparselora",
+            "lora",
+            {"rank": 8, "alpha": 16, "layer_sparsity": "auto", "dense_first_layers": 10},
+        ),
         Variant("hira", "hira", "hira", {"rank": 8}),
         Variant("hira-r32", "hira", "hira-r32", {"rank": 32}),
         Variant("hira-4bit", "hira-4bit", "hira", {"rank": 8}),
@@ -100,6 +110,8 @@ class Plan:
     speed_extra: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)  # timed only
     # variant (or, for the timed-only extras, method) name -> hparams that fit this plan's model
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # FFN sparsities the probe measures the model's channel sparsity at (none: not probed)
+    probe_sparsities: tuple[float, ...] = ()
 
     def hparams(self, variant: Variant, rate: float) -> dict[str, Any]:
         return {**variant.hparams, **self.overrides.get(variant.name, {}), "learning_rate": rate}
@@ -132,6 +144,7 @@ DECODER_EXTRAS = {  # on the decoder: what of SparseLoRA's speed is exact, and w
     # the reference code's estimator: a rank-8 SVD scoring each sequence's mean context token
     "sparselora-reference": ("sparselora", {"estimator": "sequence-mean", "estimator_rank": 8}),
 }
+PROBED = (0.5, 0.75, 0.9, 0.95)  # the probe's sparsities: the first schedule's 0.75, the paper's 0.9 and beyond
 SUITES: dict[str, tuple[Plan, ...]] = {
     "full": (
         Plan(
@@ -153,6 +166,7 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             },
             speed_steps=15,
             speed_extra=LAYERS,
+            probe_sparsities=PROBED,
         ),
         Plan(
             "generation",
@@ -173,6 +187,7 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             },
             run_settings={"eval_samples": 100, "control_samples": 32},
             speed_steps=8,
+            probe_sparsities=PROBED,
         ),
         Plan(
             "decoder-sentiment",
@@ -188,6 +203,7 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             sweep={},  # the methods' default rates: the MiniLM sweep's rates do not carry over to a decoder
             speed_steps=20,  # SparseLoRA's speed claims are quoted at 20 interleaved steps: 8 ranged too widely
             speed_extra=DECODER_EXTRAS,
+            probe_sparsities=PROBED,
         ),
         Plan(
             "continuation",
@@ -198,20 +214,26 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             batch_size=8,
             seq_len=128,
             seeds=(0,),
-            variants=("lora", "sparselora", "sparselora-most-layers"),
+            # the schedules between the default and most layers sparse: where speed meets perplexity
+            variants=(
+                "lora",
+                "sparselora",
+                "sparselora-deep-s99",
+                "sparselora-dense-first10",
+                "sparselora-most-layers",
+            ),
             sweep={},
             rates_from="generation",
             run_settings={"eval_samples": 100, "control_samples": 0},
             speed_steps=20,
             speed_extra={
-                # the deep half at 0.5, and at 0.99 (the top of the reference configurations' range)
-                "sparselora-deep-s50": ("sparselora", {"ffn_sparsity": 0.5}),
-                "sparselora-deep-s99": ("sparselora", {"ffn_sparsity": 0.99}),
+                "sparselora-deep-s50": ("sparselora", {"ffn_sparsity": 0.5}),  # the deep half at 0.5
                 **LAYERS,
                 **DECODER_EXTRAS,
                 "qlora": ("qlora", {}),
                 "sparselora-4bit": ("sparselora-4bit", {}),
             },
+            probe_sparsities=PROBED,
         ),
     ),
 }
@@ -463,6 +485,46 @@ def _speed(plan: Plan, offline: bool, variants: Mapping[str, Variant] = VARIANTS
     )
 
 
+def _probe(plan: Plan, offline: bool) -> list[dict]:
+    """How much of each layer's FFN output the plan's model loses to channel sparsity (research/probe)."""
+    if not plan.probe_sparsities:
+        return []
+    return list(
+        probe(
+            plan.task,  # type: ignore[arg-type]
+            plan.probe_sparsities,
+            batch_size=plan.batch_size,
+            seq_len=plan.seq_len,
+            model=plan.model,
+            dataset=plan.dataset,
+            offline=offline,
+        )
+    )
+
+
+def _check_plans(plans: list[Plan], only: Collection[str], previous: Mapping[str, Any]) -> None:
+    """Fail before hours of training, not after: unknown variants or plans, rates from nowhere."""
+    names = [plan.name for plan in plans]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise SuiteError(f"no plan {', '.join(map(repr, unknown))} in this suite; its plans: {', '.join(names)}")
+    published = {p["name"] for p in previous.get("plans", [])}
+    kept = [name for name in names if only and name not in only]
+    missing = [name for name in kept if name not in published]
+    if missing:
+        raise SuiteError(
+            f"plan {', '.join(missing)} has no published results to keep: run it too (--plan), or the whole suite"
+        )
+    earlier: set[str] = set(kept)
+    for plan in plans:
+        for variant in plan.variants:
+            if variant not in VARIANTS:
+                raise SuiteError(f"plan {plan.name}: unknown variant {variant!r}")
+        if not plan.sweep and plan.rates_from and plan.rates_from not in earlier:
+            raise SuiteError(f"plan {plan.name} takes its rates from {plan.rates_from!r}, which must run before it")
+        earlier.add(plan.name)
+
+
 def run_suite(
     plans: Iterable[Plan],
     runs_dir: Path | str = DEFAULT_RUNS_DIR,
@@ -471,11 +533,16 @@ def run_suite(
     name: str = "custom",
     command: str | None = None,
     previous: Mapping[str, Any] | None = None,
+    only: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Run every plan (speed, sweep, quality) and return the results (report.write saves them).
+    """Run every plan (speed, probe, sweep, quality) and return the results (report.write saves them).
     `previous`: the results this suite replaces; where they were measured at another precision,
-    their quality and speed figures are kept beside the new ones (see `precision_reference`)."""
-    plans = list(plans)
+    their quality and speed figures are kept beside the new ones (see `precision_reference`).
+    `only`: run these plans and keep every other plan's published figures from `previous` (a plan
+    that changed is measured again in its own time, not the whole suite's)."""
+    plans, previous = list(plans), previous or {}
+    only = set(only) if set(only) != {plan.name for plan in plans} else set()  # every plan: the whole suite
+    _check_plans(plans, only, previous)
     offline = is_offline(offline)
     store = RunStore(runs_dir)
     started = time.time()
@@ -483,18 +550,31 @@ def run_suite(
     sweep: list[dict] = []
     cells: list[dict] = []
     speed: dict[str, list[dict]] = {}
-    earlier: set[str] = set()
-    for plan in plans:  # fail before hours of training, not after
-        for variant in plan.variants:
-            if variant not in VARIANTS:
-                raise SuiteError(f"plan {plan.name}: unknown variant {variant!r}")
-        if not plan.sweep and plan.rates_from and plan.rates_from not in earlier:
-            raise SuiteError(f"plan {plan.name} takes its rates from {plan.rates_from!r}, which must run before it")
-        earlier.add(plan.name)
+    probes: dict[str, list[dict]] = {}
+    recorded: list[dict] = []
+    trained: set[str] = set()
     for plan in plans:
+        if only and plan.name not in only:
+            log(f"== {plan.name}: kept as published")
+            kept = _published_plan(previous, plan.name)
+            recorded.append(kept["plan"])
+            rates[plan.name], speed[plan.name] = kept["rates"], kept["speed"]
+            sweep, cells = sweep + kept["sweep"], cells + kept["cells"]
+            if kept["probe"]:
+                probes[plan.name] = kept["probe"]
+            continue
+        recorded.append(asdict(plan))
         judge = _judge(cells)
+        if judge and plan.run_settings["control_samples"] and not _exists(store, judge["run"]):
+            raise SuiteError(
+                f"plan {plan.name}'s reviews are judged by run {judge['run']} ({judge['cell']}), which is not in "
+                f"{runs_dir}: run its plan {judge['cell'].split('/')[0]} too (--plan)"
+            )
         log(f"== {plan.name}: speed and memory, {plan.speed_steps} interleaved steps")
         speed[plan.name] = _speed(plan, offline)
+        if plan.probe_sparsities:
+            log(f"== {plan.name}: probe, FFN sparsity {', '.join(map(str, plan.probe_sparsities))}")
+            probes[plan.name] = _probe(plan, offline)
         log(f"== {plan.name}: learning-rate sweep")
         chosen, trials = _sweep(plan, store, offline, judge and judge["run"], log)
         rates[plan.name] = chosen or dict(rates.get(plan.rates_from or "", {}))
@@ -507,28 +587,54 @@ def run_suite(
                 config = cell_config(plan, variant, rate, seed, offline, judge and judge["run"])
                 run = _train_cell(store, cell_run_id(plan, variant, config), config, log)
                 cells.append(cell_record(plan, variant, run))
+                trained.add(run.id)
+        trained |= {trial["run"] for trial in trials}
     finished = time.time()
     precision = "+".join(sorted({cell["precision"] for cell in cells})) or None
+    invocation = {
+        "command": command,
+        "started_at": _utc(started),
+        "duration_s": finished - started,
+        "training": _training_record(store, trained, started),
+        "hardware": hardware(),
+        "versions": library_versions(),
+    }
+    if only:  # the suite's own record stays; this invocation is told apart, with the plans it measured
+        provenance = {key: previous[key] for key in (*invocation, "timed") if key in previous}
+        provenance["reruns"] = [
+            *previous.get("reruns", []),
+            {"plans": [plan.name for plan in plans if plan.name in only], **invocation},
+        ]
+    else:
+        provenance = invocation
     return {
         "suite": name,
         "precision": precision,
         "reference": precision_reference(previous, precision),
-        "command": command,
-        "started_at": _utc(started),
-        "duration_s": finished - started,
-        "training": _training_record(store, {t["run"] for t in sweep} | {c["run"] for c in cells}, started),
-        "hardware": hardware(),
-        "versions": library_versions(),
+        **provenance,
         "offline": offline,
         "runs_dir": str(runs_dir),
-        "plans": [asdict(plan) for plan in plans],
-        "variants": {name: asdict(variant) for name, variant in VARIANTS.items()},
+        "plans": recorded,
+        "variants": {**previous.get("variants", {}), **{n: asdict(v) for n, v in VARIANTS.items()}},
         "sweep": sweep,
         "learning_rates": rates,
         "judge": _judge(cells),
         "cells": cells,
         "aggregate": aggregate(cells),
         "speed": speed,
+        "probe": probes,
+    }
+
+
+def _published_plan(previous: Mapping[str, Any], plan: str) -> dict[str, Any]:
+    """One plan's published figures, as `run_suite` keeps them when it runs other plans."""
+    return {
+        "plan": next(p for p in previous["plans"] if p["name"] == plan),
+        "rates": dict(previous["learning_rates"].get(plan, {})),
+        "speed": previous["speed"].get(plan, []),
+        "sweep": [trial for trial in previous["sweep"] if trial["plan"] == plan],
+        "cells": [cell for cell in previous["cells"] if cell["plan"] == plan],
+        "probe": previous.get("probe", {}).get(plan, []),
     }
 
 

@@ -15,7 +15,7 @@ from training.core.runs import write_json_atomic
 
 from .answers import QUESTIONS, answers, headlines, question_table
 from .figures import FIGURES
-from .markdown import headline_tables, markdown
+from .markdown import headline_tables, markdown, probe_table
 from .queries import Results, Row, rows, store_rows
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "answers",
     "headline_tables",
     "headlines",
+    "probe_table",
     "question_table",
     "read",
     "report_path",

@@ -80,6 +80,39 @@ def _memory_ratio(table: Sequence[Row], plan: str, variant: str, against: str, f
     return a / b if a is not None and b else None
 
 
+# How close to LoRA's quality counts as keeping it: a point of accuracy, 2% of perplexity.
+KEEPS_QUALITY = {"accuracy": 0.01, "perplexity": 0.02}
+
+
+def _quality_lost(table: Sequence[Row], plan: str, variant: str) -> float:
+    """Accuracy points (as a fraction) or the relative perplexity `variant` gives up against LoRA."""
+    row, lora = find(table, plan, variant), find(table, plan, "lora")
+    return lora.mean - row.mean if row.metric == "accuracy" else row.mean / lora.mean - 1
+
+
+def _fastest_keeping_quality(table: Sequence[Row], plan: str) -> str:
+    """The fastest SparseLoRA setting within KEEPS_QUALITY of LoRA, or, when none is, the closest."""
+    settings = [
+        row.variant
+        for row in plan_rows(table, plan).values()
+        if row.variant.startswith("sparselora")
+        and not row.variant.endswith("4bit")
+        and speedup(table, plan, row.variant)
+    ]
+    if not settings:
+        return ""
+    metric = find(table, plan, settings[0]).metric
+    kept = [v for v in settings if _quality_lost(table, plan, v) <= KEEPS_QUALITY[metric]]
+    if kept:
+        best = max(kept, key=lambda v: speedup(table, plan, v))
+        return f"{plan} `{best}` at {ratio_text(speedup(table, plan, best))}"
+    closest = min(settings, key=lambda v: _quality_lost(table, plan, v))
+    return (
+        f"{plan} none (the closest, `{closest}`, {_difference(table, plan, closest, 'lora')} at "
+        f"{ratio_text(speedup(table, plan, closest))})"
+    )
+
+
 def _sparselora(table: Sequence[Row]) -> str:
     lines = []
     for plan in plans_with(table, "sparselora", "lora"):
@@ -98,7 +131,13 @@ def _sparselora(table: Sequence[Row]) -> str:
             )
         lines.append(f"{plan}: LoRA {quality_text(table, plan, 'lora')}; " + "; ".join(described))
     explained = FLOPS_ALONE if any(row.flops_ratio for row in table) else ""  # the store's runs count none
-    return ". ".join(lines) + "." + explained if lines else ""
+    fastest = [text for text in (_fastest_keeping_quality(table, plan) for plan in plans_with(table, "lora")) if text]
+    kept = (
+        " The fastest setting within a point of LoRA's accuracy or 2% of its perplexity: " + "; ".join(fastest) + "."
+        if fastest
+        else ""
+    )
+    return ". ".join(lines) + "." + explained + kept if lines else ""
 
 
 def _qlora(table: Sequence[Row]) -> str:

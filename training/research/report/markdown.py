@@ -3,9 +3,11 @@ plan's headline and speed tables, the sweep, and how to reproduce it."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lora_methods.sparselora.schedule import layer_schedule
 from training.core.config import FIELDS
 from training.core.memory import MEMORY_PARTS
 from training.core.presentation import markdown_table
@@ -169,6 +171,83 @@ def speed_table(results: Results, plan: str) -> str:
     return markdown_table(header + [f"{label} MB" for _, label in MEMORY_PARTS], shown)
 
 
+PROBE_COLUMNS = (
+    ("oracle_error", "one set per batch (oracle)"),
+    ("estimator_error", "the estimator's set"),
+    ("estimator_recall", "estimator recall"),
+    ("sequence_oracle_error", "one set per sequence"),
+    ("token_oracle_error", "one set per token"),
+)
+
+
+def _layer_span(layers: list[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+
+
+def probe_groups(results: Results, plan: str) -> dict[str, tuple[str, list[int]]]:
+    """The probed layers as `sparselora` (the default) treats them on this plan, by role (dense,
+    sliced, last: its FFN for the output tokens only) with their label; empty if not probed."""
+    records = results.get("probe", {}).get(plan)
+    sparselora = timings(results, plan).get("sparselora")
+    if not records or sparselora is None:
+        return {}
+    layers = max(record["layer"] for record in records) + 1
+    schedule = layer_schedule(layers, sparselora["hparams"])
+    dense = [layer for layer, ratio in enumerate(schedule[:-1]) if ratio == 0]
+    sliced = [layer for layer, ratio in enumerate(schedule) if ratio > 0]
+    groups = {"dense": (f"dense in `sparselora` ({_layer_span(dense)})", dense)} if dense else {}
+    groups["sliced"] = (f"sliced by `sparselora` ({_layer_span(sliced)})", sliced)
+    groups["last"] = (f"last ({layers - 1}: outputs only)", [layers - 1])
+    return groups
+
+
+def probe_means(results: Results, plan: str, layers: list[int], sparsity: float) -> dict[str, float]:
+    """The probe's figures at `sparsity`, averaged over `layers`."""
+    chosen = [r for r in results["probe"][plan] if r["layer"] in layers and r["sparsity"] == sparsity]
+    return {key: statistics.fmean(r[key] for r in chosen) for key, _ in PROBE_COLUMNS}
+
+
+def probe_table(results: Results, plan: str) -> str:
+    """Per sparsity and group of layers, the share of a context token's FFN output lost when only
+    the batch's top channels run (research/probe); empty when the plan was not probed."""
+    groups = probe_groups(results, plan)
+    if not groups:
+        return ""
+    sparsities = sorted({record["sparsity"] for record in results["probe"][plan]})
+    shown = [
+        [f"{sparsity:g}", label, *(f"{value:.2f}" for value in probe_means(results, plan, layers, sparsity).values())]
+        for sparsity in sparsities
+        for label, layers in groups.values()
+    ]
+    return markdown_table(["FFN sparsity", "layers", *(label for _, label in PROBE_COLUMNS)], shown)
+
+
+def probe_evidence(results: Results) -> str:
+    """What the probe says about the layers `sparselora` slices, at its sparsity, on each probed plan."""
+    said = []
+    for plan in results.get("probe", {}):
+        groups = probe_groups(results, plan)
+        sparsity = timings(results, plan).get("sparselora", {}).get("hparams", {}).get("ffn_sparsity")
+        if not groups or sparsity not in {record["sparsity"] for record in results["probe"][plan]}:
+            continue
+        layers = groups["sliced"][1]
+        lost = probe_means(results, plan, layers, sparsity)
+        said.append(
+            f"{plan}, layer{'s' if len(layers) > 1 else ''} {_layer_span(layers)} at {sparsity:g}: "
+            f"{lost['oracle_error']:.2f} with the oracle's channels, {lost['estimator_error']:.2f} with the "
+            f"estimator's, {lost['sequence_oracle_error']:.2f} with a set per sequence and "
+            f"{lost['token_oracle_error']:.2f} with one per token"
+        )
+    if not said:
+        return ""
+    return (
+        "How much of an FFN's output a batch's channel set loses in the layers `sparselora` slices "
+        "(the probe, in each plan's section): " + "; ".join(said) + ". Only a set shared by the batch keeps "
+        "the sliced products dense; where even a set per token loses much, the loss is the FFN's own "
+        "density, not the estimator's choice.\n"
+    )
+
+
 def _training_text(results: Results) -> str:
     training = results["training"]
     reused = training["runs"] - training["trained_now"]
@@ -196,6 +275,8 @@ def _answers_markdown(results: Results) -> list[str]:
             continue
         parts.append(f"**{short[key]}** (figure: `figures/{key}.json`)\n\n{question_table(table, key)}")
         parts.append(f"In detail: {said[key]}\n")
+        if key == "sparselora" and probe_evidence(results):
+            parts.append(probe_evidence(results))
     return parts
 
 
@@ -207,7 +288,7 @@ def _preamble(results: Results) -> list[str]:
         f"Produced by `{results['command']}` ({results['suite']} suite) on {results['started_at']}, "
         f"in {results['duration_s'] / 60:.0f} minutes on {_machine(hardware)} "
         f"({hardware['device']}, {hardware['memory_bytes'] / 2**30:.0f} GiB), computing in "
-        f"{results.get('precision') or 'fp32'}{_attention_text(results)}.{_timed_text(results)} "
+        f"{results.get('precision') or 'fp32'}{_attention_text(results)}.{_timed_text(results)}{_reruns_text(results)} "
         f"{_training_text(results)} "
         + ", ".join(f"{name} {version}" for name, version in versions.items())
         + ". Every figure below is in `results.json` beside this file; the figures the app's Guide "
@@ -226,6 +307,17 @@ def _timed_text(results: Results) -> str:
         f" Its step times and memory were measured again by `{timed['command']}` on {timed['started_at']} "
         f"({timed['duration_s'] / 60:.0f} minutes, {_machine(timed['hardware'])}, torch {timed['versions']['torch']}, "
         f"C allocator: {timed['hardware']['allocator']}); the runs behind the quality figures were not trained again."
+    )
+
+
+def _reruns_text(results: Results) -> str:
+    """Which plans a later invocation ran again (`bench --suite full --plan NAME`), and when."""
+    return "".join(
+        f" The {' and '.join(rerun['plans'])} plan{'s' if len(rerun['plans']) > 1 else ''} "
+        f"{'were' if len(rerun['plans']) > 1 else 'was'} run again (trained, timed and probed) by "
+        f"`{rerun['command']}` on {rerun['started_at']} ({rerun['duration_s'] / 60:.0f} minutes, "
+        f"{_machine(rerun['hardware'])}, {rerun['training']['trained_now']} runs trained)."
+        for rerun in results.get("reruns", [])
     )
 
 
@@ -274,6 +366,14 @@ def _plan_section(results: Results, plan: Mapping[str, Any]) -> list[str]:
         first = results["speed"][name][0]
         parts.append(f"Speed and memory, {first['steps']} interleaved steps after {first['warmup']} warm-up steps:\n")
         parts.append(speed_table(results, name))
+    if probe_groups(results, name):
+        first = results["probe"][name][0]
+        parts.append(
+            f"How much of each FFN's output a context token loses when only the batch's top channels run "
+            f"(`python -m training probe`, {first['batches']} training batches, {first['context_tokens']:,} context "
+            "tokens; means over the layers; recall: the share of the oracle's channels the estimator picks):\n"
+        )
+        parts.append(probe_table(results, name))
     return parts
 
 
