@@ -58,6 +58,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("full", "full", "full"),
         Variant("lora", "lora", "lora", {"rank": 8, "alpha": 16}),
         Variant("lora-r32", "lora", "lora-r32", {"rank": 32, "alpha": 64}),
+        # LoRA at SparseLoRA's dropout 0: what of SparseLoRA's quality and speed is the dropout, not sparsity
+        Variant("lora-nodrop", "lora", "lora", {"rank": 8, "alpha": 16, "dropout": 0.0}),
         Variant("qlora", "qlora", "lora", {"rank": 8, "alpha": 16}),
         Variant("dora", "dora", "lora", {"rank": 8, "alpha": 16}),
         # the paper's schedule (SparseLoRA's default): the deep half at 0.9, the first half dense, no LoRA dropout
@@ -73,8 +75,9 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "sparselora-deep", "sparselora", "lora", {"rank": 8, "alpha": 16, **MOST_LAYERS, "dense_first_layers": 3}
         ),
-        # the paper's schedule pushed: its deep half at the top of the reference range, and more
-        # layers sparse (SmolLM2's 10-28, of 30) at its 0.9; each buys speed at some quality
+        # the paper's schedule at other sparsities: its deep half at 0.5, and at the top of the
+        # reference range; and more layers sparse (SmolLM2's 10-28, of 30) at its 0.9
+        Variant("sparselora-deep-s50", "sparselora", "lora", {"rank": 8, "alpha": 16, "ffn_sparsity": 0.5}),
         Variant("sparselora-deep-s99", "sparselora", "lora", {"rank": 8, "alpha": 16, "ffn_sparsity": 0.99}),
         Variant(
             "sparselora-dense-first10",
@@ -213,23 +216,25 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             steps=30,
             batch_size=8,
             seq_len=128,
-            seeds=(0,),
-            # the schedules between the default and most layers sparse: where speed meets perplexity
+            # what sparsity costs on the paper's schedule, with LoRA at its dropout beside it, and the
+            # schedules between the default and most layers sparse: where speed meets perplexity
             variants=(
                 "lora",
+                "lora-nodrop",
                 "sparselora",
+                "sparselora-deep-s50",
                 "sparselora-deep-s99",
                 "sparselora-dense-first10",
                 "sparselora-most-layers",
             ),
+            seeds=(0, 1),
             sweep={},
             rates_from="generation",
             run_settings={"eval_samples": 100, "control_samples": 0},
             speed_steps=20,
             speed_extra={
-                "sparselora-deep-s50": ("sparselora", {"ffn_sparsity": 0.5}),  # the deep half at 0.5
                 **LAYERS,
-                **DECODER_EXTRAS,
+                **{label: extra for label, extra in DECODER_EXTRAS.items() if label != "lora-nodrop"},
                 "qlora": ("qlora", {}),
                 "sparselora-4bit": ("sparselora-4bit", {}),
             },

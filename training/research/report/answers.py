@@ -19,7 +19,7 @@ QUESTIONS = (
 )
 # The variants each question is about: its table and its figure show these alone.
 QUESTION_VARIANTS: dict[str, Callable[[str], bool]] = {
-    "sparselora": lambda v: v == "lora" or (v.startswith("sparselora") and not v.endswith("4bit")),
+    "sparselora": lambda v: v in ("lora", "lora-nodrop") or (v.startswith("sparselora") and not v.endswith("4bit")),
     "qlora": lambda v: v in ("full", "lora", "qlora"),
     "hira": lambda v: v in ("lora", "hira", "lora-r32", "hira-r32"),
     "tasks": lambda v: True,
@@ -128,6 +128,13 @@ def _sparselora(table: Sequence[Row]) -> str:
                 f"({_difference(table, plan, row.variant, 'lora')}), "
                 f"{ratio_text(speedup(table, plan, row.variant))} LoRA's speed, "
                 f"FLOPs {flops}{recall}"
+            )
+        if find(table, plan, "lora-nodrop"):  # SparseLoRA runs without dropout: LoRA without it too
+            described.insert(
+                0,
+                f"`lora-nodrop` (LoRA at SparseLoRA's dropout 0) {quality_text(table, plan, 'lora-nodrop')} "
+                f"({_difference(table, plan, 'lora-nodrop', 'lora')}), "
+                f"{ratio_text(speedup(table, plan, 'lora-nodrop'))} LoRA's speed",
             )
         lines.append(f"{plan}: LoRA {quality_text(table, plan, 'lora')}; " + "; ".join(described))
     explained = FLOPS_ALONE if any(row.flops_ratio for row in table) else ""  # the store's runs count none

@@ -31,7 +31,8 @@ SWEEP_TEXT = (
 )
 REPRODUCE_TEXT = (
     "## Reproduce\n\n`make bench` reruns everything (completed cells in `runs/bench-suite` are "
-    "reused; delete that folder to start over). One cell: "
+    "reused; delete that folder to start over). One plan: `python -m training bench --suite full --plan "
+    "continuation` runs it again (timing, probe, cells) and keeps every other plan's figures. One cell: "
     "`python -m training bench --only sentiment/lora --seed 0` trains it again from the recorded "
     "configuration and prints the new figures beside these.\n"
 )
