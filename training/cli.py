@@ -319,8 +319,8 @@ def _bench(args: argparse.Namespace) -> None:
         else:
             print(json.dumps(suite.rerun_cell(args.only, args.seed, results, runs_dir, args.offline)))
     elif args.suite:
-        plans = "".join(f" --plan {plan}" for plan in args.plan)
-        command = f"python -m training bench --suite {args.suite}{plans}" + (" --offline" if args.offline else "")
+        plan_flags = "".join(f" --plan {plan}" for plan in args.plan)
+        command = f"python -m training bench --suite {args.suite}{plan_flags}" + (" --offline" if args.offline else "")
         results = suite.run_suite(
             suite.SUITES[args.suite],
             runs_dir,

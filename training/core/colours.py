@@ -32,6 +32,7 @@ VARIANT_COLOURS = {
     "sparselora-reference": "#005a3c",
     "sparselora-deep-s50": "#c7e9c0",
     "sparselora-deep-s99": "#006d2c",
+    "sparselora-dense-first10": "#74c476",
     "lora-nodrop": "#6baed6",
 }
 OTHER = "#7f7f7f"  # a name that is no method (a typo'd label, a future method)

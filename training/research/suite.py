@@ -75,8 +75,9 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "sparselora-deep", "sparselora", "lora", {"rank": 8, "alpha": 16, **MOST_LAYERS, "dense_first_layers": 3}
         ),
-        # the paper's schedule at other sparsities: its deep half at 0.5, and at the top of the
-        # reference range; and more layers sparse (SmolLM2's 10-28, of 30) at its 0.9
+        # the paper's schedule (the default's deep half, not `sparselora-deep` above) at 0.5 and at the
+        # top of the reference range; and more layers sparse at its 0.9: SmolLM2's 10-28 of 30 (a model
+        # needs 12 layers or more for this one)
         Variant("sparselora-deep-s50", "sparselora", "lora", {"rank": 8, "alpha": 16, "ffn_sparsity": 0.5}),
         Variant("sparselora-deep-s99", "sparselora", "lora", {"rank": 8, "alpha": 16, "ffn_sparsity": 0.99}),
         Variant(
@@ -147,7 +148,9 @@ DECODER_EXTRAS = {  # on the decoder: what of SparseLoRA's speed is exact, and w
     # the reference code's estimator: a rank-8 SVD scoring each sequence's mean context token
     "sparselora-reference": ("sparselora", {"estimator": "sequence-mean", "estimator_rank": 8}),
 }
-PROBED = (0.5, 0.75, 0.9, 0.95)  # the probe's sparsities: the first schedule's 0.75, the paper's 0.9 and beyond
+# the probe's sparsities: the suite's 0.5, the first schedule's 0.75, the paper's 0.9 and where it
+# stops paying (0.95 loses more output than 0.9 for FLOPs that barely move)
+PROBED = (0.5, 0.75, 0.9, 0.95)
 SUITES: dict[str, tuple[Plan, ...]] = {
     "full": (
         Plan(
@@ -234,6 +237,7 @@ SUITES: dict[str, tuple[Plan, ...]] = {
             speed_steps=20,
             speed_extra={
                 **LAYERS,
+                # LoRA without dropout is a trained variant here, timed with the others
                 **{label: extra for label, extra in DECODER_EXTRAS.items() if label != "lora-nodrop"},
                 "qlora": ("qlora", {}),
                 "sparselora-4bit": ("sparselora-4bit", {}),
@@ -436,9 +440,12 @@ def _sweep(
     return chosen, trials
 
 
+JUDGE_PLAN = "sentiment"  # its most accurate cell judges the generated reviews' sentiment
+
+
 def _judge(cells: list[dict]) -> dict | None:
     """The suite's most accurate sentiment cell judges the generated reviews' sentiment."""
-    sentiment = [c for c in cells if c["plan"] == "sentiment"]
+    sentiment = [c for c in cells if c["plan"] == JUDGE_PLAN]
     best = max(sentiment, key=lambda c: c["validation"]["accuracy"], default=None)
     return (
         {"run": best["run"], "cell": best["cell"], "validation_accuracy": best["validation"]["accuracy"]}
@@ -492,8 +499,6 @@ def _speed(plan: Plan, offline: bool, variants: Mapping[str, Variant] = VARIANTS
 
 def _probe(plan: Plan, offline: bool) -> list[dict]:
     """How much of each layer's FFN output the plan's model loses to channel sparsity (research/probe)."""
-    if not plan.probe_sparsities:
-        return []
     return list(
         probe(
             plan.task,  # type: ignore[arg-type]
@@ -507,20 +512,42 @@ def _probe(plan: Plan, offline: bool) -> list[dict]:
     )
 
 
-def _check_plans(plans: list[Plan], only: Collection[str], previous: Mapping[str, Any]) -> None:
-    """Fail before hours of training, not after: unknown variants or plans, rates from nowhere."""
+def _check_plans(plans: list[Plan], only: Collection[str], previous: Mapping[str, Any], name: str) -> None:
+    """Fail before hours of training, not after: unknown variants or plans, rates from nowhere, and
+    plans kept beside ones run again that would no longer fit them."""
     names = [plan.name for plan in plans]
     unknown = sorted(set(only) - set(names))
     if unknown:
         raise SuiteError(f"no plan {', '.join(map(repr, unknown))} in this suite; its plans: {', '.join(names)}")
-    published = {p["name"] for p in previous.get("plans", [])}
-    kept = [name for name in names if only and name not in only]
-    missing = [name for name in kept if name not in published]
-    if missing:
-        raise SuiteError(
-            f"plan {', '.join(missing)} has no published results to keep: run it too (--plan), or the whole suite"
-        )
-    earlier: set[str] = set(kept)
+    kept = [plan for plan in plans if only and plan.name not in only]
+    if kept:
+        if not previous:
+            raise SuiteError(
+                f"no published results to keep plan {', '.join(plan.name for plan in kept)} from: run the whole "
+                "suite, or point --out at the folder of its results.json"
+            )
+        if previous.get("suite") != name:
+            raise SuiteError(
+                f"the published results are the {previous.get('suite')} suite's, not the {name} suite's: "
+                "run the whole suite, not some of its plans"
+            )
+        missing = [plan.name for plan in kept if plan.name not in {p["name"] for p in previous["plans"]}]
+        if missing:
+            raise SuiteError(
+                f"plan {', '.join(missing)} has no published results to keep: run it too (--plan), or the whole suite"
+            )
+        check_precision(previous, "run some of its plans again")
+    for plan in kept:  # a kept plan built on a plan run again would no longer match it
+        if plan.rates_from in only:
+            raise SuiteError(
+                f"plan {plan.name} takes its learning rates from plan {plan.rates_from}: "
+                f"run it too (--plan {plan.name})"
+            )
+        if plan.run_settings["control_samples"] and JUDGE_PLAN in only:
+            raise SuiteError(
+                f"plan {plan.name}'s reviews are judged by a run of plan {JUDGE_PLAN}: run it too (--plan {plan.name})"
+            )
+    earlier = {plan.name for plan in kept}
     for plan in plans:
         for variant in plan.variants:
             if variant not in VARIANTS:
@@ -528,6 +555,16 @@ def _check_plans(plans: list[Plan], only: Collection[str], previous: Mapping[str
         if not plan.sweep and plan.rates_from and plan.rates_from not in earlier:
             raise SuiteError(f"plan {plan.name} takes its rates from {plan.rates_from!r}, which must run before it")
         earlier.add(plan.name)
+
+
+def check_precision(results: Mapping[str, Any], doing: str) -> None:
+    """Refuse to mix these results with steps this machine would compute at another precision."""
+    precision, why = resolve_precision("auto")  # what the suite's steps compute in here
+    if results.get("precision") and precision != results["precision"]:
+        raise SuiteError(
+            f"these results were measured in {results['precision']}, and this machine computes steps in {precision} "
+            f"({why}): {doing} on a machine like theirs, or run the whole suite (`make bench`)"
+        )
 
 
 def run_suite(
@@ -545,9 +582,9 @@ def run_suite(
     their quality and speed figures are kept beside the new ones (see `precision_reference`).
     `only`: run these plans and keep every other plan's published figures from `previous` (a plan
     that changed is measured again in its own time, not the whole suite's)."""
-    plans, previous = list(plans), previous or {}
+    plans, published = list(plans), previous or {}
     only = set(only) if set(only) != {plan.name for plan in plans} else set()  # every plan: the whole suite
-    _check_plans(plans, only, previous)
+    _check_plans(plans, only, published, name)
     offline = is_offline(offline)
     store = RunStore(runs_dir)
     started = time.time()
@@ -561,7 +598,7 @@ def run_suite(
     for plan in plans:
         if only and plan.name not in only:
             log(f"== {plan.name}: kept as published")
-            kept = _published_plan(previous, plan.name)
+            kept = _published_plan(published, plan.name)
             recorded.append(kept["plan"])
             rates[plan.name], speed[plan.name] = kept["rates"], kept["speed"]
             sweep, cells = sweep + kept["sweep"], cells + kept["cells"]
@@ -604,12 +641,16 @@ def run_suite(
         "hardware": hardware(),
         "versions": library_versions(),
     }
+    variants = {n: asdict(v) for n, v in VARIANTS.items()}
     if only:  # the suite's own record stays; this invocation is told apart, with the plans it measured
-        provenance = {key: previous[key] for key in (*invocation, "timed") if key in previous}
+        provenance = {key: published[key] for key in (*invocation, "timed") if key in published}
         provenance["reruns"] = [
-            *previous.get("reruns", []),
+            *published.get("reruns", []),
             {"plans": [plan.name for plan in plans if plan.name in only], **invocation},
         ]
+        # the kept plans' variants as their cells were trained, whatever the code says now
+        used = {variant for plan in recorded if plan["name"] not in only for variant in plan["variants"]}
+        variants |= {n: v for n, v in published["variants"].items() if n in used}
     else:
         provenance = invocation
     return {
@@ -620,7 +661,7 @@ def run_suite(
         "offline": offline,
         "runs_dir": str(runs_dir),
         "plans": recorded,
-        "variants": {**previous.get("variants", {}), **{n: asdict(v) for n, v in VARIANTS.items()}},
+        "variants": variants,
         "sweep": sweep,
         "learning_rates": rates,
         "judge": _judge(cells),
@@ -662,12 +703,7 @@ def retime(
     """The published results with every plan's speed and memory timed again (step 1 of the suite,
     the plans and variants as they record them) and the trained cells kept: what a change to how a
     step computes (a kernel, the allocator) moves, in minutes rather than the hours of training."""
-    precision, why = resolve_precision("auto")  # what the suite's steps time at here
-    if results.get("precision") and precision != results["precision"]:
-        raise SuiteError(
-            f"these results were measured in {results['precision']}, and this machine times steps in {precision} "
-            f"({why}): retime them on a machine like theirs, or run the suite (`make bench`)"
-        )
+    check_precision(results, "retime them")
     started, offline = time.time(), is_offline(offline)
     variants = {name: Variant(**variant) for name, variant in results["variants"].items()}
     speed = {}

@@ -3,6 +3,7 @@ answers them from results.json, the Guide from the store's runs too, through the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 from training.core.memory import MB
@@ -17,9 +18,16 @@ QUESTIONS = (
     ("tasks", "4. How do the methods rank on sentiment classification vs text generation?"),
     ("combinations", "5. Do combinations (SparseLoRA or HiRA on a 4-bit base) keep both benefits?"),
 )
+
+
+def is_sparselora_setting(variant: str) -> bool:
+    """A SparseLoRA variant on an unquantized base: the ones question 1 compares with LoRA."""
+    return variant.startswith("sparselora") and not variant.endswith("4bit")
+
+
 # The variants each question is about: its table and its figure show these alone.
 QUESTION_VARIANTS: dict[str, Callable[[str], bool]] = {
-    "sparselora": lambda v: v in ("lora", "lora-nodrop") or (v.startswith("sparselora") and not v.endswith("4bit")),
+    "sparselora": lambda v: v in ("lora", "lora-nodrop") or is_sparselora_setting(v),
     "qlora": lambda v: v in ("full", "lora", "qlora"),
     "hira": lambda v: v in ("lora", "hira", "lora-r32", "hira-r32"),
     "tasks": lambda v: True,
@@ -84,6 +92,12 @@ def _memory_ratio(table: Sequence[Row], plan: str, variant: str, against: str, f
 KEEPS_QUALITY = {"accuracy": 0.01, "perplexity": 0.02}
 
 
+KEEPS_QUALITY_TEXT = (
+    f"{100 * KEEPS_QUALITY['accuracy']:g} point of LoRA's accuracy or {100 * KEEPS_QUALITY['perplexity']:g}% of its "
+    "perplexity"
+)
+
+
 def _quality_lost(table: Sequence[Row], plan: str, variant: str) -> float:
     """Accuracy points (as a fraction) or the relative perplexity `variant` gives up against LoRA."""
     row, lora = find(table, plan, variant), find(table, plan, "lora")
@@ -95,21 +109,19 @@ def _fastest_keeping_quality(table: Sequence[Row], plan: str) -> str:
     settings = [
         row.variant
         for row in plan_rows(table, plan).values()
-        if row.variant.startswith("sparselora")
-        and not row.variant.endswith("4bit")
-        and speedup(table, plan, row.variant)
+        if is_sparselora_setting(row.variant) and speedup(table, plan, row.variant) and math.isfinite(row.mean)
     ]
-    if not settings:
+    if not settings or not math.isfinite(find(table, plan, "lora").mean):
         return ""
     metric = find(table, plan, settings[0]).metric
     kept = [v for v in settings if _quality_lost(table, plan, v) <= KEEPS_QUALITY[metric]]
     if kept:
         best = max(kept, key=lambda v: speedup(table, plan, v))
-        return f"{plan} `{best}` at {ratio_text(speedup(table, plan, best))}"
+        return f"{plan} `{best}` at {ratio_text(speedup(table, plan, best))} LoRA's speed"
     closest = min(settings, key=lambda v: _quality_lost(table, plan, v))
     return (
         f"{plan} none (the closest, `{closest}`, {_difference(table, plan, closest, 'lora')} at "
-        f"{ratio_text(speedup(table, plan, closest))})"
+        f"{ratio_text(speedup(table, plan, closest))} LoRA's speed)"
     )
 
 
@@ -118,7 +130,7 @@ def _sparselora(table: Sequence[Row]) -> str:
     for plan in plans_with(table, "sparselora", "lora"):
         described = []
         for row in sorted(plan_rows(table, plan).values(), key=lambda row: row.variant):
-            if not row.variant.startswith("sparselora") or row.variant.endswith("4bit"):
+            if not is_sparselora_setting(row.variant):
                 continue
             ratio = row.flops_ratio
             flops = f"{ratio:.2f} of LoRA's ({ratio_text(1 / ratio)} by FLOPs alone)" if ratio else "n/a"
@@ -139,11 +151,7 @@ def _sparselora(table: Sequence[Row]) -> str:
         lines.append(f"{plan}: LoRA {quality_text(table, plan, 'lora')}; " + "; ".join(described))
     explained = FLOPS_ALONE if any(row.flops_ratio for row in table) else ""  # the store's runs count none
     fastest = [text for text in (_fastest_keeping_quality(table, plan) for plan in plans_with(table, "lora")) if text]
-    kept = (
-        " The fastest setting within a point of LoRA's accuracy or 2% of its perplexity: " + "; ".join(fastest) + "."
-        if fastest
-        else ""
-    )
+    kept = f" The fastest setting within {KEEPS_QUALITY_TEXT}: " + "; ".join(fastest) + "." if fastest else ""
     return ". ".join(lines) + "." + explained + kept if lines else ""
 
 

@@ -119,10 +119,11 @@ def precision_table(results: Results, plan: str) -> str:
     before_rows = reference_rows(results)
     now, then = results.get("precision") or "fp32", (results.get("reference") or {}).get("precision")
     shown = []
+    then_cells = (results.get("reference") or {}).get("aggregate", {}).get(plan, {})
     for variant in ranking(rows(results), plan):
         row, before = plan_rows(rows(results), plan)[variant], before_rows.get((plan, variant))
-        if before is None:
-            continue
+        if before is None or then_cells[variant]["seeds"] != results["aggregate"][plan][variant]["seeds"]:
+            continue  # compared on the same seeds only
         shown.append(
             [
                 f"`{variant}`",
@@ -187,7 +188,7 @@ def _layer_span(layers: list[int]) -> str:
 
 def probe_groups(results: Results, plan: str) -> dict[str, tuple[str, list[int]]]:
     """The probed layers as `sparselora` (the default) treats them on this plan, by role (dense,
-    sliced, last: its FFN for the output tokens only) with their label; empty if not probed."""
+    sliced, last: by default its FFN for the output tokens only) with their label; empty if not probed."""
     records = results.get("probe", {}).get(plan)
     sparselora = timings(results, plan).get("sparselora")
     if not records or sparselora is None:
@@ -198,7 +199,8 @@ def probe_groups(results: Results, plan: str) -> dict[str, tuple[str, list[int]]
     sliced = [layer for layer, ratio in enumerate(schedule) if ratio > 0]
     groups = {"dense": (f"dense in `sparselora` ({_layer_span(dense)})", dense)} if dense else {}
     groups["sliced"] = (f"sliced by `sparselora` ({_layer_span(sliced)})", sliced)
-    groups["last"] = (f"last ({layers - 1}: outputs only)", [layers - 1])
+    reads = "outputs only" if sparselora["hparams"]["last_layer"] == "outputs" else "every token"
+    groups["last"] = (f"last ({layers - 1}: {reads})", [layers - 1])
     return groups
 
 
@@ -253,7 +255,7 @@ def _training_text(results: Results) -> str:
     training = results["training"]
     reused = training["runs"] - training["trained_now"]
     return (
-        f"It trained {training['trained_now']} of the {training['runs']} runs behind these figures"
+        f"It trained {training['trained_now']} of its {training['runs']} runs"
         + (
             f" and reused {reused} that an earlier invocation had completed with the same configuration"
             if reused
@@ -276,49 +278,56 @@ def _answers_markdown(results: Results) -> list[str]:
             continue
         parts.append(f"**{short[key]}** (figure: `figures/{key}.json`)\n\n{question_table(table, key)}")
         parts.append(f"In detail: {said[key]}\n")
-        if key == "sparselora" and probe_evidence(results):
+        if key == "sparselora":
             parts.append(probe_evidence(results))
-    return parts
+    return [part for part in parts if part]
 
 
 def _preamble(results: Results) -> list[str]:
-    """The title, where and how the figures were produced."""
+    """The title, where and how the figures were produced, and what was measured again since."""
     hardware, versions = results["hardware"], results["versions"]
     return [
         "# LoRA Arena benchmark results\n",
         f"Produced by `{results['command']}` ({results['suite']} suite) on {results['started_at']}, "
         f"in {results['duration_s'] / 60:.0f} minutes on {_machine(hardware)} "
         f"({hardware['device']}, {hardware['memory_bytes'] / 2**30:.0f} GiB), computing in "
-        f"{results.get('precision') or 'fp32'}{_attention_text(results)}.{_timed_text(results)}{_reruns_text(results)} "
-        f"{_training_text(results)} "
+        f"{results.get('precision') or 'fp32'}{_attention_text(results)}. {_training_text(results)} "
         + ", ".join(f"{name} {version}" for name, version in versions.items())
-        + ". Every figure below is in `results.json` beside this file; the figures the app's Guide "
-        "tab draws are in `figures/`.\n",
+        + f".{_since_text(results)} Every figure below is in `results.json` beside this file; the figures the "
+        "app's Guide tab draws are in `figures/`.\n",
         METHOD_TEXT
         + (SWEEP_TEXT if results["sweep"] else "Learning rates: each method's default (this suite has no sweep).\n"),
     ]
 
 
-def _timed_text(results: Results) -> str:
-    """When and where the step times and memory were measured again without training (`bench --retime`)."""
+def _since_text(results: Results) -> str:
+    """What was measured again after the suite, oldest first: every plan's step times and memory
+    without training (`bench --retime`), or some plans run again whole (`bench --suite NAME --plan P`)."""
+    events = [(rerun["started_at"], _rerun_text(results, rerun)) for rerun in results.get("reruns", [])]
     timed = results.get("timed")
-    if not timed:
-        return ""
+    if timed:
+        events.append(
+            (
+                timed["started_at"],
+                f" Every plan's step times and memory were measured again, without training, by `{timed['command']}` "
+                f"on {timed['started_at']} ({timed['duration_s'] / 60:.0f} minutes, {_machine(timed['hardware'])}, "
+                f"torch {timed['versions']['torch']}, C allocator: {timed['hardware']['allocator']}).",
+            )
+        )
+    return "".join(text for _, text in sorted(events))
+
+
+def _rerun_text(results: Results, rerun: Mapping[str, Any]) -> str:
+    plans, training = rerun["plans"], rerun["training"]
+    reused = training["runs"] - training["trained_now"]
+    probed = all(plan in results.get("probe", {}) for plan in plans)
     return (
-        f" Its step times and memory were measured again by `{timed['command']}` on {timed['started_at']} "
-        f"({timed['duration_s'] / 60:.0f} minutes, {_machine(timed['hardware'])}, torch {timed['versions']['torch']}, "
-        f"C allocator: {timed['hardware']['allocator']}); the runs behind the quality figures were not trained again."
-    )
-
-
-def _reruns_text(results: Results) -> str:
-    """Which plans a later invocation ran again (`bench --suite full --plan NAME`), and when."""
-    return "".join(
-        f" The {' and '.join(rerun['plans'])} plan{'s' if len(rerun['plans']) > 1 else ''} "
-        f"{'were' if len(rerun['plans']) > 1 else 'was'} run again (trained, timed and probed) by "
-        f"`{rerun['command']}` on {rerun['started_at']} ({rerun['duration_s'] / 60:.0f} minutes, "
-        f"{_machine(rerun['hardware'])}, {rerun['training']['trained_now']} runs trained)."
-        for rerun in results.get("reruns", [])
+        f" The {' and '.join(plans)} plan{'s were' if len(plans) > 1 else ' was'} run again by `{rerun['command']}` "
+        f"on {rerun['started_at']} ({rerun['duration_s'] / 60:.0f} minutes, {_machine(rerun['hardware'])}, "
+        f"{rerun['hardware']['device']}, torch {rerun['versions']['torch']}): {training['trained_now']} runs trained"
+        + (f" and {reused} reused from an earlier invocation" if reused else "")
+        + (", steps timed and FFNs probed" if probed else ", steps timed")
+        + "; the figures of the other plans are unchanged."
     )
 
 
