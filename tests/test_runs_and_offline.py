@@ -10,6 +10,7 @@ from training.core import offline
 from training.core.errors import ModelError
 from training.core.models import BUNDLED_MINILM, BUNDLED_SMOLLM2, default_model, resolve_model_path
 from training.core.runs import RunNotFound, RunStore
+from ui.arena import Arena
 
 
 def test_run_ids_cannot_reach_outside_the_store(tmp_path):
@@ -32,6 +33,21 @@ def test_summary_updates_are_whole_and_metrics_skip_a_partial_line(tmp_path):
         file.write('{"step": 2, "lo')  # a writer caught mid-line
     assert run.metrics() == [{"step": 1, "loss": 0.5}]
     assert not [p for p in run.dir.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_a_live_view_follows_a_resume_that_rewrites_the_metrics(tmp_path):
+    arena = Arena(str(tmp_path))  # what the page and the API read a run's metrics through
+    run = arena.store.create({"task": "sentiment", "method": "lora"})
+    for step in range(1, 14):  # the killed run logged up to step 13; its checkpoint is at 10
+        run.append_metrics({"step": step, "loss": 1.0})
+    assert len(arena.records(run.id)) == 13
+    run.keep_metrics_until(10)  # the resume
+    for step in range(11, 16):  # retrained, with their own losses
+        run.append_metrics({"step": step, "loss": 0.5})
+    expected = [(step, 1.0) for step in range(1, 11)] + [(step, 0.5) for step in range(11, 16)]
+    assert [(r["step"], r["loss"]) for r in arena.records(run.id)] == expected
+    run.append_metrics({"step": 16, "loss": 0.4})
+    assert [(r["step"], r["loss"]) for r in arena.records(run.id)] == [*expected, (16, 0.4)]
 
 
 def test_offline_defaults_to_bundled_models(monkeypatch):

@@ -28,7 +28,7 @@ from training.core import catalog, data, environment, models
 from training.core.config import ConfigError, TrainConfig
 from training.core.errors import USER_ERRORS, InferenceError
 from training.core.offline import is_offline
-from training.core.runs import Run, RunStore
+from training.core.runs import MetricsCursor, Run, RunStore
 from training.jobs import JobManager
 from training.research.leaderboard import leaderboard
 from training.research.report import Row, store_rows
@@ -135,7 +135,7 @@ class Arena:
         self.offline = is_offline()
         self.jobs = JobManager(self.store, standby=standby)
         self.pool = AdapterPool()
-        self._tails: dict[str, tuple[int, list[dict]]] = {}
+        self._tails: dict[str, tuple[MetricsCursor, list[dict]]] = {}
         self._tail_lock = threading.Lock()
         self._cores = environment.cpu_threads()
         # Archives for download live beside the store, never in it: the store holds what runs wrote.
@@ -239,11 +239,11 @@ class Arena:
         """All metrics of a run, reading only the lines appended since the last call."""
         run = self.store.get(run_id)
         with self._tail_lock:
-            offset, records = self._tails.get(run_id, (0, []))
-            new, offset = run.metrics_since(offset)
-            if new or run_id not in self._tails:
-                records = records + new
-                self._tails[run_id] = (offset, records)
+            cursor, records = self._tails.get(run_id, (MetricsCursor(), []))
+            new, moved = run.metrics_since(cursor)
+            # Another file: a resume rewrote the metrics, so what was held may be steps retrained since.
+            records = new if moved.file != cursor.file else records + new
+            self._tails[run_id] = (moved, records)
             return records
 
     @contextmanager

@@ -17,6 +17,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,15 @@ FINISHED = ("completed", "stopped", "failed", "interrupted")
 
 class RunNotFound(LookupError):
     """A run id that is malformed or not in the store."""
+
+
+@dataclass(frozen=True)
+class MetricsCursor:
+    """Where a reader of metrics.jsonl stopped: in which file (a resume replaces it, see
+    `Run.keep_metrics_until`) and after which byte."""
+
+    file: tuple[int, int] | None = None  # (device, inode); None: nothing read yet
+    offset: int = 0
 
 
 def default_runs_dir() -> Path:
@@ -85,15 +95,21 @@ class Run:
             file.write(line)
 
     def metrics(self) -> list[dict]:
-        return self.metrics_since(0)[0]
+        return self.metrics_since(MetricsCursor())[0]
 
-    def metrics_since(self, offset: int) -> tuple[list[dict], int]:
-        """Records appended after byte `offset`, and the offset to continue from: a live view reads
-        only what is new. A line still being written is left for the next call."""
-        path = self.dir / "metrics.jsonl"
-        if not path.exists():
-            return [], offset
-        with open(path, "rb") as file:
+    def metrics_since(self, cursor: MetricsCursor) -> tuple[list[dict], MetricsCursor]:
+        """Records appended after `cursor`, and the cursor to continue from: a live view reads only
+        what is new. When the returned cursor names another file than the given one, the records
+        start from the beginning and replace whatever the reader held: a resume rewrote the file.
+        A line still being written is left for the next call."""
+        try:
+            file = open(self.dir / "metrics.jsonl", "rb")
+        except FileNotFoundError:
+            return [], cursor
+        with file:
+            status = os.fstat(file.fileno())  # the file this read opened, whatever replaces it meanwhile
+            identity = (status.st_dev, status.st_ino)
+            offset = cursor.offset if identity == cursor.file else 0
             file.seek(offset)
             chunk = file.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]
@@ -103,7 +119,7 @@ class Run:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a damaged line (a crash mid-write in an old run): skip it, keep the rest
-        return records, offset + len(complete)
+        return records, MetricsCursor(identity, offset + len(complete))
 
     @property
     def status(self) -> str:
