@@ -21,6 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no browser at {CHROMIUM}: `make test` installs chromium"),
 ]
 STATUS = "() => document.querySelector('#job-status')?.innerText ?? ''"
+COMMAND = "() => document.querySelector('.cm-content')?.innerText ?? ''"
 PHASES = (  # how the status line starts in each phase a run goes through after loading
     ("Evaluating the base model", "base evaluation"),
     ("Training", "training"),
@@ -61,7 +62,11 @@ def start_run(
     page.locator("#eval-subsample textarea").fill(str(examples))
     page.locator("#eval-subsample textarea").press("Tab")
     expected = f"--max-steps {steps}" + (f" .* --precision {precision}" if precision else "")
-    page.wait_for_function(f"() => /{expected}/.test(document.querySelector('.cm-content')?.innerText ?? '')")
+    try:
+        page.wait_for_function(f"() => /{expected}/.test(({COMMAND})())")
+    except playwright.TimeoutError:  # say what the preview showed instead (a flake in CI once, not reproduced)
+        shot(page, "command-preview-not-updated")
+        raise AssertionError(f"the command preview never showed {expected!r}; it shows {page.evaluate(COMMAND)!r}")
     page.locator("#start-button").click()
     # Known, not read from the status before the click: a refresh in progress can hide its line.
     previous = f" && !({STATUS})().includes({shown!r})" if shown else ""
