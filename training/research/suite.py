@@ -594,7 +594,7 @@ def run_suite(
     speed: dict[str, list[dict]] = {}
     probes: dict[str, list[dict]] = {}
     recorded: list[dict] = []
-    trained: set[str] = set()
+    run_ids: set[str] = set()  # the runs these results stand on, trained now or reused
     for plan in plans:
         if only and plan.name not in only:
             log(f"== {plan.name}: kept as published")
@@ -629,15 +629,15 @@ def run_suite(
                 config = cell_config(plan, variant, rate, seed, offline, judge and judge["run"])
                 run = _train_cell(store, cell_run_id(plan, variant, config), config, log)
                 cells.append(cell_record(plan, variant, run))
-                trained.add(run.id)
-        trained |= {trial["run"] for trial in trials}
+                run_ids.add(run.id)
+        run_ids |= {trial["run"] for trial in trials}
     finished = time.time()
     precision = "+".join(sorted({cell["precision"] for cell in cells})) or None
     invocation = {
         "command": command,
         "started_at": _utc(started),
         "duration_s": finished - started,
-        "training": _training_record(store, trained, started),
+        "training": _training_record(store, run_ids, started),
         "hardware": hardware(),
         "versions": library_versions(),
     }
