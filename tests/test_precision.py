@@ -241,11 +241,12 @@ def test_logits_only_where_read_give_the_same_loss_and_gradients(tiny_models, ar
 
 @pytest.mark.e2e
 def test_bf16_answers_agree_with_fp32_on_the_sentiment_validation_split(bundled_encoder_run):
-    """The Playground's answer in bf16 is the fp32 answer on at least 99% of the validation split."""
+    """The Playground's answer in bf16 is the fp32 answer on at least 99% of 640 reviews spread
+    over the validation split (the whole split took 105 s on a CPU that emulates bf16)."""
     run = bundled_encoder_run
     loaded = {precision: inference.load_run(run, precision) for precision in ("bf16", "fp32")}
     validation = data.load_splits(run.config["dataset"], "sentiment", offline=True).validation
-    texts = list(validation["text"])
+    texts = list(validation["text"])[:: max(1, len(validation) // 640)][:640]
     answers = {}
     for precision, model in loaded.items():
         answers[precision] = torch.cat(
