@@ -90,7 +90,8 @@ def test_train_watch_reload_stop_compare_and_classify(page, app_url, review_csv)
 
     # Train tab: LoRA is the default method and the bundled encoder the default model offline.
     page.get_by_text("Budget, precision, seed and evaluation").click()
-    page.locator("#max-steps input").fill("400")
+    page.locator("#max-steps input").fill("")
+    page.locator("#max-steps input").press_sequentially("400")  # keys faster than the preview computes
     page.locator("#eval-samples textarea").fill("64")  # a textbox: empty means the default
     page.get_by_text("LoRA: Freezes the model").click()
     page.wait_for_function(

@@ -579,25 +579,31 @@ def _wire_form(demo: gr.Blocks, form: Form, offline: bool) -> None:
     # handler reading the form while another one's updates are still being applied in the browser
     # would see the other task's model against the new task's choices.
     inputs = form.inputs
-    on_form = functools.partial(_on_form, offline)
     on_dataset = functools.partial(_on_dataset, offline)
-    command = (on_form, inputs, form.command)
     dataset = (on_dataset, [form.task, form.dataset, form.upload], [form.dataset_info, form.preview])
     choice = [form.task, form.model, form.method]
     rate = (on_model, choice, form.fields["learning_rate"])
     budget = [*(form.settings[field.name] for field in TASK_FILLED), form.upload]
     form.task.input(
         functools.partial(_on_task, offline), form.task, [form.model, form.dataset, *budget], **PRIVATE
-    ).then(*rate, **PRIVATE).then(*command, **PRIVATE).then(*dataset, **PRIVATE)
-    form.method.input(on_method, choice, list(form.fields.values()), **PRIVATE).then(*command, **PRIVATE)
-    form.model.input(*rate, **PRIVATE).then(*command, **PRIVATE)
+    ).then(*rate, **PRIVATE).then(*dataset, **PRIVATE)
+    form.method.input(on_method, choice, list(form.fields.values()), **PRIVATE)
+    form.model.input(*rate, **PRIVATE)
     for trigger in (form.dataset.input, form.upload.upload, form.upload.clear):
-        trigger(*dataset, **PRIVATE).then(*command, **PRIVATE)
-    for component in inputs:
-        if component not in (form.task, form.method, form.model, form.dataset, form.upload):
-            component.input(*command, **PRIVATE)
-    demo.load(*command, api_visibility="private")
+        trigger(*dataset, **PRIVATE)
     demo.load(*dataset, api_visibility="private")
+    # The command follows the form whoever changed it, through one listener: a change arriving while
+    # it computes is not dropped (Gradio's default for a pending listener) but computed after it, so
+    # the last command shown is the last form's, however fast a person types. A half-applied task
+    # switch reads as stale (_on_form skips it) and its last field's change computes the whole form.
+    gr.on(
+        [demo.load, *(component.change for component in inputs)],
+        functools.partial(_on_form, offline),
+        inputs,
+        form.command,
+        trigger_mode="always_last",
+        **PRIVATE,
+    )
 
 
 def _picker_update(runs: list[dict], run_id: str | None, shown: dict) -> Any:
