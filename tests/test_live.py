@@ -104,6 +104,11 @@ def test_the_eta_counts_the_steps_and_evaluations_still_to_come():
     assert progress.eta_seconds(summary, records) == pytest.approx(70 * 0.5 + 3 * 2.0 + 10.0 + 5.0)
     during = {**summary, "phase": {"name": "final evaluation", "done": 400, "total": 1000}}
     assert progress.eta_seconds(during, records) == pytest.approx(6.0)
+    # Evaluating at step 40, before step 40's record: 60 steps, the rest of this evaluation, then 60 and 80
+    at_40 = {**summary, "phase": {"name": "evaluation", "step": 40, "done": 50, "total": 200}}
+    before_its_record = [{"kind": "train", "step": step, "step_time_s": 0.5} for step in range(1, 40)]
+    assert progress.steps_trained(at_40, before_its_record) == 40
+    assert progress.eta_seconds(at_40, before_its_record) == pytest.approx(60 * 0.5 + 1.5 + 2 * 2.0 + 10.0 + 5.0)
     assert progress.eta_seconds({**summary, "eval_s_per_example": None}, records) is None
 
 

@@ -225,7 +225,7 @@ def progress_html(state: dict, records: list[dict]) -> str:
     if not planned:
         return ""
     train = [r for r in records if r.get("kind") == "train"]
-    step = train[-1]["step"] if train else 0
+    step = progress.steps_trained(summary, records)
     parts = [f"step {step} / {planned}"]
     recent = statistics.median(r["step_time_s"] for r in train[-20:]) if train else None
     if recent:

@@ -18,6 +18,16 @@ def _step_seconds(records: list[dict]) -> float | None:
     return statistics.median(times[-RECENT_STEPS:]) if times else None
 
 
+def steps_trained(summary: dict[str, Any], records: list[dict]) -> int:
+    """Optimizer steps done: the latest step's record, or the phase's step when it is ahead. An
+    evaluation at step N runs before step N's record is written, and the training phase counts
+    each step as it ends, just before its record."""
+    trained = [r["step"] for r in records if r.get("kind") == "train"]
+    phase = summary.get("phase") or {}
+    ahead = {"evaluation": phase.get("step"), "training": phase.get("done")}.get(phase.get("name"))
+    return max(trained[-1] if trained else 0, ahead or 0)
+
+
 def _evaluations_left(summary: dict[str, Any], step: int) -> int:
     """In-training evaluations still to come: at every eval_steps multiple below the last step."""
     planned, every = summary.get("planned_steps"), summary.get("eval_steps")
@@ -44,8 +54,7 @@ def eta_seconds(summary: dict[str, Any], records: list[dict]) -> float | None:
         return 0.0
     if step_s is None:
         return None
-    trained = [r["step"] for r in records if r.get("kind") == "train"]
-    step = trained[-1] if trained else 0
+    step = steps_trained(summary, records)
     remaining = (planned - step) * step_s + final
     remaining += _evaluations_left(summary, step) * per_example * (summary.get("eval_examples") or 0)
     if name == "evaluation":
