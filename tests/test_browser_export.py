@@ -1,6 +1,7 @@
 """Taking a run home in a real headless chromium on the bundled encoder: a short LoRA run trained
 from the Train tab, its archive downloaded from there once it has finished (and not while it
-trains), the merged model and the Hub push explained in place, and the same download in Compare.
+trains, when Stop is the run's only button), the merged model and the Hub push explained in
+place, and the same download in Compare.
 
 Screenshots go to test-artifacts/ (or $LORA_ARENA_ARTIFACTS).
 """
@@ -42,7 +43,13 @@ def test_download_the_picked_run_from_the_train_tab_and_from_compare(shared_app_
         # While the run trains there is nothing to take home, and the page says why.
         page.wait_for_function("() => document.querySelector('#export-note')?.innerText.includes('training')")
         assert page.locator("#download-button").is_disabled()
+        playwright.expect(page.locator("#stop-button")).to_be_enabled()
+        assert page.locator("#resume-button").is_disabled() and page.locator("#delete-button").is_disabled()
         watch_status(page, "Completed", timeout=300)
+        # Finished: it can be deleted, not stopped or resumed.
+        playwright.expect(page.locator("#stop-button")).to_be_disabled()
+        playwright.expect(page.locator("#delete-button")).to_be_enabled()
+        assert page.locator("#resume-button").is_disabled()
 
         names = download(page, "#download-button", tmp_path)
         assert names[0] == f"{run_id}.zip"

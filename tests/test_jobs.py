@@ -54,16 +54,20 @@ def test_jobs_queue_and_run_one_at_a_time_and_a_failure_does_not_block_the_next(
     assert [run.status for run in runs] == ["completed", "completed"]
     assert runs[1].summary["created_at"] >= runs[0].summary["finished_at"]  # never two at once
     assert manager.describe(first.id)["summary"]["steps"] == 4
+    assert manager.actions(first.id) == {"stop": False, "resume": False, "delete": True}  # nothing left to train
 
 
 def test_stop_ends_a_running_job_within_a_step_and_keeps_its_adapter(manager, tiny_models, review_csv):
     job = manager.submit(config(tiny_models, review_csv, max_steps=2000, eval_steps=1000))
     wait_for(lambda: job.state == "running" and len(manager.store.get(job.id).metrics()) >= 3, what="first steps")
+    assert manager.actions(job.id) == {"stop": True, "resume": False, "delete": False}
     assert "stopping" in manager.stop(job.id)
+    assert not manager.actions(job.id)["stop"]  # asked once is enough
     wait_for(lambda: job.state in DONE, what="the stop")
     run = manager.store.get(job.id)
     assert job.state == "finished" and run.status == "stopped"
     assert run.summary["steps"] < 2000 and (run.adapter_dir / "adapter_model.safetensors").exists()
+    assert manager.actions(job.id) == {"stop": False, "resume": True, "delete": True}  # stopping saved a checkpoint
 
 
 def test_a_killed_worker_marks_its_run_failed_and_the_manager_goes_on(manager, tiny_models, review_csv):
@@ -117,7 +121,9 @@ def test_cancelling_a_queued_job_and_stopping_unknown_ids(manager, tiny_models, 
     manager.parallel = 0  # hold the queue still
     job = manager.submit(config(tiny_models, review_csv))
     assert manager.position(job.id) == 1
+    assert manager.actions(job.id) == {"stop": True, "resume": False, "delete": False}
     assert "cancelled" in manager.stop(job.id) and job.state == "cancelled" and manager.position(job.id) is None
+    assert manager.actions(job.id) == {"stop": False, "resume": False, "delete": False}  # no run folder to delete
     with pytest.raises(LookupError, match="not a valid run id"):
         manager.stop("../../etc")
     with pytest.raises(LookupError, match="no run"):

@@ -169,6 +169,10 @@ class Arena:
     def stop(self, run_id: str, owner_token: str | None) -> str:
         return self.jobs.stop(run_id, owner_token)
 
+    def actions(self, run_id: str) -> dict[str, bool]:
+        """Which of stop, resume and delete apply to the run now (JobManager.actions)."""
+        return self.jobs.actions(run_id)
+
     def resume(self, run_id: str, owner_token: str | None) -> str:
         self.jobs.resume(run_id, owner_token)
         return f"{run_id}: queued to resume from its last checkpoint"

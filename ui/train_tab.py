@@ -475,9 +475,10 @@ def _panel() -> Panel:
         picker = gr.Dropdown(
             [], value=None, label="Your runs (this browser's)", elem_id="run-picker", scale=4, interactive=True
         )
-        stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1)
-        resume = gr.Button("Resume", elem_id="resume-button", scale=1)
-        delete = gr.Button("Delete run", elem_id="delete-button", scale=1)
+        # Each offered only where it applies to the picked run (_actions_view); none before a pick.
+        stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, interactive=False)
+        resume = gr.Button("Resume", elem_id="resume-button", scale=1, interactive=False)
+        delete = gr.Button("Delete run", elem_id="delete-button", scale=1, interactive=False)
         download = export_panel.download_button("download-button")
     export_note = gr.Markdown(elem_id="export-note")
     queue = gr.Markdown(elem_id="run-queue")
@@ -695,6 +696,15 @@ def _delete(arena: Arena, run_id: str | None, owner_token: str) -> tuple:
     return None, None, "", "", charts.loss_figure([]), charts.resources_figure([]), ""
 
 
+def _actions_view(arena: Arena, run_id: str | None) -> tuple:
+    """Stop, Resume and Delete, each clickable only when it would act on the picked run."""
+    try:
+        allowed = arena.actions(run_id) if run_id else {}
+    except USER_ERRORS:  # deleted meanwhile
+        allowed = {}
+    return tuple(gr.update(interactive=allowed.get(action, False)) for action in ("stop", "resume", "delete"))
+
+
 def _wire_runs(demo: gr.Blocks, form: Form, panel: Panel, arena: Arena) -> None:
     refresh = (
         functools.partial(refresh_views, arena),
@@ -718,6 +728,9 @@ def _wire_runs(demo: gr.Blocks, form: Form, panel: Panel, arena: Arena) -> None:
     cleared = [panel.current_run, panel.shown, *panel.views]
     panel.delete.click(delete, picked, cleared, api_visibility="private").then(*refresh, **now)
     gr.Timer(REFRESH_SECONDS).tick(*refresh, **now)
+    # The status line changes with every change of state (a pick, a stop asked for, a run ending).
+    actions = [panel.stop, panel.resume, panel.delete]
+    panel.status.change(functools.partial(_actions_view, arena), panel.current_run, actions, **now)
     panel.x_axis.change(*refresh, **now)
     attach = functools.partial(attach_browser, arena)
     demo.load(attach, picked, [panel.current_run, panel.shown, panel.owner], api_visibility="private").then(

@@ -294,6 +294,18 @@ class JobManager:
             "method": method,
         }
 
+    def actions(self, run_id: str) -> dict[str, bool]:
+        """Whether `stop`, `resume` and `delete` would act on the run now, by the rules they apply:
+        what a live view offers (it greys out the others)."""
+        described = self.describe(run_id)
+        live = described["state"] in ("queued", "starting", "running")
+        exists = bool(described["summary"])  # a job cancelled before its run began has no folder
+        try:
+            can_resume = not live and exists and bool(resumable(self.store.get(run_id)))
+        except ConfigError:  # completed, or stopped before its first checkpoint
+            can_resume = False
+        return {"stop": live and not described["stop_requested"], "resume": can_resume, "delete": not live and exists}
+
     def owned_by(self, owner_token: str) -> list[dict]:
         """Every job and run that `owner_token` started, newest first, as `describe` tells them."""
         owner = owner_hash(owner_token)
