@@ -64,7 +64,7 @@ def start_run(
     expected = f"--max-steps {steps}" + (f" .* --precision {precision}" if precision else "")
     try:
         page.wait_for_function(f"() => /{expected}/.test(({COMMAND})())")
-    except playwright.TimeoutError:  # say what the preview showed instead (a flake in CI once, not reproduced)
+    except playwright.TimeoutError:  # say what it shows instead (CI timed out here once, on the old wiring)
         shot(page, "command-preview-not-updated")
         raise AssertionError(f"the command preview never showed {expected!r}; it shows {page.evaluate(COMMAND)!r}")
     page.locator("#start-button").click()
