@@ -133,8 +133,15 @@ class Run:
             file.writelines(json.dumps(record, default=float) + "\n" for record in kept)
         os.replace(temp, self.dir / "metrics.jsonl")
 
-    def clear_stop_request(self) -> None:
-        (self.dir / "stop").unlink(missing_ok=True)
+    def clear_obeyed_stop_request(self) -> None:
+        """Withdraw the stop request the run's last segment ended on (made before it finished),
+        keeping one made since: a stop asked for while a resume waits or loads."""
+        path, finished = self.dir / "stop", self.summary.get("finished_at")
+        try:
+            if finished is None or path.stat().st_mtime <= finished:
+                path.unlink()
+        except FileNotFoundError:
+            pass
 
     def request_stop(self) -> None:
         (self.dir / "stop").touch()

@@ -65,7 +65,7 @@ def resume(
 
     def pick() -> tuple[TrainConfig, str]:
         picked = resumable(run)
-        run.clear_stop_request()  # before loading: a stop asked for while this loads is kept
+        run.clear_obeyed_stop_request()  # a stop asked for while this waited or loads is kept
         return picked
 
     # Every process resumes from the checkpoint rank 0 finds, before rank 0 marks the run running.

@@ -183,6 +183,7 @@ class JobManager:
         if self._pending(run_id):
             raise ConfigError(f"run {run_id} is already queued or running")
         config, _ = resumable(run)
+        run.clear_obeyed_stop_request()  # or the run would read as stopping while it waits and loads
         return self._enqueue(Job(run_id, config, resume=True))
 
     def _pending(self, run_id: str) -> bool:
