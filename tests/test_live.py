@@ -131,6 +131,8 @@ def test_the_eta_counts_the_steps_and_evaluations_still_to_come():
         ),
         ({"state": "running", "stop_requested": True, "summary": {"phase": {"name": "evaluation"}}}, "Stopping…"),
         ({"state": "finished", "status": "stopped", "summary": {}}, "Stopped"),
+        ({"state": "cancelled", "status": None, "summary": {}}, "Cancelled before it started"),
+        ({"state": "cancelled", "status": "stopped", "summary": {"status": "stopped"}}, "Stopped (its resume was"),
     ],
 )
 def test_the_phase_line_says_what_the_run_is_doing(described, line):

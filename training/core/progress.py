@@ -69,8 +69,9 @@ def phase_line(described: dict[str, Any]) -> str:
     if state == "queued":
         position = described.get("queue_position")
         return f"Queued: position {position} in line" if position else "Queued"
-    if state == "cancelled":
-        return "Cancelled before it started"
+    if state == "cancelled":  # a resume cancelled in the queue leaves the run as it was
+        status = described.get("status")
+        return f"{status.capitalize()} (its resume was cancelled)" if status else "Cancelled before it started"
     if state not in ("starting", "running"):
         return (described.get("status") or state).capitalize()
     if described.get("stop_requested"):
