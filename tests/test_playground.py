@@ -9,7 +9,7 @@ from training.core import inference
 from training.core.config import TrainConfig
 from training.core.errors import InferenceError
 from training.core.runs import RunNotFound, RunStore
-from training.engine import train
+from training.engine import resume, train
 from training.serving.playground import MAX_RUNS, classify_side_by_side, generate_side_by_side
 from training.serving.pool import AdapterPool
 
@@ -65,6 +65,37 @@ def test_each_run_answers_as_if_loaded_alone(store):
     # the two LoRA runs differ (different seeds), so adapters really are swapped, not shared
     lora = [entry["probabilities"]["positive"] for entry in results if entry["method"] == "LoRA"]
     assert len(lora) == 2 and lora[0] != lora[1]
+
+
+def test_a_run_resumed_since_it_was_served_answers_with_its_new_adapter(tmp_path, tiny_models, review_csv):
+    store = RunStore(tmp_path)
+    config = TrainConfig(
+        task="sentiment",
+        method="lora",
+        model=tiny_models["bert"],
+        dataset=str(review_csv),
+        max_steps=12,
+        batch_size=8,
+        seq_len=48,
+        eval_samples=16,
+        offline=True,
+        hparams={"learning_rate": 5e-2},
+    )
+    calls: list[int] = []
+    train(config, store, should_stop=lambda: calls.append(1) or len(calls) >= 3)
+    run_id = next(store.runs()).id
+    pool = AdapterPool()
+
+    def positive(serving: AdapterPool) -> float:
+        return classify_side_by_side(serving, store, [run_id], REVIEW, include_base=False)[0]["probabilities"][
+            "positive"
+        ]
+
+    stopped = positive(pool)
+    resume(run_id, store)  # trains steps 4-12 and saves a new adapter
+    resumed, fresh = positive(pool), positive(AdapterPool())
+    assert abs(fresh - stopped) > 1e-4  # the resume did train the adapter on
+    assert resumed == pytest.approx(fresh, abs=1e-6)
 
 
 def test_adapters_of_one_kind_share_one_base_model(store):

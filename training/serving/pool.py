@@ -58,6 +58,7 @@ class AdapterPool:
     def __init__(self) -> None:
         self._bases: dict[_BaseKey, _SharedBase] = {}
         self._full: dict[str, LoadedRun] = {}
+        self._finished_at: dict[str, float | None] = {}  # each loaded run's, as it was when loaded
         self._lock = threading.RLock()  # PEFT's active adapter is per model: one request at a time
 
     def _base(self, key: _BaseKey) -> _SharedBase:
@@ -92,6 +93,10 @@ class AdapterPool:
         config = run.config
         method = get_method(config["method"])
         check_adapter(run)
+        finished_at = run.summary.get("finished_at")
+        if self._finished_at.setdefault(run.id, finished_at) != finished_at:
+            self.forget(run.id)  # it was resumed since it was loaded: its adapter on disk is newer
+            self._finished_at[run.id] = finished_at
         if method.saves_full_model:
             if run.id not in self._full:
                 while len(self._full) >= self.FULL_MODELS_KEPT:
@@ -124,8 +129,9 @@ class AdapterPool:
             return {"bases": bases, "full_models": list(self._full)}
 
     def forget(self, run_id: str) -> None:
-        """Unload a run's adapter (its run was deleted)."""
+        """Unload a run's adapter (its run was deleted, or resumed)."""
         with self._lock:
+            self._finished_at.pop(run_id, None)
             self._full.pop(run_id, None)
             for key, shared in list(self._bases.items()):
                 if shared.adapters == {run_id}:
