@@ -1,7 +1,7 @@
 """What the Train tab tells while runs train, in a real headless chromium on the bundled encoder:
 the phases one after another, the live memory breakdown (QLoRA's weights below LoRA's), Stop
 during an evaluation, the run picker, and a second browser that sees no one else's runs on its
-Train tab but every run in Compare.
+Train tab but every run in Compare; and choices made faster than a slow connection answers.
 
 Screenshots go to test-artifacts/ (or $LORA_ARENA_ARTIFACTS).
 """
@@ -14,6 +14,9 @@ import time
 import pytest
 from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 
+from training.core.defaults import hparam_defaults
+from training.core.models import BUNDLED_MINILM
+
 playwright = pytest.importorskip("playwright.sync_api")
 
 pytestmark = [
@@ -22,6 +25,7 @@ pytestmark = [
 ]
 STATUS = "() => document.querySelector('#job-status')?.innerText ?? ''"
 COMMAND = "() => document.querySelector('.cm-content')?.innerText ?? ''"
+RANK_SHOWN = "() => [...document.querySelectorAll('label')].some(l => /^rank \\(/.test(l.innerText) && l.offsetParent)"
 PHASES = (  # how the status line starts in each phase a run goes through after loading
     ("Evaluating the base model", "base evaluation"),
     ("Training", "training"),
@@ -161,4 +165,37 @@ def test_phases_memory_stop_picker_and_privacy_in_the_browser(shared_app_url):
             f"() => ['{lora}', '{qlora}'].every(id => document.querySelector('#leaderboard')?.innerText.includes(id))"
         )
         shot(other, "3-other-browser-compare")
+        browser.close()
+
+
+def test_choices_made_faster_than_a_slow_connection_answers_are_all_applied(shared_app_url):
+    """300 ms each way, as a hosted Space can be: a second choice made while the first is being
+    applied still lands, with its own fields, rate and command."""
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(shared_app_url)
+        page.wait_for_function(f"() => ({COMMAND})().includes('--method lora')")
+        assert page.evaluate(RANK_SHOWN)  # LoRA's
+        network = page.context.new_cdp_session(page)
+        network.send("Network.enable")
+        conditions = {"offline": False, "latency": 300, "downloadThroughput": -1, "uploadThroughput": -1}
+        network.send("Network.emulateNetworkConditions", conditions)
+        full_rate = hparam_defaults("sentiment", BUNDLED_MINILM, "full")["learning_rate"]
+        page.get_by_text("HiRA: ").first.click()
+        page.wait_for_timeout(100)
+        page.get_by_text("Full fine-tuning: ").first.click()
+        page.wait_for_function(f"() => / --method full .*--learning-rate {full_rate}$/.test(({COMMAND})().trim())")
+        assert not page.evaluate(RANK_SHOWN)  # HiRA's fields went with it
+
+        page.get_by_text("generation", exact=True).first.click()
+        page.wait_for_timeout(100)
+        page.get_by_text("sentiment", exact=True).first.click()
+        page.wait_for_function(
+            f"() => ({COMMAND})().includes('--task sentiment') && ({COMMAND})().includes('{BUNDLED_MINILM}')"
+        )
+        page.wait_for_timeout(3000)  # everything in flight has landed
+        command = page.evaluate(COMMAND)
+        assert "--task sentiment" in command and BUNDLED_MINILM in command and "--method full" in command, command
         browser.close()

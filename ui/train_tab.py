@@ -578,7 +578,10 @@ def _on_form(offline: bool, *values: Any) -> Any:
 def _wire_form(demo: gr.Blocks, form: Form, offline: bool) -> None:
     # Events chain explicitly (`.then`), and edits listen to `.input` (a person's change only): a
     # handler reading the form while another one's updates are still being applied in the browser
-    # would see the other task's model against the new task's choices.
+    # would see the other task's model against the new task's choices. A choice made while the
+    # previous one is still being applied is applied after it (`always_last`), not dropped
+    # (Gradio's default): a quick second click left the radio on Full with HiRA's fields and rate.
+    edit = {**PRIVATE, "trigger_mode": "always_last"}
     inputs = form.inputs
     on_dataset = functools.partial(_on_dataset, offline)
     dataset = (on_dataset, [form.task, form.dataset, form.upload], [form.dataset_info, form.preview])
@@ -586,12 +589,12 @@ def _wire_form(demo: gr.Blocks, form: Form, offline: bool) -> None:
     rate = (on_model, choice, form.fields["learning_rate"])
     budget = [*(form.settings[field.name] for field in TASK_FILLED), form.upload]
     form.task.input(
-        functools.partial(_on_task, offline), form.task, [form.model, form.dataset, *budget], **PRIVATE
+        functools.partial(_on_task, offline), form.task, [form.model, form.dataset, *budget], **edit
     ).then(*rate, **PRIVATE).then(*dataset, **PRIVATE)
-    form.method.input(on_method, choice, list(form.fields.values()), **PRIVATE)
-    form.model.input(*rate, **PRIVATE)
+    form.method.input(on_method, choice, list(form.fields.values()), **edit)
+    form.model.input(*rate, **edit)
     for trigger in (form.dataset.input, form.upload.upload, form.upload.clear):
-        trigger(*dataset, **PRIVATE)
+        trigger(*dataset, **edit)
     demo.load(*dataset, api_visibility="private")
     # The command follows the form whoever changed it, through one listener: a change arriving while
     # it computes is not dropped (Gradio's default for a pending listener) but computed after it, so
@@ -602,8 +605,7 @@ def _wire_form(demo: gr.Blocks, form: Form, offline: bool) -> None:
         functools.partial(_on_form, offline),
         inputs,
         form.command,
-        trigger_mode="always_last",
-        **PRIVATE,
+        **edit,
     )
 
 
