@@ -269,8 +269,12 @@ def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path, 
     run = next(run for run in store.runs() if run.summary.get("steps") == 4)
     assert latest_checkpoint(run).endswith("checkpoint-4")  # saved at the stop, not only every 3 steps
 
-    resumed = resume(run.id, store)
+    seen_while_running: list[dict] = []  # what a live view reads at each step of the resumed segment
+    resumed = resume(run.id, store, should_stop=lambda: seen_while_running.append(run.summary) and False)
     assert resumed["status"] == "completed" and resumed["steps"] == 10 and resumed["resumed_from_step"] == 4
+    # not the stopped segment's end: no steps, metrics, wall time or memory peak until its own end
+    ended = ("steps", "metrics", "wall_time_s", "train_time_s", "training_memory_bytes", "finished_at")
+    assert seen_while_running and all(summary.get(key) is None for summary in seen_while_running for key in ended)
     steps = [r["step"] for r in run.metrics() if r["kind"] == "train"]
     assert steps == list(range(1, 11))  # no gap, no repeat
     elapsed = [r["elapsed_s"] for r in run.metrics() if r["kind"] == "train"]

@@ -588,9 +588,9 @@ def _wire_form(demo: gr.Blocks, form: Form, offline: bool) -> None:
     choice = [form.task, form.model, form.method]
     rate = (on_model, choice, form.fields["learning_rate"])
     budget = [*(form.settings[field.name] for field in TASK_FILLED), form.upload]
-    form.task.input(
-        functools.partial(_on_task, offline), form.task, [form.model, form.dataset, *budget], **edit
-    ).then(*rate, **PRIVATE).then(*dataset, **PRIVATE)
+    form.task.input(functools.partial(_on_task, offline), form.task, [form.model, form.dataset, *budget], **edit).then(
+        *rate, **PRIVATE
+    ).then(*dataset, **PRIVATE)
     form.method.input(on_method, choice, list(form.fields.values()), **edit)
     form.model.input(*rate, **edit)
     for trigger in (form.dataset.input, form.upload.upload, form.upload.clear):

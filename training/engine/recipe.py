@@ -52,6 +52,23 @@ def _dir_size(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+# What a run's end writes about itself (`_Job._summarise`, `Phases.finish`) besides its clocks.
+SEGMENT_END = (
+    "finished_at",
+    "steps",
+    "metrics",
+    "gain",
+    "training_memory_bytes",
+    "memory_breakdown",
+    "peak_rss_bytes",
+    "cuda_peak_bytes",
+    "median_step_time_s",
+    "adapter_size_bytes",
+    "wall_time_s",
+    "overhead_share",
+)
+
+
 def resume(
     run_id: str,
     store: RunStore | None = None,
@@ -150,7 +167,10 @@ def train(
             phases.timings[clock] += run.summary.get(clock) or 0.0
         if distributed.is_main():
             run.keep_metrics_until(step)  # what was logged after the checkpoint is trained again
-            run.update_summary(status="running", pid=os.getpid(), error=None, resumed_from_step=step)
+            # Running again: the figures of the segment that ended are not this run's end (live views
+            # would show them as its own); its end writes them anew, its clocks summed above.
+            ended = dict.fromkeys((*SEGMENT_END, *PHASE_CLOCKS.values()))
+            run.update_summary(status="running", pid=os.getpid(), error=None, resumed_from_step=step, **ended)
     else:
         record = {
             **asdict(config),
