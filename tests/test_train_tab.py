@@ -329,3 +329,16 @@ def test_a_tick_lists_the_runs_and_redraws_only_what_changed():
     assert loss.data and resources.data and "training memory" in summary
     again = train_tab.refresh_views(arena, RUN, shown, "step", "me")
     assert all(isinstance(part, dict) and part.get("__type__") == "update" and len(part) == 1 for part in again[:-1])
+
+
+def test_the_table_gains_the_models_figures_when_loading_ends_before_any_record():
+    loading = running("loading")
+    arena = FakeArena({"me": [loading]})
+    arena.records = lambda run_id: []  # nothing logged until the base evaluation has ended
+    *_, table, shown = train_tab.refresh_views(arena, RUN, None, "step", "me")
+    assert "trainable parameters" not in table
+    summary = loading["summary"]
+    summary |= {"trainable_params": 150_000, "trainable_percent": 0.66, "base_weight_memory_bytes": 90_000_000}
+    summary["phase"] = {**summary["phase"], "name": "base evaluation"}
+    *_, table, shown = train_tab.refresh_views(arena, RUN, shown, "step", "me")
+    assert "trainable parameters" in table and "150,000" in table

@@ -635,7 +635,8 @@ def _run_views(arena: Arena, run_id: str | None, shown: dict, x_axis: str) -> li
     phase = summary.get("phase") or {}
     lines = (state["state"], state.get("status"), state.get("stop_requested"), state.get("queue_position"))
     status_key = [run_id, *lines, phase.get("name"), phase.get("step"), phase.get("done"), len(records)]
-    chart_key = [run_id, len(records), state["state"], state.get("status"), x_axis]
+    # the phase too: the table gains the model's figures (parameters, base memory) before any record
+    chart_key = [run_id, len(records), state["state"], state.get("status"), x_axis, phase.get("name")]
     if shown.get("status") != status_key:
         shown["status"] = status_key
         views[0:2] = status_markdown(state), progress_html(state, records)
