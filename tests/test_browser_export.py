@@ -62,6 +62,8 @@ def test_download_the_picked_run_from_the_train_tab_and_from_compare(shared_app_
         page.get_by_text("Take it home: merged model and push to the Hub").click()
         playwright.expect(page.locator("#merge-button")).to_be_enabled()
         assert "merge_and_unload" in page.locator("#merge-note").inner_text()
+        page.locator("#merge-button").click()
+        assert download(page, "#merged-download", tmp_path)[0] == f"{run_id}-merged.zip"
         assert "cannot reach" in page.locator("#push-note").inner_text()
         assert page.locator("#push-button").is_disabled()
         page.screenshot(path=str(ARTIFACTS / "export-1-train-tab.png"), full_page=True)

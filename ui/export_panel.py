@@ -132,9 +132,15 @@ def _picked(run_id: str | None) -> str:
     return run_id
 
 
-def _merge(arena: Arena, run_id: str | None, owner_token: str) -> Any:
+def _merge(arena: Arena, run_id: str | None, owner_token: str) -> tuple[Any, str]:
+    """The merged archive of the picked run, and which run it is."""
     with user_errors(), arena.inference_threads():
-        return _ready(arena.download(_picked(run_id), merged=True, owner_token=owner_token), MERGED)
+        return _ready(arena.download(_picked(run_id), merged=True, owner_token=owner_token), MERGED), run_id
+
+
+def _merged_if_still_picked(built_for: str | None, run_id: str | None) -> Any:
+    """A build takes a while: if another run was picked meanwhile, its button must not offer this one's model."""
+    return gr.skip() if built_for == run_id else _idle(MERGED)
 
 
 def _push(arena: Arena, run_id: str | None, repo_id: str, token: str, merged: bool, owner_token: str) -> str:
@@ -156,7 +162,10 @@ def wire(
     changes (a pick, a run finishing); merge and push act on the picked run with this browser's token."""
     view = [download, note, panel.merge_note, panel.merge, panel.merged]
     status.change(functools.partial(_owner_view, arena), run_id, view, **FILE_WORK)
-    panel.merge.click(functools.partial(_merge, arena), [run_id, owner], panel.merged, api_visibility="private")
+    built_for = gr.State()
+    panel.merge.click(
+        functools.partial(_merge, arena), [run_id, owner], [panel.merged, built_for], api_visibility="private"
+    ).then(_merged_if_still_picked, [built_for, run_id], panel.merged, **FILE_WORK)
     inputs = [run_id, panel.repo, panel.token, panel.push_merged, owner]
     # `.then` runs whether the push worked or not: the token leaves the page either way.
     panel.push.click(functools.partial(_push, arena), inputs, panel.pushed, api_visibility="private").then(
