@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_sentiment_config
 
 from training.core import inference
 from training.core.config import TrainConfig
@@ -19,18 +20,9 @@ REVIEW = "A gripping, beautifully acted film."
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_models, review_csv) -> RunStore:
     store = RunStore(tmp_path_factory.mktemp("runs"))
-    common = dict(
-        task="sentiment",
-        model=tiny_models["bert"],
-        dataset=str(review_csv),
-        max_steps=6,
-        batch_size=8,
-        seq_len=48,
-        eval_samples=16,
-        offline=True,
-    )
     for method, seed in (("lora", 0), ("lora", 1), ("hira", 0), ("full", 0), ("qlora", 0)):
-        train(TrainConfig(method=method, seed=seed, hparams={"learning_rate": 5e-3}, **common), store)
+        overrides = dict(method=method, seed=seed, max_steps=6, hparams={"learning_rate": 5e-3})
+        train(tiny_sentiment_config(tiny_models, review_csv, **overrides), store)
     train(
         TrainConfig(
             task="generation",
@@ -69,27 +61,15 @@ def test_each_run_answers_as_if_loaded_alone(store):
 
 def test_a_run_resumed_since_it_was_served_answers_with_its_new_adapter(tmp_path, tiny_models, review_csv):
     store = RunStore(tmp_path)
-    config = TrainConfig(
-        task="sentiment",
-        method="lora",
-        model=tiny_models["bert"],
-        dataset=str(review_csv),
-        max_steps=12,
-        batch_size=8,
-        seq_len=48,
-        eval_samples=16,
-        offline=True,
-        hparams={"learning_rate": 5e-2},
-    )
+    config = tiny_sentiment_config(tiny_models, review_csv, max_steps=12, hparams={"learning_rate": 5e-2})
     calls: list[int] = []
     train(config, store, should_stop=lambda: calls.append(1) or len(calls) >= 3)
     run_id = next(store.runs()).id
     pool = AdapterPool()
 
     def positive(serving: AdapterPool) -> float:
-        return classify_side_by_side(serving, store, [run_id], REVIEW, include_base=False)[0]["probabilities"][
-            "positive"
-        ]
+        answer = classify_side_by_side(serving, store, [run_id], REVIEW, include_base=False)[0]
+        return answer["probabilities"]["positive"]
 
     stopped = positive(pool)
     resume(run_id, store)  # trains steps 4-12 and saves a new adapter
