@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from training.core import offline
 from training.core.errors import ModelError
 from training.core.models import BUNDLED_MINILM, BUNDLED_SMOLLM2, default_model, resolve_model_path
-from training.core.runs import RunNotFound, RunStore
+from training.core.runs import Run, RunNotFound, RunStore
 from ui.arena import Arena
 
 
@@ -35,13 +36,24 @@ def test_summary_updates_are_whole_and_metrics_skip_a_partial_line(tmp_path):
     assert not [p for p in run.dir.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-def test_a_live_view_follows_a_resume_that_rewrites_the_metrics(tmp_path):
+def keep_in_place(run, step: int) -> None:
+    """`keep_metrics_until`'s rewrite, into the same inode: what a reader sees when the
+    filesystem gives the new file the old one's inode."""
+    path = run.dir / "metrics.jsonl"
+    inode = path.stat().st_ino
+    kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+    path.write_text("".join(kept))
+    assert path.stat().st_ino == inode
+
+
+@pytest.mark.parametrize("rewrite", [Run.keep_metrics_until, keep_in_place], ids=["new-file", "same-inode"])
+def test_a_live_view_follows_a_resume_that_rewrites_the_metrics(tmp_path, rewrite):
     arena = Arena(str(tmp_path))  # what the page and the API read a run's metrics through
     run = arena.store.create({"task": "sentiment", "method": "lora"})
     for step in range(1, 14):  # the killed run logged up to step 13; its checkpoint is at 10
         run.append_metrics({"step": step, "loss": 1.0})
     assert len(arena.records(run.id)) == 13
-    run.keep_metrics_until(10)  # the resume
+    rewrite(run, 10)  # the resume
     for step in range(11, 16):  # retrained, with their own losses
         run.append_metrics({"step": step, "loss": 0.5})
     expected = [(step, 1.0) for step in range(1, 11)] + [(step, 0.5) for step in range(11, 16)]

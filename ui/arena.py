@@ -244,9 +244,9 @@ class Arena:
         run = self.store.get(run_id)
         with self._tail_lock:
             cursor, records = self._tails.get(run_id, (MetricsCursor(), []))
-            new, moved = run.metrics_since(cursor)
-            # Another file: a resume rewrote the metrics, so what was held may be steps retrained since.
-            records = new if moved.file != cursor.file else records + new
+            new, moved, from_start = run.metrics_since(cursor)
+            # From the start: a resume rewrote the metrics, so what was held may be steps retrained since.
+            records = new if from_start else records + new
             self._tails[run_id] = (moved, records)
             return records
 

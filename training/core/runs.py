@@ -34,11 +34,13 @@ class RunNotFound(LookupError):
 
 @dataclass(frozen=True)
 class MetricsCursor:
-    """Where a reader of metrics.jsonl stopped: in which file (a resume replaces it, see
-    `Run.keep_metrics_until`) and after which byte."""
+    """Where a reader of metrics.jsonl stopped: after which byte, and the line that ends there. A
+    resume replaces the file (`Run.keep_metrics_until`); the line tells whether the file at that
+    offset still holds what was read. A file's identity (device, inode) cannot: the filesystem
+    may give the new file the old one's inode."""
 
-    file: tuple[int, int] | None = None  # (device, inode); None: nothing read yet
     offset: int = 0
+    last_line: bytes = b""
 
 
 def default_runs_dir() -> Path:
@@ -97,19 +99,19 @@ class Run:
     def metrics(self) -> list[dict]:
         return self.metrics_since(MetricsCursor())[0]
 
-    def metrics_since(self, cursor: MetricsCursor) -> tuple[list[dict], MetricsCursor]:
-        """Records appended after `cursor`, and the cursor to continue from: a live view reads only
-        what is new. When the returned cursor names another file than the given one, the records
-        start from the beginning and replace whatever the reader held: a resume rewrote the file.
+    def metrics_since(self, cursor: MetricsCursor) -> tuple[list[dict], MetricsCursor, bool]:
+        """Records appended after `cursor`, the cursor to continue from, and whether the records
+        start from the file's beginning: then they replace whatever the reader held, because a
+        resume rewrote the file since the reader's last call. A live view reads only what is new.
         A line still being written is left for the next call."""
         try:
             file = open(self.dir / "metrics.jsonl", "rb")
         except FileNotFoundError:
-            return [], cursor
+            return [], cursor, False
         with file:
-            status = os.fstat(file.fileno())  # the file this read opened, whatever replaces it meanwhile
-            identity = (status.st_dev, status.st_ino)
-            offset = cursor.offset if identity == cursor.file else 0
+            file.seek(cursor.offset - len(cursor.last_line))
+            unchanged = file.read(len(cursor.last_line)) == cursor.last_line
+            offset = cursor.offset if unchanged else 0
             file.seek(offset)
             chunk = file.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]
@@ -119,7 +121,10 @@ class Run:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a damaged line (a crash mid-write in an old run): skip it, keep the rest
-        return records, MetricsCursor(identity, offset + len(complete))
+        if not complete:
+            return records, MetricsCursor(offset, cursor.last_line if unchanged else b""), offset == 0
+        last_line = complete[complete.rfind(b"\n", 0, len(complete) - 1) + 1 :]
+        return records, MetricsCursor(offset + len(complete), last_line), offset == 0
 
     @property
     def status(self) -> str:
