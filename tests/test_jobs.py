@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import psutil
@@ -18,6 +19,8 @@ from training.core.config import ConfigError
 from training.core.errors import USER_ERRORS, DataError, OwnershipError
 from training.core.runs import RunStore
 from training.jobs import JobManager, Limits
+from training.jobs.manager import owner_hash
+from training.research.leaderboard import leaderboard
 
 DONE = ("finished", "failed", "cancelled")
 
@@ -173,6 +176,29 @@ def test_runs_left_running_by_a_dead_process_are_marked_interrupted_on_start(tmp
     assert manager.interrupted == [orphan.id]
     assert orphan.status == "interrupted" and orphan.metrics() == [{"kind": "train", "step": 1, "loss": 0.7}]
     assert alive.status == "running"
+
+
+def test_listing_runs_while_another_tab_deletes_them_never_fails(tmp_path):
+    store = RunStore(tmp_path)
+    manager = JobManager(store)
+    ids = [f"run-{index:03d}" for index in range(80)]
+    for run_id in ids:
+        run = store.create({"task": "sentiment", "method": "lora", "owner": owner_hash("alice")}, run_id=run_id)
+        run.update_summary(status="completed", finished_at=time.time())
+        run.append_metrics({"kind": "train", "step": 1, "loss": 0.7})
+        (run.dir / "adapter").mkdir()
+        for index in range(20):  # a folder that takes a while to remove, as a real adapter's does
+            (run.dir / "adapter" / f"shard-{index}.bin").write_bytes(b"0" * 4096)
+    deleter = threading.Thread(target=lambda: [manager.delete(run_id, "alice") for run_id in ids])
+    deleter.start()
+    listings = 0
+    while deleter.is_alive():  # what the deleting tab's other tabs do on every tick
+        assert {row["id"] for row in manager.owned_by("alice")} <= set(ids)
+        assert set(leaderboard(store)["run"]) <= set(ids)
+        listings += 1
+    deleter.join()
+    assert listings > 5, "the deletions ended before the listings could race them"
+    assert manager.owned_by("alice") == [] and leaderboard(store).empty and not list(tmp_path.iterdir())
 
 
 def test_requests_over_the_deployment_limits_are_refused_with_the_limit_named(tmp_path, tiny_models, review_csv):

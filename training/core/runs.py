@@ -14,10 +14,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +78,19 @@ class Run:
     def adapter_dir(self) -> Path:
         return self.dir / "adapter"
 
-    @property
-    def config(self) -> dict:
-        return json.loads((self.dir / "config.json").read_text(encoding="utf-8"))
+    @cached_property
+    def config(self) -> dict:  # written once, when the run is created
+        try:
+            return json.loads((self.dir / "config.json").read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError):
+            raise RunNotFound(f"run {self.id} is no longer in the store (deleted)") from None
 
     @property
     def summary(self) -> dict:
-        path = self.dir / "summary.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        try:
+            return json.loads((self.dir / "summary.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:  # not written yet, or the run was deleted while being read
+            return {}
 
     def update_summary(self, **fields: Any) -> dict:
         summary = {**self.summary, **fields}
@@ -206,11 +213,25 @@ class RunStore:
         return self.get(run_ref)
 
     def runs(self) -> Iterator[Run]:
+        """Every run, its config already read: a run deleted while listed is left out, not an error."""
         if not self.root.is_dir():
             return
         for directory in sorted(self.root.iterdir()):
-            if (directory / "config.json").exists():
-                yield Run(directory)
+            if not RUN_ID_PATTERN.match(directory.name):  # e.g. a deleted run's folder being removed
+                continue
+            run = Run(directory)
+            try:
+                run.config  # read now, while the folder is certainly there
+            except RunNotFound:
+                continue
+            yield run
+
+    def remove(self, run: Run) -> None:
+        """Delete the run's folder. It leaves the listing in one step (a rename to a hidden name,
+        which no run id can have), so a listing never finds a run half deleted."""
+        trash = self.root / f".deleted-{run.id}-{secrets.token_hex(4)}"
+        run.dir.rename(trash)
+        shutil.rmtree(trash)
 
 
 def find_judge(store: RunStore, judge_run: str | None) -> Run | None:

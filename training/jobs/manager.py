@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -156,7 +155,6 @@ class JobManager:
         self.spare: Spare | None = None
         self.interrupted = store.mark_interrupted()  # runs an earlier app process left behind
         self._jobs: dict[str, Job] = {}
-        self._owners: dict[str, str | None] = {}  # run id -> owner hash, as its config.json says
         self._queue: deque[str] = deque()
         self._changed = threading.Condition()
         # Workers are started from this one long-lived thread: the parent-death signal fires when
@@ -244,9 +242,8 @@ class JobManager:
         self.check_owner(run_id, owner_token)
         if self._pending(run_id) or run.status == "running":
             raise ConfigError(f"run {run_id} is queued or running; stop it before deleting it")
-        shutil.rmtree(run.dir)
+        self.store.remove(run)
         self._jobs.pop(run_id, None)
-        self._owners.pop(run_id, None)
         return f"{run_id}: deleted"
 
     # -- state ----------------------------------------------------------------------------
@@ -312,11 +309,15 @@ class JobManager:
         owner = owner_hash(owner_token)
         ids = {job.id: job.submitted_at for job in self._jobs.values() if job.config.owner == owner}
         for run in self.store.runs():
-            if run.id not in self._owners:  # a run's config never changes: read it once, not every tick
-                self._owners[run.id] = run.config.get("owner")
-            if run.id not in ids and self._owners[run.id] == owner:
+            if run.id not in ids and run.config.get("owner") == owner:
                 ids[run.id] = run.summary.get("created_at", 0.0)
-        return [self.describe(run_id) for run_id in sorted(ids, key=ids.get, reverse=True)]
+        described = []
+        for run_id in sorted(ids, key=ids.get, reverse=True):
+            try:
+                described.append(self.describe(run_id))
+            except RunNotFound:  # deleted (from another tab) since the listing
+                continue
+        return described
 
     def waiting(self) -> list[dict]:
         """The queue, first to start first: id, position, task and method (no owner)."""

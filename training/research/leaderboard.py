@@ -95,8 +95,7 @@ def _row(run_id: str, config: dict, summary: dict) -> dict:
 def leaderboard(store: RunStore, task: str | None = None) -> pd.DataFrame:
     """One row per run (of `task`, or all), best quality first within each task (the metric's
     better direction), unfinished runs last."""
-    configs = ((run, run.config) for run in store.runs())  # each config.json read once
-    rows = [_row(run.id, config, run.summary) for run, config in configs if not task or config.get("task") == task]
+    rows = [_row(run.id, run.config, run.summary) for run in store.runs() if not task or run.config.get("task") == task]
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     if frame.empty:
         return frame

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -318,7 +317,7 @@ def _train_cell(store: RunStore, run_id: str, config: TrainConfig, log: Callable
         log(f"{run_id}: done before, reused")
         return run
     if run is not None:  # an interrupted or failed attempt: start it again from nothing
-        shutil.rmtree(run.dir)
+        store.remove(run)
     log(f"{run_id}: training")
     train(config, store, run_id=run_id)
     return store.get(run_id)
