@@ -148,3 +148,11 @@ def test_train_watch_reload_stop_compare_and_classify(page, app_url, review_csv)
     assert any(run_id in card for card in cards) and any("HiRA" in card for card in cards)
     assert all(re.search(r"\b(positive|negative)\b", card) for card in cards)
     shot(page, "5-playground")
+
+    # A second review sent while the first is being answered is answered too, and last.
+    for review in ("Dull and far too long.", "Tedious, shallow and badly acted."):
+        page.locator("#classify-text textarea").fill(review)
+        page.locator("#classify-button").click()
+    page.wait_for_function(
+        "() => document.querySelector('.arena-answered')?.innerText.includes('Tedious, shallow')", timeout=30_000
+    )

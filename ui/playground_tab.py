@@ -53,7 +53,14 @@ def _card(entry: dict, body: str) -> str:
     )
 
 
-def sentiment_cards(results: list[dict]) -> str:
+def _answered(kind: str, text: str) -> str:
+    """The line above the cards naming what they answer: a slow answer is never taken for the
+    answer to text typed since."""
+    shown = text if len(text) <= 160 else text[:160] + "…"
+    return f'<div class="arena-answered">{kind} <q>{html.escape(shown)}</q></div>'
+
+
+def sentiment_cards(text: str, results: list[dict]) -> str:
     cards = []
     for entry in results:
         bars = "".join(
@@ -66,10 +73,10 @@ def sentiment_cards(results: list[dict]) -> str:
         cards.append(
             _card(entry, f'<div class="arena-label arena-{entry["label"]}">{entry["label"]}{note}</div>{bars}')
         )
-    return f'<div class="arena-cards" id="classify-results">{"".join(cards)}</div>'
+    return _answered("Classified", text) + f'<div class="arena-cards" id="classify-results">{"".join(cards)}</div>'
 
 
-def generation_cards(results: list[dict]) -> str:
+def generation_cards(prompt: str, results: list[dict]) -> str:
     cards = []
     for entry in results:
         judged = ""
@@ -79,7 +86,7 @@ def generation_cards(results: list[dict]) -> str:
                 f"{entry['judged']['label']}</b> (p positive {entry['judged']['positive']:.2f})</div>"
             )
         cards.append(_card(entry, f'<div class="arena-text">{html.escape(entry["text"])}</div>{judged}'))
-    return f'<div class="arena-cards" id="generate-results">{"".join(cards)}</div>'
+    return _answered("Continued", prompt) + f'<div class="arena-cards" id="generate-results">{"".join(cards)}</div>'
 
 
 def _sentiment_panel(arena: Arena) -> gr.Dropdown:
@@ -99,9 +106,17 @@ def _sentiment_panel(arena: Arena) -> gr.Dropdown:
     def show_classification(text_value: str, run_ids: list[str] | None, base: bool, merged: bool) -> str:
         with user_errors(), arena.inference_threads():
             results = arena.classify(run_ids or [], text_value, base, merged)
-        return sentiment_cards(results)
+        return sentiment_cards(text_value, results)
 
-    classify_button.click(show_classification, [text, runs, include_base, merge], output, api_visibility="private")
+    # A click while one is answered (a new review typed meanwhile) is answered next, not dropped:
+    # what the page shows last is always the answer to the last click.
+    classify_button.click(
+        show_classification,
+        [text, runs, include_base, merge],
+        output,
+        api_visibility="private",
+        trigger_mode="always_last",
+    )
     return runs
 
 
@@ -138,13 +153,14 @@ def _generation_panel(arena: Arena) -> tuple[gr.Dropdown, gr.Button]:
                 top_p=float(nucleus),
                 seed=int(seed_value or 0),
             )
-        return generation_cards(results)
+        return generation_cards(prompt_value, results)
 
     generate_button.click(
         show_generations,
         [prompt, runs, include_base, merge, max_new_tokens, temperature, top_p, seed],
         output,
         api_visibility="private",
+        trigger_mode="always_last",  # as Classify's
     )
     wanted.change(
         lambda choice: gr.skip() if choice == "free prompt" else review_prompt(choice),
