@@ -60,7 +60,11 @@ class HParam:
     def parse(self, value: Any) -> Any:
         """Convert and range-check a value (from a form, a flag or JSON); raise HParamError if invalid."""
         if self.kind is str:
-            text = str(value).strip()
+            if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+                value = ",".join(value)  # JSON's ["query", "value"] for "query,value"
+            if not isinstance(value, str):
+                raise HParamError(f"{self.name} must be text (got {value!r})")
+            text = value.strip()
             if not text:
                 raise HParamError(f"{self.name} must not be empty")
             if self.choices and text not in self.choices:

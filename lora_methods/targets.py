@@ -56,6 +56,11 @@ def resolve_targets(model: torch.nn.Module, spec: str) -> list[str] | str:
             )
         return DEFAULT_TARGETS[model_type]
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
+    if not wanted:
+        raise HParamError(
+            f"target_modules names no module (got {spec!r}); give 'auto', 'all-linear' or names such as "
+            f"{_example_names(model)}"
+        )
     short_names = {full.rsplit(".", 1)[-1] for full in adaptable_layers(model)}
     unknown = [name for name in wanted if name not in short_names]
     if unknown:

@@ -204,6 +204,21 @@ BAD_REQUESTS = [
     ("/push_run", {"run_id": "SENTIMENT", "repo_id": "me/model", "token": "", "owner_token": "OWNER"}, "access token"),
     ("/push_run", {"run_id": "SENTIMENT", "repo_id": "me/model", "token": HF_TOKEN, "owner_token": "OWNER"}, "reach"),
     ("/push_run", {"run_id": "../x", "repo_id": "me/model", "token": HF_TOKEN}, "not a valid run id"),
+    # JSON of the wrong type, refused by name before anything reads it
+    ("/run_status", {"run_id": 5}, "run_id must be a string"),
+    ("/run_status", {"run_id": "SENTIMENT", "metrics_from_step": "5"}, "metrics_from_step must be a whole number"),
+    ("/run_status", {"run_id": "SENTIMENT\n"}, "not a valid run id"),
+    ("/stop_run", {"run_id": "SENTIMENT", "owner_token": 5}, "owner_token must be a string or null"),
+    ("/start_run", {"task": "sentiment", "method": ["lora"]}, "method must be a string"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "max_steps": True}, "max_steps must be a whole number"),
+    ("/classify", {"text": 5, "run_ids": []}, "text must be a string"),
+    ("/classify", {"text": "fine", "run_ids": "a-run"}, "run_ids must be a list of strings"),
+    ("/generate", {"prompt": "Hi", "run_ids": [], "max_new_tokens": "5"}, "max_new_tokens must be a whole number"),
+    ("/generate", {"prompt": "Hi", "run_ids": [], "temperature": "hot"}, "temperature must be a number"),
+    # refused before a model loads
+    ("/generate", {"prompt": "Hi", "run_ids": ["GENERATION"], "seed": 2**64}, "seed must be between"),
+    ("/start_run", {"task": "generation", "method": "lora", "model": "bundled/all-MiniLM-L6-v2"}, "sentiment model"),
+    ("/start_run", {"task": "sentiment", "method": "lora", "hparams": {"target_modules": " , "}}, "names no module"),
 ]
 
 
@@ -219,7 +234,7 @@ def _store_state(store: Path) -> dict:
 def test_bad_input_gets_a_readable_error_and_changes_nothing(app, runs, endpoint, request_, message):
     client, store = app
     placeholders = {"GENERATION": runs["generation"], "SENTIMENT": runs["sentiment"]}
-    if "run_ids" in request_:
+    if isinstance(request_.get("run_ids"), list):
         request_ = {**request_, "run_ids": [placeholders.get(r, r) for r in request_["run_ids"]]}
     if "run_id" in request_:
         request_ = {**request_, "run_id": placeholders.get(request_["run_id"], request_["run_id"])}

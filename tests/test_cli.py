@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import training.engine
 from lora_methods import METHODS, get_method
 from training.cli import build_parser, main
 from training.core import environment, inference
@@ -75,6 +76,14 @@ def test_bad_options_exit_non_zero_with_one_line_and_no_run(tmp_path, args, mess
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--steps", "-3"], ["--warmup", "-2"], ["--train-steps", "0"]])
+def test_bench_refuses_a_count_below_its_minimum_by_name(tmp_path, flags, capsys):
+    result = cli_here(
+        capsys, "bench", "--task", "sentiment", "--methods", "lora", "--offline", *flags, runs_dir=tmp_path
+    )
+    assert result.returncode == 2 and flags[0] in result.stderr and "at least" in result.stderr
+
+
 HEAVY_LIBRARIES = (
     "peft",
     "bitsandbytes",
@@ -111,29 +120,11 @@ def test_help_list_and_a_refused_setting_answer_without_loading_the_training_sta
     assert answer in result.stdout + result.stderr
 
 
-def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv, capsys):
+def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv, capsys, monkeypatch):
     runs = tmp_path / "runs"
-    result = cli(
-        "train",
-        "--task",
-        "sentiment",
-        "--method",
-        "lora",
-        "--model",
-        tiny_models["bert"],
-        "--dataset",
-        str(review_csv),
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "4",
-        "--eval-samples",
-        "8",
-        "--rank",
-        "4",
-        "--offline",
-        runs_dir=runs,
-    )
+    train = ["train", "--task", "sentiment", "--method", "lora", "--model", tiny_models["bert"]]
+    train += ["--dataset", str(review_csv), "--offline"]
+    result = cli(*train, "--max-steps", "3", "--batch-size", "4", "--eval-samples", "8", "--rank", "4", runs_dir=runs)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "completed"
@@ -155,17 +146,6 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv, capsys
     for row, expected in zip(rows, in_process):
         assert row["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
 
-    wrong_task = cli_here(capsys, "generate", "--run", run_dir.name, "--prompt", "Once", runs_dir=runs)
-    assert (
-        wrong_task.returncode == 2
-        and "classification" not in wrong_task.stderr
-        and "sentiment run" in wrong_task.stderr
-    )
-    missing = cli_here(capsys, "predict", "--run", "../etc", "--text", "x", runs_dir=runs)
-    assert missing.returncode == 2 and "not a valid run id" in missing.stderr
-    empty = cli_here(capsys, "predict", "--run", run_dir.name, "--text", "  ", runs_dir=runs)
-    assert empty.returncode == 2 and "empty" in empty.stderr
-
     # export: the folder, then the merged model as a .zip; printed where; never over something existing
     exported = cli_here(capsys, "export", "--run", run_dir.name, "--to", str(tmp_path / "home"), runs_dir=runs)
     assert exported.returncode == 0 and exported.stdout.strip() == str((tmp_path / "home").resolve())
@@ -177,6 +157,31 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv, capsys
     assert "home/model.safetensors" in zipfile.ZipFile(tmp_path / "home.zip").namelist()
     again = cli_here(capsys, "export", "--run", run_dir.name, "--to", str(tmp_path / "home"), runs_dir=runs)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+    # Refused before any model loads (and before any folder is made): each would otherwise wait for a load first.
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded for a request that is refused")
+
+    for module, name in ((inference, "load_run"), (training.engine, "train"), (training.engine, "resume")):
+        monkeypatch.setattr(module, name, never)
+    for args, message in [
+        (["generate", "--run", run_dir.name, "--prompt", "Once"], "is a sentiment run; generation needs"),
+        (["predict", "--run", "../etc", "--text", "x"], "not a valid run id"),
+        (["predict", "--run", run_dir.name, "--text", "  "], "empty"),
+        (["resume", "--run-id", run_dir.name], "is completed; only stopped"),
+        ([*train, "--run-id", run_dir.name], "already exists"),
+        ([*train, "--run-id", "trailing-newline\n"], "not a valid run id"),
+        ([*train, "--target-modules", " , "], "names no module"),
+        ([*train, "--target-modules", "query,nowhere"], "nowhere not found"),
+        ([*train, "--rank", "128"], "larger than layer"),
+        (
+            ["train", "--task", "generation", "--method", "lora", "--model", "bundled/all-MiniLM-L6-v2", "--offline"],
+            "sentiment model",
+        ),
+    ]:
+        refused = cli_here(capsys, *args, runs_dir=runs)
+        assert refused.returncode == 2 and message in refused.stderr, (args, refused.stderr)
+    assert [run.id for run in RunStore(runs).runs()] == [run_dir.name]
 
 
 def same_request(parsed: TrainConfig, config: TrainConfig) -> bool:

@@ -16,7 +16,7 @@ from conftest import tiny_sentiment_config as config
 
 from lora_methods import HParamError
 from training.core.config import ConfigError
-from training.core.errors import USER_ERRORS, DataError, OwnershipError
+from training.core.errors import USER_ERRORS, DataError, ModelError, OwnershipError
 from training.core.runs import RunStore
 from training.jobs import JobManager, Limits
 from training.jobs.manager import owner_hash
@@ -120,8 +120,9 @@ def test_a_standby_worker_takes_the_next_run_with_its_libraries_imported_and_wri
         job = manager.submit(config(tiny_models, review_csv, seed=1))
         wait_for(lambda: job.process is not None, what="the second run's worker")
         assert job.process is not second_spare and second_spare.wait(timeout=10) is not None  # let go
-        manager.stop(job.id)  # a fresh worker, still importing: ended at once
+        assert "cancelled" in manager.stop(job.id)  # a fresh worker, still importing: ended at once
         wait_for(lambda: job.state in DONE, what="the second run's end")
+        assert job.state == "cancelled" and not job.error  # asked for: not a failure
         wait_for(lambda: manager.spare is not None, what="a standby with the new environment")
         last_spare = manager.spare.process
     finally:
@@ -150,6 +151,9 @@ def test_cancelling_a_queued_job_and_stopping_unknown_ids(manager, tiny_models, 
         ({"method": "magic"}, HParamError, "unknown method"),
         ({"max_steps": 0}, ConfigError, "max_steps must be"),
         ({"dataset": "missing.csv"}, DataError, "does not exist"),
+        ({"hparams": {"target_modules": " , "}}, HParamError, "names no module"),
+        ({"hparams": {"target_modules": ["query", "nowhere"]}}, HParamError, "nowhere not found"),
+        ({"model": "distilbert/distilgpt2"}, ModelError, "is a generation model, not a sentiment one"),
     ],
 )
 def test_bad_requests_are_refused_at_submit_and_queue_nothing(

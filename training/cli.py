@@ -27,7 +27,7 @@ from training.core.config import ConfigError, add_train_flags, config_from_flags
 from training.core.defaults import RESULTS_DIR
 from training.core.environment import die_with_parent
 from training.core.errors import USER_ERRORS
-from training.core.runs import RunNotFound, RunStore
+from training.core.runs import RunNotFound, RunStore, resumable
 from training.research.leaderboard import leaderboard
 
 # The research commands (bench, probe) still refuse some bad arguments with a plain ValueError; in a
@@ -208,10 +208,17 @@ def _launch_plan(args: argparse.Namespace, store: RunStore, argv: list[str]) -> 
     and its run id (named here, so that Ctrl-C can reach the run)."""
     if args.command == "resume":
         store.mark_interrupted()  # a run whose processes died is resumable without starting the app
-        processes = store.get(args.run).config.get("processes", 1)  # each has its shard of the checkpoint
+        run = store.get(args.run)
+        resumable(run)  # a completed run, or one without a checkpoint, is refused before anything loads
+        processes = run.config.get("processes", 1)  # each has its shard of the checkpoint
         return processes, ["--runs-dir", str(store.root), "resume", "--run-id", args.run], args.run
     config = config_from_flags(args)
     resolved = config.resolved()  # a bad request is refused here: before the Trainer loads, and not once per process
+    if args.run_id:
+        store.check_new_id(args.run_id)
+    from training.core import models  # transformers: after the registry's refusals, which need none of it
+
+    models.check_before_loading(resolved)
     if config.processes == 1:
         return 1, argv, args.run_id
     run_id = args.run_id or store.new_id(resolved.task, resolved.method)
@@ -335,6 +342,8 @@ def _bench(args: argparse.Namespace) -> None:
     else:
         if not args.methods:
             raise ConfigError("a speed benchmark needs --methods (comma-separated, the first is the baseline)")
+        if args.steps < 1 or args.warmup < 0 or (args.train_steps is not None and args.train_steps < 1):
+            raise ConfigError("--steps and --train-steps must be at least 1, --warmup at least 0")
         overrides: dict[str, dict] = {}
         for item in args.set:
             key, _, value = item.partition("=")
@@ -441,6 +450,13 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
             run = store.resolve(args.run)  # as for export
             from training.core import inference  # as for export
 
+            if args.command == "predict":  # refused before the model loads
+                inference.check_task(run.id, run.config["task"], "sentiment")
+                inference.check_texts(args.text, "text")
+            else:
+                inference.check_task(run.id, run.config["task"], "generation")
+                inference.check_texts(args.prompt, "prompt")
+                inference.check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
             loaded = inference.load_run(run)
             if args.command == "predict":
                 results = inference.classify(loaded, args.text)

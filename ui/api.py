@@ -6,8 +6,11 @@ nothing (models and datasets are checked by `Arena.start`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import secrets
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +25,56 @@ from .arena import Arena, user_errors
 def register(arena: Arena) -> None:
     """Add the endpoints to the Blocks being built."""
     for endpoint in (*_run_endpoints(arena), *_use_endpoints(arena)):
-        gr.api(endpoint, api_name=endpoint.__name__)
+        gr.api(_typed(endpoint), api_name=endpoint.__name__)
+
+
+def _typed(endpoint: Callable) -> Callable:
+    """The endpoint, refusing an argument whose JSON type its annotation does not allow with a
+    message naming the parameter: Gradio passes JSON values through as they came."""
+    signature, hints = inspect.signature(endpoint), typing.get_type_hints(endpoint)
+
+    @functools.wraps(endpoint)
+    def typed(*arguments: Any, **named: Any) -> Any:
+        with user_errors():
+            for name, value in signature.bind(*arguments, **named).arguments.items():
+                if name in hints and not _has_type(value, hints[name]):
+                    raise ConfigError(f"{name} must be {_type_name(hints[name])} (got {value!r})")
+        return endpoint(*arguments, **named)
+
+    return typed
+
+
+JSON_NAMES = {
+    str: "a string",
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    dict: "an object",
+    list[str]: "a list of strings",
+}
+
+
+def _has_type(value: Any, annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_has_type(element, item) for element in value)
+    if annotation in (int, float) and isinstance(value, bool):
+        return False  # JSON's true is not a number, though Python's bool is an int
+    if annotation is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return JSON_NAMES[annotation]
 
 
 KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD

@@ -37,7 +37,14 @@ def check_texts(texts: list[str], what: str, max_chars: int | None = None) -> No
             raise InferenceError(f"the {what} has {len(text)} characters; at most {max_chars} are accepted")
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+def check_task(run_id: str, task: Task, wanted: Task) -> None:
+    """InferenceError unless the run was trained for the `wanted` task (the CLI asks before loading it)."""
+    if task != wanted:
+        use = "classification" if wanted == "sentiment" else "generation"
+        raise InferenceError(f"run {run_id} is a {task} run; {use} needs a {wanted} run")
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int = 0) -> None:
     """InferenceError naming the first sampling setting out of its range."""
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise InferenceError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS} (got {max_new_tokens})")
@@ -45,6 +52,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
         raise InferenceError(f"temperature must be between 0 and 5 (got {temperature})")
     if not 0 < top_p <= 1:
         raise InferenceError(f"top_p must be in (0, 1] (got {top_p})")
+    if not 0 <= seed < 2**32:
+        raise InferenceError(f"seed must be between 0 and {2**32 - 1} (got {seed})")
 
 
 @dataclass
@@ -111,8 +120,7 @@ def class_probabilities(
 
 def classify(loaded: LoadedRun, texts: list[str]) -> list[dict]:
     """Label and per-class probability for each text, with the batch's latency."""
-    if loaded.task != "sentiment":
-        raise InferenceError(f"run {loaded.run_id} is a {loaded.task} run; classification needs a sentiment run")
+    check_task(loaded.run_id, loaded.task, "sentiment")
     start = time.perf_counter()
     probabilities = class_probabilities(loaded.model, loaded.tokenizer, texts, loaded.precision)
     latency = time.perf_counter() - start
@@ -135,7 +143,7 @@ def sample(
 ) -> list[str]:
     """Continuations of `prompts` (the prompt itself is not repeated). temperature 0 means greedy."""
     check_texts(prompts, "prompt")
-    check_sampling(max_new_tokens, temperature, top_p)
+    check_sampling(max_new_tokens, temperature, top_p, seed)
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -155,8 +163,7 @@ def sample(
 
 
 def generate(loaded: LoadedRun, prompts: list[str], **sampling) -> list[dict]:
-    if loaded.task != "generation":
-        raise InferenceError(f"run {loaded.run_id} is a {loaded.task} run; generation needs a generation run")
+    check_task(loaded.run_id, loaded.task, "generation")
     start = time.perf_counter()
     texts = sample(loaded.model, loaded.tokenizer, prompts, precision=loaded.precision, **sampling)
     latency = time.perf_counter() - start

@@ -29,10 +29,13 @@ from transformers.utils import logging as transformers_logging
 
 from lora_methods import Task
 from lora_methods.base import cache_dir
+from lora_methods.targets import check_rank, resolve_targets
 from training.core import environment
 from training.core.catalog import BUNDLED_INSTALL, CatalogEntry, for_task, not_installed, package_present
 from training.core.compute import DTYPES, Attention, Precision
+from training.core.config import TrainConfig
 from training.core.errors import ModelError
+from training.core.offline import is_offline
 
 if not sys.stderr.isatty():  # a worker's log file: a progress bar there is a line of carriage returns
     transformers_logging.disable_progress_bar()
@@ -262,6 +265,22 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
 def weight_memory_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's weights and buffers occupy as stored (4-bit weights count as packed)."""
     return int(model.get_memory_footprint())
+
+
+def check_before_loading(config: TrainConfig) -> None:
+    """Refuse now what would fail only once the weights have loaded (seconds later, or in a queued
+    worker): a catalog model of the other task, target modules the architecture lacks, a rank
+    above a targeted layer's size. `config` is resolved (TrainConfig.resolved)."""
+    offline = is_offline(config.offline)
+    model_id = config.model or default_model(config.task, offline)
+    entries = [entry for entry in CATALOG if entry.id == model_id]
+    if entries and all(entry.task != config.task for entry in entries):
+        choices = ", ".join(entry.id for entry in catalog(config.task))
+        raise ModelError(f"{model_id} is a {entries[0].task} model, not a {config.task} one; choose one of {choices}")
+    if "target_modules" in config.hparams:
+        architecture = skeleton(resolve_model_path(model_id, offline), config.task)
+        targets = resolve_targets(architecture, config.hparams["target_modules"])
+        check_rank(architecture, targets, config.hparams["rank"])
 
 
 def skeleton(path: str, task: Task) -> PreTrainedModel:

@@ -25,7 +25,7 @@ from typing import Any
 
 from training.core.config import ConfigError, TrainConfig
 
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # whole names: fullmatch
 STATUSES = ("running", "completed", "stopped", "failed", "interrupted")
 FINISHED = ("completed", "stopped", "failed", "interrupted")
 
@@ -162,6 +162,12 @@ class Run:
         return (self.dir / "stop").exists()
 
 
+def check_run_id(run_id: Any) -> None:
+    """RunNotFound unless `run_id` has a run id's form (a folder name in the store, never a path)."""
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id) or ".." in run_id:
+        raise RunNotFound(f"{run_id!r} is not a valid run id (letters, digits, '.', '_' and '-' only)")
+
+
 class RunStore:
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root is not None else default_runs_dir()
@@ -170,14 +176,26 @@ class RunStore:
     def new_id(task: str, method: str) -> str:
         return f"{time.strftime('%Y%m%d-%H%M%S')}-{task}-{method}-{secrets.token_hex(2)}"
 
+    def check_new_id(self, run_id: str) -> None:
+        """ConfigError unless `run_id` can name a new run here: a valid id that no run has yet."""
+        check_run_id(run_id)
+        if (self.root / run_id).exists():
+            raise ConfigError(
+                f"a run named {run_id!r} already exists in {self.root}; choose another name, or leave the run id "
+                "out for a generated one (`resume` continues a stopped run)"
+            )
+
     def create(self, config: dict, run_id: str | None = None) -> Run:
         """A new run folder; `run_id` lets a job manager name the run before its worker creates it."""
         run_id = run_id or self.new_id(config["task"], config["method"])
-        if not RUN_ID_PATTERN.match(run_id) or ".." in run_id:
-            raise RunNotFound(f"{run_id!r} is not a valid run id (letters, digits, '.', '_' and '-' only)")
+        self.check_new_id(run_id)
         self.root.mkdir(parents=True, exist_ok=True)
         run = Run(self.root / run_id)
-        run.dir.mkdir()  # an existing id is an error, never an overwrite
+        try:
+            run.dir.mkdir()  # an existing id is an error, never an overwrite
+        except FileExistsError:
+            self.check_new_id(run_id)  # created since the check: the same message
+            raise
         write_json_atomic(run.dir / "config.json", {"run_id": run_id, **config})
         # The pid tells a restarted app which "running" runs lost their process (see mark_interrupted).
         run.update_summary(status="running", created_at=time.time(), pid=os.getpid())
@@ -198,8 +216,7 @@ class RunStore:
         return marked
 
     def get(self, run_id: str) -> Run:
-        if not RUN_ID_PATTERN.match(run_id) or ".." in run_id:
-            raise RunNotFound(f"{run_id!r} is not a valid run id (letters, digits, '.', '_' and '-' only)")
+        check_run_id(run_id)
         run = Run(self.root / run_id)
         if not (run.dir / "config.json").exists():
             raise RunNotFound(f"no run {run_id!r} in {self.root}; `python -m training list` shows the runs")
@@ -217,7 +234,7 @@ class RunStore:
         if not self.root.is_dir():
             return
         for directory in sorted(self.root.iterdir()):
-            if not RUN_ID_PATTERN.match(directory.name):  # e.g. a deleted run's folder being removed
+            if not RUN_ID_PATTERN.fullmatch(directory.name):  # e.g. a deleted run's folder being removed
                 continue
             run = Run(directory)
             try:

@@ -29,12 +29,10 @@ from typing import IO
 
 import psutil
 
-from lora_methods.targets import check_rank, resolve_targets
 from training.core import data, distributed, models
 from training.core.config import ConfigError, TrainConfig, train_arguments
 from training.core.environment import die_with_parent, process_slots
 from training.core.errors import OwnershipError
-from training.core.offline import is_offline
 from training.core.runs import FINISHED, Run, RunNotFound, RunStore, resumable
 
 JOB_STATES = ("queued", "starting", "running", "finished", "failed", "cancelled")
@@ -90,6 +88,7 @@ class Job:
     state: str = "queued"
     error: str | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
+    stopped_while_loading: bool = False  # its process was ended on request: it ends cancelled, not failed
 
 
 def _process_tree(pid: int) -> set[int]:
@@ -121,19 +120,6 @@ def _spawn(command: list[str], log: IO[str], stdin: int, environment: dict[str, 
         preexec_fn=die_with_parent,
         cwd=Path(__file__).resolve().parents[2],  # the project root, where `-m training` resolves
     )
-
-
-def _check_layers(config: TrainConfig) -> None:
-    """Target modules and rank against the model's architecture, so that a layer name the model
-    lacks is refused now, not in a worker after the model has loaded."""
-    hparams = config.hparams
-    if "target_modules" not in hparams:
-        return
-    offline = is_offline(config.offline)
-    path = models.resolve_model_path(config.model or models.default_model(config.task, offline), offline)
-    skeleton = models.skeleton(path, config.task)
-    targets = resolve_targets(skeleton, hparams["target_modules"])
-    check_rank(skeleton, targets, hparams["rank"])
 
 
 @dataclass
@@ -170,7 +156,7 @@ class JobManager:
         self.limits.check(resolved)
         if resolved.dataset and data.is_user_file(resolved.dataset):
             data.load_user_file(Path(resolved.dataset), resolved.task)  # a bad upload fails now, not in a worker
-        _check_layers(resolved)
+        models.check_before_loading(resolved)
         config = replace(config, owner=owner_hash(owner_token) if owner_token else None)
         return self._enqueue(Job(self.store.new_id(resolved.task, resolved.method), config))
 
@@ -224,9 +210,9 @@ class JobManager:
             if run is not None:
                 run.request_stop()
                 return f"{job_id}: stopping (within seconds: the current step or evaluation ends first)"
+            job.stopped_while_loading = True
             job.process.terminate()  # still loading the model: nothing to keep
-            job.error = "stopped before training began"
-            return f"{job_id}: stopped before training began"
+            return f"{job_id}: cancelled while its model loaded"
 
     def _stop_unmanaged(self, run_id: str) -> str:
         """A run started elsewhere (the CLI, an earlier app process) is stopped through its stop file."""
@@ -427,12 +413,16 @@ class JobManager:
         code = job.process.returncode
         run = self._created(job.id)
         with self._changed:
-            if run is not None and run.status not in FINISHED:
+            if run is not None and run.status not in FINISHED and job.stopped_while_loading:
+                run.update_summary(status="stopped", finished_at=time.time())  # created as it was ended
+            elif run is not None and run.status not in FINISHED:
                 # killed (out of memory, a signal) before the engine could record it
                 reason = f"the worker process ended with code {code}: {_last_error(*logs)}"
                 run.update_summary(status="failed", error=reason, finished_at=time.time())
             if code == 0:
                 job.state = "finished"
+            elif job.stopped_while_loading:
+                job.state = "cancelled"
             else:
                 job.state = "failed"
                 job.error = job.error or (run.summary.get("error") if run else None) or _last_error(*logs)

@@ -28,7 +28,10 @@ from training.serving.pool import AdapterPool
 
 MAX_TEXT_CHARS = 2000
 MAX_RUNS = 8
-TIMING_REPEATS = 3  # classification is fast: a median of a few calls after a warm-up call
+# (warm-up calls, timed calls) per task. A classification is fast: one call to pay the first call's
+# one-off costs, then the median of three. A generation is slow: timed once, as it is answered. The
+# merged model is timed the same way, so that the two latencies compare.
+TIMING: dict[Task, tuple[int, int]] = {"sentiment": (1, 3), "generation": (0, 1)}
 
 
 def _targets(
@@ -58,7 +61,11 @@ def _targets(
     return targets
 
 
-def _timed(call: Callable[[], Any], repeats: int) -> tuple[Any, float]:
+def _timed(call: Callable[[], Any], task: Task) -> tuple[Any, float]:
+    """The call's result and its median latency, by the task's TIMING."""
+    warm_ups, repeats = TIMING[task]
+    for _ in range(warm_ups):
+        call()
     result, times = None, []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -81,9 +88,8 @@ def classify_side_by_side(
     results = []
     for entry, run, base_path in _targets(store, run_ids, "sentiment", include_base):
         with pool.serving(run, "sentiment", base_path) as (model, tokenizer, precision):
-            class_probabilities(model, tokenizer, [text], precision)  # warm-up: first call pays one-off costs
             probabilities, entry["latency_s"] = _timed(
-                lambda: class_probabilities(model, tokenizer, [text], precision)[0], TIMING_REPEATS
+                lambda: class_probabilities(model, tokenizer, [text], precision)[0], "sentiment"
             )
         entry["precision"] = precision
         if compare_merged and run is not None:
@@ -99,8 +105,7 @@ def _merged_latency(pool: AdapterPool, run: Run, call: Callable) -> float | None
     if get_method(run.config["method"]).merge_blocker is not None:
         return None
     with pool.serving(run, run.config["task"], merged=True) as (model, tokenizer, precision):
-        call(model, tokenizer, precision)
-        return _timed(lambda: call(model, tokenizer, precision), TIMING_REPEATS)[1]
+        return _timed(lambda: call(model, tokenizer, precision), run.config["task"])[1]
 
 
 def review_prompt(sentiment: str) -> str:
@@ -125,13 +130,13 @@ def generate_side_by_side(
     """Each run's (and the base's) continuation of `prompt` with the same sampling settings and
     seed, its latency, and, where a sentiment run exists, the judged sentiment of the text."""
     check_texts([prompt], "prompt", MAX_TEXT_CHARS)
-    check_sampling(max_new_tokens, temperature, top_p)  # before any model loads
+    check_sampling(max_new_tokens, temperature, top_p, seed)  # before any model loads
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     results = []
     for entry, run, base_path in _targets(store, run_ids, "generation", include_base):
         with pool.serving(run, "generation", base_path) as (model, tokenizer, precision):
             texts, entry["latency_s"] = _timed(
-                lambda: sample(model, tokenizer, [prompt], precision=precision, **settings), 1
+                lambda: sample(model, tokenizer, [prompt], precision=precision, **settings), "generation"
             )
         entry["precision"] = precision
         if compare_merged and run is not None:
