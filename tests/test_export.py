@@ -10,6 +10,7 @@ import logging
 import secrets
 import shutil
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -96,6 +97,26 @@ def test_the_archive_holds_adapter_tokenizer_run_files_and_a_hub_model_card(stor
     shared = json.loads((folder / "run" / "config.json").read_text())
     assert "owner" not in shared and "model_path" not in shared and shared["model"] == "bert"
     assert json.loads((folder / "run" / "summary.json").read_text())["metrics"] == summary["metrics"]
+
+
+def test_pages_asking_for_the_same_archive_at_once_all_get_the_one_archive(store, tmp_path):
+    run, pages = run_of(store, "lora"), 6
+    answers, errors = [], []
+
+    def page(delay: float):
+        time.sleep(delay)  # staggered: a later page arrives while an earlier one writes
+        try:
+            answers.append(export.archive(run, tmp_path / "exports"))
+        except Exception as error:  # noqa: BLE001 (the test reports what a page would have shown)
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=page, args=(0.02 * number,)) for number in range(pages)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(set(answers)) == 1 and zipfile.ZipFile(answers[0]).testzip() is None
+    assert [path.name for path in (tmp_path / "exports").iterdir()] == [answers[0].parent.name]  # built once
 
 
 def test_the_card_names_hub_models_and_datasets_and_the_adapter_points_at_its_hub_base(store, fakes, tmp_path):

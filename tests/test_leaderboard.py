@@ -62,8 +62,10 @@ def test_the_presentation_is_one_task_with_the_metric_in_its_headers(tmp_path):
     store = RunStore(tmp_path)
     _run(store, "sentiment", "lora", "accuracy", 0.7)
     _run(store, "generation", "lora", "perplexity", 40.0)
+    _run(store, "generation", "hira", "perplexity", None)  # still training
     shown = presentation(leaderboard(store, "generation"), "generation")
-    assert len(shown) == 1 and shown.columns[:4].tolist() == [
+    assert shown["method"].tolist() == ["lora", "hira (running)"]
+    assert len(shown) == 2 and shown.columns[:4].tolist() == [
         "method",
         "precision",
         "val perplexity",

@@ -111,9 +111,13 @@ def leaderboard(store: RunStore, task: str | None = None) -> pd.DataFrame:
 
 def presentation(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     """`frame` (one task's rows) cut to KEY_COLUMNS, the metric named in the quality headers
-    ("val accuracy"), so a slide needs no legend and no horizontal scrolling."""
+    ("val accuracy") and an unfinished run's status beside its method, so a slide needs no legend and
+    no horizontal scrolling."""
     metric = PRIMARY_METRICS[task]
     shown = frame[list(KEY_COLUMNS)].astype(object)
+    # A run still training, stopped or failed says so where the eye starts: its n/a figures are not a result.
+    unfinished = frame["status"] != "completed"
+    shown.loc[unfinished, "method"] = shown.loc[unfinished, "method"] + " (" + frame.loc[unfinished, "status"] + ")"
     return shown.where(shown.notna(), "n/a").rename(
         columns={"validation": f"val {metric}", "test": f"test {metric}", "median step s": "step s"}
     )

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,6 +409,12 @@ def export_to(run: Run, target: Path, merged: bool = False) -> Path:
         return write_archive(write_export(run, Path(work) / target.stem, merged), target)
 
 
+# One lock per archive name: two pages asking for the same run at once get the one archive, built
+# once, and neither removes the other's half-written slot as stale.
+_ARCHIVE_LOCKS: dict[str, threading.Lock] = {}
+_ARCHIVE_LOCKS_GUARD = threading.Lock()
+
+
 def archive(run: Run, exports: Path, merged: bool = False) -> Path:
     """The run's export as `<run id>[-merged].zip` under `exports`, built once per finished state of
     the run (a run resumed and finished again gets a new one, and its old one goes)."""
@@ -415,11 +422,14 @@ def archive(run: Run, exports: Path, merged: bool = False) -> Path:
     name = export_name(run, merged)
     slot = Path(exports) / f"{name}@{str(run.summary.get('finished_at', 0)).replace('.', '-')}"
     target = slot / f"{name}.zip"
-    if target.exists():
-        return target
-    for stale in Path(exports).glob(f"{name}@*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return export_to(run, target, merged)
+    with _ARCHIVE_LOCKS_GUARD:
+        lock = _ARCHIVE_LOCKS.setdefault(str(slot.parent / name), threading.Lock())
+    with lock:
+        if target.exists():
+            return target
+        for stale in Path(exports).glob(f"{name}@*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return export_to(run, target, merged)
 
 
 # -- the Hub ----------------------------------------------------------------------------------
