@@ -1,7 +1,7 @@
 """Taking a run home in a real headless chromium on the bundled encoder: a short LoRA run trained
 from the Train tab, its archive downloaded from there once it has finished (and not while it
 trains, when Stop is the run's only button), the merged model and the Hub push explained in
-place, and the same download in Compare.
+place, and the same download in Compare: refused while the run trains, ready once it has finished.
 
 Screenshots go to test-artifacts/ (or $LORA_ARENA_ARTIFACTS).
 """
@@ -45,6 +45,22 @@ def test_download_the_picked_run_from_the_train_tab_and_from_compare(shared_app_
         assert page.locator("#download-button").is_disabled()
         playwright.expect(page.locator("#stop-button")).to_be_enabled()
         assert page.locator("#resume-button").is_disabled() and page.locator("#delete-button").is_disabled()
+
+        # Compare lists it while it trains, with the reason it cannot be taken home yet. An overlay
+        # emptied on purpose must stay empty when the tab is shown again.
+        page.get_by_role("tab", name="Compare").click()
+        for _ in range(120):  # listed once its worker has made the run (after the model loads)
+            if run_id in page.locator("#leaderboard").inner_text():
+                break
+            page.get_by_role("button", name="Refresh", exact=True).click()
+            page.wait_for_timeout(500)
+        page.locator("#compare-take-home input").click()
+        page.locator("ul[role=listbox] li", has_text=run_id).click()
+        page.wait_for_function("() => document.body.innerText.includes('queued or training')")
+        assert page.locator("#compare-take-home-download").is_disabled()
+        page.locator("#compare-runs .remove-all").click()
+        playwright.expect(page.locator("#compare-runs .token")).to_have_count(0)
+        page.get_by_role("tab", name="Train").click()
         watch_status(page, "Completed", timeout=300)
         # Finished: it can be deleted, not stopped or resumed.
         playwright.expect(page.locator("#stop-button")).to_be_disabled()
@@ -68,10 +84,10 @@ def test_download_the_picked_run_from_the_train_tab_and_from_compare(shared_app_
         assert page.locator("#push-button").is_disabled()
         page.screenshot(path=str(ARTIFACTS / "export-1-train-tab.png"), full_page=True)
 
-        # Compare offers every run's download, this one included.
+        # Back in Compare, the run still picked there is now ready to take home (no change of pick needed),
+        # and the emptied overlay is still empty.
         page.get_by_role("tab", name="Compare").click()
-        page.locator("#compare-take-home input").click()
-        page.locator("ul[role=listbox] li", has_text=run_id).click()
         assert download(page, "#compare-take-home-download", tmp_path)[0] == f"{run_id}.zip"
+        assert page.locator("#compare-runs .token").count() == 0
         page.screenshot(path=str(ARTIFACTS / "export-2-compare.png"), full_page=True)
         browser.close()

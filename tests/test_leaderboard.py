@@ -36,6 +36,8 @@ def test_best_run_first_per_task_and_unfinished_runs_last(tmp_path):
     stopped.update_summary(status="stopped", primary_metric="accuracy", metrics=None, steps=4)
     row = leaderboard(store, "sentiment").set_index("run").loc[stopped.id]
     assert row["status"] == "stopped" and row["steps"] == 4 and pd.isna(row["validation"])
+    exported = list(csv.DictReader(io.StringIO(to_csv(leaderboard(store, "sentiment")))))
+    assert [r["steps"] for r in exported if r["run"] == stopped.id] == ["4"]  # not 4.0 beside runs without a count
 
 
 def test_exports_keep_user_text_inert(tmp_path):

@@ -128,6 +128,13 @@ def catalog_answer(task: str | None, offline: bool) -> dict[str, Any]:
     return {"offline": offline, "message": message, "models": model_rows, "datasets": dataset_rows}
 
 
+def kept_selection(chosen: list[str] | None, available: list[str], defaults: int, filled: bool) -> list[str]:
+    """A multi-run list's selection after a refresh: the chosen runs still available, or, the first
+    time the list has runs to offer (`filled` false), its first `defaults` (the best). A selection the
+    user emptied stays empty."""
+    return [run for run in chosen or [] if run in available] if filled else available[:defaults]
+
+
 class Arena:
     def __init__(self, runs_dir: str | None = None, standby: bool = False) -> None:
         """`standby`: keep a training worker ready while nothing trains (JobManager)."""

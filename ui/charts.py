@@ -208,9 +208,9 @@ def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
     column, scale = TRADEOFF_AXES[x_axis]
     finished = frame.dropna(subset=["validation", column]) if not frame.empty else frame
     if finished.empty:
-        return _empty("Quality vs cost", f"no finished runs with a {x_axis} yet")
+        return _empty("Quality vs cost", f"no finished runs with a figure for {x_axis} yet")
     metric = finished["metric"].iloc[0]
-    title = f"{finished['task'].iloc[0]}: validation {metric} vs {x_axis}"
+    title = f"{finished['task'].iloc[0]} runs: quality vs cost"  # the axes name both: short enough for 800 px
     figure = go.Figure(layout={**LAYOUT, "height": 380, "title": title, "xaxis_title": x_axis})
     for method, group in finished.groupby("method"):
         figure.add_scatter(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -16,7 +17,7 @@ from training.research.leaderboard import presentation, to_csv, to_markdown
 from training.research.suite import RESULTS_DIR
 
 from . import charts, export_panel
-from .arena import Arena, user_errors
+from .arena import Arena, kept_selection, user_errors
 
 # One task at a time: accuracy and perplexity cannot share a column or an axis.
 TASKS = list(PRIMARY_METRICS)
@@ -42,10 +43,11 @@ def _table(arena: Arena, task: str, sort: str) -> pd.DataFrame:
 EXPORTS = Path(tempfile.mkdtemp(prefix="lora-arena-export-"))  # one folder for this app process
 
 
-def _export(text: str, suffix: str) -> str:
-    """A file holding `text`, named by its content: every refresh of the same table reuses it
-    (a folder per refresh would grow without end on a long-running Space)."""
-    path = EXPORTS / f"leaderboard-{hashlib.sha1(text.encode()).hexdigest()[:12]}{suffix}"
+def _export(text: str, task: str, suffix: str) -> str:
+    """A file holding `text`, named by its date and content: every refresh of the same table reuses
+    it (a folder per refresh would grow without end on a long-running Space)."""
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    path = EXPORTS / f"leaderboard-{task}-{time.strftime('%Y%m%d')}-{digest}{suffix}"
     if not path.exists():
         path.write_text(text, encoding="utf-8")
     return str(path)
@@ -79,24 +81,30 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULT
             tradeoff_x = gr.Radio(list(charts.TRADEOFF_AXES), value="trainable parameters", label="Cost axis")
             tradeoff = gr.Plot(label="Quality vs cost", show_label=False)
 
-    def show(task_name: str, sort_name: str, x_axis: str, chosen: list[str] | None, home: str | None):
+    filled = gr.State(False)  # whether the overlay list has had its default runs (per task shown)
+
+    def show(task_name: str, sort_name: str, x_axis: str, chosen: list[str] | None, home: str | None, done: bool):
         frame = _table(arena, task_name, sort_name)
         runs = frame["run"].tolist()
-        kept = [run for run in (chosen or []) if run in runs] or runs[:3]
         return (
             presentation(frame, task_name),
             frame,
-            _export(to_csv(frame), ".csv"),
-            _export(to_markdown(frame), ".md"),
-            gr.update(choices=runs, value=kept),
+            _export(to_csv(frame), task_name, ".csv"),
+            _export(to_markdown(frame), task_name, ".md"),
+            gr.update(choices=runs, value=kept_selection(chosen, runs, 3, done)),
             charts.tradeoff_figure(frame, x_axis),
             gr.update(choices=runs, value=home if home in runs else None),
+            done or bool(runs),
         )
 
-    outputs = [table, details, export_csv, export_md, selected, tradeoff, take_home]
-    inputs = [task, sort, tradeoff_x, selected, take_home]
-    for trigger in (refresh.click, task.change, sort.change, tradeoff_x.change, demo.load, tab.select):
-        trigger(show, inputs, outputs, api_visibility="private")
+    def show_task(task_name: str, sort_name: str, x_axis: str, chosen: list[str] | None, home: str | None, done: bool):
+        return show(task_name, sort_name, x_axis, chosen, home, done=False)  # another task: its best runs again
+
+    outputs = [table, details, export_csv, export_md, selected, tradeoff, take_home.chooser, filled]
+    inputs = [task, sort, tradeoff_x, selected, take_home.chooser, filled]
+    take_home.follow(task.change(show_task, inputs, outputs, api_visibility="private"))
+    for trigger in (refresh.click, sort.change, tradeoff_x.change, demo.load, tab.select):
+        take_home.follow(trigger(show, inputs, outputs, api_visibility="private"))
 
     def draw_curves(chosen: list[str] | None, x_axis: str):
         with user_errors():

@@ -58,14 +58,28 @@ def download_button(elem_id: str | None = None, scale: int = 1) -> gr.DownloadBu
     return gr.DownloadButton(DOWNLOAD, value=None, interactive=False, elem_id=elem_id, scale=scale)
 
 
-def download_row(arena: Arena, label: str, elem_id: str) -> gr.Dropdown:
-    """A run chooser with its download button and note; the caller fills the chooser's choices."""
+@dataclass
+class DownloadRow:
+    """A run chooser with its download button and the note beside it; the tab fills the choices."""
+
+    arena: Arena
+    chooser: gr.Dropdown
+    button: gr.DownloadButton
+    note: gr.Markdown
+
+    def follow(self, event: Any) -> None:
+        """After `event` (a refresh that may keep the same run picked, which fires no change) the
+        button shows the picked run as it is now: one that has finished since becomes downloadable."""
+        event.then(functools.partial(_chosen, self.arena), self.chooser, [self.button, self.note], **FILE_WORK)
+
+
+def download_row(arena: Arena, label: str, elem_id: str) -> DownloadRow:
     with gr.Row(equal_height=True):
         chooser = gr.Dropdown([], value=None, label=label, scale=4, elem_id=elem_id)
         button = download_button(f"{elem_id}-download")
     note = gr.Markdown(ELSEWHERE)
     chooser.change(functools.partial(_chosen, arena), chooser, [button, note], **FILE_WORK)
-    return chooser
+    return DownloadRow(arena, chooser, button, note)
 
 
 def _chosen(arena: Arena, run_id: str | None) -> tuple[Any, str]:

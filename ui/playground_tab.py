@@ -7,6 +7,7 @@ All runs of a task are served from one base model in memory with their adapters 
 from __future__ import annotations
 
 import html
+from typing import Any
 
 import gradio as gr
 
@@ -15,7 +16,7 @@ from training.core.models import LABELS
 from training.serving.playground import review_prompt
 
 from . import export_panel
-from .arena import Arena, user_errors
+from .arena import Arena, kept_selection, user_errors
 
 GENERATION_CAP = 128  # max new tokens offered in the UI: a CPU Space answers in seconds
 
@@ -171,20 +172,28 @@ def _generation_panel(arena: Arena) -> tuple[gr.Dropdown, gr.Button]:
     return runs, refresh_runs
 
 
-def _run_lists(arena: Arena, chosen_sentiment: list[str] | None, chosen_generation: list[str] | None, home: str | None):
-    """Both tabs' run lists and the take-home choice, keeping what is still served (else the best two)."""
-    sentiment_choices = _served_runs(arena, "sentiment")
-    generation_choices = _served_runs(arena, "generation")
+def _run_lists(
+    arena: Arena,
+    chosen_sentiment: list[str] | None,
+    chosen_generation: list[str] | None,
+    home: str | None,
+    filled: list[str],
+):
+    """Both tabs' run lists (what is still served of the chosen runs; the best two the first time a
+    list has any), the take-home choice, and which lists have had their defaults."""
+    choices = {task: _served_runs(arena, task) for task in ("sentiment", "generation")}
+    chosen = {"sentiment": chosen_sentiment, "generation": chosen_generation}
 
-    def keep(chosen: list[str] | None, choices: list[tuple[str, str]]) -> list[str]:
-        ids = [run_id for _, run_id in choices]
-        return [run_id for run_id in chosen or [] if run_id in ids] or ids[:2]
+    def listed(task: str) -> Any:
+        ids = [run_id for _, run_id in choices[task]]
+        return gr.update(choices=choices[task], value=kept_selection(chosen[task], ids, 2, task in filled))
 
-    every = sentiment_choices + generation_choices
+    every = [run_id for task in choices for _, run_id in choices[task]]
     return (
-        gr.update(choices=sentiment_choices, value=keep(chosen_sentiment, sentiment_choices)),
-        gr.update(choices=generation_choices, value=keep(chosen_generation, generation_choices)),
-        gr.update(choices=every, value=home if home in [run_id for _, run_id in every] else None),
+        listed("sentiment"),
+        listed("generation"),
+        gr.update(choices=choices["sentiment"] + choices["generation"], value=home if home in every else None),
+        sorted({*filled, *(task for task in choices if choices[task])}),
     )
 
 
@@ -193,9 +202,11 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab) -> None:
     generation_runs, refresh_runs = _generation_panel(arena)
     take_home = export_panel.download_row(arena, "Take a run home: its adapter as a .zip", "playground-take-home")
 
-    def run_lists(chosen_sentiment: list[str] | None, chosen_generation: list[str] | None, home: str | None):
-        return _run_lists(arena, chosen_sentiment, chosen_generation, home)
+    filled = gr.State([])  # the tasks whose run list has had its default runs
 
-    lists = [sentiment_runs, generation_runs, take_home]
+    def run_lists(sentiment: list[str] | None, generation: list[str] | None, home: str | None, done: list[str]):
+        return _run_lists(arena, sentiment, generation, home, done)
+
+    lists = [sentiment_runs, generation_runs, take_home.chooser, filled]
     for trigger in (demo.load, refresh_runs.click, tab.select):
-        trigger(run_lists, lists, lists, api_visibility="private")
+        take_home.follow(trigger(run_lists, lists, lists, api_visibility="private"))

@@ -96,7 +96,8 @@ def leaderboard(store: RunStore, task: str | None = None) -> pd.DataFrame:
     """One row per run (of `task`, or all), best quality first within each task (the metric's
     better direction), unfinished runs last."""
     rows = [_row(run.id, run.config, run.summary) for run in store.runs() if not task or run.config.get("task") == task]
-    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    # Counts stay whole numbers where a run lacks one (20, not 20.0, in the table and the exports).
+    frame = pd.DataFrame(rows, columns=list(COLUMNS)).astype({"steps": "Int64", "trainable params": "Int64"})
     if frame.empty:
         return frame
     # Sort key: finished runs by quality (sign-flipped where lower is better), then the rest.
