@@ -106,6 +106,10 @@ def no_telemetry(model: torch.nn.Module) -> dict[str, float | None]:
     return {}
 
 
+def no_model_check(model: torch.nn.Module, hparams: Mapping[str, Any]) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class FineTuningMethod:
     """A fine-tuning method as the registry, engine, CLI and UI see it.
@@ -127,6 +131,9 @@ class FineTuningMethod:
     # telemetry(model) -> figures of the model `apply` returned, by name, for the benchmark's record
     # (the same names the method's callbacks log during training).
     telemetry: Callable[[torch.nn.Module], dict[str, float | None]] = no_telemetry
+    # check_model(model, hparams): HParamError for a setting this architecture cannot take (one
+    # sparsity per layer...), asked of the weightless model before a run is queued or loads.
+    check_model: Callable[[torch.nn.Module, Mapping[str, Any]], None] = no_model_check
     saves_full_model: bool = False  # the result is a whole model folder, not a PEFT adapter
     # The trained adapter folds into the base weights exactly (PEFT's merge_and_unload), so a merged
     # model can be exported and timed; on a 4-bit base it would be rounded into 4-bit weights instead.

@@ -73,6 +73,8 @@ def runs(app, tiny_models, review_csv) -> dict[str, str]:
     )
     assert sentiment["state"] in ("queued", "starting") and sentiment["command"].startswith("python -m training train")
     assert generation["queue_position"] in (1, 2)  # waits: one run at a time
+    # A rate left out stays out: the command then trains with the same tuned default the run gets.
+    assert "--learning-rate 0.005" in sentiment["command"] and "--learning-rate" not in generation["command"]
     for started in (sentiment, generation):
         assert wait_done(client, started["id"])["status"] == "completed"
     return {"sentiment": sentiment["id"], "generation": generation["id"], "owner": sentiment["owner_token"]}

@@ -76,12 +76,30 @@ def test_bad_options_exit_non_zero_with_one_line_and_no_run(tmp_path, args, mess
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-@pytest.mark.parametrize("flags", [["--steps", "0"], ["--steps", "-3"], ["--warmup", "-2"], ["--train-steps", "0"]])
-def test_bench_refuses_a_count_below_its_minimum_by_name(tmp_path, flags, capsys):
-    result = cli_here(
-        capsys, "bench", "--task", "sentiment", "--methods", "lora", "--offline", *flags, runs_dir=tmp_path
-    )
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("bench", ["--steps", "0"]),
+        ("bench", ["--steps", "-3"]),
+        ("bench", ["--warmup", "-2"]),
+        ("bench", ["--train-steps", "0"]),
+        ("bench", ["--batch-size", "0"]),
+        ("bench", ["--seq-len", "-3"]),
+        ("probe", ["--batch-size", "0"]),
+        ("probe", ["--seq-len", "-3"]),
+        ("probe", ["--batches", "0"]),
+    ],
+)
+def test_bench_and_probe_refuse_a_count_below_its_minimum_by_name(tmp_path, command, flags, capsys):
+    chosen = ["--methods", "lora"] if command == "bench" else []
+    result = cli_here(capsys, command, "--task", "sentiment", *chosen, "--offline", *flags, runs_dir=tmp_path)
     assert result.returncode == 2 and flags[0] in result.stderr and "at least" in result.stderr
+
+
+def test_probe_refuses_a_model_of_the_other_task_before_loading_it(tmp_path, capsys):
+    args = ["probe", "--task", "generation", "--model", "bundled/all-MiniLM-L6-v2", "--offline"]
+    result = cli_here(capsys, *args, runs_dir=tmp_path)
+    assert result.returncode == 2 and "is a sentiment model, not a generation one" in result.stderr
 
 
 HEAVY_LIBRARIES = (

@@ -133,7 +133,29 @@ BAD_UPLOADS = [
     ),
     ("binary.csv", b"PK\x03\x04\x00\x00binary", "sentiment", "looks binary"),
     ("latin1.csv", "text,label\ncaf\xe9,1\n".encode("latin-1"), "sentiment", "not UTF-8"),
-    ("broken.jsonl", '{"text": "a", "label": 1}\n{"text": ', "sentiment", "could not be parsed as JSONL"),
+    ("broken.jsonl", '{"text": "a", "label": 1}\n{"text": ', "sentiment", "could not be parsed as JSONL: line 2"),
+    ("cased.csv", _csv(_rows(40), ("Text", "text", "label")), "sentiment", "column\\(s\\) text appear more than once"),
+    (
+        "nulllabel.jsonl",
+        "".join(json.dumps({"text": f"t{i}", "label": None if i == 3 else i % 2}) + "\n" for i in range(40)),
+        "sentiment",
+        "unknown label\\(s\\) 'None'",  # not '0.0', '1.0', 'nan': the valid labels stay as written
+    ),
+    (
+        "numbertext.jsonl",
+        "".join(json.dumps({"text": {"a": 1} if i == 2 else f"t{i}", "label": i % 2}) + "\n" for i in range(40)),
+        "sentiment",
+        "1 row\\(s\\) have a text that is not a string \\(first at data row 3",
+    ),
+    (
+        "nantext.jsonl",
+        "".join(
+            ('{"text": NaN, "label": 1}' if i == 0 else json.dumps({"text": f"t{i}", "label": i % 2})) + "\n"
+            for i in range(40)
+        ),
+        "sentiment",
+        "not a string \\(first at data row 1: nan\\)",
+    ),
     ("quote.csv", 'text,label\n"unclosed,1\n', "sentiment", "could not be parsed as CSV|the file has no rows|at least"),
     (
         "formula.csv",

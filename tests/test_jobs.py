@@ -135,8 +135,13 @@ def test_cancelling_a_queued_job_and_stopping_unknown_ids(manager, tiny_models, 
     job = manager.submit(config(tiny_models, review_csv))
     assert manager.position(job.id) == 1
     assert manager.actions(job.id) == {"stop": True, "resume": False, "delete": False}
+    with pytest.raises(ConfigError, match="is queued and has not begun training; stop it to cancel it"):
+        manager.delete(job.id)
     assert "cancelled" in manager.stop(job.id) and job.state == "cancelled" and manager.position(job.id) is None
-    assert manager.actions(job.id) == {"stop": False, "resume": False, "delete": False}  # no run folder to delete
+    with pytest.raises(ConfigError, match="ended before it began training \\(cancelled\\)"):
+        manager.resume(job.id)  # not "no run": the page has just shown this id
+    assert manager.actions(job.id) == {"stop": False, "resume": False, "delete": True}  # off the lists, no folder
+    assert "removed" in manager.delete(job.id) and manager.job(job.id) is None
     with pytest.raises(LookupError, match="not a valid run id"):
         manager.stop("../../etc")
     with pytest.raises(LookupError, match="no run"):
@@ -154,6 +159,8 @@ def test_cancelling_a_queued_job_and_stopping_unknown_ids(manager, tiny_models, 
         ({"hparams": {"target_modules": " , "}}, HParamError, "names no module"),
         ({"hparams": {"target_modules": ["query", "nowhere"]}}, HParamError, "nowhere not found"),
         ({"model": "distilbert/distilgpt2"}, ModelError, "is a generation model, not a sentiment one"),
+        ({"method": "sparselora", "hparams": {"layer_sparsity": "0.5,0.5,0.5"}}, HParamError, "needs 2 numbers"),
+        ({"method": "sparselora", "hparams": {"layer_sparsity": "0.5,nan"}}, HParamError, "\\[0, 1\\) \\(got nan\\)"),
     ],
 )
 def test_bad_requests_are_refused_at_submit_and_queue_nothing(

@@ -23,6 +23,44 @@ def test_run_ids_cannot_reach_outside_the_store(tmp_path):
         store.get("missing")
 
 
+def test_a_run_damaged_outside_the_app_is_left_out_or_marked_and_every_listing_goes_on(tmp_path, capsys):
+    from training.cli import main
+    from training.research.leaderboard import leaderboard
+
+    store = RunStore(tmp_path)
+    good, cut, latin, listed = (store.create({"task": "sentiment", "method": "lora"}) for _ in range(4))
+    for run in (good, cut, latin, listed):
+        run.update_summary(status="completed")
+    (cut.dir / "config.json").write_text('{"run_id": "cut", "ta', encoding="utf-8")
+    (latin.dir / "config.json").write_bytes(b'{"task": "caf\xe9"}')
+    (listed.dir / "summary.json").write_text("[]", encoding="utf-8")
+
+    assert [run.id for run in store.runs()] == sorted([good.id, listed.id])
+    assert listed.summary["status"] == "unreadable" and "holds no JSON object" in listed.summary["error"]
+    reasons = store.unreadable()
+    assert len(reasons) == 2 and all("repair it or delete the run's folder" in reason for reason in reasons)
+    with pytest.raises(RunNotFound, match="cannot be read"):
+        store.get(cut.id).config
+    Arena(str(tmp_path))  # the app starts (it marked runs of dead processes on this store before)
+    assert leaderboard(store).set_index("run").loc[listed.id, "status"] == "unreadable"
+    assert main(["--runs-dir", str(tmp_path), "list"]) == 0
+    out, err = capsys.readouterr()
+    assert good.id in out and listed.id in out and err.count("left out: ") == 2 and cut.id in err
+
+
+def test_the_command_line_lists_a_run_whose_process_died_as_interrupted(tmp_path, capsys):
+    import subprocess
+
+    from training.cli import main
+
+    run = RunStore(tmp_path).create({"task": "sentiment", "method": "lora"})  # status running, this pid
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run.update_summary(pid=dead.pid)  # a `train` killed in its terminal, no app to notice
+    assert main(["--runs-dir", str(tmp_path), "list"]) == 0
+    assert "interrupted" in capsys.readouterr().out and run.status == "interrupted"
+
+
 def test_summary_updates_are_whole_and_metrics_skip_a_partial_line(tmp_path):
     store = RunStore(tmp_path)
     run = store.create({"task": "sentiment", "method": "lora"})

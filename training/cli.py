@@ -303,6 +303,8 @@ def _list(store: RunStore) -> None:
     columns = ["run", "status", "metric", "validation", "test", "trainable %", "median step s"]
     frame = leaderboard(store)
     print(frame[columns].to_string(index=False, na_rep="-") if not frame.empty else f"no runs in {store.root}")
+    for reason in store.unreadable():
+        print(f"left out: {reason}", file=sys.stderr)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -342,8 +344,9 @@ def _bench(args: argparse.Namespace) -> None:
     else:
         if not args.methods:
             raise ConfigError("a speed benchmark needs --methods (comma-separated, the first is the baseline)")
-        if args.steps < 1 or args.warmup < 0 or (args.train_steps is not None and args.train_steps < 1):
-            raise ConfigError("--steps and --train-steps must be at least 1, --warmup at least 0")
+        _check_counts(args, "steps", "train_steps", "batch_size", "seq_len")
+        if args.warmup < 0:
+            raise ConfigError(f"--warmup must be at least 0 (got {args.warmup})")
         overrides: dict[str, dict] = {}
         for item in args.set:
             key, _, value = item.partition("=")
@@ -377,6 +380,14 @@ def _bench(args: argparse.Namespace) -> None:
             print(json.dumps(result, default=str), flush=True)
 
 
+def _check_counts(args: argparse.Namespace, *names: str) -> None:
+    """ConfigError naming the first of these options given below 1 (None: left to its default)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+
+
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -397,8 +408,11 @@ def _probe(args: argparse.Namespace) -> None:
         sparsities = tuple(float(part) for part in args.sparsities.split(","))
     except ValueError:
         raise ConfigError(f"--sparsities takes comma-separated numbers (got {args.sparsities!r})") from None
-    if args.batches < 1 or (args.estimator_rank is not None and args.estimator_rank < 1):
-        raise ConfigError("--batches and --estimator-rank must be at least 1")
+    _check_counts(args, "batches", "estimator_rank", "batch_size", "seq_len")
+    if args.model:
+        from training.core import models  # transformers: after the cheap refusals
+
+        models.check_model_task(args.model, args.task)
     for record in probe(
         args.task,
         sparsities,
@@ -427,6 +441,8 @@ def main(argv: list[str] | None = None, started_at: float | None = None) -> int:
         # torchrun ends the others with SIGTERM when one fails: rank 0 then records the run failed
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"ended by the launcher (signal {signum})"))
     try:
+        if args.command in ("list", "export", "predict", "generate"):
+            store.mark_interrupted()  # a run whose process died reads as interrupted, not as still training
         if args.command in ("train", "resume"):
             if not distributed.launched():
                 processes, arguments, run_id = _launch_plan(args, store, argv)

@@ -114,7 +114,8 @@ def _run_endpoints(arena: Arena) -> tuple[Callable, ...]:
             run_id = arena.start(config, owner_token)
             return {
                 **run_status(run_id, metrics_from_step=None),
-                "command": command_line(config.resolved()),  # as given (no owner), defaults filled in
+                # As given: a rate left out is the tuned default for the model, chosen where the run trains.
+                "command": command_line(config),
                 "owner_token": owner_token,
             }
 

@@ -141,6 +141,8 @@ class Arena:
         self.store = RunStore(runs_dir)
         self.offline = is_offline()
         self.jobs = JobManager(self.store, standby=standby)
+        for reason in self.store.unreadable():
+            LOG.warning("a run is left out of every list: %s", reason)
         self.pool = AdapterPool()
         self._tails: dict[str, tuple[MetricsCursor, list[dict]]] = {}
         self._tail_lock = threading.Lock()
@@ -193,10 +195,13 @@ class Arena:
 
     def _finished(self, run_id: str) -> Run:
         """The run, unless it is queued or training (a queued resume too: its adapter is about to change)."""
-        if self.jobs.describe(run_id)["state"] in ("queued", "starting", "running"):  # RunNotFound: unknown id
+        described = self.jobs.describe(run_id)  # RunNotFound: unknown id
+        if described["state"] in ("queued", "starting", "running"):
             raise InferenceError(
                 f"run {run_id} is queued or training; it can be taken home once it has finished or been stopped"
             )
+        if not described["summary"]:
+            raise InferenceError(f"run {run_id} ended before training began: there is nothing to take home")
         return self.store.get(run_id)
 
     def download(self, run_id: str, merged: bool = False, owner_token: str | None = None) -> Path:

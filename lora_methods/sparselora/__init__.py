@@ -200,5 +200,6 @@ METHOD = FineTuningMethod(
     apply=apply,
     callbacks=callbacks,
     telemetry=telemetry,
+    check_model=settings,
     merges=True,  # sparsity lives only in training forwards: the saved adapter is a plain LoRA one
 )

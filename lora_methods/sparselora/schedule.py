@@ -24,8 +24,13 @@ def layer_schedule(layers: int, hparams: Mapping[str, Any]) -> list[float]:
             ratios = [float(part) for part in hparams["layer_sparsity"].split(",")]
         except ValueError:
             raise HParamError("layer_sparsity must be 'auto', 'deep-half' or comma-separated numbers") from None
-        if len(ratios) != layers or not all(0 <= r < 1 for r in ratios):
+        if len(ratios) != layers:
             raise HParamError(f"layer_sparsity needs {layers} numbers in [0, 1), one per layer (got {len(ratios)})")
+        outside = [
+            part.strip() for part, ratio in zip(hparams["layer_sparsity"].split(","), ratios) if not 0 <= ratio < 1
+        ]
+        if outside:
+            raise HParamError(f"layer_sparsity takes numbers in [0, 1) (got {', '.join(outside)})")
         return ratios
     deep_half = hparams["layer_sparsity"] == "deep-half"
     first = layers // 2 if deep_half else hparams["dense_first_layers"]

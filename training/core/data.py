@@ -10,11 +10,13 @@ Splits that a source lacks are made once with a fixed seed, so every run sees th
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pandas as pd
@@ -253,10 +255,25 @@ def _read_table(path: Path) -> pd.DataFrame:
     try:
         if path.suffix.lower() == ".csv":
             return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-        return pd.read_json(io.StringIO(text), lines=path.suffix.lower() == ".jsonl", dtype=False)
+        # Values as written (pandas' reader turns a column of 0, 1 and null into 0.0, 1.0 and nan).
+        return pd.DataFrame(_json_records(text, lines=path.suffix.lower() == ".jsonl"), dtype=object)
     except (ValueError, pd.errors.ParserError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"the file could not be parsed as {path.suffix.lower()[1:].upper()}: {first_line}") from None
+
+
+def _json_records(text: str, lines: bool) -> Any:
+    """The file's JSON: one value per line for JSONL, whose error names the line."""
+    if not lines:
+        return json.loads(text)
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"line {number} is not JSON ({error.msg}, column {error.colno})") from None
+    return records
 
 
 def load_user_file(path: Path, task: Task) -> Splits:
@@ -265,6 +282,12 @@ def load_user_file(path: Path, task: Task) -> Splits:
     if not isinstance(frame, pd.DataFrame) or frame.empty:
         raise DataError("the file has no rows")
     frame.columns = [str(column).strip().lower() for column in frame.columns]
+    repeated = sorted({column for column in frame.columns if list(frame.columns).count(column) > 1})
+    if repeated:
+        raise DataError(
+            f"column(s) {', '.join(repeated)} appear more than once (names are read without case or surrounding "
+            "spaces); keep one of each"
+        )
     required = ["text", "label"] if task == "sentiment" else ["text"]
     missing = [column for column in required if column not in frame.columns]
     if missing:
@@ -274,7 +297,13 @@ def load_user_file(path: Path, task: Task) -> Splits:
         )
     if len(frame) > MAX_UPLOAD_ROWS:
         raise DataError(f"the file has {len(frame):,} rows; the limit is {MAX_UPLOAD_ROWS:,}")
-    frame["text"] = frame["text"].map(lambda value: "" if value is None else str(value))
+    not_text = frame.index[frame["text"].map(lambda value: value is not None and not isinstance(value, str))]
+    if len(not_text):
+        raise DataError(
+            f"{len(not_text)} row(s) have a text that is not a string (first at data row {not_text[0] + 1}: "
+            f"{frame['text'][not_text[0]]!r}); quote it"
+        )
+    frame["text"] = frame["text"].map(lambda value: "" if value is None else value)
     empty = frame.index[frame["text"].str.strip() == ""]
     if len(empty):
         raise DataError(f"{len(empty)} row(s) have empty text (first at data row {empty[0] + 1})")

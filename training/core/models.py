@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from lora_methods import Task
+from lora_methods import Task, get_method
 from lora_methods.base import cache_dir
 from lora_methods.targets import check_rank, resolve_targets
 from training.core import environment
@@ -267,20 +267,27 @@ def weight_memory_bytes(model: torch.nn.Module) -> int:
     return int(model.get_memory_footprint())
 
 
+def check_model_task(model_id: str, task: Task) -> None:
+    """ModelError if `model_id` is a catalog model of the other task only."""
+    entries = [entry for entry in CATALOG if entry.id == model_id]
+    if entries and all(entry.task != task for entry in entries):
+        choices = ", ".join(entry.id for entry in catalog(task))
+        raise ModelError(f"{model_id} is a {entries[0].task} model, not a {task} one; choose one of {choices}")
+
+
 def check_before_loading(config: TrainConfig) -> None:
     """Refuse now what would fail only once the weights have loaded (seconds later, or in a queued
     worker): a catalog model of the other task, target modules the architecture lacks, a rank
-    above a targeted layer's size. `config` is resolved (TrainConfig.resolved)."""
+    above a targeted layer's size, a setting the method cannot apply to this architecture.
+    `config` is resolved (TrainConfig.resolved)."""
     offline = is_offline(config.offline)
     model_id = config.model or default_model(config.task, offline)
-    entries = [entry for entry in CATALOG if entry.id == model_id]
-    if entries and all(entry.task != config.task for entry in entries):
-        choices = ", ".join(entry.id for entry in catalog(config.task))
-        raise ModelError(f"{model_id} is a {entries[0].task} model, not a {config.task} one; choose one of {choices}")
+    check_model_task(model_id, config.task)
+    architecture = skeleton(resolve_model_path(model_id, offline), config.task)
     if "target_modules" in config.hparams:
-        architecture = skeleton(resolve_model_path(model_id, offline), config.task)
         targets = resolve_targets(architecture, config.hparams["target_modules"])
         check_rank(architecture, targets, config.hparams["rank"])
+    get_method(config.method).check_model(architecture, config.hparams)
 
 
 def skeleton(path: str, task: Task) -> PreTrainedModel:

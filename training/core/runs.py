@@ -34,6 +34,22 @@ class RunNotFound(LookupError):
     """A run id that is malformed or not in the store."""
 
 
+class RunUnreadable(RunNotFound):
+    """A run whose config.json was damaged outside the app (cut short, not JSON, not UTF-8): the
+    store leaves it out of every listing rather than failing them all."""
+
+
+def _read_record(path: Path) -> dict:
+    """A run file's JSON object; RunUnreadable naming the file if it is not one."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunUnreadable(f"{path} cannot be read ({error}); repair it or delete the run's folder") from None
+    if not isinstance(record, dict):
+        raise RunUnreadable(f"{path} holds no JSON object; repair it or delete the run's folder")
+    return record
+
+
 @dataclass(frozen=True)
 class MetricsCursor:
     """Where a reader of metrics.jsonl stopped: after which byte, and the line that ends there. A
@@ -81,16 +97,20 @@ class Run:
     @cached_property
     def config(self) -> dict:  # written once, when the run is created
         try:
-            return json.loads((self.dir / "config.json").read_text(encoding="utf-8"))
+            return _read_record(self.dir / "config.json")
         except (FileNotFoundError, NotADirectoryError):
             raise RunNotFound(f"run {self.id} is no longer in the store (deleted)") from None
 
     @property
     def summary(self) -> dict:
+        """What the run has recorded so far; a damaged summary reads as status "unreadable" with the
+        reason as its error, so that the run still lists and can be deleted."""
         try:
-            return json.loads((self.dir / "summary.json").read_text(encoding="utf-8"))
+            return _read_record(self.dir / "summary.json")
         except FileNotFoundError:  # not written yet, or the run was deleted while being read
             return {}
+        except RunUnreadable as error:
+            return {"status": "unreadable", "error": str(error)}
 
     def update_summary(self, **fields: Any) -> dict:
         summary = {**self.summary, **fields}
@@ -230,18 +250,33 @@ class RunStore:
         return self.get(run_ref)
 
     def runs(self) -> Iterator[Run]:
-        """Every run, its config already read: a run deleted while listed is left out, not an error."""
-        if not self.root.is_dir():
-            return
-        for directory in sorted(self.root.iterdir()):
-            if not RUN_ID_PATTERN.fullmatch(directory.name):  # e.g. a deleted run's folder being removed
-                continue
-            run = Run(directory)
+        """Every run, its config already read: a run deleted while listed, or whose config is
+        damaged (`unreadable` names those), is left out, not an error."""
+        for run in self._folders():
             try:
                 run.config  # read now, while the folder is certainly there
             except RunNotFound:
                 continue
             yield run
+
+    def unreadable(self) -> list[str]:
+        """Why each run with a damaged config.json is left out of `runs`."""
+        reasons = []
+        for run in self._folders():
+            try:
+                run.config
+            except RunUnreadable as error:
+                reasons.append(str(error))
+            except RunNotFound:
+                continue
+        return reasons
+
+    def _folders(self) -> Iterator[Run]:
+        if not self.root.is_dir():
+            return
+        for directory in sorted(self.root.iterdir()):
+            if RUN_ID_PATTERN.fullmatch(directory.name):  # not e.g. a deleted run's folder being removed
+                yield Run(directory)
 
     def remove(self, run: Run) -> None:
         """Delete the run's folder. It leaves the listing in one step (a rename to a hidden name,

@@ -162,7 +162,7 @@ class JobManager:
 
     def resume(self, run_id: str, owner_token: str | None = None) -> Job:
         """Queue a stopped, interrupted or failed run to continue from its latest checkpoint."""
-        run = self.store.get(run_id)
+        run = self._folder(run_id)
         self.check_owner(run_id, owner_token)
         if self._pending(run_id):
             raise ConfigError(f"run {run_id} is already queued or running")
@@ -223,8 +223,14 @@ class JobManager:
         return f"{run_id}: stopping (within seconds: the current step or evaluation ends first)"
 
     def delete(self, run_id: str, owner_token: str | None = None) -> str:
-        """Remove a finished run's folder (adapter, metrics, checkpoints) from the store."""
-        run = self.store.get(run_id)
+        """Remove a finished run's folder (adapter, metrics, checkpoints) from the store; a job that
+        ended before its run began (cancelled while it loaded) leaves the lists."""
+        job = self._jobs.get(run_id)
+        if job is not None and job.state in ("cancelled", "failed") and self._created(run_id) is None:
+            self.check_owner(run_id, owner_token)
+            self._jobs.pop(run_id, None)
+            return f"{run_id}: removed (it ended before training began, so nothing was stored)"
+        run = self._folder(run_id)
         self.check_owner(run_id, owner_token)
         if self._pending(run_id) or run.status == "running":
             raise ConfigError(f"run {run_id} is queued or running; stop it before deleting it")
@@ -284,11 +290,16 @@ class JobManager:
         described = self.describe(run_id)
         live = described["state"] in ("queued", "starting", "running")
         exists = bool(described["summary"])  # a job cancelled before its run began has no folder
+        ended_unbegun = not live and not exists and run_id in self._jobs  # delete takes it off the lists
         try:
             can_resume = not live and exists and bool(resumable(self.store.get(run_id)))
         except ConfigError:  # completed, or stopped before its first checkpoint
             can_resume = False
-        return {"stop": live and not described["stop_requested"], "resume": can_resume, "delete": not live and exists}
+        return {
+            "stop": live and not described["stop_requested"],
+            "resume": can_resume,
+            "delete": (not live and exists) or ended_unbegun,
+        }
 
     def owned_by(self, owner_token: str) -> list[dict]:
         """Every job and run that `owner_token` started, newest first, as `describe` tells them."""
@@ -318,6 +329,19 @@ class JobManager:
             }
             for index, job_id in enumerate(queued, start=1)
         ]
+
+    def _folder(self, run_id: str) -> Run:
+        """The run in the store; for a job of this app whose worker has not made it (queued,
+        loading, or ended before it began) a ConfigError that says so, not "no run"."""
+        job = self._jobs.get(run_id)
+        if job is not None and self._created(run_id) is None:
+            if job.state in ("queued", "starting"):
+                raise ConfigError(f"run {run_id} is {job.state} and has not begun training; stop it to cancel it")
+            raise ConfigError(
+                f"run {run_id} ended before it began training ({job.state}): there is nothing to resume; start a "
+                "new run"
+            )
+        return self.store.get(run_id)
 
     def _created(self, job_id: str) -> Run | None:
         """The job's run once its worker has created it in the store; None before."""
