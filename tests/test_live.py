@@ -3,6 +3,7 @@ ETA with evaluations, defaults that learn, this browser's runs, checks before a 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -13,8 +14,8 @@ from training.core import evaluation, progress
 from training.core.config import TrainConfig
 from training.core.defaults import hparam_defaults, note
 from training.core.models import BUNDLED_MINILM
-from training.core.runs import RunStore, latest_checkpoint
-from training.engine import train, with_tuned_defaults
+from training.core.runs import Run, RunStore, latest_checkpoint
+from training.engine import recorder, train, with_tuned_defaults
 from training.jobs import JobManager
 
 
@@ -78,9 +79,20 @@ def test_the_phases_a_run_goes_through_are_written_for_live_views(tmp_path, tiny
         assert phase["started_at"] > 0
 
     after_each_batch(monkeypatch, observe)
+    written_training_steps: list[int] = []  # what a live view reads as "step N / total", as it was written
+    update_summary = Run.update_summary
+
+    def record(run: Run, **fields) -> dict:
+        if fields.get("phase", {}).get("name") == "training":
+            written_training_steps.append(fields["phase"]["done"])
+        return update_summary(run, **fields)
+
+    monkeypatch.setattr(Run, "update_summary", record)
+    monkeypatch.setattr(recorder, "PHASE_WRITE_INTERVAL_S", 1e9)  # the writes that begin a phase only
     train(sentiment_config(tiny_models, review_csv), store)
     # base: the whole validation set (the gain compares like with like), in training: the fixed
     # subsample, final: validation and test
+    assert written_training_steps == [0, 4, 8]  # each training phase starts at the step reached, not at 0
     assert list(dict.fromkeys(phases)) == [
         ("base evaluation", None, 40),
         ("evaluation", 4, 16),
@@ -103,7 +115,9 @@ def test_the_eta_counts_the_steps_and_evaluations_still_to_come():
     # 70 steps, evaluations at 40, 60 and 80 (200 examples each), the final one (1000) with its control
     assert progress.eta_seconds(summary, records) == pytest.approx(70 * 0.5 + 3 * 2.0 + 10.0 + 5.0)
     during = {**summary, "phase": {"name": "final evaluation", "done": 400, "total": 1000}}
-    assert progress.eta_seconds(during, records) == pytest.approx(6.0)
+    assert progress.eta_seconds(during, records) == pytest.approx(6.0 + 5.0)  # the control's reviews still to come
+    control = {**summary, "phase": {"name": "sentiment control", "step": 100, "started_at": time.time() - 2.0}}
+    assert progress.eta_seconds(control, records) == pytest.approx(3.0, abs=0.5)  # as long as the base's took
     # Evaluating at step 40, before step 40's record: 60 steps, the rest of this evaluation, then 60 and 80
     at_40 = {**summary, "phase": {"name": "evaluation", "step": 40, "done": 50, "total": 200}}
     before_its_record = [{"kind": "train", "step": step, "step_time_s": 0.5} for step in range(1, 40)]
@@ -124,6 +138,10 @@ def test_the_eta_counts_the_steps_and_evaluations_still_to_come():
         (
             {"state": "running", "summary": {"phase": {"name": "evaluation", "step": 48, "done": 96, "total": 256}}},
             "Evaluating at step 48: 96 / 256 examples",
+        ),
+        (
+            {"state": "running", "summary": {"phase": {"name": "sentiment control", "step": 60, "total": 32}}},
+            "Sentiment control: writing 32 reviews and judging their sentiment",
         ),
         (
             {"state": "running", "summary": {"phase": {"name": "training", "done": 12, "total": 120}}},

@@ -47,6 +47,7 @@ FINISHED = {
     "peak_rss_bytes": 1_250_000_000,
     "base_metrics": {"validation": {"accuracy": 0.5}},
     "metrics": {"validation": {"accuracy": 0.81}, "test": {"accuracy": 0.79}},
+    "split_examples": {"validation": 64, "test": 72},
     "load_time_s": 6.0,
     "eval_time_s": 14.0,
     "train_time_s": 20.0,
@@ -185,7 +186,7 @@ def test_the_status_line_says_the_state_and_the_run_id(state, expected):
         ("base evaluation", "**Evaluating the base model**: 32 / 64 examples"),
         ("training", "**Training**: step 32 / 64"),
         ("evaluation", "**Evaluating at step 48**: 32 / 64 examples"),
-        ("final evaluation", "**Final evaluation (full validation and test splits)**: 32 / 64 examples"),
+        ("final evaluation", "**Final evaluation (validation and test)**: 32 / 64 examples"),
     ],
 )
 def test_a_running_run_shows_its_phase(phase, words):
@@ -222,9 +223,9 @@ def test_a_finished_run_reports_memory_in_mb_timings_and_final_metrics():
         "| time loading | 6.0s |",
         "| time evaluation | 14s |",
         "| loading + evaluation share of wall time | 48% |",
-        "| final validation accuracy (full split) | 0.8100 |",
-        "| final test accuracy (full split) | 0.7900 |",
-        "| base model validation accuracy | 0.5000 |",
+        "| final validation accuracy (64 examples) | 0.8100 |",
+        "| final test accuracy (72 examples) | 0.7900 |",
+        "| base model validation accuracy (64 examples) | 0.5000 |",
         "| validation accuracy (step 5, 64 examples) | 0.5500 |",
     ):
         assert row in text, row
@@ -253,7 +254,8 @@ def test_the_memory_chart_stacks_the_parts_in_mb_from_zero_with_rss_dashed():
     stacked = [trace.name for trace in figure.data if trace.stackgroup == "memory"]
     assert stacked == ["weights (frozen + trained)", "gradients", "optimizer state", "activations saved for backward"]
     assert traces["weights (frozen + trained)"].y[0] == pytest.approx(90.0)  # MB = 1e6 bytes
-    assert traces["process RSS"].line.dash == "dash" and traces["process RSS"].yaxis == "y2"
+    rss = traces["process RSS (right axis)"]  # over the stack on its own scale: the legend says so
+    assert rss.line.dash == "dash" and rss.yaxis == "y2"
     assert traces["tokens/s"].xaxis == "x2"
     assert figure.layout.yaxis.rangemode == "tozero" and figure.layout.yaxis.title.text == "MB"
     assert figure.layout.title.text == "Training memory by part, and speed"
@@ -274,7 +276,7 @@ def test_the_loss_chart_marks_the_base_and_the_final_evaluation():
     assert figure.data[0].name == "training loss" and figure.data[0].x[0] == 1
     assert list(traces["validation loss (subsample)"].x) == [0, 5]  # starts from the base model
     assert list(traces["base model (before training)"].x) == [0]
-    final = traces["final validation (full split)"]
+    final = traces["final validation (64 examples)"]
     assert list(final.x) == [10] and final.marker.symbol == "star"
 
 

@@ -40,7 +40,8 @@ def _empty(title: str, message: str) -> go.Figure:
 
 def loss_figure(records: list[dict], x: str = "step") -> go.Figure:
     """Training loss (raw and smoothed); validation loss on the fixed subsample, from the base
-    model's (step 0) on; and the final evaluation on the full split, marked apart."""
+    model's (step 0) on; and the final evaluation (every validation example unless eval_samples
+    cuts it), marked apart."""
     train = [r for r in records if r.get("kind") == "train"]
     if not train:
         return _empty("Loss", "waiting for the first step")
@@ -77,6 +78,8 @@ def _add_evaluations(figure: go.Figure, evals: list[dict], key: str) -> None:
     """The subsample's evaluations as one line (the base model's point starts it, so the first
     segment is what training changed), the base point and the final full-split one marked."""
     subsample = [r for r in evals if not r.get("final")]
+    finals = [r for r in evals if r.get("final")]
+    counted = f" ({finals[-1]['examples']} examples)" if finals and finals[-1].get("examples") else ""
     marks = (
         (subsample, "validation loss (subsample)", "markers+lines", {"size": 8, "symbol": "diamond"}, EVAL_COLOUR),
         (
@@ -87,8 +90,8 @@ def _add_evaluations(figure: go.Figure, evals: list[dict], key: str) -> None:
             BASE_COLOUR,
         ),
         (
-            [r for r in evals if r.get("final")],
-            "final validation (full split)",
+            finals,
+            f"final validation{counted}",
             "markers",
             {"size": 16, "symbol": "star"},
             FINAL_COLOUR,
@@ -135,7 +138,7 @@ def resources_figure(records: list[dict], x: str = "step") -> go.Figure:
             figure.add_scatter(
                 x=xs,
                 y=[r[name] / MB if name in r else None for r in train],
-                name=title,
+                name=f"{title} (right axis)" if secondary else title,  # drawn over the stack, on its own scale
                 line={"dash": dash, "width": 1.5, "color": BASE_COLOUR},
                 row=1,
                 col=1,

@@ -46,6 +46,7 @@ def update_spectrum_figure(rank: int = 8) -> go.Figure:
             "xaxis_title": "singular value index",
             "yaxis_title": "singular value / largest",
             "yaxis_type": "log",
+            "yaxis_exponentformat": "power",  # 10^-12, not plotly's SI "1p" for a ratio
         }
     )
     for method, label in (("lora", "LoRA: B A"), ("hira", "HiRA: W * (B A)")):
@@ -60,8 +61,8 @@ def sparsity_schedule_figure() -> go.Figure:
         layout={
             **LAYOUT,
             "height": 300,
-            "title": "SparseLoRA's layer schedules (last layer: output tokens only)",
-            "xaxis_title": "layer",
+            "title": "SparseLoRA's layer schedules",  # short enough for an 800 px page
+            "xaxis_title": "layer (the last: output tokens only)",
             "yaxis_title": "context FFN channels skipped",
             "barmode": "group",
         }
@@ -121,8 +122,9 @@ def _questions(results: dict) -> None:
     retimed = f", steps timed again {when(results['timed']['started_at'])}" if results.get("timed") else ""
     gr.Markdown(
         f"## The research questions\nAnswered by the benchmark suite (`make bench`, {when(results['started_at'])}"
-        f"{retimed}, {results['hardware']['cores']} cores, {results['hardware']['device']}); the same functions "
-        "write the report."
+        f"{retimed}, {results['hardware']['cores']} cores, {results['hardware']['device']}, in "
+        f"{results.get('precision', 'fp32')}); the same functions write the report. A run trained here in another "
+        "precision shows other memory and speed figures: fp32 keeps weights at twice bf16's bytes."
     )
     table = report.rows(results)
     headlines, answers = report.headlines(table), report.answers(table)

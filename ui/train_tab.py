@@ -293,9 +293,14 @@ def _metric_rows(summary: dict, records: list[dict]) -> list[tuple[str, str]]:
     if not metric:
         return []
     rows = []
+    counts = summary.get("split_examples") or {}  # runs recorded before it: no count shown
+
+    def counted(split: str) -> str:
+        return f" ({counts[split]} examples)" if split in counts else ""
+
     base = (summary.get("base_metrics") or {}).get("validation", {})
-    if metric in base:
-        rows.append((f"base model validation {metric}", f"{base[metric]:.4f}"))
+    if metric in base:  # on the final evaluation's examples: compare it with the final row, not a step's
+        rows.append((f"base model validation {metric}{counted('validation')}", f"{base[metric]:.4f}"))
     evals = [r for r in records if r.get("kind") == "eval" and metric in r and not r.get("base") and not r.get("final")]
     if evals:
         latest = evals[-1]
@@ -304,7 +309,7 @@ def _metric_rows(summary: dict, records: list[dict]) -> list[tuple[str, str]]:
     final = summary.get("metrics") or {}
     for split in ("validation", "test"):
         if metric in final.get(split, {}):
-            rows.append((f"final {split} {metric} (full split)", f"{final[split][metric]:.4f}"))
+            rows.append((f"final {split} {metric}{counted(split)}", f"{final[split][metric]:.4f}"))
     if final.get("control_share") is not None:
         rows.append(("sentiment-control share", f"{final['control_share']:.3f}"))
     return rows
@@ -414,7 +419,12 @@ def _data_inputs(offline: bool) -> tuple:
         elem_id="dataset-upload",
     )
     dataset_info = gr.Markdown(elem_id="dataset-info")
-    preview = gr.Dataframe(label="First rows of the training split", interactive=False, max_height=220)
+    preview = gr.Dataframe(
+        label="First rows of the training split",
+        interactive=False,
+        max_height=220,
+        wrap=True,  # long texts wrap, so the label column stays in view
+    )
     return task, model, dataset, upload, dataset_info, preview
 
 
@@ -473,7 +483,13 @@ def _panel() -> Panel:
     start = gr.Button("Start training", variant="primary", elem_id="start-button")
     with gr.Row(equal_height=True):
         picker = gr.Dropdown(
-            [], value=None, label="Your runs (this browser's)", elem_id="run-picker", scale=4, interactive=True
+            [],
+            value=None,
+            label="Your runs (this browser's)",
+            elem_id="run-picker",
+            scale=4,
+            min_width=420,  # a run's id, method and state stay readable: on a narrow page the buttons wrap below
+            interactive=True,
         )
         # Each offered only where it applies to the picked run (_actions_view); none before a pick.
         stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, interactive=False)

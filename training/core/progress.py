@@ -8,6 +8,7 @@ steps are timed in the metrics stream. Nothing here touches a training loop.
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any
 
 RECENT_STEPS = 20  # the step time that predicts the rest: the median of the latest steps
@@ -47,9 +48,12 @@ def eta_seconds(summary: dict[str, Any], records: list[dict]) -> float | None:
     if not planned or per_example is None:
         return None
     name = phase.get("name")
-    final = per_example * (summary.get("final_eval_examples") or 0) + (summary.get("control_time_s") or 0.0)
+    control = summary.get("control_time_s") or 0.0  # the base's sentiment control, measured: the final's lasts as long
+    final = per_example * (summary.get("final_eval_examples") or 0) + control
     if name == "final evaluation":
-        return max(0.0, per_example * ((phase.get("total") or 0) - phase.get("done", 0)))
+        return max(0.0, per_example * ((phase.get("total") or 0) - phase.get("done", 0))) + control
+    if name == "sentiment control" and phase.get("step") is not None:  # the final one
+        return max(0.0, control - (time.time() - phase.get("started_at", time.time())))
     if name == "saving":
         return 0.0
     if step_s is None:
@@ -88,5 +92,7 @@ def phase_line(described: dict[str, Any]) -> str:
     if name == "evaluation":
         return f"Evaluating at step {phase.get('step')}: {counted}"
     if name == "final evaluation":
-        return f"Final evaluation (full validation and test splits): {counted}"
+        return f"Final evaluation (validation and test): {counted}"
+    if name == "sentiment control":
+        return f"Sentiment control: writing {total} reviews and judging their sentiment"
     return "Saving the adapter"

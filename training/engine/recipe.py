@@ -286,6 +286,8 @@ class _Job:
             eval_steps=self.eval_steps,
             eval_examples=self.subsample,
             final_eval_examples=len(self.tokenized["validation"]) + len(self.tokenized["test"]),
+            # the base and final evaluations' examples per split (all of it unless eval_samples cuts it)
+            split_examples={name: len(self.tokenized[name]) for name in ("validation", "test")},
             primary_metric=primary_metric(config.task),
             trainable_params=trainable,
             total_params=total,
@@ -383,9 +385,11 @@ class _Job:
             return None
         return {**figures.metrics(), "examples": self.subsample}
 
-    def _control_share(self) -> float:
-        """Share of sampled reviews that the judge reads with the sentiment their prompt asked for."""
+    def _control_share(self, step: int | None = None) -> float:
+        """Share of sampled reviews that the judge reads with the sentiment their prompt asked for:
+        a phase of its own (writing the reviews takes minutes on a CPU), `step` None for the base's."""
         judge = self.judge_model
+        self.phases.begin("sentiment control", total=self.config.control_samples, step=step)
         started = time.perf_counter()
 
         def classify(texts: list[str]) -> list[int]:
@@ -486,8 +490,9 @@ class _Job:
     # -- finish -----------------------------------------------------------------------------
 
     def finish(self, trainer: Trainer, recorder: RunRecorder, base_metrics: dict) -> dict:
-        """Final evaluation on the full validation and test splits (skipped when stopped: a stop
-        must take effect within seconds), the adapter saved, the summary written."""
+        """Final evaluation on the validation and test splits (eval_samples of each, else all;
+        skipped when stopped: a stop must take effect within seconds), the adapter saved, the
+        summary written."""
         if self.run is None:  # another process's: rank 0 evaluates, saves and summarises
             return {}
         metrics = None
@@ -508,7 +513,7 @@ class _Job:
         results = self._evaluate("final evaluation", ["validation", "test"], step)
         metrics = {split: figures.metrics() for split, figures in results.items()}
         if self.judge_model is not None:
-            metrics["control_share"] = self._control_share()
+            metrics["control_share"] = self._control_share(step)
         examples = len(self.tokenized["validation"])
         self._record_eval(step, metrics["validation"], examples, recorder._elapsed(), final=True)
         return metrics

@@ -23,6 +23,7 @@ PHASE_CLOCKS = {
     "training": "train_time_s",
     "evaluation": "eval_time_s",
     "final evaluation": "eval_time_s",
+    "sentiment control": "eval_time_s",  # reviews written and judged, after the base's or the final evaluation
     "saving": "save_time_s",
 }
 PHASE_WRITE_INTERVAL_S = 0.5
@@ -46,9 +47,10 @@ class Phases:
         self.run = run
         self._write()
 
-    def begin(self, name: str, total: int | None = None, step: int | None = None) -> None:
+    def begin(self, name: str, total: int | None = None, step: int | None = None, done: int = 0) -> None:
+        """A new phase, written at once with `done` (training resumes at the step reached, not at 0)."""
         self._close()
-        self.current = {"name": name, "step": step, "done": 0, "total": total, "started_at": time.time()}
+        self.current = {"name": name, "step": step, "done": done, "total": total, "started_at": time.time()}
         self._write()
 
     def advance(self, done: int) -> None:
@@ -108,8 +110,7 @@ class RunRecorder(TrainerCallback):
         # A resumed run continues its clock and token count from the checkpoint.
         self.started = time.perf_counter() - self.elapsed_before
         self._tokens_at_last_log = state.num_input_tokens_seen
-        self.phases.begin("training", total=self.total_steps)
-        self.phases.advance(state.global_step)
+        self.phases.begin("training", total=self.total_steps, done=state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
@@ -123,8 +124,7 @@ class RunRecorder(TrainerCallback):
             figures = self.evaluate(model, state.global_step)  # None: stopped during it
             if figures is not None:
                 self._write({"kind": "eval", "step": state.global_step, **figures, "elapsed_s": self._elapsed()})
-            self.phases.begin("training", total=self.total_steps)
-            self.phases.advance(state.global_step)
+            self.phases.begin("training", total=self.total_steps, done=state.global_step)
         if distributed.anyone(self.should_stop()):  # every process stops at the same step, or none does
             self.stopped = True
             control.should_training_stop = True
