@@ -42,7 +42,7 @@ def update_spectrum_figure(rank: int = 8) -> go.Figure:
             "height": 340,
             # the source on a line of its own: on one line the title ran under plotly's toolbar
             "title": {"text": "Rank of the update", "subtitle": {"text": f"rank-{rank} factors on {source}"}},
-            "margin": {**LAYOUT["margin"], "t": 60},
+            "margin": {**LAYOUT["margin"], "t": 60, "l": 90},  # room for the log axis's title
             "xaxis_title": "singular value index",
             "yaxis_title": "singular value / largest",
             "yaxis_type": "log",

@@ -109,7 +109,9 @@ def _dataset_overview(dataset: str, task: str, offline: bool) -> tuple[str, pd.D
     text = "**Splits** " + " · ".join(f"{name} {count:,}" for name, count in sizes.items())
     if splits.controlled:
         text += " · generations are judged for sentiment control"
-    return text, splits.train.select(range(min(PREVIEW_ROWS, len(splits.train)))).to_pandas()
+    rows = splits.train.select(range(min(PREVIEW_ROWS, len(splits.train)))).to_pandas()
+    # The long text last: the short columns (label, prompt) stay in view however wide it is.
+    return text, rows[[column for column in rows.columns if column != "text"] + ["text"]]
 
 
 def _stale(task: str, model: str | None, dataset: str | None) -> bool:
@@ -423,7 +425,8 @@ def _data_inputs(offline: bool) -> tuple:
         label="First rows of the training split",
         interactive=False,
         max_height=220,
-        wrap=True,  # long texts wrap, so the label column stays in view
+        wrap=True,  # long texts wrap instead of running off the panel
+        elem_id="dataset-preview",
     )
     return task, model, dataset, upload, dataset_info, preview
 
