@@ -282,6 +282,8 @@ def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path, 
     assert resumed["metrics"]["test"]["accuracy"] == uninterrupted["metrics"]["test"]["accuracy"]
     assert resumed["metrics"]["test"]["loss"] == pytest.approx(uninterrupted["metrics"]["test"]["loss"], rel=1e-4)
     assert latest_checkpoint(run) is None  # completed: checkpoints removed
+    # The rate left out was the method's default; the resumed segment, started from the recorded config, says so too.
+    assert resumed["defaults"]["learning_rate"]["source"] == "method default"
 
 
 def test_only_stopped_interrupted_or_failed_runs_with_a_checkpoint_resume(tmp_path, tiny_models, review_csv):

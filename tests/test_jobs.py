@@ -72,14 +72,17 @@ def test_stop_ends_a_running_job_within_a_step_and_keeps_its_adapter(manager, ti
     assert run.summary["steps"] < 2000 and (run.adapter_dir / "adapter_model.safetensors").exists()
     assert manager.actions(job.id) == {"stop": False, "resume": True, "delete": True}  # stopping saved a checkpoint
 
-    # Resumed, it is not "stopping" on the stop it obeyed; a stop asked for while it loads holds.
+    # Resumed, it is not "stopping" on the stop it obeyed; a stop while it loads cancels the resume
+    # at once (no load to wait out, no step trained) and leaves the run as it was, resumable.
+    steps = run.summary["steps"]
     manager.resume(job.id)
     assert not manager.describe(job.id)["stop_requested"] and manager.actions(job.id)["stop"]
     wait_for(lambda: manager.job(job.id).state == "starting", what="the resume to start loading")
-    assert "stopping" in manager.stop(job.id)
+    assert "cancelled while its model loaded" in manager.stop(job.id)
     wait_for(lambda: manager.job(job.id).state in DONE, what="the resumed run's stop")
     resumed = manager.store.get(job.id)
-    assert resumed.status == "stopped" and resumed.summary["steps"] < 2000
+    assert manager.job(job.id).state == "cancelled" and resumed.status == "stopped"
+    assert resumed.summary["steps"] == steps and manager.actions(job.id)["resume"]
 
 
 def test_a_killed_worker_marks_its_run_failed_and_the_manager_goes_on(manager, tiny_models, review_csv):

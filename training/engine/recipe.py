@@ -195,6 +195,8 @@ def train(
         return bool(should_stop and should_stop()) or (recording is not None and recording.stop_requested())
 
     rate_source = "given" if given_rate else defaults.source(config.task, model_id, config.method)
+    if resume_from is not None:  # its config holds the rate it started with: where that came from stays
+        rate_source = run.summary.get("defaults", {}).get("learning_rate", {}).get("source", rate_source)
     if recording is not None:
         recording.update_summary(
             defaults={"learning_rate": {"value": config.hparams["learning_rate"], "source": rate_source}},

@@ -207,11 +207,12 @@ class JobManager:
             if job.state in ("finished", "failed", "cancelled"):
                 return f"{job_id}: already {job.state}"
             run = self._created(job_id)
-            if run is not None:
+            if run is not None and self._run_started(job, run.summary):
                 run.request_stop()
                 return f"{job_id}: stopping (within seconds: the current step or evaluation ends first)"
+            # Still loading (a resumed run: before it took its run back): nothing of it to keep.
             job.stopped_while_loading = True
-            job.process.terminate()  # still loading the model: nothing to keep
+            job.process.terminate()
             return f"{job_id}: cancelled while its model loaded"
 
     def _stop_unmanaged(self, run_id: str) -> str:
