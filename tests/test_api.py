@@ -132,7 +132,7 @@ def test_while_a_run_trains_the_playground_and_leaderboard_answer_and_stop_ends_
     with pytest.raises(AppError, match="queued or training"):  # nothing to take home yet
         client.predict(run_id=started["id"], api_name="/download_run")
 
-    with pytest.raises(AppError, match="started by another session"):  # the owner token is needed
+    with pytest.raises(AppError, match="give its owner_token"):  # the owner token is needed
         client.predict(run_id=started["id"], api_name="/stop_run")
     assert "stopping" in client.predict(run_id=started["id"], owner_token=started["owner_token"], api_name="/stop_run")
     final = wait_done(client, started["id"])
@@ -191,8 +191,8 @@ BAD_REQUESTS = [
     ("/download_run", {"run_id": "../x"}, "not a valid run id"),
     ("/download_run", {"run_id": "20990101-000000-sentiment-lora-0000"}, "no run"),
     ("/download_run", {"run_id": "SENTIMENT", "merged": True, "owner_token": "not-the-owner"}, "another session"),
-    ("/download_run", {"run_id": "GENERATION", "merged": True}, "started by another session"),
-    ("/push_run", {"run_id": "SENTIMENT", "repo_id": "me/model", "token": HF_TOKEN}, "started by another session"),
+    ("/download_run", {"run_id": "GENERATION", "merged": True}, "give its owner_token"),
+    ("/push_run", {"run_id": "SENTIMENT", "repo_id": "me/model", "token": HF_TOKEN}, "give its owner_token"),
     (
         "/push_run",
         {"run_id": "SENTIMENT", "repo_id": "no owner", "token": HF_TOKEN, "owner_token": "OWNER"},

@@ -175,6 +175,12 @@ def test_train_list_predict_round_trip(tmp_path, tiny_models, review_csv, capsys
     assert "home/model.safetensors" in zipfile.ZipFile(tmp_path / "home.zip").namelist()
     again = cli_here(capsys, "export", "--run", run_dir.name, "--to", str(tmp_path / "home"), runs_dir=runs)
     assert again.returncode == 2 and "already exists" in again.stderr
+    tarball = cli_here(capsys, "export", "--run", run_dir.name, "--to", str(tmp_path / "home.tar.gz"), runs_dir=runs)
+    assert (
+        tarball.returncode == 2 and "a folder or a .zip" in tarball.stderr and not (tmp_path / "home.tar.gz").exists()
+    )
+    not_a_run = cli_here(capsys, "predict", "--run", str(tmp_path), "--text", "fine", runs_dir=runs)
+    assert not_a_run.returncode == 2 and "a folder but not a run" in not_a_run.stderr
 
     # Refused before any model loads (and before any folder is made): each would otherwise wait for a load first.
     def never(*args, **kwargs):
@@ -399,3 +405,6 @@ def test_bench_times_one_method_twice_under_two_labels(tmp_path, tiny_models, re
     arguments = ["bench", "--task", "sentiment", "--methods", "lora", "--set", "other.rank=4", *common]
     assert main(arguments + ["--offline"]) == 2
     assert "--set names other, which --methods does not list" in capsys.readouterr().err
+    arguments = ["bench", "--task", "sentiment", "--methods", "a=lora,a=dora", *common]
+    assert main(arguments + ["--offline"]) == 2
+    assert "--methods gives a label twice" in capsys.readouterr().err

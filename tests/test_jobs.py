@@ -238,8 +238,8 @@ def test_only_the_owner_stops_resumes_or_deletes_a_run(manager, tiny_models, rev
     job = manager.submit(config(tiny_models, review_csv, max_steps=2000, eval_steps=1000), owner_token="alice")
     assert job.config.owner != "alice"  # only a hash is kept
     wait_for(lambda: job.state == "running" and manager.store.get(job.id).metrics(), what="the first step")
-    for token in (None, "mallory"):
-        with pytest.raises(OwnershipError, match="started by another session"):
+    for token, refusal in ((None, "give its owner_token"), ("mallory", "started by another session")):
+        with pytest.raises(OwnershipError, match=refusal):
             manager.stop(job.id, token)
     with pytest.raises(ConfigError, match="stop it before deleting it"):
         manager.delete(job.id, "alice")

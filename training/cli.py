@@ -360,6 +360,9 @@ def _bench(args: argparse.Namespace) -> None:
             entries.append(Entry(label or method, method, overrides.pop(label or method, {})))
         if overrides:
             raise ConfigError(f"--set names {', '.join(overrides)}, which --methods does not list")
+        labels = [entry.label for entry in entries]
+        if len(set(labels)) < len(labels):
+            raise ConfigError(f"--methods gives a label twice ({', '.join(labels)}); each entry needs its own")
         for result in run_bench(
             args.task,
             entries,

@@ -247,6 +247,8 @@ class RunStore:
         path = Path(run_ref)
         if path.is_dir() and (path / "config.json").exists():
             return Run(path)
+        if os.sep in run_ref and path.is_dir():
+            raise RunNotFound(f"{run_ref} is a folder but not a run (it has no config.json)")
         return self.get(run_ref)
 
     def runs(self) -> Iterator[Run]:

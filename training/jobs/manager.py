@@ -189,7 +189,9 @@ class JobManager:
         the command line, are anyone's); RunNotFound for an unknown id."""
         job = self._jobs.get(run_id)
         owner = job.config.owner if job else self.store.get(run_id).config.get("owner")
-        if owner and (not owner_token or owner_hash(owner_token) != owner):
+        if owner and not owner_token:
+            raise OwnershipError(f"run {run_id} belongs to the session that started it: give its owner_token")
+        if owner and owner_hash(owner_token) != owner:
             raise OwnershipError(f"run {run_id} was started by another session; only that session can change it")
 
     def stop(self, job_id: str, owner_token: str | None = None) -> str:

@@ -400,6 +400,10 @@ def write_archive(folder: Path, archive: Path) -> Path:
 def export_to(run: Run, target: Path, merged: bool = False) -> Path:
     """The export as the folder `target`, or as an archive when `target` ends in .zip."""
     target = Path(target)
+    if target.suffix.lower() in (".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"):
+        raise ConfigError(
+            f"{target.name}: the export is a folder or a .zip archive; give a folder or a name ending .zip"
+        )
     if target.suffix.lower() != ".zip":
         return write_export(run, target, merged)
     if target.exists():
