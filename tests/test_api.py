@@ -131,6 +131,12 @@ def test_while_a_run_trains_the_playground_and_leaderboard_answer_and_stop_ends_
 
     with pytest.raises(AppError, match="queued or training"):  # nothing to take home yet
         client.predict(run_id=started["id"], api_name="/download_run")
+    waiting = start(client, **tiny_sentiment(tiny_models, review_csv, max_steps=2))  # queued behind it
+    with pytest.raises(AppError, match=f"run {waiting['id']} is queued; it can be used once it has trained"):
+        client.predict(**{**review, "run_ids": [waiting["id"]]})
+    client.predict(run_id=waiting["id"], owner_token=waiting["owner_token"], api_name="/stop_run")
+    with pytest.raises(AppError, match="ended before training began: it has no adapter"):
+        client.predict(**{**review, "run_ids": [waiting["id"]]})
 
     with pytest.raises(AppError, match="give its owner_token"):  # the owner token is needed
         client.predict(run_id=started["id"], api_name="/stop_run")

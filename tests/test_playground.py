@@ -78,6 +78,12 @@ def test_a_run_resumed_since_it_was_served_answers_with_its_new_adapter(tmp_path
     assert resumed == pytest.approx(fresh, abs=1e-6)
 
 
+def test_a_run_named_many_times_is_answered_once(store):
+    run_id = _ids(store, "sentiment")[0]
+    results = classify_side_by_side(AdapterPool(), store, [run_id] * (MAX_RUNS + 1), REVIEW, include_base=False)
+    assert [entry["run"] for entry in results] == [run_id]
+
+
 def test_adapters_of_one_kind_share_one_base_model(store):
     pool = AdapterPool()
     classify_side_by_side(pool, store, _ids(store, "sentiment"), REVIEW, include_base=True)

@@ -238,6 +238,7 @@ class Arena:
         self, run_ids: list[str], text: str, include_base: bool = True, compare_merged: bool = False
     ) -> list[dict]:
         """`text` classified by each run (and the base model) side by side (playground.classify_side_by_side)."""
+        self._check_not_waiting(run_ids)
         return classify_side_by_side(self.pool, self.store, run_ids, text, include_base, compare_merged)
 
     def generate(
@@ -245,7 +246,20 @@ class Arena:
     ) -> list[dict]:
         """`prompt` continued by each run (and the base model) with the same sampling settings
         (playground.generate_side_by_side)."""
+        self._check_not_waiting(run_ids)
         return generate_side_by_side(self.pool, self.store, run_ids, prompt, include_base, compare_merged, **sampling)
+
+    def _check_not_waiting(self, run_ids: list[str]) -> None:
+        """A job whose run has not begun has no folder yet: say why, rather than that it does not exist."""
+        for run_id in run_ids if isinstance(run_ids, list) else ():
+            if not isinstance(run_id, str) or self.jobs.job(run_id) is None:
+                continue
+            described = self.jobs.describe(run_id)
+            if described["summary"]:
+                continue
+            if described["state"] in ("queued", "starting"):
+                raise InferenceError(f"run {run_id} is {described['state']}; it can be used once it has trained")
+            raise InferenceError(f"run {run_id} ended before training began: it has no adapter")
 
     def merge_note(self, run_id: str) -> str | None:
         """Why the run cannot be exported merged (its method's reason), or None when it can."""

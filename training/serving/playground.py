@@ -41,9 +41,10 @@ def _targets(
     once; the task's default model when no run is selected) and then each selected run."""
     if not isinstance(run_ids, list) or not all(isinstance(run_id, str) for run_id in run_ids):
         raise InferenceError("run_ids must be a list of run ids")
+    run_ids = list(dict.fromkeys(run_ids))  # a run named twice is served once
     if len(run_ids) > MAX_RUNS:
         raise InferenceError(f"{len(run_ids)} runs selected; compare at most {MAX_RUNS} at once")
-    runs = [store.get(run_id) for run_id in dict.fromkeys(run_ids)]  # raises RunNotFound
+    runs = [store.get(run_id) for run_id in run_ids]  # raises RunNotFound
     for run in runs:
         if run.config.get("task") != task:
             raise InferenceError(f"run {run.id} is a {run.config.get('task')} run, not a {task} run")
