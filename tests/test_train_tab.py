@@ -107,7 +107,8 @@ def form(**changes) -> list:
 
 
 @pytest.mark.parametrize(
-    ("field", "label"), [("max_steps", "steps"), ("batch_size", "batch size"), ("seq_len", "sequence length")]
+    ("field", "label"),
+    [("max_steps", r"steps \(max_steps\)"), ("batch_size", "batch size"), ("seq_len", r"sequence length \(seq_len\)")],
 )
 def test_a_fractional_budget_is_refused_naming_the_field_not_rounded(field, label):
     with pytest.raises(ConfigError, match=f"^{label} must be a whole number \\(got 2.5\\)"):
@@ -116,9 +117,9 @@ def test_a_fractional_budget_is_refused_naming_the_field_not_rounded(field, labe
 
 @pytest.mark.parametrize("text", ["2.5", "many"])
 def test_the_evaluation_fields_refuse_what_is_not_a_whole_number(text):
-    with pytest.raises(ConfigError, match="^validation subsample must be a whole number"):
+    with pytest.raises(ConfigError, match=r"^validation subsample \(eval_subsample\) must be a whole number"):
         train_tab.form_config(*form(eval_subsample=text))
-    with pytest.raises(ConfigError, match="^final evaluation examples must be a whole number"):
+    with pytest.raises(ConfigError, match=r"^final evaluation examples \(eval_samples\) must be a whole number"):
         train_tab.form_config(*form(eval_samples=text))
     assert train_tab.form_config(*form(eval_subsample=" 64 ")).eval_subsample == 64
 

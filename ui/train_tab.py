@@ -154,7 +154,7 @@ def form_config(task: str, model: str, dataset: str, upload: str | None, method:
     hyperparameter fields in HPARAMS order. Raises ConfigError for a fractional setting."""
     settings, hparam_values = values[: len(FORM_SETTINGS)], values[len(FORM_SETTINGS) :]
     numbers = {
-        field.name: whole_number(value, field.setting.label) if field.kind is int else value
+        field.name: whole_number(value, field.called) if field.kind is int else value
         for field, value in zip(FORM_SETTINGS, settings)
     }
     taken = {spec.name for spec in METHODS[method].hparams} if method in METHODS else set()

@@ -219,7 +219,7 @@ class TrainConfig:
             raise ConfigError(refusal)
         given = {field.name for field in RUN_FIELDS if values[field.name] is not None}
         for group in {field.setting.exclusive for field in RUN_FIELDS} - {None}:
-            both = [field.name for field in RUN_FIELDS if field.setting.exclusive == group and field.name in given]
+            both = [field.called for field in RUN_FIELDS if field.setting.exclusive == group and field.name in given]
             if len(both) > 1:
                 raise ConfigError(f"give either {' or '.join(both)}, not both")
         # A task default fills a field left out, unless another of its group was given (epochs: no max_steps).
@@ -247,6 +247,13 @@ class RunField:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def called(self) -> str:
+        """The field as a message names it: the form's label, and the API's name where they differ
+        (the flag is the API's name with dashes)."""
+        label = self.setting.label
+        return label if label == self.name.replace("_", " ") else f"{label} ({self.name})"
+
     def default_text(self) -> str | None:
         """What leaving the field out means: per task where the task decides, else its value."""
         if self.setting.unset:
@@ -268,7 +275,7 @@ class RunField:
         """Raise ConfigError naming the field when `value` has the wrong type or is out of range."""
         if value is None and not self.required and self.default is None:
             return
-        name, low, high = self.name, self.setting.minimum, self.setting.maximum
+        name, low, high = self.called, self.setting.minimum, self.setting.maximum
         if self.setting.choices is not None and value not in self.setting.choices:
             choices = ", ".join(self.setting.choices)
             raise ConfigError(f"unknown {name} {value!r}; choose one of {choices}")
