@@ -8,6 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from lora_methods import METHODS, get_method
 from lora_methods.sparselora import MOST_LAYERS, layer_schedule
@@ -55,28 +56,45 @@ def update_spectrum_figure(rank: int = 8) -> go.Figure:
 
 
 def sparsity_schedule_figure() -> go.Figure:
-    """SparseLoRA's per-layer FFN sparsity for context tokens: the default (the paper's schedule)
-    on the two bundled models, and the schedule it replaced (the suite's sparselora-most-layers)."""
-    figure = go.Figure(
-        layout={
+    """SparseLoRA's per-layer FFN sparsity for context tokens, one panel per bundled model (their
+    depths differ): the default (the paper's schedule), and on SmolLM2 the schedule it replaced
+    (the suite's sparselora-most-layers)."""
+    models = (("MiniLM-L6", 6), ("SmolLM2-135M", 30))  # short: the panels share a narrow page
+    figure = make_subplots(rows=1, cols=2, column_widths=[0.22, 0.78], subplot_titles=[name for name, _ in models])
+    figure.update_layout(
+        {
             **LAYOUT,
-            "height": 300,
+            "height": 320,
             "title": "SparseLoRA's layer schedules",  # short enough for an 800 px page
-            "xaxis_title": "layer (the last: output tokens only)",
-            "yaxis_title": "context FFN channels skipped",
             "barmode": "group",
+            "margin": {**LAYOUT["margin"], "t": 70},  # room for the panels' titles under the figure's
         }
     )
-    for name, layers, settings, colour in (
-        ("default, MiniLM (6 layers)", 6, {}, "sparselora-deep"),
-        ("default, SmolLM2-135M (30 layers)", 30, {}, "sparselora"),
-        ("most layers (the first default), SmolLM2-135M", 30, MOST_LAYERS, "sparselora-most-layers"),
-    ):
+    figure.update_annotations(font_size=13)  # the panels' titles
+    figure.update_yaxes(range=[0, 1.05], title_text="context FFN channels skipped", col=1)
+    figure.update_yaxes(range=[0, 1.05], showticklabels=False, col=2)
+    figure.update_xaxes(title_text="layer (the last: output tokens only)", col=2)
+    schedules = (
+        ("default (the paper's)", {}, "sparselora", (1, 2)),
+        ("most layers (the first default)", MOST_LAYERS, "sparselora-most-layers", (2,)),
+    )
+    for name, settings, colour, columns in schedules:
         hparams = get_method("sparselora").resolve_hparams(settings)
-        schedule = layer_schedule(layers, hparams)
-        if hparams["last_layer"] == "outputs":
-            schedule[-1] = 1.0
-        figure.add_bar(x=list(range(layers)), y=schedule, name=name, marker_color=method_colour(colour))
+        for column in columns:
+            layers = models[column - 1][1]
+            schedule = layer_schedule(layers, hparams)
+            if hparams["last_layer"] == "outputs":
+                schedule[-1] = 1.0
+            figure.add_bar(
+                x=list(range(layers)),
+                y=schedule,
+                name=name,
+                marker_color=method_colour(colour),
+                legendgroup=name,
+                showlegend=column == columns[-1],
+                row=1,
+                col=column,
+            )
     return figure
 
 
