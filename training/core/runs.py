@@ -148,9 +148,10 @@ class Run:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a damaged line (a crash mid-write in an old run): skip it, keep the rest
-        if not complete:
-            return records, MetricsCursor(offset, cursor.last_line if unchanged else b""), offset == 0
-        last_line = complete[complete.rfind(b"\n", 0, len(complete) - 1) + 1 :]
+        if complete:
+            last_line = complete[complete.rfind(b"\n", 0, len(complete) - 1) + 1 :]
+        else:  # nothing new: the line read last is still the one before the offset
+            last_line = cursor.last_line if unchanged else b""
         return records, MetricsCursor(offset + len(complete), last_line), offset == 0
 
     @property
