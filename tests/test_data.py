@@ -180,7 +180,7 @@ def test_bad_uploads_get_a_clear_message(tmp_path, name, content, task, message)
 
 def test_upload_row_limit(tmp_path):
     path = _write(tmp_path, "big.jsonl", "".join(json.dumps({"text": "x"}) + "\n" for _ in range(MAX_UPLOAD_ROWS + 1)))
-    with pytest.raises(DataError, match="rows; the limit is 200,000"):
+    with pytest.raises(DataError, match=r"rows; the limit is 200,000 \(LORA_ARENA_MAX_UPLOAD_ROWS\)"):
         load_user_file(path, "generation")
 
 

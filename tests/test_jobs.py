@@ -192,6 +192,21 @@ def test_runs_left_running_by_a_dead_process_are_marked_interrupted_on_start(tmp
     assert alive.status == "running"
 
 
+def test_a_run_another_process_started_reads_failed_or_finished_as_its_own_jobs_would(tmp_path):
+    store = RunStore(tmp_path)
+    runs = {
+        status: store.create({"task": "sentiment", "method": "lora"}) for status in ("completed", "stopped", "failed")
+    }
+    for status, run in runs.items():
+        run.update_summary(status=status)
+    manager = JobManager(store)
+    assert {status: manager.describe(run.id)["state"] for status, run in runs.items()} == {
+        "completed": "finished",
+        "stopped": "finished",
+        "failed": "failed",  # a client polling for the end stops on it as on a job of its own
+    }
+
+
 def test_listing_runs_while_another_tab_deletes_them_never_fails(tmp_path):
     store = RunStore(tmp_path)
     manager = JobManager(store)
@@ -224,7 +239,7 @@ def test_requests_over_the_deployment_limits_are_refused_with_the_limit_named(tm
     with pytest.raises(ConfigError, match="step budget"):
         manager.submit(config(tiny_models, review_csv, max_steps=None, epochs=1.0))
     manager.submit(config(tiny_models, review_csv))
-    with pytest.raises(ConfigError, match="the queue is full .1 waiting"):
+    with pytest.raises(ConfigError, match="the queue is full .1 waiting, LORA_ARENA_MAX_QUEUE"):
         manager.submit(config(tiny_models, review_csv))
 
 

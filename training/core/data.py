@@ -244,7 +244,8 @@ def _read_table(path: Path) -> pd.DataFrame:
     if size == 0:
         raise DataError("the file is empty")
     if size > MAX_UPLOAD_BYTES:
-        raise DataError(f"the file is {size / 2**20:.1f} MiB; the limit is {MAX_UPLOAD_BYTES / 2**20:.0f} MiB")
+        limit = f"{MAX_UPLOAD_BYTES / 2**20:.0f} MiB (LORA_ARENA_MAX_UPLOAD_MB)"
+        raise DataError(f"the file is {size / 2**20:.1f} MiB; the limit is {limit}")
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
         raise DataError("the file looks binary; upload a UTF-8 .csv or .jsonl text file")
@@ -296,7 +297,8 @@ def load_user_file(path: Path, task: Task) -> Splits:
             f"A {task} file needs: {', '.join(required)}" + ("" if task == "sentiment" else " (optional: prompt)")
         )
     if len(frame) > MAX_UPLOAD_ROWS:
-        raise DataError(f"the file has {len(frame):,} rows; the limit is {MAX_UPLOAD_ROWS:,}")
+        limit = f"{MAX_UPLOAD_ROWS:,} (LORA_ARENA_MAX_UPLOAD_ROWS)"
+        raise DataError(f"the file has {len(frame):,} rows; the limit is {limit}")
     not_text = frame.index[frame["text"].map(lambda value: value is not None and not isinstance(value, str))]
     if len(not_text):
         raise DataError(

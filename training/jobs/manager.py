@@ -91,6 +91,14 @@ class Job:
     stopped_while_loading: bool = False  # its process was ended on request: it ends cancelled, not failed
 
 
+def _state_of(status: str | None) -> str:
+    """The job state of a run this process did not start (the CLI's, or an earlier app's), as a job
+    of its own would have ended: a failed (or damaged) run is failed, any other that ended is finished."""
+    if status == "running":
+        return "running"
+    return "failed" if status in ("failed", "unreadable") else "finished"
+
+
 def _process_tree(pid: int) -> set[int]:
     """`pid` and its descendants: a worker, or a launcher and the training processes it started."""
     try:
@@ -177,7 +185,8 @@ class JobManager:
         with self._changed:
             if len(self._queue) >= self.limits.max_queue:
                 raise ConfigError(
-                    f"the queue is full ({self.limits.max_queue} waiting); try again when a run has finished"
+                    f"the queue is full ({self.limits.max_queue} waiting, LORA_ARENA_MAX_QUEUE); "
+                    "try again when a run has finished"
                 )
             self._jobs[job.id] = job
             self._queue.append(job.id)
@@ -271,7 +280,7 @@ class JobManager:
         else:  # a run of an earlier app process or the CLI; an unknown id raises RunNotFound
             run = self.store.get(job_id)
             summary, task, method = run.summary, run.config.get("task"), run.config.get("method")
-        state = job.state if job else ("running" if summary.get("status") == "running" else "finished")
+        state = job.state if job else _state_of(summary.get("status"))
         if job and job.state == "starting" and self._run_started(job, summary):
             state = "running"
         return {
