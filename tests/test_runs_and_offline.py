@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -108,6 +111,19 @@ def test_offline_defaults_to_bundled_models(monkeypatch):
     assert default_model("sentiment", offline=False) == "distilbert/distilbert-base-uncased"
     with pytest.raises(ModelError, match="needs the Hugging Face Hub.*bundled/all-MiniLM-L6-v2"):
         resolve_model_path("distilbert/distilbert-base-uncased", offline=True)
+
+
+def test_a_process_says_once_that_it_is_offline_and_why():
+    # --offline first, after which the process has set HF_HUB_OFFLINE itself: one notice, not two
+    script = "from training.core.offline import is_offline; is_offline(True); is_offline(); is_offline(True)"
+    environment = {
+        key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if "is offline" in line] == [
+        "LoRA Arena is offline (--offline): using the bundled models and data."
+    ]
 
 
 @pytest.fixture

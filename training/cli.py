@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from lora_methods import TASKS
+from lora_methods import METHODS, TASKS
 from lora_methods.sparselora.estimator import SCORINGS
 from training.core import distributed
 from training.core.compute import ATTENTIONS, PRECISIONS
@@ -177,7 +177,9 @@ def _add_use(commands: Any) -> None:
     exporter.add_argument(
         "--merged",
         action="store_true",
-        help="the adapter merged into its base model (LoRA, HiRA, SparseLoRA on a full-precision base)",
+        help="the adapter merged into its base model ("
+        + ", ".join(method.title for method in METHODS.values() if method.merge_blocker is None)
+        + ": the methods on a full-precision base)",
     )
     exporter.add_argument("--to", help="a new folder, or a file ending in .zip (default: ./RUN_ID or ./RUN_ID-merged)")
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from lora_methods import METHODS, TASKS, Task, get_method
 from training.core.compute import PRECISIONS, precision_refusal
+from training.core.defaults import TUNED
 from training.core.environment import process_slots
 
 # eval_samples: examples per split in the final evaluation (None: all); eval_subsample: the fixed
@@ -377,16 +378,19 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     for name in HPARAM_NAMES:
         users = [(method.name, spec) for method in METHODS.values() for spec in method.hparams if spec.name == name]
         spec = users[0][1]
-        defaults = ", ".join(f"{method}: {s.default}" for method, s in users)
+        defaults = "Defaults: " + ", ".join(f"{method}: {s.default}" for method, s in users)
+        if name in TUNED:  # the engine fills a left-out value from the results suite first
+            defaults = (
+                "Left out: the results suite's tuned value for the task and model where it has one "
+                f"(the summary's `defaults` says which), else the method's. Method {defaults.lower()}"
+            )
         group.add_argument(
             spec.flag,
             *FLAG_ALIASES.get(name, []),
             dest=name,
             type=spec.kind,
             default=None,
-            help=_argparse_text(
-                ". ".join(part for part in (spec.help, spec.range_text(), f"Defaults: {defaults}") if part)
-            ),
+            help=_argparse_text(". ".join(part for part in (spec.help, spec.range_text(), defaults) if part)),
         )
 
 
