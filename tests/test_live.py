@@ -157,6 +157,17 @@ def test_the_phase_line_says_what_the_run_is_doing(described, line):
     assert progress.phase_line(described).startswith(line)
 
 
+def test_the_phase_line_and_the_progress_line_say_the_same_step():
+    # the phase is written every few seconds; step 7's record came after it said 5
+    described = {
+        "state": "running",
+        "summary": {"planned_steps": 30, "phase": {"name": "training", "done": 5, "total": 30}},
+    }
+    records = [{"kind": "train", "step": step, "step_time_s": 0.5} for step in range(1, 8)]
+    assert progress.phase_line(described, records) == "Training: step 7 / 30"
+    assert progress.steps_trained(described["summary"], records) == 7  # what the progress line says
+
+
 def test_defaults_are_the_results_suites_tuned_rates_where_it_tuned_this_model():
     # The suite swept LoRA on the bundled MiniLM and chose 4e-3; QLoRA and SparseLoRA train the same
     # adapter and take LoRA's rate, HiRA on 4-bit takes HiRA's.

@@ -176,7 +176,7 @@ def test_the_queue_shows_positions_and_marks_this_browsers_runs():
     ],
 )
 def test_the_status_line_says_the_state_and_the_run_id(state, expected):
-    text = train_tab.status_markdown(state)
+    text = train_tab.status_markdown(state, [])
     assert text.startswith(expected)
     assert re.search(r"run (\S+)", text.replace("`", "")).group(1) == RUN  # the browser test reads it so
 
@@ -191,7 +191,7 @@ def test_the_status_line_says_the_state_and_the_run_id(state, expected):
     ],
 )
 def test_a_running_run_shows_its_phase(phase, words):
-    assert train_tab.status_markdown(running(phase, done=32, total=64, step=48)).startswith(words)
+    assert train_tab.status_markdown(running(phase, done=32, total=64, step=48), []).startswith(words)
 
 
 def test_an_evaluation_has_its_own_progress_bar_and_the_eta_comes_with_it():

@@ -205,9 +205,9 @@ def queue_markdown(queue: list[dict], mine: set[str]) -> str:
     return "**Queue** (one run trains at a time): " + " · ".join(entries)
 
 
-def status_markdown(state: dict) -> str:
+def status_markdown(state: dict, records: list[dict]) -> str:
     """The run's state in one line (the phase it is in while it runs), its head in bold."""
-    line = progress.phase_line(state)
+    line = progress.phase_line(state, records)
     head, colon, rest = line.partition(": ")
     text = f"**{html.escape(head)}**{colon}{html.escape(rest)}"
     if state.get("error"):
@@ -658,7 +658,7 @@ def _run_views(arena: Arena, run_id: str | None, shown: dict, x_axis: str) -> li
     chart_key = [run_id, len(records), state["state"], state.get("status"), x_axis, phase.get("name")]
     if shown.get("status") != status_key:
         shown["status"] = status_key
-        views[0:2] = status_markdown(state), progress_html(state, records)
+        views[0:2] = status_markdown(state, records), progress_html(state, records)
     if shown.get("charts") != chart_key:
         shown["charts"] = chart_key
         views[2:5] = (

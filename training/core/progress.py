@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 RECENT_STEPS = 20  # the step time that predicts the rest: the median of the latest steps
@@ -66,9 +67,11 @@ def eta_seconds(summary: dict[str, Any], records: list[dict]) -> float | None:
     return remaining
 
 
-def phase_line(described: dict[str, Any]) -> str:
+def phase_line(described: dict[str, Any], records: Sequence[dict] = ()) -> str:
     """One line for the status: 'Loading the model and data', 'Evaluating at step 48: 96 / 256
-    examples', 'Training: step 12 / 120', 'Stopping…', 'Queued: position 2', or the final status."""
+    examples', 'Training: step 12 / 120', 'Stopping…', 'Queued: position 2', or the final status.
+    `records`: the run's metrics, so that the step said is the one the progress line says (the
+    phase is written every few seconds, a step's record as it ends)."""
     state, summary = described["state"], described.get("summary") or {}
     if state == "queued":
         position = described.get("queue_position")
@@ -85,7 +88,7 @@ def phase_line(described: dict[str, Any]) -> str:
     if state == "starting" or name in (None, "loading"):
         return "Loading the model and data"
     if name == "training":
-        return f"Training: step {done} / {total}"
+        return f"Training: step {steps_trained(summary, list(records))} / {total}"
     counted = f"{done} / {total} examples"
     if name == "base evaluation":
         return f"Evaluating the base model: {counted}"
