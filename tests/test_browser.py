@@ -87,6 +87,12 @@ def test_train_watch_reload_stop_compare_and_classify(page, app_url, review_csv)
         "() => document.querySelector('#dataset-info')?.innerText.includes('reviews.csv')"
         " && document.querySelector('#dataset-info').innerText.includes('train 320')"
     )
+    # Its rows wrap inside the panel: no line's end is hidden past the right edge.
+    overflow = (
+        "() => { const table = document.querySelector('#dataset-preview table');"
+        " return table.scrollWidth - table.parentElement.clientWidth }"
+    )
+    assert page.evaluate(overflow) <= 1
 
     # Train tab: LoRA is the default method and the bundled encoder the default model offline.
     page.get_by_text("Budget, precision, seed and evaluation").click()

@@ -150,10 +150,11 @@ def test_float_fields_step_finely_and_whole_ones_by_one():
 # -- runs, queue and status ------------------------------------------------------------------------
 
 
-def test_runs_are_listed_with_id_method_and_state():
+def test_runs_are_listed_state_first_then_id():
     runs = [describe("queued", queue_position=2), describe("finished", {"status": "stopped"})]
     runs[1]["id"] = "older"
-    assert train_tab.run_choices(runs) == [(f"{RUN} · lora · queued #2", RUN), ("older · lora · stopped", "older")]
+    # the state first; the method only where the id does not name it (an id given by hand)
+    assert train_tab.run_choices(runs) == [(f"queued #2 · {RUN}", RUN), ("stopped · lora · older", "older")]
 
 
 def test_the_queue_shows_positions_and_marks_this_browsers_runs():
@@ -327,7 +328,7 @@ def test_a_tick_lists_the_runs_and_redraws_only_what_changed():
     picker, queue, status, progress, loss, resources, summary, shown = train_tab.refresh_views(
         arena, RUN, None, "step", "me"
     )
-    assert picker["choices"] == [(f"{RUN} · lora · completed", RUN)] and picker["value"] == RUN
+    assert picker["choices"] == [(f"completed · {RUN}", RUN)] and picker["value"] == RUN
     assert "1. `other` (sentiment, hira)" in queue and status.startswith("**Completed**")
     assert loss.data and resources.data and "training memory" in summary
     again = train_tab.refresh_views(arena, RUN, shown, "step", "me")

@@ -189,8 +189,15 @@ def _state_word(state: dict) -> str:
 
 
 def run_choices(runs: list[dict]) -> list[tuple[str, str]]:
-    """The "Your runs" list: id, method and state of each run, newest first as given."""
-    return [(f"{run['id']} · {run.get('method') or '?'} · {_state_word(run)}", run["id"]) for run in runs]
+    """The "Your runs" list, newest first as given: each run's state first (what a look at the list
+    is for, and never cut off), then its id, which names the method unless the run was given an id."""
+
+    def label(run: dict) -> str:
+        method = run.get("method") or "?"
+        named = f"-{method}-" in run["id"]
+        return f"{_state_word(run)} · {run['id']}" if named else f"{_state_word(run)} · {method} · {run['id']}"
+
+    return [(label(run), run["id"]) for run in runs]
 
 
 def queue_markdown(queue: list[dict], mine: set[str]) -> str:
@@ -576,7 +583,16 @@ def _on_dataset(offline: bool, task: str, dataset_id: str, upload_path: str | No
         return f"**Cannot use this dataset**: {html.escape(str(error))}", None
     if upload_path:
         text = f"**Upload** `{html.escape(Path(upload_path).name)}` · " + text
-    return text, rows
+    return text, gr.update(value=rows, column_widths=_preview_widths(list(rows.columns)))
+
+
+def _preview_widths(columns: list[str]) -> list[str]:
+    """Each column's width: Gradio would give the last column the whole panel's width, pushing each
+    line's end out of view. A label needs a few characters; the texts (a prompt, a text) share what
+    is left of the narrowest panel (Gradio takes pixels or percentages, not their difference)."""
+    label = "label" in columns
+    share = f"{(80 if label else 100) / (len(columns) - label):g}%"
+    return ["64px" if column == "label" else share for column in columns]
 
 
 def _on_form(offline: bool, *values: Any) -> Any:
