@@ -250,25 +250,27 @@ def test_an_old_run_without_the_breakdown_says_n_a_and_keeps_its_rss():
 # -- the charts ------------------------------------------------------------------------------------
 
 
-def test_the_memory_chart_stacks_the_parts_in_mb_from_zero_with_rss_dashed():
+def test_the_memory_chart_stacks_the_parts_in_mb_from_zero_with_rss_in_a_panel_of_its_own():
     figure = charts.resources_figure(RECORDS)
     traces = {trace.name: trace for trace in figure.data}
     stacked = [trace.name for trace in figure.data if trace.stackgroup == "memory"]
     assert stacked == ["weights (frozen + trained)", "gradients", "optimizer state", "activations saved for backward"]
     assert traces["weights (frozen + trained)"].y[0] == pytest.approx(90.0)  # MB = 1e6 bytes
-    rss = traces["process RSS (right axis)"]  # over the stack on its own scale: the legend says so
-    assert rss.line.dash == "dash" and rss.yaxis == "y2"
-    assert traces["tokens/s"].xaxis == "x2"
-    assert figure.layout.yaxis.rangemode == "tozero" and figure.layout.yaxis.title.text == "MB"
+    assert traces["weights (frozen + trained)"].yaxis == "y"
+    # ~1 GB of runtime: not over the parts (it read as their ceiling), but in the panel below
+    rss = traces["process RSS"]
+    assert rss.line.dash == "dash" and rss.yaxis == "y2" and rss.y[0] == pytest.approx(1200.0)
+    assert traces["tokens/s"].yaxis == "y3"
+    assert figure.layout.yaxis.title.text == "training MB" and figure.layout.yaxis2.title.text == "process MB"
+    assert all(axis.rangemode == "tozero" for axis in (figure.layout.yaxis, figure.layout.yaxis2, figure.layout.yaxis3))
     assert figure.layout.title.text == "Training memory by part, and speed"
-    assert figure.layout.yaxis3.rangemode == "tozero"
 
 
 def test_the_memory_chart_of_an_old_run_draws_rss_alone_on_the_mb_axis():
     figure = charts.resources_figure([train_record(step, breakdown=False) for step in (1, 2)])
     names = [trace.name for trace in figure.data if trace.showlegend is not False]
     assert names == ["process RSS", "tokens/s"]
-    assert figure.data[0].yaxis == "y" and figure.layout.yaxis.title.text == "MB"
+    assert figure.data[0].yaxis == "y" and figure.layout.yaxis.title.text == "process MB"
     assert figure.layout.yaxis.rangemode == "tozero"
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from training.core.colours import method_colour
 from training.core.memory import MB, MEMORY_PARTS
-from training.core.metrics import SHARES
+from training.core.metrics import LOWER_IS_BETTER, SHARES
 from training.core.presentation import smooth
 
 MAX_POINTS = 400  # per trace: a long run's chart stays light to send and draw
@@ -110,64 +112,54 @@ def _add_evaluations(figure: go.Figure, evals: list[dict], key: str) -> None:
 
 
 def resources_figure(records: list[dict], x: str = "step") -> go.Figure:
-    """Training memory by part (stacked, MB = 1e6 bytes) with the process's resident set as a
-    dashed line on its own axis, and tokens/s below. Older runs without the parts draw RSS only."""
+    """Training memory by part (stacked, MB = 1e6 bytes), the process's resident set in a panel of
+    its own, and tokens/s below. Older runs without the parts draw RSS alone in the first panel."""
     train = _thin([r for r in records if r.get("kind") == "train"])
     if not train:
         return _empty("Memory and speed", "waiting for the first step")
     key, label = X_AXES[x]
     xs = [r[key] for r in train]
     parts = [(name, title) for name, title in MEMORY_PARTS if any(name in r for r in train)]
-    figure = make_subplots(
-        rows=2,
-        cols=1,
-        shared_xaxes=True,
-        vertical_spacing=0.1,
-        row_heights=[0.62, 0.38],
-        specs=[[{"secondary_y": True}], [{}]],
-    )
+    # RSS is mostly the runtime (~1 GB of libraries): in the parts' panel it would flatten them, and
+    # on a second axis over them it read as their ceiling. So it has its own panel.
+    heights = [0.45, 0.22, 0.33] if parts else [0.62, 0.38]
+    figure = make_subplots(rows=len(heights), cols=1, shared_xaxes=True, vertical_spacing=0.07, row_heights=heights)
     for (name, title), colour in zip(parts, MEMORY_COLOURS):
         megabytes = [r.get(name, 0) / MB for r in train]
         figure.add_scatter(
             x=xs, y=megabytes, name=title, stackgroup="memory", line={"width": 0.5, "color": colour}, row=1, col=1
         )
-    # RSS is mostly the runtime (~1 GB of libraries): on its own axis it does not flatten the parts.
-    secondary = bool(parts)
+    process_row, speed_row = (2, 3) if parts else (1, 2)
     for name, title, dash in (("rss_bytes", "process RSS", "dash"), ("cuda_peak_bytes", "CUDA allocator peak", "dot")):
         if any(name in r for r in train):
             figure.add_scatter(
                 x=xs,
                 y=[r[name] / MB if name in r else None for r in train],
-                name=f"{title} (right axis)" if secondary else title,  # drawn over the stack, on its own scale
+                name=title,
                 line={"dash": dash, "width": 1.5, "color": BASE_COLOUR},
-                row=1,
+                row=process_row,
                 col=1,
-                secondary_y=secondary,
             )
     speed = [r.get("tokens_per_s") or 0.0 for r in train]
     figure.add_scatter(
-        x=xs, y=speed, line={"width": 1, "color": TRAIN_COLOUR}, opacity=0.35, showlegend=False, row=2, col=1
+        x=xs, y=speed, line={"width": 1, "color": TRAIN_COLOUR}, opacity=0.35, showlegend=False, row=speed_row, col=1
     )
-    figure.add_scatter(x=xs, y=smooth(speed, SMOOTHING), name="tokens/s", line={"color": TRAIN_COLOUR}, row=2, col=1)
+    figure.add_scatter(
+        x=xs, y=smooth(speed, SMOOTHING), name="tokens/s", line={"color": TRAIN_COLOUR}, row=speed_row, col=1
+    )
+    # The legend under the x axis's title, growing downwards as it wraps on a narrow page.
+    legend = {"orientation": "h", "y": -0.12, "yanchor": "top", "traceorder": "normal"}
     figure.update_layout(
-        **{**LAYOUT, "height": 420, "legend": {"orientation": "h", "y": -0.18, "traceorder": "normal"}},
+        **{**LAYOUT, "height": 500, "legend": legend, "margin": {**LAYOUT["margin"], "b": 110}},
         title="Training memory by part, and speed" if parts else "Memory and speed",
         hovermode="x unified",
     )
     # From zero: a flat series would otherwise autoscale to a 0.1 MB range.
-    figure.update_yaxes(title_text="MB", rangemode="tozero", row=1, col=1)
     if parts:
-        grey = {"color": BASE_COLOUR}
-        figure.update_yaxes(
-            title_text="process RSS (MB)",
-            title_font=grey,
-            tickfont=grey,
-            rangemode="tozero",
-            showgrid=False,
-            secondary_y=True,
-        )
-    figure.update_yaxes(title_text="tokens/s", rangemode="tozero", row=2, col=1)
-    figure.update_xaxes(title_text=label, row=2, col=1)
+        figure.update_yaxes(title_text="training MB", rangemode="tozero", row=1, col=1)
+    figure.update_yaxes(title_text="process MB", rangemode="tozero", row=process_row, col=1)
+    figure.update_yaxes(title_text="tokens/s", rangemode="tozero", row=speed_row, col=1)
+    figure.update_xaxes(title_text=label, row=speed_row, col=1)
     _whole_steps(figure, x, train[-1]["step"])
     return figure
 
@@ -206,8 +198,20 @@ TRADEOFF_AXES = {
 }
 
 
+# Open markers of a different shape per method: two runs at the same point (LoRA and SparseLoRA
+# train the same parameters) both stay visible, one drawn around the other.
+TRADEOFF_SYMBOLS = ("circle-open", "diamond-open", "square-open", "triangle-up-open", "x-thin", "cross-thin")
+
+
+def _log_ticks(values: pd.Series) -> list[float]:
+    """1, 2 and 5 times each power of ten around `values`: labels a reader can read (10k, 20k, 50k)
+    where plotly's own log ticks crowd a short range with small digits."""
+    low, high = math.floor(math.log10(values.min())), math.ceil(math.log10(values.max()))
+    return [digit * 10**power for power in range(low, high + 1) for digit in (1, 2, 5)]
+
+
 def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
-    """Validation quality of one task's runs against a cost, one colour per method."""
+    """Validation quality of one task's runs against a cost, one colour and shape per method."""
     column, scale = TRADEOFF_AXES[x_axis]
     finished = frame.dropna(subset=["validation", column]) if not frame.empty else frame
     if finished.empty:
@@ -215,18 +219,26 @@ def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
     metric = finished["metric"].iloc[0]
     title = f"{finished['task'].iloc[0]} runs: quality vs cost"  # the axes name both: short enough for 800 px
     figure = go.Figure(layout={**LAYOUT, "height": 380, "title": title, "xaxis_title": x_axis})
-    for method, group in finished.groupby("method"):
+    for index, (method, group) in enumerate(finished.groupby("method")):
         figure.add_scatter(
             x=group[column],
             y=group["validation"],
             mode="markers",
-            marker={"size": 12, "color": method_colour(method)},
+            marker={
+                "size": 13,
+                "color": method_colour(method),
+                "symbol": TRADEOFF_SYMBOLS[index % len(TRADEOFF_SYMBOLS)],
+                "line": {"width": 2.5, "color": method_colour(method)},
+            },
             name=method,
             text=group["run"],
             hovertemplate="%{text}<br>%{x}<br>%{y:.4f}<extra></extra>",
         )
     figure.update_xaxes(type=scale)
-    figure.update_yaxes(title_text=f"validation {metric}")
+    if scale == "log":
+        figure.update_xaxes(tickvals=_log_ticks(finished[column].astype(float)), tickformat="~s")
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    figure.update_yaxes(title_text=f"validation {metric} ({better} is better)")
     if metric in SHARES:  # one run alone would otherwise autoscale to an axis from -0.5 to 1.5
         figure.update_yaxes(autorangeoptions={"minallowed": 0, "maxallowed": 1})
     return figure

@@ -60,7 +60,8 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULT
         refresh = gr.Button("Refresh", scale=0)
     table = gr.Dataframe(
         label="Leaderboard (MB = 10^6 bytes; training memory: weights, gradients, optimizer state and saved "
-        "activations at the peak step; n/a for runs recorded before it was counted)",
+        "activations at the peak step; n/a: not measured, e.g. the quality of a run stopped before its final "
+        "evaluation)",
         interactive=False,
         wrap=True,  # a long run id wraps at its dashes instead of pushing the table off-screen
         max_height=420,
