@@ -237,13 +237,13 @@ def without_bundled_packages(monkeypatch, tmp_path):
 
 def test_without_the_bundled_packages_the_catalogs_say_so_and_a_space_defaults_to_the_hub(without_bundled_packages):
     from ui.arena import catalog_answer, check_dataset_choice, check_model_choice
-    from ui.train_tab import dataset_choices, model_choices
+    from ui.train_tab import catalog_choices
 
     for task in ("sentiment", "generation"):
         for entry in [*models.catalog(task), *data.catalog(task)]:
             assert entry.installed != entry.bundled
             assert (catalog.NOT_INSTALLED in entry.description) == entry.bundled
-        for label, value in [*model_choices(task, offline=False), *dataset_choices(task, offline=False)]:
+        for label, value in catalog_choices([*models.catalog(task), *data.catalog(task)], offline=False):
             assert (catalog.NOT_INSTALLED in label) == value.startswith("bundled/")  # the Train tab's dropdowns
     # A Space's defaults are Hub entries, which it can use (generation too: the controlled review
     # writing it defaults to elsewhere is bundled).

