@@ -329,6 +329,13 @@ def headlines(table: Sequence[Row]) -> dict[str, str]:
     return {key: openings[key] + text + "." if text else "" for key, text in said.items()}
 
 
+def _flops_text(row: Row, variant: str) -> str:
+    """FLOPs against LoRA's: LoRA's own is the unit (the bench counts FLOPs for sparse entries only)."""
+    if variant == "lora":
+        return "1.00"
+    return f"{row.flops_ratio:.2f}" if row.flops_ratio is not None else "n/a"
+
+
 def _cell_figure(table: Sequence[Row], plan: str, variant: str, column: str) -> str:
     """One cell of a question's table."""
     row = find(table, plan, variant)
@@ -336,7 +343,7 @@ def _cell_figure(table: Sequence[Row], plan: str, variant: str, column: str) -> 
         "quality": lambda: quality_text(table, plan, variant),
         "vs LoRA": lambda: _difference(table, plan, variant, "lora"),
         "speed vs LoRA": lambda: ratio_text(speedup(table, plan, variant)),
-        "FLOPs vs LoRA": lambda: f"{row.flops_ratio:.2f}" if row.flops_ratio is not None else "n/a",
+        "FLOPs vs LoRA": lambda: _flops_text(row, variant),
         "trainable": lambda: f"{row.trainable_params:,}",
         "base weights MB": lambda: megabytes_text(row.base_weight_bytes),
         "training memory MB": lambda: megabytes_text(row.training_memory_bytes),
