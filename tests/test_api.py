@@ -129,7 +129,7 @@ def test_while_a_run_trains_the_playground_and_leaderboard_answer_and_stop_ends_
     assert started["id"] in {row["run"] for row in client.predict(task="sentiment", api_name="/list_runs")}
     assert client.predict(run_id=started["id"], metrics_from_step=None, api_name="/run_status")["state"] == "running"
 
-    with pytest.raises(AppError, match="queued or training"):  # nothing to take home yet
+    with pytest.raises(AppError, match="still running"):  # nothing to take home yet
         client.predict(run_id=started["id"], api_name="/download_run")
     waiting = start(client, **tiny_sentiment(tiny_models, review_csv, max_steps=2))  # queued behind it
     with pytest.raises(AppError, match=f"run {waiting['id']} is queued; it can be used once it has trained"):

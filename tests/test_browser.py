@@ -72,7 +72,7 @@ def loss_points(page) -> int:
     return page.evaluate(LOSS_POINTS)
 
 
-def test_train_watch_reload_stop_compare_and_classify(page, app_url, review_csv):
+def test_train_watch_reload_stop_compare_and_classify(page, app_url, review_csv, tmp_path):
     # Switching the task swaps model, dataset and budget, with no error and a matching command.
     for task, model in (("generation", "SmolLM2-135M-Instruct"), ("sentiment", "all-MiniLM-L6-v2")):
         page.get_by_text(task, exact=True).first.click()
@@ -80,6 +80,16 @@ def test_train_watch_reload_stop_compare_and_classify(page, app_url, review_csv)
     page.wait_for_timeout(1000)
     toasts = page.locator("[data-testid=toast-body]").all_inner_texts()
     assert not toasts, toasts
+
+    # A malformed upload: the command says why it cannot start, not a command that would fail.
+    one_column = tmp_path / "one-column.csv"
+    one_column.write_text("text\n" + "".join(f"review {index}\n" for index in range(40)), encoding="utf-8")
+    page.locator("#dataset-upload input[type=file]").set_input_files(str(one_column))
+    page.wait_for_function(
+        "() => document.querySelector('.cm-content')?.innerText.includes('cannot start yet: missing column(s) label')"
+    )
+
+    page.locator("#dataset-upload button[aria-label=Clear]").click()
 
     # An uploaded CSV is previewed with its split sizes and becomes the run's dataset.
     page.locator("#dataset-upload input[type=file]").set_input_files(str(review_csv))

@@ -56,7 +56,9 @@ def test_download_the_picked_run_from_the_train_tab_and_from_compare(shared_app_
             page.wait_for_timeout(500)
         page.locator("#compare-take-home input").click()
         page.locator("ul[role=listbox] li", has_text=run_id).click()
-        page.wait_for_function("() => document.body.innerText.includes('queued or training')")
+        page.wait_for_function(
+            "() => document.body.innerText.includes('still running (queued, training or evaluating)')"
+        )
         assert page.locator("#compare-take-home-download").is_disabled()
         page.locator("#compare-runs .remove-all").click()
         playwright.expect(page.locator("#compare-runs .token")).to_have_count(0)

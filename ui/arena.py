@@ -198,7 +198,8 @@ class Arena:
         described = self.jobs.describe(run_id)  # RunNotFound: unknown id
         if described["state"] in ("queued", "starting", "running"):
             raise InferenceError(
-                f"run {run_id} is queued or training; it can be taken home once it has finished or been stopped"
+                f"run {run_id} is still running (queued, training or evaluating); it can be taken home once it has "
+                "finished or been stopped"
             )
         if not described["summary"]:
             raise InferenceError(f"run {run_id} ended before training began: there is nothing to take home")

@@ -457,6 +457,8 @@ def _setting_field(field: RunField, task: str) -> gr.components.Component:
         return gr.Textbox("", label=label, info=info, placeholder=placeholder, elem_id=elem_id)
     # No precision: Gradio would round 2.5 silently; `whole_number` refuses it with the field's label.
     value = TASK_DEFAULTS[task].get(field.name, field.default)
+    if field.default_text():  # emptied, the field is its default: say which, as the textboxes' placeholders do
+        info = f"{info}; empty: {field.default_text()}"
     return gr.Number(value, label=label, info=info, elem_id=elem_id)
 
 
@@ -512,8 +514,8 @@ def _panel() -> Panel:
     with gr.Row():
         with gr.Column(scale=3):
             x_axis = gr.Radio(["step", "time"], value="step", label="Charts' x axis", elem_id="charts-x")
-            loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
-            resources_plot = gr.Plot(label="Memory and speed", elem_id="resources-plot")
+            loss_plot = gr.Plot(label="Loss", show_label=False, elem_id="loss-plot")  # the figure has a title
+            resources_plot = gr.Plot(label="Memory and speed", show_label=False, elem_id="resources-plot")
         with gr.Column(scale=2):
             summary = gr.Markdown(elem_id="job-summary")
     return Panel(
@@ -600,10 +602,15 @@ def _on_form(offline: bool, *values: Any) -> Any:
     try:
         config = form_config(*values)
         check_model_choice(config.model, config.task, offline)
-        if not values[3]:  # no upload: the dataset must be a catalog one
+        if values[3]:  # an upload: refused here as the dataset note refuses it (a cached read)
+            _dataset_overview(values[3], config.task, offline)
+        else:  # no upload: the dataset must be a catalog one
             check_dataset_choice(config.dataset, config.task, offline)
         config.resolved()
-        return command_line(config)
+        command = command_line(config)
+        if values[3]:
+            command = "# --dataset: the server's copy of your upload; in your own terminal, give your file\n" + command
+        return command
     except (*USER_ERRORS, KeyError, TypeError) as error:
         return f"# cannot start yet: {error}"
 
