@@ -266,6 +266,12 @@ def test_the_memory_chart_stacks_the_parts_in_mb_from_zero_with_rss_in_a_panel_o
     assert figure.layout.title.text == "Training memory by part, and speed"
 
 
+def test_the_memory_chart_after_one_step_draws_its_parts_as_dots():
+    figure = charts.resources_figure([train_record(1)])  # an area needs two steps: it would draw nothing
+    assert {trace.mode for trace in figure.data if trace.stackgroup == "memory"} == {"lines+markers"}
+    assert {trace.mode for trace in charts.resources_figure(RECORDS).data if trace.stackgroup == "memory"} == {"lines"}
+
+
 def test_the_memory_chart_of_an_old_run_draws_rss_alone_on_the_mb_axis():
     figure = charts.resources_figure([train_record(step, breakdown=False) for step in (1, 2)])
     names = [trace.name for trace in figure.data if trace.showlegend is not False]

@@ -124,11 +124,11 @@ def resources_figure(records: list[dict], x: str = "step") -> go.Figure:
     # on a second axis over them it read as their ceiling. So it has its own panel.
     heights = [0.45, 0.22, 0.33] if parts else [0.62, 0.38]
     figure = make_subplots(rows=len(heights), cols=1, shared_xaxes=True, vertical_spacing=0.07, row_heights=heights)
+    mode = "lines" if len(xs) > 1 else "lines+markers"  # an area needs two steps: the first is drawn as dots
     for (name, title), colour in zip(parts, MEMORY_COLOURS):
         megabytes = [r.get(name, 0) / MB for r in train]
-        figure.add_scatter(
-            x=xs, y=megabytes, name=title, stackgroup="memory", line={"width": 0.5, "color": colour}, row=1, col=1
-        )
+        line = {"width": 0.5, "color": colour}
+        figure.add_scatter(x=xs, y=megabytes, name=title, stackgroup="memory", mode=mode, line=line, row=1, col=1)
     process_row, speed_row = (2, 3) if parts else (1, 2)
     for name, title, dash in (("rss_bytes", "process RSS", "dash"), ("cuda_peak_bytes", "CUDA allocator peak", "dot")):
         if any(name in r for r in train):
