@@ -194,16 +194,20 @@ def test_runs_left_running_by_a_dead_process_are_marked_interrupted_on_start(tmp
 
 def test_a_run_another_process_started_reads_failed_or_finished_as_its_own_jobs_would(tmp_path):
     store = RunStore(tmp_path)
-    runs = {
-        status: store.create({"task": "sentiment", "method": "lora"}) for status in ("completed", "stopped", "failed")
-    }
+    statuses = ("completed", "stopped", "failed", "interrupted")
+    runs = {status: store.create({"task": "sentiment", "method": "lora"}) for status in statuses}
     for status, run in runs.items():
         run.update_summary(status=status)
+    runs["no summary yet"] = store.create({"task": "sentiment", "method": "lora"})
+    (runs["no summary yet"].dir / "summary.json").unlink()  # as between the worker's two writes
     manager = JobManager(store)
     assert {status: manager.describe(run.id)["state"] for status, run in runs.items()} == {
         "completed": "finished",
         "stopped": "finished",
-        "failed": "failed",  # a client polling for the end stops on it as on a job of its own
+        # a client polling for the end stops on these as on a job of its own whose worker died
+        "failed": "failed",
+        "interrupted": "failed",
+        "no summary yet": "running",
     }
 
 
@@ -232,9 +236,11 @@ def test_listing_runs_while_another_tab_deletes_them_never_fails(tmp_path):
 
 def test_requests_over_the_deployment_limits_are_refused_with_the_limit_named(tmp_path, tiny_models, review_csv):
     manager = JobManager(RunStore(tmp_path), parallel=0, limits=Limits(max_steps=100, max_seq_len=64, max_queue=1))
-    with pytest.raises(ConfigError, match="max_steps 101 is over this deployment's limit of 100 .LORA_ARENA_MAX_STEPS"):
+    with pytest.raises(
+        ConfigError, match=r"steps \(max_steps\) 101 is over this deployment's limit of 100 .LORA_ARENA_MAX_STEPS"
+    ):
         manager.submit(config(tiny_models, review_csv, max_steps=101))
-    with pytest.raises(ConfigError, match="seq_len 128 is over .* limit of 64"):
+    with pytest.raises(ConfigError, match=r"sequence length \(seq_len\) 128 is over .* limit of 64"):
         manager.submit(config(tiny_models, review_csv, seq_len=128))
     with pytest.raises(ConfigError, match="step budget"):
         manager.submit(config(tiny_models, review_csv, max_steps=None, epochs=1.0))

@@ -46,7 +46,7 @@ class ConfigError(ValueError):
 class Setting:
     """How one TrainConfig field is asked for and checked; the field itself holds name, type and default."""
 
-    label: str  # its name for a person: the form's label and the form's refusals
+    label: str  # its name for a person: the form's label, and with the API's name in every refusal
     help: str  # CLI help and the form's hint
     shown: frozenset[Surface]
     minimum: float | None = None  # a whole-number or decimal setting has both bounds, inclusive
@@ -378,11 +378,12 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     for name in HPARAM_NAMES:
         users = [(method.name, spec) for method in METHODS.values() for spec in method.hparams if spec.name == name]
         spec = users[0][1]
-        defaults = "Defaults: " + ", ".join(f"{method}: {s.default}" for method, s in users)
+        per_method = ", ".join(f"{method}: {s.default}" for method, s in users)
+        defaults = f"Defaults: {per_method}"
         if name in TUNED:  # the engine fills a left-out value from the results suite first
             defaults = (
                 "Left out: the results suite's tuned value for the task and model where it has one "
-                f"(the summary's `defaults` says which), else the method's. Method {defaults.lower()}"
+                f"(the summary's `defaults` says which), else the method's. Method defaults: {per_method}"
             )
         group.add_argument(
             spec.flag,

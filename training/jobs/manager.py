@@ -30,7 +30,7 @@ from typing import IO
 import psutil
 
 from training.core import data, distributed, models
-from training.core.config import ConfigError, TrainConfig, train_arguments
+from training.core.config import FIELDS, ConfigError, TrainConfig, train_arguments
 from training.core.environment import die_with_parent, process_slots
 from training.core.errors import OwnershipError
 from training.core.runs import FINISHED, Run, RunNotFound, RunStore, resumable
@@ -76,7 +76,9 @@ class Limits:
         ):
             if value > limit:
                 variable = "LORA_ARENA_MAX_" + ("STEPS" if name == "max_steps" else name.upper())
-                raise ConfigError(f"{name} {value} is over this deployment's limit of {limit} ({variable})")
+                raise ConfigError(
+                    f"{FIELDS[name].called} {value} is over this deployment's limit of {limit} ({variable})"
+                )
 
 
 @dataclass
@@ -93,10 +95,11 @@ class Job:
 
 def _state_of(status: str | None) -> str:
     """The job state of a run this process did not start (the CLI's, or an earlier app's), as a job
-    of its own would have ended: a failed (or damaged) run is failed, any other that ended is finished."""
-    if status == "running":
+    of its own would have ended: failed when its process died or its files are damaged (a killed
+    worker's job fails too), finished when it completed or was stopped."""
+    if status in (None, "running"):  # None: created, its summary not yet written
         return "running"
-    return "failed" if status in ("failed", "unreadable") else "finished"
+    return "failed" if status in ("failed", "interrupted", "unreadable") else "finished"
 
 
 def _process_tree(pid: int) -> set[int]:
