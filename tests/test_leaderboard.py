@@ -100,6 +100,21 @@ def test_one_colour_per_method_in_the_report_and_the_app():
     assert set(METHODS) <= set(colours.METHOD_COLOURS)  # a new method needs its colour
 
 
+def test_the_trade_off_chart_keeps_a_method_s_shape_whatever_else_is_plotted():
+    from ui import charts
+
+    def shapes(methods: list[str], task: str = "sentiment") -> dict[str, str]:
+        frame = pd.DataFrame(
+            {"run": methods, "task": task, "method": methods, "metric": "accuracy", "validation": 0.7}
+        ).assign(**{"trainable params": 100_000})  # one point: the shapes tell them apart
+        figure = charts.tradeoff_figure(frame, "trainable parameters")
+        return {trace.name: trace.marker.symbol for trace in figure.data}
+
+    alone, beside = shapes(["lora", "sparselora"]), shapes(["dora", "hira", "sparselora", "sparselora-s50"])
+    assert alone["sparselora"] == beside["sparselora"] == beside["sparselora-s50"]  # a variant: its family's
+    assert len(set(beside.values())) == 3 and alone["lora"] != alone["sparselora"]  # dora, hira, sparselora
+
+
 def _finished(store: RunStore, method: str, accuracy: float, steps: int) -> None:
     run = store.create({"task": "sentiment", "method": method, "model": "m", "dataset": "d"})
     run.update_summary(

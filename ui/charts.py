@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from training.core.colours import method_colour
+from training.core.colours import METHOD_COLOURS, family, method_colour
 from training.core.memory import MB, MEMORY_PARTS
 from training.core.metrics import LOWER_IS_BETTER, SHARES
 from training.core.presentation import smooth
@@ -112,8 +112,9 @@ def _add_evaluations(figure: go.Figure, evals: list[dict], key: str) -> None:
 
 
 def resources_figure(records: list[dict], x: str = "step") -> go.Figure:
-    """Training memory by part (stacked, MB = 1e6 bytes), the process's resident set in a panel of
-    its own, and tokens/s below. Older runs without the parts draw RSS alone in the first panel."""
+    """Training memory by part (stacked, MB = 1e6 bytes), the process's own memory (its resident set,
+    and on CUDA the allocator's peak) in a panel of its own, and tokens/s below. Older runs without
+    the parts draw RSS alone in the first panel."""
     train = _thin([r for r in records if r.get("kind") == "train"])
     if not train:
         return _empty("Memory and speed", "waiting for the first step")
@@ -198,15 +199,33 @@ TRADEOFF_AXES = {
 }
 
 
-# Open markers of a different shape per method: two runs at the same point (LoRA and SparseLoRA
-# train the same parameters) both stay visible, one drawn around the other.
-TRADEOFF_SYMBOLS = ("circle-open", "diamond-open", "square-open", "triangle-up-open", "x-thin", "cross-thin")
+# Open markers, one shape per method as one colour per method: two runs at the same point (LoRA and
+# SparseLoRA train the same parameters) both stay visible, one drawn around the other.
+TRADEOFF_SYMBOLS = dict(
+    zip(
+        METHOD_COLOURS,
+        (
+            "circle-open",
+            "diamond-open",
+            "square-open",
+            "triangle-up-open",
+            "triangle-down-open",
+            "pentagon-open",
+            "hexagon-open",
+            "star-open",
+        ),
+        strict=True,
+    )
+)
 
 
 def _log_ticks(values: pd.Series) -> list[float]:
     """1, 2 and 5 times each power of ten around `values`: labels a reader can read (10k, 20k, 50k)
     where plotly's own log ticks crowd a short range with small digits."""
-    low, high = math.floor(math.log10(values.min())), math.ceil(math.log10(values.max()))
+    positive = values[values > 0]  # a log axis leaves out zero
+    if positive.empty:
+        return []
+    low, high = math.floor(math.log10(positive.min())), math.ceil(math.log10(positive.max()))
     return [digit * 10**power for power in range(low, high + 1) for digit in (1, 2, 5)]
 
 
@@ -219,7 +238,7 @@ def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
     metric = finished["metric"].iloc[0]
     title = f"{finished['task'].iloc[0]} runs: quality vs cost"  # the axes name both: short enough for 800 px
     figure = go.Figure(layout={**LAYOUT, "height": 380, "title": title, "xaxis_title": x_axis})
-    for index, (method, group) in enumerate(finished.groupby("method")):
+    for method, group in finished.groupby("method"):
         figure.add_scatter(
             x=group[column],
             y=group["validation"],
@@ -227,7 +246,7 @@ def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
             marker={
                 "size": 13,
                 "color": method_colour(method),
-                "symbol": TRADEOFF_SYMBOLS[index % len(TRADEOFF_SYMBOLS)],
+                "symbol": TRADEOFF_SYMBOLS.get(family(method) or "", "circle-open"),
                 "line": {"width": 2.5, "color": method_colour(method)},
             },
             name=method,

@@ -112,6 +112,17 @@ def _dataset_overview(dataset: str, task: str, offline: bool) -> tuple[str, pd.D
     return text, rows[[column for column in rows.columns if column != "text"] + ["text"]]
 
 
+@functools.lru_cache(maxsize=16)
+def _upload_refusal(path: str, task: str, offline: bool) -> str | None:
+    """Why an uploaded file cannot train `task`, or None. Cached as a value: lru_cache keeps no
+    exception, and the command preview asks on every change to the form."""
+    try:
+        _dataset_overview(path, task, offline)
+    except USER_ERRORS as error:
+        return str(error)
+    return None
+
+
 def _stale(task: str, model: str | None, dataset: str | None) -> bool:
     """An event that read the form while a task switch was being applied: a catalog model or
     dataset of the other task only (SmolLM2 serves both) next to this task. Its handler leaves the
@@ -602,8 +613,10 @@ def _on_form(offline: bool, *values: Any) -> Any:
     try:
         config = form_config(*values)
         check_model_choice(config.model, config.task, offline)
-        if values[3]:  # an upload: refused here as the dataset note refuses it (a cached read)
-            _dataset_overview(values[3], config.task, offline)
+        if values[3]:  # an upload: refused here as the dataset note refuses it
+            refusal = _upload_refusal(values[3], config.task, offline)
+            if refusal:
+                return f"# cannot start yet: {refusal}"
         else:  # no upload: the dataset must be a catalog one
             check_dataset_choice(config.dataset, config.task, offline)
         config.resolved()
