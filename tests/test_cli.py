@@ -57,6 +57,11 @@ def test_train_help_documents_every_hyperparameter(tmp_path):
     flags = {spec.flag for method in METHODS.values() for spec in method.hparams}
     for flag in flags | {"--lr", "--max-steps", "--epochs", "--batch-size", "--seq-len", "--seed", "--offline"}:
         assert flag in result.stdout
+    help_text = " ".join(result.stdout.split())  # argparse wraps the help
+    # a left-out rate is the suite's tuned one where it has one: the help says so, not only the methods' own
+    assert "Left out: the results suite's tuned value for the task and model" in help_text
+    export = " ".join(cli("export", "--help", runs_dir=tmp_path).stdout.split())
+    assert "merged into its base model (LoRA, DoRA, HiRA, SparseLoRA:" in export  # what merge_blocker allows
 
 
 @pytest.mark.parametrize(

@@ -47,15 +47,15 @@ def hub_reachable() -> bool:
     return _tcp_connects(endpoint.hostname or "huggingface.co", port, PROBE_TIMEOUT_S)
 
 
-_announced: list[str] = []  # the reason given, once per process: is_offline sets HF_HUB_OFFLINE itself
+_announced = threading.Event()  # once per process: after --offline, is_offline sets HF_HUB_OFFLINE itself
 
 
 def _announce(reason: str) -> None:
     from training.core.catalog import BUNDLED_INSTALL, BUNDLED_PACKAGES, package_installed
 
-    if _announced:
+    if _announced.is_set():
         return
-    _announced.append(reason)
+    _announced.set()
     missing = [package for package in BUNDLED_PACKAGES if not package_installed(package)]
     if missing:  # e.g. a Space, which installs requirements.txt only, cut off from the Hub
         are = "is" if len(missing) == 1 else "are"
@@ -69,10 +69,10 @@ def _announce(reason: str) -> None:
 
 def is_offline(force_offline: bool = False) -> bool:
     """True when the Hub must not be used. Sets HF_HUB_OFFLINE so libraries never wait on it."""
-    if _env_says_offline():
-        reason = "HF_HUB_OFFLINE is set"
-    elif force_offline:
+    if force_offline:
         reason = "--offline"
+    elif _env_says_offline():
+        reason = "HF_HUB_OFFLINE is set"
     elif not hub_reachable():
         reason = f"the Hugging Face Hub did not answer within {PROBE_TIMEOUT_S:g} s"
     else:
