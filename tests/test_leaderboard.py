@@ -40,6 +40,17 @@ def test_best_run_first_per_task_and_unfinished_runs_last(tmp_path):
     assert [r["steps"] for r in exported if r["run"] == stopped.id] == ["4"]  # not 4.0 beside runs without a count
 
 
+def test_a_classifier_answering_one_class_shows_it_in_macro_f1(tmp_path):
+    store = RunStore(tmp_path)
+    run = store.create({"task": "sentiment", "method": "lora", "model": "m", "dataset": "d"})
+    one_class = {"accuracy": 0.52, "macro_f1": 0.34}  # the majority's accuracy, nothing learned
+    run.update_summary(
+        status="completed", primary_metric="accuracy", metrics={"validation": one_class, "test": one_class}
+    )
+    row = leaderboard(store).iloc[0]
+    assert row["test"] == 0.52 and row["test macro-F1"] == 0.34
+
+
 def test_exports_keep_user_text_inert(tmp_path):
     store = RunStore(tmp_path)
     store.create({"task": "sentiment", "method": "lora", "model": "=HYPERLINK(1)|x", "dataset": "d"})

@@ -46,7 +46,7 @@ FINISHED = {
     "memory_breakdown": {**PARTS, "activation_bytes": 20_000_000},
     "peak_rss_bytes": 1_250_000_000,
     "base_metrics": {"validation": {"accuracy": 0.5}},
-    "metrics": {"validation": {"accuracy": 0.81}, "test": {"accuracy": 0.79}},
+    "metrics": {"validation": {"accuracy": 0.81, "macro_f1": 0.8}, "test": {"accuracy": 0.79}},
     "split_examples": {"validation": 64, "test": 72},
     "load_time_s": 6.0,
     "eval_time_s": 14.0,
@@ -227,6 +227,7 @@ def test_a_finished_run_reports_memory_in_mb_timings_and_final_metrics():
         "| loading + evaluation share of wall time | 48% |",
         "| final validation accuracy (64 examples) | 0.8100 |",
         "| final test accuracy (72 examples) | 0.7900 |",
+        "| final validation macro-F1 | 0.8000 |",  # a one-class answer keeps accuracy: this shows it
         "| base model validation accuracy (64 examples) | 0.5000 |",
         "| validation accuracy (step 5, 64 examples) | 0.5500 |",
     ):

@@ -328,6 +328,10 @@ def _metric_rows(summary: dict, records: list[dict]) -> list[tuple[str, str]]:
     for split in ("validation", "test"):
         if metric in final.get(split, {}):
             rows.append((f"final {split} {metric}{counted(split)}", f"{final[split][metric]:.4f}"))
+        # Beside accuracy: a classifier that answers one class for every review keeps the majority's
+        # accuracy, and only its macro-F1 (at most about 0.4 then) shows it learned nothing.
+        if "macro_f1" in final.get(split, {}):
+            rows.append((f"final {split} macro-F1", f"{final[split]['macro_f1']:.4f}"))
     if final.get("control_share") is not None:
         rows.append(("sentiment-control share", f"{final['control_share']:.3f}"))
     return rows

@@ -26,6 +26,7 @@ COLUMNS = (
     "validation",
     "test",
     "base validation",
+    "test macro-F1",
     "control share",
     "trainable params",
     "trainable %",
@@ -79,6 +80,8 @@ def _row(run_id: str, config: dict, summary: dict) -> dict:
         "validation": _rounded(metrics.get("validation", {}).get(metric)),
         "test": _rounded(metrics.get("test", {}).get(metric)),
         "base validation": _rounded(summary.get("base_metrics", {}).get("validation", {}).get(metric)),
+        # sentiment: a run answering one class keeps the majority's accuracy; this column shows it
+        "test macro-F1": _rounded(metrics.get("test", {}).get("macro_f1")),
         "control share": _rounded(metrics.get("control_share"), 3),
         "trainable params": summary.get("trainable_params"),
         "trainable %": _rounded(summary.get("trainable_percent"), 3),
