@@ -8,7 +8,7 @@ Screenshots go to test-artifacts/ (or $LORA_ARENA_ARTIFACTS).
 
 from __future__ import annotations
 
-import re
+import json
 import time
 
 import pytest
@@ -73,9 +73,11 @@ def start_run(
         raise AssertionError(f"the command preview never showed {expected!r}; it shows {page.evaluate(COMMAND)!r}")
     page.locator("#start-button").click()
     # Known, not read from the status before the click: a refresh in progress can hide its line.
-    previous = f" && !({STATUS})().includes({shown!r})" if shown else ""
-    page.wait_for_function(f"() => ({STATUS})().includes('run '){previous}", timeout=60_000)
-    return re.search(r"run (\S+)", page.evaluate(STATUS)).group(1)
+    # The id is read in the same look that finds it new.
+    new_id = f"() => ({STATUS})().match(/run (\\S+)/)?.[1] ?? null"
+    not_new = json.dumps([None, shown])
+    found = page.wait_for_function(f"() => {not_new}.includes(({new_id})()) ? null : ({new_id})()", timeout=60_000)
+    return found.json_value()
 
 
 def watch_status(page, until: str, timeout: float) -> list[str]:

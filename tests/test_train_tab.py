@@ -355,3 +355,16 @@ def test_the_table_gains_the_models_figures_when_loading_ends_before_any_record(
     summary["phase"] = {**summary["phase"], "name": "base evaluation"}
     *_, table, shown = train_tab.refresh_views(arena, RUN, shown, "step", "me")
     assert "trainable parameters" in table and "150,000" in table
+
+
+def test_a_tick_sent_before_a_newer_pick_draws_nothing():
+    pages = train_tab.PagePicks(pages=2)
+    assert pages.is_current("page", "finished-run")  # a page no handler has seen draws its ticks
+    pages.pick("page", "new-run")  # Start, while a tick for the finished run is on its way
+    assert not pages.is_current("page", "finished-run") and pages.is_current("page", "new-run")
+    assert pages.is_current("another page", "finished-run")  # each page has its own pick
+    pages.pick("page", None)  # Delete
+    assert not pages.is_current("page", "new-run") and pages.is_current("page", None)
+    pages.pick("second", "a")
+    pages.pick("third", "b")  # the oldest page is forgotten beyond `pages`
+    assert pages.is_current("page", "new-run") and not pages.is_current("third", "a")

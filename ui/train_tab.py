@@ -12,6 +12,8 @@ import functools
 import html
 import secrets
 import statistics
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -707,6 +709,31 @@ def _run_views(arena: Arena, run_id: str | None, shown: dict, x_axis: str) -> li
     return views
 
 
+class PagePicks:
+    """The run each open page picked last: by Start, the picker, Delete or a reload.
+
+    A tick carries the run its page had picked when the tick was sent. One sent just before a
+    Start and answered after it would draw the old run over the new one (CI saw the status name
+    the finished run again after Start); such a tick draws nothing."""
+
+    def __init__(self, pages: int = 10_000) -> None:
+        self._picked: OrderedDict[str, str | None] = OrderedDict()
+        self._pages = pages  # the oldest pages are forgotten; their ticks then draw as before
+        self._lock = threading.Lock()
+
+    def pick(self, page: str, run_id: str | None) -> None:
+        with self._lock:
+            self._picked[page] = run_id
+            self._picked.move_to_end(page)
+            while len(self._picked) > self._pages:
+                self._picked.popitem(last=False)
+
+    def is_current(self, page: str, run_id: str | None) -> bool:
+        """False once `page` has picked another run than `run_id`."""
+        with self._lock:
+            return self._picked.get(page, run_id) == run_id
+
+
 def refresh_views(arena: Arena, run_id: str | None, shown: dict | None, x_axis: str, owner_token: str) -> tuple:
     """One tick: this browser's runs, the queue, and the picked run's views."""
     shown = dict(shown or {})
@@ -723,13 +750,6 @@ def attach_browser(arena: Arena, run_id: str | None, owner_token: str) -> tuple:
     owner_token = owner_token or secrets.token_urlsafe(16)
     own = [run["id"] for run in arena.runs_of(owner_token)]
     return (run_id if run_id in own else (own[0] if own else None)), None, owner_token
-
-
-def _start(arena: Arena, form: Form, owner_token: str, *values: Any) -> tuple:
-    with user_errors():
-        run_id = arena.start(form_config(*values), owner_token, upload=values[form.inputs.index(form.upload)])
-    gr.Info(f"Run {run_id} queued")
-    return run_id, None  # the new run is picked, and drawn from scratch
 
 
 def _picked(run_id: str | None, action: str) -> str:
@@ -749,13 +769,6 @@ def _resume(arena: Arena, run_id: str | None, owner_token: str) -> None:
         gr.Info(arena.resume(_picked(run_id, "resume"), owner_token))
 
 
-def _delete(arena: Arena, run_id: str | None, owner_token: str) -> tuple:
-    """Delete the picked run and empty the views it filled (the next tick lists the rest)."""
-    with user_errors():
-        gr.Info(arena.delete(_picked(run_id, "delete"), owner_token))
-    return None, None, "", "", charts.loss_figure([]), charts.resources_figure([]), ""
-
-
 def _actions_view(arena: Arena, run_id: str | None) -> tuple:
     """Stop, Resume and Delete, each clickable only when it would act on the picked run."""
     try:
@@ -766,25 +779,49 @@ def _actions_view(arena: Arena, run_id: str | None) -> tuple:
 
 
 def _wire_runs(demo: gr.Blocks, form: Form, panel: Panel, arena: Arena) -> None:
-    refresh = (
-        functools.partial(refresh_views, arena),
-        [panel.current_run, panel.shown, panel.x_axis, panel.owner],
-        [panel.picker, panel.queue, *panel.views, panel.shown],
-    )
+    # Each handler that picks a run tells `pages`, so that a tick sent before the pick draws nothing.
+    pages = PagePicks()
+    views = [panel.picker, panel.queue, *panel.views, panel.shown]
+
+    def tick(request: gr.Request, run_id: str | None, shown: dict | None, x_axis: str, owner_token: str) -> tuple:
+        if not pages.is_current(request.session_hash, run_id):
+            return (gr.skip(),) * len(views)
+        return refresh_views(arena, run_id, shown, x_axis, owner_token)
+
+    def start(request: gr.Request, owner_token: str, *values: Any) -> tuple:
+        with user_errors():
+            run_id = arena.start(form_config(*values), owner_token, upload=values[form.inputs.index(form.upload)])
+        pages.pick(request.session_hash, run_id)
+        gr.Info(f"Run {run_id} queued")
+        return run_id, None  # the new run is picked, and drawn from scratch
+
+    def pick(request: gr.Request, run_id: str | None) -> tuple:
+        pages.pick(request.session_hash, run_id)
+        return run_id, None  # drawn from scratch
+
+    def delete(request: gr.Request, run_id: str | None, owner_token: str) -> tuple:
+        """Delete the picked run and empty the views it filled (the next tick lists the rest)."""
+        with user_errors():
+            gr.Info(arena.delete(_picked(run_id, "delete"), owner_token))
+        pages.pick(request.session_hash, None)
+        return None, None, "", "", charts.loss_figure([]), charts.resources_figure([]), ""
+
+    def attach(request: gr.Request, run_id: str | None, owner_token: str) -> tuple:
+        run_id, shown, owner_token = attach_browser(arena, run_id, owner_token)
+        pages.pick(request.session_hash, run_id)
+        return run_id, shown, owner_token
+
+    refresh = (tick, [panel.current_run, panel.shown, panel.x_axis, panel.owner], views)
     # Ticks and the redraw after an action skip the queue: they only read files.
     now = {**PRIVATE, "concurrency_limit": None}
     picked = [panel.current_run, panel.owner]
-    start = functools.partial(_start, arena, form)
     panel.start.click(
         start, [panel.owner, *form.inputs], [panel.current_run, panel.shown], api_visibility="private"
     ).then(*refresh, **now)
-    panel.picker.input(lambda run_id: (run_id, None), panel.picker, [panel.current_run, panel.shown], **PRIVATE).then(
-        *refresh, **now
-    )
+    panel.picker.input(pick, panel.picker, [panel.current_run, panel.shown], **PRIVATE).then(*refresh, **now)
     panel.stop.click(functools.partial(_stop, arena), picked, None, api_visibility="private").then(*refresh, **now)
     resume = functools.partial(_resume, arena)
     panel.resume.click(resume, picked, panel.shown, api_visibility="private").then(*refresh, **now)
-    delete = functools.partial(_delete, arena)
     cleared = [panel.current_run, panel.shown, *panel.views]
     panel.delete.click(delete, picked, cleared, api_visibility="private").then(*refresh, **now)
     gr.Timer(REFRESH_SECONDS).tick(*refresh, **now)
@@ -792,7 +829,6 @@ def _wire_runs(demo: gr.Blocks, form: Form, panel: Panel, arena: Arena) -> None:
     actions = [panel.stop, panel.resume, panel.delete]
     panel.status.change(functools.partial(_actions_view, arena), panel.current_run, actions, **now)
     panel.x_axis.change(*refresh, **now)
-    attach = functools.partial(attach_browser, arena)
     demo.load(attach, picked, [panel.current_run, panel.shown, panel.owner], api_visibility="private").then(
         *refresh, **now
     )
