@@ -76,7 +76,7 @@ def test_the_presentation_is_one_task_with_the_metric_in_its_headers(tmp_path):
     _run(store, "sentiment", "lora", "accuracy", 0.7)
     _run(store, "generation", "lora", "perplexity", 40.0)
     _run(store, "generation", "hira", "perplexity", None)  # still training
-    shown = presentation(leaderboard(store, "generation"), "generation")
+    shown = presentation(leaderboard(store, "generation"), "generation").data
     assert shown["method"].tolist() == ["lora", "hira (running)"]
     assert len(shown) == 2 and shown.columns[:4].tolist() == [
         "method",
@@ -84,8 +84,31 @@ def test_the_presentation_is_one_task_with_the_metric_in_its_headers(tmp_path):
         "val perplexity",
         "test perplexity",
     ]
-    assert shown.loc[0, "val perplexity"] == 40.0 and shown.loc[0, "test perplexity"] == "n/a"
+    assert shown.loc[0, "val perplexity"] == 40.0 and pd.isna(shown.loc[0, "test perplexity"])
     assert len(shown.columns) <= 10  # fits 1440 px; every column stays in leaderboard() and the exports
+
+
+def test_the_presentation_gives_each_column_one_precision_and_keeps_numbers_underneath(tmp_path):
+    store = RunStore(tmp_path)
+    figures = [(0.8271, 1_682_660_000, 20.306, 546.4), (0.81, 1_883_000_000, 3.936, 147.0)]
+    for accuracy, memory, step, wall in figures:
+        run = store.create({"task": "sentiment", "method": "lora", "model": "m", "dataset": "d"})
+        run.update_summary(
+            status="completed",
+            primary_metric="accuracy",
+            metrics={"validation": {"accuracy": accuracy}},
+            training_memory_bytes=memory,
+            median_step_time_s=step,
+            wall_time_s=wall,
+        )
+    styled = presentation(leaderboard(store, "sentiment"), "sentiment")
+    rows = [line.split()[2:] for line in styled.to_string().splitlines()[1:]]
+    # val, test, trainable %, base weights MB, training memory MB, step s, total time s
+    assert [row[:7] for row in rows] == [
+        ["82.7%", "n/a", "n/a", "n/a", "1,682.7", "20.306", "546"],
+        ["81.0%", "n/a", "n/a", "n/a", "1,883.0", "3.936", "147"],
+    ]
+    assert styled.data["training memory MB"].tolist() == [1682.7, 1883.0]  # sorted by value, not by text
 
 
 def test_one_colour_per_method_in_the_report_and_the_app():

@@ -63,7 +63,7 @@ def build(demo: gr.Blocks, arena: Arena, tab: gr.Tab, results_dir: Path = RESULT
         "activations at the peak step; n/a: not measured, e.g. the quality of a run stopped before its final "
         "evaluation)",
         interactive=False,
-        wrap=True,  # a long run id wraps at its dashes instead of pushing the table off-screen
+        wrap=True,
         max_height=420,
         elem_id="leaderboard",
     )

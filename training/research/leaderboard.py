@@ -7,9 +7,10 @@ all read this table; `presentation` is the few columns a talk needs, for one tas
 from __future__ import annotations
 
 import pandas as pd
+from pandas.io.formats.style import Styler
 
 from training.core.memory import MB
-from training.core.metrics import LOWER_IS_BETTER, PRIMARY_METRICS, primary_metric
+from training.core.metrics import LOWER_IS_BETTER, PRIMARY_METRICS, SHARES, primary_metric
 from training.core.presentation import markdown_table
 from training.core.runs import RunStore
 
@@ -113,18 +114,28 @@ def leaderboard(store: RunStore, task: str | None = None) -> pd.DataFrame:
     )
 
 
-def presentation(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+def presentation(frame: pd.DataFrame, task: str) -> Styler:
     """`frame` (one task's rows) cut to KEY_COLUMNS, the metric named in the quality headers
-    ("val accuracy") and an unfinished run's status beside its method, so a slide needs no legend and
-    no horizontal scrolling."""
+    ("val accuracy"), an unfinished run's status beside its method, and each figure at one
+    precision down its column (82.7%, 1,682.7 MB, 0.500 s a step), so a slide needs no legend. The figures
+    stay numbers underneath: a column sorts by value, not by its text."""
     metric = PRIMARY_METRICS[task]
-    shown = frame[list(KEY_COLUMNS)].astype(object)
+    shown = frame[list(KEY_COLUMNS)].copy()
     # A run still training, stopped or failed says so where the eye starts: its n/a figures are not a result.
     unfinished = frame["status"] != "completed"
     shown.loc[unfinished, "method"] = shown.loc[unfinished, "method"] + " (" + frame.loc[unfinished, "status"] + ")"
-    return shown.where(shown.notna(), "n/a").rename(
-        columns={"validation": f"val {metric}", "test": f"test {metric}", "median step s": "step s"}
-    )
+    quality = "{:.1%}" if metric in SHARES else "{:.2f}"
+    formats = {
+        f"val {metric}": quality,
+        f"test {metric}": quality,
+        "trainable %": "{:.3f}",
+        "base weights MB": "{:,.1f}",
+        "training memory MB": "{:,.1f}",
+        "step s": "{:.3f}",
+        "total time s": "{:,.0f}",
+    }
+    shown = shown.rename(columns={"validation": f"val {metric}", "test": f"test {metric}", "median step s": "step s"})
+    return shown.style.format(formats, na_rep="n/a").hide(axis="index")
 
 
 def to_csv(frame: pd.DataFrame) -> str:
