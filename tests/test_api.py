@@ -274,7 +274,7 @@ def test_a_finished_run_downloads_as_an_archive_that_peft_loads_to_the_runs_own_
     torch.testing.assert_close(taken_home, served)
     card = (folder / "README.md").read_text()
     test_accuracy = json.loads((store / runs["sentiment"] / "summary.json").read_text())["metrics"]["test"]["accuracy"]
-    assert "**LoRA** fine-tuning" in card and f"| test | {test_accuracy:.4f} |" in card
+    assert "**LoRA** fine-tuning" in card and f"| test | {test_accuracy:.1%} |" in card
 
 
 def test_the_owner_downloads_the_merged_model(app, runs):

@@ -89,8 +89,8 @@ def test_the_archive_holds_adapter_tokenizer_run_files_and_a_hub_model_card(stor
     assert "base_model:" not in front  # a local folder is no Hub model
     summary = run.summary
     assert "**LoRA**" in body and "rank 8" in body and "train 320 · validation 40 · test 40" in body
-    assert f"| test | {summary['metrics']['test']['accuracy']:.4f} |" in body
-    assert f"| base model, validation | {summary['base_metrics']['validation']['accuracy']:.4f} |" in body
+    assert f"| test | {summary['metrics']['test']['accuracy']:.1%} |" in body
+    assert f"| base model, validation | {summary['base_metrics']['validation']['accuracy']:.1%} |" in body
     assert f"{summary['trainable_params']:,} of {summary['total_params']:,}" in body and "CPU" in body
     base = 'AutoModelForSequenceClassification.from_pretrained("path/to/bert", num_labels=2)'
     assert f'model = PeftModel.from_pretrained({base}, "./{run.id}")' in body

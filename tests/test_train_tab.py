@@ -225,11 +225,11 @@ def test_a_finished_run_reports_memory_in_mb_timings_and_final_metrics():
         "| time loading | 6.0s |",
         "| time evaluation | 14s |",
         "| loading + evaluation share of wall time | 48% |",
-        "| final validation accuracy (64 examples) | 0.8100 |",
-        "| final test accuracy (72 examples) | 0.7900 |",
-        "| final validation macro-F1 | 0.8000 |",  # a one-class answer keeps accuracy: this shows it
-        "| base model validation accuracy (64 examples) | 0.5000 |",
-        "| validation accuracy (step 5, 64 examples) | 0.5500 |",
+        "| final validation accuracy (64 examples) | 81.0% |",
+        "| final test accuracy (72 examples) | 79.0% |",
+        "| final validation macro-F1 | 0.800 |",  # a one-class answer keeps accuracy: this shows it
+        "| base model validation accuracy (64 examples) | 50.0% |",
+        "| validation accuracy (step 5, 64 examples) | 55.0% |",
     ):
         assert row in text, row
 

@@ -35,6 +35,7 @@ from training.core.config import (
     config_from,
 )
 from training.core.memory import MB, MEMORY_PARTS, TOTAL
+from training.core.metrics import metric_text
 
 from . import charts, export_panel
 from .arena import USER_ERRORS, Arena, check_dataset_choice, check_model_choice, user_errors
@@ -316,24 +317,24 @@ def _metric_rows(summary: dict, records: list[dict]) -> list[tuple[str, str]]:
     counts = summary.get("split_examples") or {}  # runs recorded before it: no count shown
 
     def counted(split: str) -> str:
-        return f" ({counts[split]} examples)" if split in counts else ""
+        return f" ({counts[split]:,} examples)" if split in counts else ""
 
     base = (summary.get("base_metrics") or {}).get("validation", {})
     if metric in base:  # on the final evaluation's examples: compare it with the final row, not a step's
-        rows.append((f"base model validation {metric}{counted('validation')}", f"{base[metric]:.4f}"))
+        rows.append((f"base model validation {metric}{counted('validation')}", metric_text(metric, base[metric])))
     evals = [r for r in records if r.get("kind") == "eval" and metric in r and not r.get("base") and not r.get("final")]
     if evals:
         latest = evals[-1]
-        examples = f", {latest['examples']} examples" if latest.get("examples") else ""
-        rows.append((f"validation {metric} (step {latest['step']}{examples})", f"{latest[metric]:.4f}"))
+        examples = f", {latest['examples']:,} examples" if latest.get("examples") else ""
+        rows.append((f"validation {metric} (step {latest['step']}{examples})", metric_text(metric, latest[metric])))
     final = summary.get("metrics") or {}
     for split in ("validation", "test"):
         if metric in final.get(split, {}):
-            rows.append((f"final {split} {metric}{counted(split)}", f"{final[split][metric]:.4f}"))
+            rows.append((f"final {split} {metric}{counted(split)}", metric_text(metric, final[split][metric])))
         # Beside accuracy: a classifier that answers one class for every review keeps the majority's
         # accuracy, and only its macro-F1 (at most about 0.4 then) shows it learned nothing.
         if "macro_f1" in final.get(split, {}):
-            rows.append((f"final {split} macro-F1", f"{final[split]['macro_f1']:.4f}"))
+            rows.append((f"final {split} macro-F1", metric_text("macro_f1", final[split]["macro_f1"])))
     if final.get("control_share") is not None:
         rows.append(("sentiment-control share", f"{final['control_share']:.3f}"))
     return rows

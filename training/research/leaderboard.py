@@ -6,11 +6,13 @@ all read this table; `presentation` is the few columns a talk needs, for one tas
 
 from __future__ import annotations
 
+import functools
+
 import pandas as pd
 from pandas.io.formats.style import Styler
 
 from training.core.memory import MB
-from training.core.metrics import LOWER_IS_BETTER, PRIMARY_METRICS, SHARES, primary_metric
+from training.core.metrics import LOWER_IS_BETTER, PRIMARY_METRICS, metric_text, primary_metric
 from training.core.presentation import markdown_table
 from training.core.runs import RunStore
 
@@ -124,7 +126,7 @@ def presentation(frame: pd.DataFrame, task: str) -> Styler:
     # A run still training, stopped or failed says so where the eye starts: its n/a figures are not a result.
     unfinished = frame["status"] != "completed"
     shown.loc[unfinished, "method"] = shown.loc[unfinished, "method"] + " (" + frame.loc[unfinished, "status"] + ")"
-    quality = "{:.1%}" if metric in SHARES else "{:.2f}"
+    quality = functools.partial(metric_text, metric)
     formats = {
         f"val {metric}": quality,
         f"test {metric}": quality,

@@ -33,6 +33,7 @@ from training.core.config import ConfigError, TrainConfig, command_line
 from training.core.errors import InferenceError
 from training.core.inference import check_adapter, load_run
 from training.core.memory import MB
+from training.core.metrics import metric_text
 from training.core.models import BUNDLED_SMOLLM2, CATALOG, LABELS
 from training.core.runs import Run, write_json_atomic
 
@@ -249,10 +250,6 @@ def _training_table(run: Run, config: dict, summary: dict, method: FineTuningMet
     return "\n".join([*lines, "", "MB = 10^6 bytes; the time in all includes loading and evaluation."])
 
 
-def _number(value: float) -> str:
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:,.2f}"
-
-
 def _results(summary: dict) -> str:
     """The final figures on the whole validation and test splits beside the base model's."""
     metric = summary.get("primary_metric", "accuracy")
@@ -264,7 +261,7 @@ def _results(summary: dict) -> str:
     for label, figures in rows:
         if figures:
             lines.append(
-                f"| {label} | " + " | ".join(_number(figures[n]) if n in figures else "" for n in names) + " |"
+                f"| {label} | " + " | ".join(metric_text(n, figures[n]) if n in figures else "" for n in names) + " |"
             )
     if not metrics:
         lines += ["", "Stopped before its final evaluation: no validation or test figures."]
