@@ -202,4 +202,6 @@ def test_the_quality_chart_bounds_an_accuracy_axis_to_0_and_1_and_leaves_perplex
 
     accuracy = one_run("accuracy", 0.53)  # alone, plotly would pad it to an axis from about -0.5 to 1.5
     assert (accuracy.autorangeoptions.minallowed, accuracy.autorangeoptions.maxallowed) == (0, 1)
-    assert one_run("perplexity", 41.0).autorangeoptions.maxallowed is None
+    assert accuracy.tickformat == ".0%"  # in percent, as the leaderboard beside it
+    perplexity = one_run("perplexity", 41.0)
+    assert perplexity.autorangeoptions.maxallowed is None and perplexity.tickformat is None

@@ -81,7 +81,7 @@ def _add_evaluations(figure: go.Figure, evals: list[dict], key: str) -> None:
     segment is what training changed), the base point and the final full-split one marked."""
     subsample = [r for r in evals if not r.get("final")]
     finals = [r for r in evals if r.get("final")]
-    counted = f" ({finals[-1]['examples']} examples)" if finals and finals[-1].get("examples") else ""
+    counted = f" ({finals[-1]['examples']:,} examples)" if finals and finals[-1].get("examples") else ""
     marks = (
         (subsample, "validation loss (subsample)", "markers+lines", {"size": 8, "symbol": "diamond"}, EVAL_COLOUR),
         (
@@ -238,6 +238,7 @@ def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
     metric = finished["metric"].iloc[0]
     title = f"{finished['task'].iloc[0]} runs: quality vs cost"  # the axes name both: short enough for 800 px
     figure = go.Figure(layout={**LAYOUT, "height": 380, "title": title, "xaxis_title": x_axis})
+    quality = ".1%" if metric in SHARES else ".2f"  # as the table beside it writes it (metric_text)
     for method, group in finished.groupby("method"):
         figure.add_scatter(
             x=group[column],
@@ -251,7 +252,7 @@ def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
             },
             name=method,
             text=group["run"],
-            hovertemplate="%{text}<br>%{x}<br>%{y:.4f}<extra></extra>",
+            hovertemplate=f"%{{text}}<br>%{{x}}<br>%{{y:{quality}}}<extra></extra>",
         )
     figure.update_xaxes(type=scale)
     if scale == "log":
@@ -259,5 +260,5 @@ def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
     better = "lower" if metric in LOWER_IS_BETTER else "higher"
     figure.update_yaxes(title_text=f"validation {metric} ({better} is better)")
     if metric in SHARES:  # one run alone would otherwise autoscale to an axis from -0.5 to 1.5
-        figure.update_yaxes(autorangeoptions={"minallowed": 0, "maxallowed": 1})
+        figure.update_yaxes(autorangeoptions={"minallowed": 0, "maxallowed": 1}, tickformat=".0%")
     return figure
