@@ -10,6 +10,7 @@ import pytest
 from training.core import defaults
 from training.core.config import ConfigError
 from ui import charts, train_tab
+from ui.arena import run_label
 
 RUN = "20990101-000000-sentiment-lora-0001"
 PARTS = {"weights_bytes": 90_000_000, "gradient_bytes": 300_000, "optimizer_bytes": 600_000}
@@ -154,7 +155,7 @@ def test_runs_are_listed_state_first_then_id():
     runs = [describe("queued", queue_position=2), describe("finished", {"status": "stopped"})]
     runs[1]["id"] = "older"
     # the state first; the method only where the id does not name it (an id given by hand)
-    assert train_tab.run_choices(runs) == [(f"queued #2 · {RUN}", RUN), ("stopped · lora · older", "older")]
+    assert train_tab.run_choices(runs) == [(f"queued #2 · {RUN}", RUN), ("stopped · older · lora", "older")]
 
 
 def test_the_queue_shows_positions_and_marks_this_browsers_runs():
@@ -368,3 +369,9 @@ def test_a_tick_sent_before_a_newer_pick_draws_nothing():
     pages.pick("second", "a")
     pages.pick("third", "b")  # the oldest page is forgotten beyond `pages`
     assert pages.is_current("page", "new-run") and not pages.is_current("third", "a")
+
+
+def test_every_run_list_names_a_run_the_same_way():
+    assert run_label(RUN, "lora", "accuracy 72.6%") == f"{RUN} · accuracy 72.6%"  # the id says the method
+    assert run_label("older", "lora") == "older · lora"  # an id of its own: the method is added
+    assert run_label("older", None) == "older"

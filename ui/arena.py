@@ -128,6 +128,13 @@ def catalog_answer(task: str | None, offline: bool) -> dict[str, Any]:
     return {"offline": offline, "message": message, "models": model_rows, "datasets": dataset_rows}
 
 
+def run_label(run_id: str, method: str | None, *details: str) -> str:
+    """A run as every run list names it: its id, the method where the id does not say it (a run
+    given an id of its own), then `details`, joined by " · "."""
+    said = not method or f"-{method}-" in run_id
+    return " · ".join([run_id, *([] if said else [method]), *details])
+
+
 def kept_selection(chosen: list[str] | None, available: list[str], defaults: int, filled: bool) -> list[str]:
     """A multi-run list's selection after a refresh: the chosen runs still available, or, the first
     time the list has runs to offer (`filled` false), its first `defaults` (the best). A selection the

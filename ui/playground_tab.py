@@ -12,11 +12,12 @@ from typing import Any
 import gradio as gr
 
 from training.core.inference import MAX_NEW_TOKENS
+from training.core.metrics import metric_text
 from training.core.models import LABELS
 from training.serving.playground import review_prompt
 
 from . import export_panel
-from .arena import Arena, kept_selection, user_errors
+from .arena import Arena, kept_selection, run_label, user_errors
 
 GENERATION_CAP = 128  # max new tokens offered in the UI: a CPU Space answers in seconds
 
@@ -27,13 +28,12 @@ def _served_runs(arena: Arena, task: str) -> list[tuple[str, str]]:
     if frame.empty:
         return []
     frame = frame[frame["run"].map(arena.has_adapter)]
-    return [
-        (
-            f"{row.run} · {row.method} · {row.metric} {row.validation if row.validation == row.validation else '-'}",
-            row.run,
-        )
-        for row in frame.itertuples()
-    ]
+
+    def quality(row: Any) -> str:
+        evaluated = row.validation == row.validation  # NaN: stopped before its final evaluation
+        return f"{row.metric} {metric_text(row.metric, row.validation)}" if evaluated else "not evaluated"
+
+    return [(run_label(row.run, row.method, quality(row)), row.run) for row in frame.itertuples()]
 
 
 def _latency(entry: dict) -> str:

@@ -38,7 +38,7 @@ from training.core.memory import MB, MEMORY_PARTS, TOTAL
 from training.core.metrics import metric_text
 
 from . import charts, export_panel
-from .arena import USER_ERRORS, Arena, check_dataset_choice, check_model_choice, user_errors
+from .arena import USER_ERRORS, Arena, check_dataset_choice, check_model_choice, run_label, user_errors
 
 REFRESH_SECONDS = 2.0
 DEFAULT_METHOD = "lora"
@@ -202,14 +202,8 @@ def _state_word(state: dict) -> str:
 
 def run_choices(runs: list[dict]) -> list[tuple[str, str]]:
     """The "Your runs" list, newest first as given: each run's state first (what a look at the list
-    is for, and never cut off), then its id, which names the method unless the run was given an id."""
-
-    def label(run: dict) -> str:
-        method = run.get("method") or "?"
-        named = f"-{method}-" in run["id"]
-        return f"{_state_word(run)} · {run['id']}" if named else f"{_state_word(run)} · {method} · {run['id']}"
-
-    return [(label(run), run["id"]) for run in runs]
+    is for, and never cut off), then the run."""
+    return [(f"{_state_word(run)} · {run_label(run['id'], run.get('method'))}", run["id"]) for run in runs]
 
 
 def queue_markdown(queue: list[dict], mine: set[str]) -> str:
