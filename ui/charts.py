@@ -10,7 +10,7 @@ from plotly.subplots import make_subplots
 
 from training.core.colours import METHOD_COLOURS, family, method_colour
 from training.core.memory import MB, MEMORY_PARTS
-from training.core.metrics import LOWER_IS_BETTER, SHARES
+from training.core.metrics import LOWER_IS_BETTER, SHARES, metric_text
 from training.core.presentation import smooth
 
 MAX_POINTS = 400  # per trace: a long run's chart stays light to send and draw
@@ -238,7 +238,6 @@ def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
     metric = finished["metric"].iloc[0]
     title = f"{finished['task'].iloc[0]} runs: quality vs cost"  # the axes name both: short enough for 800 px
     figure = go.Figure(layout={**LAYOUT, "height": 380, "title": title, "xaxis_title": x_axis})
-    quality = ".1%" if metric in SHARES else ".2f"  # as the table beside it writes it (metric_text)
     for method, group in finished.groupby("method"):
         figure.add_scatter(
             x=group[column],
@@ -252,7 +251,8 @@ def tradeoff_figure(frame: pd.DataFrame, x_axis: str) -> go.Figure:
             },
             name=method,
             text=group["run"],
-            hovertemplate=f"%{{text}}<br>%{{x}}<br>%{{y:{quality}}}<extra></extra>",
+            customdata=[metric_text(metric, value) for value in group["validation"]],  # as the table writes it
+            hovertemplate="%{text}<br>%{x}<br>%{customdata}<extra></extra>",
         )
     figure.update_xaxes(type=scale)
     if scale == "log":
